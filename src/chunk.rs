@@ -1,0 +1,217 @@
+//! Fixed-size chunking of layer blobs.
+//!
+//! A blob, exactly as the registry stores it, is cut at [`CHUNK_SIZE`] boundaries; the
+//! last chunk may be shorter. Each chunk is addressed by the sha256 of its bytes, and the
+//! ordered list of chunks of a blob is its [`ChunkList`].
+
+use crate::digest::{Digest, Sha256};
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use std::ops::Range;
+
+/// Size of every chunk but the last of a blob: 4 MiB.
+pub const CHUNK_SIZE: usize = 4 << 20;
+
+/// One chunk of a blob: its digest and length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub digest: Digest,
+    pub size: u32,
+}
+
+/// The ordered chunks of one blob. Concatenated they are the blob, whose digest is `blob`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkList {
+    pub blob: Digest,
+    pub size: u64,
+    pub chunks: Vec<ChunkRef>,
+}
+
+/// Error for a chunk list whose chunks do not add up to a valid blob layout.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid chunk list for {blob}: {reason}")]
+pub struct ChunkListError {
+    pub blob: Digest,
+    pub reason: String,
+}
+
+impl ChunkList {
+    /// Offset of chunk `i` within the blob.
+    pub fn chunk_offset(&self, i: usize) -> u64 {
+        i as u64 * CHUNK_SIZE as u64
+    }
+
+    /// Indexes of the chunks that cover the blob byte range `range` (clamped to the blob).
+    pub fn chunks_covering(&self, range: Range<u64>) -> Range<usize> {
+        let end = range.end.min(self.size);
+        if range.start >= end {
+            return 0..0;
+        }
+        let first = (range.start / CHUNK_SIZE as u64) as usize;
+        let last = ((end - 1) / CHUNK_SIZE as u64) as usize;
+        first..last + 1
+    }
+
+    /// Checks the structural rules: every chunk but the last is exactly [`CHUNK_SIZE`],
+    /// the last is non-empty and at most that, and the sizes add up to `size`.
+    pub fn validate(&self) -> Result<(), ChunkListError> {
+        let fail = |reason: String| ChunkListError {
+            blob: self.blob,
+            reason,
+        };
+        let expected = self.size.div_ceil(CHUNK_SIZE as u64) as usize;
+        if self.chunks.len() != expected {
+            return Err(fail(format!(
+                "{} chunks for {} bytes, expected {expected}",
+                self.chunks.len(),
+                self.size
+            )));
+        }
+        for (i, c) in self.chunks.iter().enumerate() {
+            let want = (self.size - self.chunk_offset(i)).min(CHUNK_SIZE as u64);
+            if u64::from(c.size) != want {
+                return Err(fail(format!("chunk {i} has size {}, expected {want}", c.size)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Splits a byte stream into chunks while computing the whole blob's digest.
+///
+/// Feed bytes with [`Chunker::push`]; every completed chunk is handed to the callback.
+/// [`Chunker::finish`] emits the last partial chunk and returns the [`ChunkList`].
+pub struct Chunker {
+    buf: BytesMut,
+    blob_hasher: Sha256,
+    size: u64,
+    chunks: Vec<ChunkRef>,
+}
+
+impl Default for Chunker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Chunker {
+    /// A chunker at the start of a blob.
+    pub fn new() -> Self {
+        Chunker {
+            buf: BytesMut::with_capacity(CHUNK_SIZE),
+            blob_hasher: Sha256::new(),
+            size: 0,
+            chunks: Vec::new(),
+        }
+    }
+
+    /// Bytes fed so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Feeds `data`; calls `emit(index, chunk_ref, bytes)` for each chunk completed.
+    pub fn push<E>(
+        &mut self,
+        mut data: &[u8],
+        emit: &mut impl FnMut(usize, ChunkRef, Bytes) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.blob_hasher.update(data);
+        self.size += data.len() as u64;
+        while !data.is_empty() {
+            let room = CHUNK_SIZE - self.buf.len();
+            let take = room.min(data.len());
+            self.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.buf.len() == CHUNK_SIZE {
+                self.flush(emit)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush<E>(
+        &mut self,
+        emit: &mut impl FnMut(usize, ChunkRef, Bytes) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let bytes = std::mem::replace(&mut self.buf, BytesMut::with_capacity(CHUNK_SIZE)).freeze();
+        let chunk = ChunkRef {
+            digest: Digest::of(&bytes),
+            size: bytes.len() as u32,
+        };
+        let i = self.chunks.len();
+        self.chunks.push(chunk);
+        emit(i, chunk, bytes)
+    }
+
+    /// Emits the final partial chunk, if any, and returns the blob's chunk list.
+    pub fn finish<E>(
+        mut self,
+        emit: &mut impl FnMut(usize, ChunkRef, Bytes) -> Result<(), E>,
+    ) -> Result<ChunkList, E> {
+        if !self.buf.is_empty() {
+            self.flush(emit)?;
+        }
+        Ok(ChunkList {
+            blob: self.blob_hasher.finish(),
+            size: self.size,
+            chunks: self.chunks,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+
+    fn chunk_all(data: &[u8], step: usize) -> (ChunkList, Vec<Bytes>) {
+        let mut out = Vec::new();
+        let mut c = Chunker::new();
+        let mut emit = |_, _, b: Bytes| -> Result<(), Infallible> {
+            out.push(b);
+            Ok(())
+        };
+        for piece in data.chunks(step.max(1)) {
+            c.push(piece, &mut emit).unwrap();
+        }
+        let list = c.finish(&mut emit).unwrap();
+        (list, out)
+    }
+
+    #[test]
+    fn chunks_concatenate_to_blob_whatever_the_feed_size() {
+        let data: Vec<u8> = (0..(CHUNK_SIZE * 2 + 12345)).map(|i| (i * 7 % 251) as u8).collect();
+        for step in [1 << 20, 333_333, CHUNK_SIZE, data.len()] {
+            let (list, chunks) = chunk_all(&data, step);
+            assert_eq!(list.blob, Digest::of(&data));
+            assert_eq!(list.chunks.len(), 3);
+            assert_eq!(chunks.concat(), data);
+            list.validate().unwrap();
+            for (r, b) in list.chunks.iter().zip(&chunks) {
+                assert_eq!(r.digest, Digest::of(b));
+            }
+        }
+    }
+
+    #[test]
+    fn covering_ranges() {
+        let list = ChunkList {
+            blob: Digest::of(b""),
+            size: CHUNK_SIZE as u64 * 2 + 10,
+            chunks: vec![],
+        };
+        let c = CHUNK_SIZE as u64;
+        assert_eq!(list.chunks_covering(0..1), 0..1);
+        assert_eq!(list.chunks_covering(c - 1..c + 1), 0..2);
+        assert_eq!(list.chunks_covering(c..c * 5), 1..3);
+        assert_eq!(list.chunks_covering(c * 9..c * 10), 0..0);
+    }
+
+    #[test]
+    fn empty_blob_has_no_chunks() {
+        let (list, chunks) = chunk_all(b"", 1);
+        assert!(list.chunks.is_empty() && chunks.is_empty());
+        list.validate().unwrap();
+    }
+}

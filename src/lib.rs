@@ -1,0 +1,16 @@
+//! imgd core library: the formats and storage every imgd component shares.
+//!
+//! - [`digest`]: sha256 content digests in OCI form (`sha256:<hex>`).
+//! - [`chunk`]: fixed 4 MiB chunking of layer blobs and the per-blob chunk list.
+//! - [`index`]: the seekable layer index (file table + inflate checkpoints) and its reader.
+//! - [`store`]: the content-addressed chunk store on disk and the RocksDB metadata.
+//! - [`wire`]: JSON types of the proxy's chunk API.
+
+pub mod chunk;
+pub mod digest;
+pub mod index;
+pub mod store;
+pub mod wire;
+
+pub use chunk::{ChunkList, ChunkRef, Chunker, CHUNK_SIZE};
+pub use digest::{Digest, DigestError, Sha256};

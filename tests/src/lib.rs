@@ -1,0 +1,1 @@
+//! imgd test fixtures.
