@@ -1,1 +1,48 @@
-//! wire
+//! JSON types of the proxy's chunk API (`/imgd/v1/...`), shared by the proxy and agents.
+//!
+//! | route | answer |
+//! |---|---|
+//! | `GET /imgd/v1/blobs/{digest}?repo=NAME` | [`BlobInfo`]: the chunk list (ingesting the blob from upstream first if needed) |
+//! | `GET /imgd/v1/chunks/{digest}` | the chunk's bytes (`application/octet-stream`) |
+//! | `GET /imgd/v1/indexes/{layer digest}?repo=NAME` | the encoded [`crate::index::LayerIndex`]; header `Imgd-Index-Digest` |
+//! | `GET /imgd/v1/stats` | [`ProxyStats`] |
+
+use crate::chunk::ChunkList;
+use crate::digest::Digest;
+use serde::{Deserialize, Serialize};
+
+/// Header carrying the digest of an encoded index.
+pub const INDEX_DIGEST_HEADER: &str = "Imgd-Index-Digest";
+
+/// What the proxy knows of one blob.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobInfo {
+    pub chunks: ChunkList,
+    /// The layer index, when the blob is a layer the proxy could index.
+    pub index: IndexState,
+}
+
+/// Whether a blob has a seekable index.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum IndexState {
+    /// Indexed: the encoded index has this digest and size.
+    Indexed { digest: Digest, size: u64 },
+    /// Not indexed, with the reason (e.g. not a tar layer, or a hostile tar).
+    Unavailable { reason: String },
+}
+
+/// Counters of a proxy since it started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyStats {
+    /// Blob bytes received from upstream registries.
+    pub upstream_blob_bytes: u64,
+    /// Blobs fetched from upstream (each verified and stored).
+    pub upstream_blob_fetches: u64,
+    /// Bytes of chunks served through the chunk API.
+    pub chunk_bytes_served: u64,
+    /// Chunks served through the chunk API.
+    pub chunks_served: u64,
+    /// Bytes of blobs served through the registry API.
+    pub blob_bytes_served: u64,
+}

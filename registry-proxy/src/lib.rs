@@ -1,1 +1,39 @@
+//! imgd-proxy: an OCI Distribution pull-through proxy that stores every blob as 4 MiB
+//! content-addressed chunks and builds a seekable index of every layer as it streams.
 
+pub mod blob_body;
+pub mod chunk_api;
+pub mod config;
+pub mod errors;
+pub mod ingest;
+pub mod registry_api;
+pub mod routing;
+pub mod server;
+pub mod storage;
+pub mod upstream;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Live counters of the proxy, reported by `GET /imgd/v1/stats`.
+#[derive(Default)]
+pub struct Stats {
+    pub upstream_blob_bytes: AtomicU64,
+    pub upstream_blob_fetches: AtomicU64,
+    pub chunk_bytes_served: AtomicU64,
+    pub chunks_served: AtomicU64,
+    pub blob_bytes_served: AtomicU64,
+}
+
+impl Stats {
+    /// The counters' current values.
+    pub fn snapshot(&self) -> imgd_core::wire::ProxyStats {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        imgd_core::wire::ProxyStats {
+            upstream_blob_bytes: get(&self.upstream_blob_bytes),
+            upstream_blob_fetches: get(&self.upstream_blob_fetches),
+            chunk_bytes_served: get(&self.chunk_bytes_served),
+            chunks_served: get(&self.chunks_served),
+            blob_bytes_served: get(&self.blob_bytes_served),
+        }
+    }
+}

@@ -1,1 +1,94 @@
-fn main() {}
+//! `imgd-proxy`: run the chunking pull-through proxy.
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use imgd_proxy::config::{ProxyConfig, UpstreamConfig, DEFAULT_CONFIG};
+use imgd_proxy::server::{serve, AppState};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// OCI pull-through proxy that chunks and indexes every layer.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// TOML configuration file (see --print-default-config).
+    #[arg(long, short, env = "IMGD_PROXY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address (overrides `listen`).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Storage directory (overrides `storage_dir`).
+    #[arg(long)]
+    storage_dir: Option<PathBuf>,
+    /// Add an upstream: NAME=URL (a registry) or NAME=oci:DIR (an OCI layout).
+    #[arg(long = "upstream", value_name = "NAME=URL")]
+    upstreams: Vec<String>,
+    /// Print the documented default configuration and exit.
+    #[arg(long)]
+    print_default_config: bool,
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn parse_upstream(s: &str, first: bool) -> anyhow::Result<UpstreamConfig> {
+    let Some((name, target)) = s.split_once('=') else {
+        bail!("--upstream {s:?}: expected NAME=URL or NAME=oci:DIR");
+    };
+    let mut u = UpstreamConfig {
+        name: name.to_string(),
+        default: first,
+        ..Default::default()
+    };
+    match target.strip_prefix("oci:") {
+        Some(dir) => u.layout = Some(dir.into()),
+        None => u.url = Some(target.to_string()),
+    }
+    Ok(u)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if cli.print_default_config {
+        print!("{DEFAULT_CONFIG}");
+        return Ok(());
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter);
+    if cli.log_json {
+        fmt.json().init();
+    } else {
+        fmt.init();
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let mut config = match &cli.config {
+        Some(path) => ProxyConfig::load(path)?,
+        None => ProxyConfig::default(),
+    };
+    if let Some(l) = cli.listen {
+        config.listen = l;
+    }
+    if let Some(d) = cli.storage_dir {
+        config.storage_dir = d;
+    }
+    let no_default = !config.upstreams.iter().any(|u| u.default);
+    for (i, s) in cli.upstreams.iter().enumerate() {
+        config.upstreams.push(parse_upstream(s, no_default && i == 0)?);
+    }
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    rt.block_on(async move {
+        let listen = config.listen;
+        let state = Arc::new(AppState::new(config)?);
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        serve(state, listener, shutdown).await?;
+        Ok(())
+    })
+}

@@ -1,0 +1,106 @@
+//! The chunk API for agents: chunk lists, chunks by digest, layer indexes, counters.
+//! Routes and answers are listed in [`imgd_core::wire`].
+
+use crate::errors::ProxyError;
+use crate::server::AppState;
+use crate::storage::{BlobIndexes, StorageError};
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use imgd_core::wire::{BlobInfo, IndexState, INDEX_DIGEST_HEADER};
+use imgd_core::{ChunkList, Digest};
+use serde::Deserialize;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Query of the blob and index routes: the repository to fetch from if not stored.
+#[derive(Deserialize)]
+pub struct RepoQuery {
+    repo: Option<String>,
+    ns: Option<String>,
+}
+
+fn parse_digest(s: &str) -> Result<Digest, ProxyError> {
+    s.parse().map_err(|e| ProxyError::BadRequest(format!("{e}")))
+}
+
+async fn ensure(state: &AppState, digest: Digest, q: &RepoQuery) -> Result<ChunkList, ProxyError> {
+    if let Some(list) = state.storage.blob(&digest)? {
+        return Ok(list);
+    }
+    let repo = q
+        .repo
+        .as_deref()
+        .ok_or_else(|| ProxyError::BlobUnknown(format!("{digest} (not stored; pass ?repo= to fetch it)")))?;
+    let route = state.upstreams.route(repo, q.ns.as_deref())?;
+    Ok(state.ingestor.ensure(route.upstream, &route.repo, digest).await?)
+}
+
+fn index_state(state: &AppState, digest: &Digest) -> Result<IndexState, ProxyError> {
+    Ok(state
+        .storage
+        .meta
+        .get::<BlobIndexes>(digest)
+        .map_err(StorageError::from)?
+        .unwrap_or(IndexState::Unavailable {
+            reason: "no index recorded".into(),
+        }))
+}
+
+/// `GET /imgd/v1/blobs/{digest}?repo=`: the blob's chunk list and index state.
+pub async fn blob_info(
+    State(state): State<Arc<AppState>>,
+    Path(digest): Path<String>,
+    Query(q): Query<RepoQuery>,
+) -> Result<Json<BlobInfo>, ProxyError> {
+    let digest = parse_digest(&digest)?;
+    let chunks = ensure(&state, digest, &q).await?;
+    let index = index_state(&state, &digest)?;
+    Ok(Json(BlobInfo { chunks, index }))
+}
+
+/// `GET /imgd/v1/chunks/{digest}`: a stored chunk's bytes.
+pub async fn chunk(State(state): State<Arc<AppState>>, Path(digest): Path<String>) -> Result<Response, ProxyError> {
+    let digest = parse_digest(&digest)?;
+    let store = state.clone();
+    let bytes = tokio::task::spawn_blocking(move || store.storage.chunks.read(&digest))
+        .await
+        .map_err(|e| ProxyError::BadRequest(e.to_string()))?
+        .map_err(|e| match e {
+            imgd_core::store::StoreError::Missing(d) => ProxyError::BlobUnknown(format!("chunk {d}")),
+            other => ProxyError::Storage(other.into()),
+        })?;
+    state.stats.chunks_served.fetch_add(1, Ordering::Relaxed);
+    state.stats.chunk_bytes_served.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+/// `GET /imgd/v1/indexes/{layer digest}?repo=`: the encoded layer index.
+pub async fn index(
+    State(state): State<Arc<AppState>>,
+    Path(digest): Path<String>,
+    Query(q): Query<RepoQuery>,
+) -> Result<Response, ProxyError> {
+    let digest = parse_digest(&digest)?;
+    ensure(&state, digest, &q).await?;
+    match index_state(&state, &digest)? {
+        IndexState::Indexed { digest: idx, .. } => {
+            let bytes = state.storage.indexes.read(&idx).map_err(StorageError::from)?;
+            Ok((
+                [
+                    (header::CONTENT_TYPE.as_str(), "application/vnd.imgd.index.v1".to_string()),
+                    (INDEX_DIGEST_HEADER, idx.to_string()),
+                ],
+                bytes,
+            )
+                .into_response())
+        }
+        IndexState::Unavailable { reason } => Err(ProxyError::BlobUnknown(format!("index of {digest}: {reason}"))),
+    }
+}
+
+/// `GET /imgd/v1/stats`: counters since start.
+pub async fn stats(State(state): State<Arc<AppState>>) -> Json<imgd_core::wire::ProxyStats> {
+    Json(state.stats.snapshot())
+}

@@ -1,0 +1,178 @@
+//! Proxy configuration: a TOML file, overridden by command-line flags.
+//!
+//! `imgd-proxy --print-default-config` prints [`DEFAULT_CONFIG`], which documents every
+//! key next to its default.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The documented default configuration file.
+pub const DEFAULT_CONFIG: &str = r#"# imgd-proxy configuration. Every key is optional; the value shown is the default.
+
+# Address the OCI registry API and the chunk API listen on.
+listen = "127.0.0.1:5000"
+
+# Directory for chunks, indexes and metadata (RocksDB). Created if missing.
+storage_dir = "/var/lib/imgd-proxy"
+
+# Time limit for connecting to an upstream and for each read from it, in seconds.
+upstream_timeout_secs = 60
+
+# Largest manifest accepted from an upstream, in bytes.
+max_manifest_bytes = 4194304
+
+# Upstream registries. A client picks one with a path prefix equal to its `name`
+# (GET /v2/NAME/library/alpine/manifests/3), or with containerd's `?ns=NAME`; requests
+# with neither go to the upstream marked `default` (or the only one).
+#
+# [[upstream]]
+# name = "docker.io"                      # prefix and ns name
+# url = "https://registry-1.docker.io"    # http:// is allowed for local registries
+# default = true
+# username = ""                           # basic credentials, also used for the
+# password = ""                           # bearer-token flow; omit for anonymous
+# token = ""                              # a static bearer token instead
+#
+# An OCI image layout directory can also serve as an upstream:
+# [[upstream]]
+# name = "local"
+# layout = "/srv/images"
+"#;
+
+/// Errors reading or checking the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole proxy configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    pub storage_dir: PathBuf,
+    pub upstream_timeout_secs: u64,
+    pub max_manifest_bytes: usize,
+    #[serde(rename = "upstream")]
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// One upstream registry (or OCI layout directory).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// Registry base URL, `https://host[:port]` or `http://host[:port]`.
+    pub url: Option<String>,
+    /// An OCI image layout directory, instead of a registry.
+    pub layout: Option<PathBuf>,
+    #[serde(default)]
+    pub default: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5000)),
+            storage_dir: PathBuf::from("/var/lib/imgd-proxy"),
+            upstream_timeout_secs: 60,
+            max_manifest_bytes: 4 << 20,
+            upstreams: Vec::new(),
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// Reads a TOML configuration file.
+    pub fn load(path: &Path) -> Result<ProxyConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Upstream timeout as a duration.
+    pub fn upstream_timeout(&self) -> Duration {
+        Duration::from_secs(self.upstream_timeout_secs)
+    }
+
+    /// Checks cross-field rules, naming the offending key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.upstreams.is_empty() {
+            return bad("no [[upstream]] configured (or pass --upstream NAME=URL)".into());
+        }
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let key = format!("upstream[{i}]");
+            if u.name.is_empty() || u.name.contains('/') {
+                return bad(format!("{key}.name must be non-empty and contain no '/'"));
+            }
+            match (&u.url, &u.layout) {
+                (Some(url), None) => {
+                    if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        return bad(format!("{key}.url must start with http:// or https://, got {url:?}"));
+                    }
+                }
+                (None, Some(_)) => {}
+                _ => return bad(format!("{key} needs exactly one of `url` or `layout`")),
+            }
+            if u.token.is_some() && (u.username.is_some() || u.password.is_some()) {
+                return bad(format!("{key}: `token` excludes `username`/`password`"));
+            }
+            if u.username.is_some() != u.password.is_some() {
+                return bad(format!("{key}: `username` and `password` go together"));
+            }
+            if self.upstreams[..i].iter().any(|o| o.name == u.name) {
+                return bad(format!("{key}.name {:?} is used twice", u.name));
+            }
+        }
+        if self.upstreams.iter().filter(|u| u.default).count() > 1 {
+            return bad("more than one upstream has `default = true`".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_text_parses_to_the_defaults() {
+        let parsed: ProxyConfig = toml::from_str(DEFAULT_CONFIG).unwrap();
+        let d = ProxyConfig::default();
+        assert_eq!(parsed.listen, d.listen);
+        assert_eq!(parsed.storage_dir, d.storage_dir);
+        assert_eq!(parsed.upstream_timeout_secs, d.upstream_timeout_secs);
+        assert_eq!(parsed.max_manifest_bytes, d.max_manifest_bytes);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_upstreams_are_named() {
+        let err = toml::from_str::<ProxyConfig>("lisen = \"x\"").unwrap_err().to_string();
+        assert!(err.contains("lisen"), "{err}");
+        let cfg: ProxyConfig = toml::from_str("[[upstream]]\nname = \"a\"\nurl = \"ftp://x\"").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("upstream[0].url"), "{err}");
+    }
+}

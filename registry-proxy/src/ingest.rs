@@ -1,0 +1,229 @@
+//! Pulling a blob from upstream into storage: verify, chunk, index, commit.
+//!
+//! One pass over the stream feeds two workers on blocking threads: the chunker (sha256 of
+//! the blob and of each 4 MiB chunk, chunks staged to synced temp files) and the index
+//! builder (inflate with checkpoints, tar scan). Only when the whole blob hashes to its
+//! digest are the chunks renamed into the store and the chunk list and index committed in
+//! one metadata batch. On any failure the staged files are deleted: nothing is kept.
+//!
+//! Requests for a blob already being ingested wait for that ingest (single flight); the
+//! ingest runs in its own task, so a client that disconnects does not cancel it.
+
+use crate::storage::{BlobIndexes, Blobs, Storage, StorageError};
+use crate::upstream::{Upstream, UpstreamError};
+use crate::Stats;
+use bytes::Bytes;
+use futures::StreamExt;
+use imgd_core::index::{IndexBuilder, IndexOptions, LayerIndex};
+use imgd_core::store::StoreError;
+use imgd_core::wire::IndexState;
+use imgd_core::{ChunkList, Chunker, Digest};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+/// Errors of one ingest. Nothing is stored when one occurs.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("storing blob: {0}")]
+    Storage(#[from] StorageError),
+    #[error("ingest worker failed: {0}")]
+    Worker(String),
+}
+
+impl From<StoreError> for IngestError {
+    fn from(e: StoreError) -> Self {
+        IngestError::Storage(e.into())
+    }
+}
+
+/// Messages to a worker: `Some(bytes)` of the blob, then `None` at a clean end. A channel
+/// closed without `None` means the stream failed and the worker must discard its work.
+type Feed = mpsc::Receiver<Option<Bytes>>;
+
+/// Runs ingests with single flight per blob digest.
+pub struct Ingestor {
+    storage: Arc<Storage>,
+    stats: Arc<Stats>,
+    inflight: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Ingestor {
+    /// An ingestor writing into `storage`.
+    pub fn new(storage: Arc<Storage>, stats: Arc<Stats>) -> Self {
+        Ingestor {
+            storage,
+            stats,
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The chunk list of `digest`, ingesting it from `upstream` first if it is not stored.
+    pub async fn ensure(
+        &self,
+        upstream: Arc<Upstream>,
+        repo: &str,
+        digest: Digest,
+    ) -> Result<ChunkList, Arc<IngestError>> {
+        let wrap = |e: StorageError| Arc::new(IngestError::Storage(e));
+        if let Some(list) = self.storage.blob(&digest).map_err(wrap)? {
+            return Ok(list);
+        }
+        let gate = {
+            let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(digest).or_default().clone()
+        };
+        let _turn = gate.lock().await;
+        let result = match self.storage.blob(&digest).map_err(wrap)? {
+            Some(list) => Ok(list),
+            None => {
+                let span = tracing::info_span!("ingest", %digest, repo);
+                let task = tokio::spawn(
+                    ingest(
+                        upstream,
+                        repo.to_string(),
+                        digest,
+                        self.storage.clone(),
+                        self.stats.clone(),
+                    )
+                    .instrument(span),
+                );
+                match task.await {
+                    Ok(r) => r.map_err(Arc::new),
+                    Err(e) => Err(Arc::new(IngestError::Worker(e.to_string()))),
+                }
+            }
+        };
+        let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::strong_count(&gate) <= 2 {
+            map.remove(&digest);
+        }
+        result
+    }
+}
+
+async fn ingest(
+    upstream: Arc<Upstream>,
+    repo: String,
+    digest: Digest,
+    storage: Arc<Storage>,
+    stats: Arc<Stats>,
+) -> Result<ChunkList, IngestError> {
+    let mut blob = upstream.blob(&repo, &digest).await?;
+    let (chunk_tx, chunk_rx) = mpsc::channel(16);
+    let (index_tx, index_rx) = mpsc::channel(16);
+    let chunk_storage = storage.clone();
+    let chunker = tokio::task::spawn_blocking(move || chunk_blob(chunk_rx, &chunk_storage, digest));
+    let indexer = tokio::task::spawn_blocking(move || index_blob(index_rx, digest));
+
+    let mut received = 0u64;
+    let mut failure = None;
+    while let Some(piece) = blob.body.next().await {
+        match piece {
+            Ok(bytes) => {
+                received += bytes.len() as u64;
+                stats.upstream_blob_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                let _ = index_tx.send(Some(bytes.clone())).await;
+                if chunk_tx.send(Some(bytes)).await.is_err() {
+                    break; // the chunker failed; its error is reported below
+                }
+            }
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    if failure.is_none() {
+        match blob.size {
+            Some(expected) if expected != received => {
+                failure = Some(UpstreamError::Truncated {
+                    got: received,
+                    expected,
+                })
+            }
+            _ => {
+                let _ = chunk_tx.send(None).await;
+                let _ = index_tx.send(None).await;
+            }
+        }
+    }
+    drop((chunk_tx, index_tx));
+    let chunked = chunker.await.map_err(|e| IngestError::Worker(e.to_string()));
+    let indexed = indexer.await.map_err(|e| IngestError::Worker(e.to_string()));
+    if let Some(e) = failure {
+        tracing::warn!(%digest, error = %e, "upstream blob failed, nothing stored");
+        return Err(e.into());
+    }
+    let list = chunked??;
+    let index_state = match indexed? {
+        Ok(index) => store_index(&storage, &index)?,
+        Err(reason) => IndexState::Unavailable { reason },
+    };
+    let mut batch = storage.meta.batch();
+    batch.put::<Blobs>(&digest, &list).map_err(StorageError::from)?;
+    batch.put::<BlobIndexes>(&digest, &index_state).map_err(StorageError::from)?;
+    storage.meta.write(batch).map_err(StorageError::from)?;
+    stats.upstream_blob_fetches.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(%digest, bytes = list.size, chunks = list.chunks.len(), index = ?index_state, "blob stored");
+    Ok(list)
+}
+
+/// Chunks the blob into staged files; commits them only if the blob matches `digest`.
+fn chunk_blob(mut feed: Feed, storage: &Storage, digest: Digest) -> Result<ChunkList, IngestError> {
+    let mut staging = storage.chunks.staging();
+    let mut chunker = Chunker::new();
+    let mut stage = |_, c: imgd_core::ChunkRef, b: Bytes| staging.add(c.digest, &b);
+    loop {
+        match feed.blocking_recv() {
+            Some(Some(bytes)) => chunker.push(&bytes, &mut stage)?,
+            Some(None) => break,
+            None => return Err(IngestError::Worker("blob stream aborted".into())),
+        }
+    }
+    let list = chunker.finish(&mut stage)?;
+    if list.blob != digest {
+        return Err(UpstreamError::DigestMismatch {
+            expected: digest,
+            actual: list.blob,
+        }
+        .into());
+    }
+    staging.commit()?;
+    Ok(list)
+}
+
+/// Builds the layer index in the same pass; a blob that is not a tar layer gets a reason.
+fn index_blob(mut feed: Feed, digest: Digest) -> Result<LayerIndex, String> {
+    let mut builder = IndexBuilder::new(IndexOptions::default());
+    let mut error = None;
+    loop {
+        match feed.blocking_recv() {
+            Some(Some(bytes)) => {
+                if error.is_none() {
+                    error = builder.push(&bytes).err();
+                }
+            }
+            Some(None) => break,
+            None => return Err("blob stream aborted".into()),
+        }
+    }
+    match error {
+        Some(e) => Err(e.to_string()),
+        None => builder.finish(digest).map_err(|e| e.to_string()),
+    }
+}
+
+fn store_index(storage: &Storage, index: &LayerIndex) -> Result<IndexState, IngestError> {
+    let encoded = index.encode();
+    let digest = Digest::of(&encoded);
+    storage.indexes.put(digest, &encoded)?;
+    Ok(IndexState::Indexed {
+        digest,
+        size: encoded.len() as u64,
+    })
+}

@@ -1,0 +1,177 @@
+//! The OCI Distribution pull API: `/v2/`, manifests and blobs, with HEAD and `Range`.
+
+use crate::blob_body::{blob_body, parse_range};
+use crate::errors::ProxyError;
+use crate::routing::{parse_registry_path, RegistryPath, Route};
+use crate::server::AppState;
+use crate::storage::{Manifests, StoredManifest, Tags};
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use imgd_core::Digest;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+const DIGEST_HEADER: &str = "Docker-Content-Digest";
+
+/// `GET /v2/`: the API version check.
+pub async fn version_check() -> Response {
+    (
+        [("Docker-Distribution-API-Version", "registry/2.0")],
+        axum::Json(serde_json::json!({})),
+    )
+        .into_response()
+}
+
+/// Every other `/v2/...` request.
+pub async fn dispatch(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Response, ProxyError> {
+    if method != Method::GET && method != Method::HEAD {
+        return Ok(StatusCode::METHOD_NOT_ALLOWED.into_response());
+    }
+    let head = method == Method::HEAD;
+    let ns = query.get("ns").map(String::as_str);
+    match parse_registry_path(uri.path()) {
+        Some(RegistryPath::Manifest { name, reference }) => {
+            let route = state.upstreams.route(name, ns)?;
+            manifest(&state, &route, reference, &headers, head).await
+        }
+        Some(RegistryPath::Blob { name, reference }) => {
+            let digest: Digest = reference
+                .parse()
+                .map_err(|e| ProxyError::BadRequest(format!("blob reference: {e}")))?;
+            blob(&state, name, ns, digest, &headers, head).await
+        }
+        None => Err(ProxyError::NameUnknown(uri.path().to_string())),
+    }
+}
+
+async fn manifest(
+    state: &AppState,
+    route: &Route,
+    reference: &str,
+    headers: &HeaderMap,
+    head: bool,
+) -> Result<Response, ProxyError> {
+    let by_digest = reference.parse::<Digest>().ok();
+    if let Some(d) = by_digest {
+        if let Some(m) = state.storage.meta.get::<Manifests>(&d).map_err(crate::storage::StorageError::from)? {
+            return Ok(manifest_response(&m, &d, head));
+        }
+    }
+    let accept: Vec<String> = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.split(';').next().unwrap_or(s).trim().to_string())
+        .filter(|s| !s.is_empty() && s != "*/*")
+        .collect();
+    let tag_key = format!("{}/{}:{reference}", route.upstream_name, route.repo);
+    let fetched = route
+        .upstream
+        .manifest(&route.repo, reference, &accept, state.config.max_manifest_bytes)
+        .await;
+    match fetched {
+        Ok(m) => {
+            let stored = StoredManifest {
+                media_type: m.media_type,
+                bytes: m.bytes.to_vec(),
+            };
+            let mut batch = state.storage.meta.batch();
+            batch.put::<Manifests>(&m.digest, &stored).map_err(crate::storage::StorageError::from)?;
+            if by_digest.is_none() {
+                batch.put::<Tags>(&tag_key, &m.digest).map_err(crate::storage::StorageError::from)?;
+            }
+            state.storage.meta.write(batch).map_err(crate::storage::StorageError::from)?;
+            Ok(manifest_response(&stored, &m.digest, head))
+        }
+        Err(e) if e.is_unavailable() && by_digest.is_none() => {
+            let cached = state.storage.meta.get::<Tags>(&tag_key).ok().flatten();
+            let stored = cached.and_then(|d| {
+                let m = state.storage.meta.get::<Manifests>(&d).ok().flatten()?;
+                Some((d, m))
+            });
+            match stored {
+                Some((d, m)) => {
+                    tracing::warn!(tag = tag_key, error = %e, "upstream unavailable, serving last known manifest");
+                    let mut resp = manifest_response(&m, &d, head);
+                    resp.headers_mut().insert(
+                        header::WARNING,
+                        header::HeaderValue::from_static("110 imgd-proxy \"upstream unavailable, response is stale\""),
+                    );
+                    Ok(resp)
+                }
+                None => Err(e.into()),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn manifest_response(m: &StoredManifest, digest: &Digest, head: bool) -> Response {
+    let body = if head { Body::empty() } else { Body::from(m.bytes.clone()) };
+    (
+        [
+            (header::CONTENT_TYPE, m.media_type.clone()),
+            (header::CONTENT_LENGTH, m.bytes.len().to_string()),
+            (header::HeaderName::from_static("docker-content-digest"), digest.to_string()),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn blob(
+    state: &AppState,
+    name: &str,
+    ns: Option<&str>,
+    digest: Digest,
+    headers: &HeaderMap,
+    head: bool,
+) -> Result<Response, ProxyError> {
+    let list = match state.storage.blob(&digest)? {
+        Some(list) => list,
+        None => {
+            let route = state.upstreams.route(name, ns)?;
+            state.ingestor.ensure(route.upstream, &route.repo, digest).await?
+        }
+    };
+    let size = list.size;
+    let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let range = parse_range(range_header, size)?;
+    let (status, served) = match &range {
+        Some(r) => (StatusCode::PARTIAL_CONTENT, r.clone()),
+        None => (StatusCode::OK, 0..size),
+    };
+    let mut resp = if head || served.is_empty() {
+        Response::new(Body::empty())
+    } else {
+        Response::new(blob_body(state.storage.clone(), state.stats.clone(), list, served.clone()))
+    };
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/octet-stream"));
+    h.insert(header::ACCEPT_RANGES, header::HeaderValue::from_static("bytes"));
+    let pairs = [
+        (header::CONTENT_LENGTH.as_str(), (served.end - served.start).to_string()),
+        (DIGEST_HEADER, digest.to_string()),
+    ];
+    for (k, v) in pairs {
+        if let (Ok(k), Ok(v)) = (header::HeaderName::try_from(k), header::HeaderValue::from_str(&v)) {
+            h.insert(k, v);
+        }
+    }
+    if range.is_some() {
+        if let Ok(v) = header::HeaderValue::from_str(&format!("bytes {}-{}/{size}", served.start, served.end - 1)) {
+            h.insert(header::CONTENT_RANGE, v);
+        }
+    }
+    Ok(resp)
+}

@@ -1,0 +1,80 @@
+//! The proxy's HTTP server: shared state and routes.
+
+use crate::config::{ConfigError, ProxyConfig};
+use crate::ingest::Ingestor;
+use crate::routing::Upstreams;
+use crate::storage::{Storage, StorageError};
+use crate::upstream::Upstream;
+use crate::{chunk_api, registry_api, Stats};
+use axum::routing::get;
+use axum::Router;
+use std::future::Future;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+/// Errors starting the proxy.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("opening storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error("serving: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// State shared by every request.
+pub struct AppState {
+    pub config: ProxyConfig,
+    pub upstreams: Upstreams,
+    pub storage: Arc<Storage>,
+    pub ingestor: Ingestor,
+    pub stats: Arc<Stats>,
+}
+
+impl AppState {
+    /// Validates the configuration, opens storage and builds the upstreams.
+    pub fn new(config: ProxyConfig) -> Result<AppState, StartError> {
+        config.validate()?;
+        let storage = Arc::new(Storage::open(&config.storage_dir)?);
+        let mut entries = Vec::new();
+        for u in &config.upstreams {
+            entries.push((u.name.clone(), Arc::new(Upstream::from_config(u, config.upstream_timeout())?)));
+        }
+        let default = config.upstreams.iter().position(|u| u.default);
+        let stats = Arc::new(Stats::default());
+        Ok(AppState {
+            upstreams: Upstreams::new(entries, default),
+            ingestor: Ingestor::new(storage.clone(), stats.clone()),
+            storage,
+            stats,
+            config,
+        })
+    }
+}
+
+/// The proxy's routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v2/", get(registry_api::version_check))
+        .route("/imgd/v1/blobs/{digest}", get(chunk_api::blob_info))
+        .route("/imgd/v1/chunks/{digest}", get(chunk_api::chunk))
+        .route("/imgd/v1/indexes/{digest}", get(chunk_api::index))
+        .route("/imgd/v1/stats", get(chunk_api::stats))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .fallback(registry_api::dispatch)
+        .with_state(state)
+}
+
+/// Serves on `listener` until `shutdown` completes.
+pub async fn serve(
+    state: Arc<AppState>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    tracing::info!(addr = ?listener.local_addr().ok(), "imgd-proxy listening");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! The proxy's storage: chunk and index files plus their RocksDB tables.
+
+use imgd_core::store::{ContentStore, MetaDb, MetaError, StoreError, Table};
+use imgd_core::wire::IndexState;
+use imgd_core::{ChunkList, Digest};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Chunk list of each stored blob, by blob digest. Present only when every chunk is.
+pub struct Blobs;
+impl Table for Blobs {
+    const NAME: &'static str = "blobs";
+    type Key = Digest;
+    type Value = ChunkList;
+}
+
+/// Index state of each stored blob, by blob digest.
+pub struct BlobIndexes;
+impl Table for BlobIndexes {
+    const NAME: &'static str = "indexes";
+    type Key = Digest;
+    type Value = IndexState;
+}
+
+/// A verified manifest, by its digest.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StoredManifest {
+    pub media_type: String,
+    pub bytes: Vec<u8>,
+}
+
+/// Manifests by digest.
+pub struct Manifests;
+impl Table for Manifests {
+    const NAME: &'static str = "manifests";
+    type Key = Digest;
+    type Value = StoredManifest;
+}
+
+/// Last digest seen for `UPSTREAM/REPO:TAG`, used only when upstream is unreachable.
+pub struct Tags;
+impl Table for Tags {
+    const NAME: &'static str = "tags";
+    type Key = String;
+    type Value = Digest;
+}
+
+/// Errors of the proxy's storage.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+}
+
+/// Everything the proxy keeps on disk.
+pub struct Storage {
+    pub chunks: ContentStore,
+    pub indexes: ContentStore,
+    pub meta: MetaDb,
+}
+
+impl Storage {
+    /// Opens (creating) the storage under `dir`.
+    pub fn open(dir: &Path) -> Result<Storage, StorageError> {
+        Ok(Storage {
+            chunks: ContentStore::open(dir, "chunks")?,
+            indexes: ContentStore::open(dir, "indexes")?,
+            meta: MetaDb::open(
+                &dir.join("meta"),
+                &[Blobs::NAME, BlobIndexes::NAME, Manifests::NAME, Tags::NAME],
+            )?,
+        })
+    }
+
+    /// The chunk list of a stored blob, if stored.
+    pub fn blob(&self, digest: &Digest) -> Result<Option<ChunkList>, StorageError> {
+        Ok(self.meta.get::<Blobs>(digest)?)
+    }
+}
