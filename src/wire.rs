@@ -24,7 +24,7 @@ pub struct BlobInfo {
 
 /// Whether a blob has a seekable index.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "state")]
+#[serde(rename_all = "snake_case")]
 pub enum IndexState {
     /// Indexed: the encoded index has this digest and size.
     Indexed { digest: Digest, size: u64 },

@@ -62,6 +62,9 @@ pub trait Table {
     type Value: Serialize + DeserializeOwned;
 }
 
+/// Every record of a table, as [`MetaDb::scan`] returns them.
+pub type Records<T> = Vec<(<T as Table>::Key, <T as Table>::Value)>;
+
 /// The RocksDB metadata database.
 pub struct MetaDb {
     db: DB,
@@ -112,7 +115,7 @@ impl MetaDb {
     }
 
     /// Every record of a table, in key order. A record that does not decode is an error.
-    pub fn scan<T: Table>(&self) -> Result<Vec<(T::Key, T::Value)>, MetaError> {
+    pub fn scan<T: Table>(&self) -> Result<Records<T>, MetaError> {
         let cf = self.cf::<T>()?;
         let mut out = Vec::new();
         for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
