@@ -1,1 +1,24 @@
-//! imgd test fixtures.
+//! imgd test fixtures: the pieces end-to-end tests are built from.
+//!
+//! - [`process`]: child processes that die with the test ([`process::ChildGuard`]), free
+//!   ports and waiting for an HTTP server to answer.
+//! - [`registry`]: a real upstream registry (Debian's `docker-registry`, distribution 2.8)
+//!   in a temporary directory, optionally behind basic auth.
+//! - [`image`]: OCI images built on the spot, deterministically from specs and seeds, written
+//!   as OCI image layouts.
+//! - [`skopeo`]: pushing layouts to a registry and reading manifests back with `skopeo`.
+//! - [`registry_client`]: minimal blocking HTTP helpers to poke at a registry directly.
+//! - [`pull`]: pulling an image over `/v2/` and verifying every manifest, blob and diff_id.
+//! - [`umoci`]: unpacking layouts with `umoci`, a reference for layer application.
+//! - [`media_types`]: the OCI and Docker media type strings.
+
+pub mod daemons;
+pub mod fault_relay;
+pub mod image;
+pub mod media_types;
+pub mod process;
+pub mod pull;
+pub mod registry;
+pub mod registry_client;
+pub mod skopeo;
+pub mod umoci;

@@ -4,7 +4,7 @@
 //!
 //! `cargo run --release -p imgd-benches --bin bench-index [-- MB]` (MB of tar, default 320)
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use imgd_benches::{best_of, compressible_bytes, mb_per_s, report};
 use imgd_core::index::{IndexBuilder, IndexOptions};
 use imgd_core::store::ContentStore;
@@ -100,7 +100,7 @@ fn chunk_and_index(blob: &[u8], store: Option<&ContentStore>) -> anyhow::Result<
             None => Ok(()),
         };
         for piece in blob.chunks(PIECE) {
-            tx.send(piece).context("indexer stopped")?;
+            tx.send(piece).map_err(|_| anyhow::anyhow!("indexer stopped"))?;
             chunker.push(piece, &mut emit)?;
         }
         drop(tx);
