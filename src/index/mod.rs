@@ -1,9 +1,20 @@
 //! The seekable layer index: what it holds, how it is built while a blob streams, and
 //! how a byte range of a layer's tar stream is read back from checkpoints and chunks.
 
+pub mod builder;
 pub mod format;
+pub mod gzip;
+pub mod reader;
+pub mod tar;
 
+#[cfg(test)]
+mod proptests;
+
+pub use builder::{index_blob, IndexBuilder, IndexError, IndexOptions};
 pub use format::{
     Checkpoint, Compression, Entry, EntryKind, IndexDecodeError, LayerIndex, SparseExtent,
     INDEX_VERSION,
 };
+pub use gzip::{CheckpointingInflater, GzipError};
+pub use reader::{plan_read, read_file, read_range, read_stored, ReadError, ReadPlan};
+pub use tar::{TarError, TarOptions, TarScanner};

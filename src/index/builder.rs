@@ -1,0 +1,274 @@
+//! [`IndexBuilder`]: builds a [`LayerIndex`] while a layer blob streams past, in one pass
+//! and bounded memory (apart from the entry list).
+//!
+//! - gzip blobs are inflated with a [`CheckpointingInflater`] whose output feeds the
+//!   [`TarScanner`] directly; the index gets the inflater's checkpoints.
+//! - Plain tar blobs feed the scanner directly.
+//! - zstd layers are chunked and served but not indexed yet: the builder only counts
+//!   their bytes and returns an index with `random_access: false`, no entries and an
+//!   `uncompressed_size` of 0 (unknown).
+
+use crate::digest::Digest;
+use crate::index::format::{Compression, LayerIndex};
+use crate::index::gzip::{CheckpointingInflater, GzipError, DEFAULT_SPAN};
+use crate::index::tar::{TarError, TarOptions, TarScanner};
+
+/// Bytes needed to tell the compression apart.
+const DETECT_LEN: usize = 4;
+
+/// Options of an [`IndexBuilder`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexOptions {
+    /// Uncompressed distance between gzip checkpoints (default 1 MiB). A checkpoint is
+    /// also placed after every crossing of a chunk boundary in the compressed blob.
+    pub checkpoint_span: u64,
+    /// Limits of the tar scanner.
+    pub tar: TarOptions,
+}
+
+impl Default for IndexOptions {
+    fn default() -> Self {
+        IndexOptions {
+            checkpoint_span: DEFAULT_SPAN,
+            tar: TarOptions::default(),
+        }
+    }
+}
+
+/// Error building an index.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IndexError {
+    /// The gzip stream is invalid.
+    #[error("layer is not valid gzip: {0}")]
+    Gzip(#[from] GzipError),
+    /// The tar stream is invalid.
+    #[error("layer is not a valid tar archive: {0}")]
+    Tar(#[from] TarError),
+}
+
+enum Mode {
+    /// Fewer than [`DETECT_LEN`] bytes seen so far.
+    Detect(Vec<u8>),
+    Gzip {
+        inflater: Box<CheckpointingInflater>,
+        tar: Box<TarScanner>,
+    },
+    Plain(Box<TarScanner>),
+    Zstd,
+}
+
+/// Builds a [`LayerIndex`] from a blob pushed in slices of any size.
+pub struct IndexBuilder {
+    opts: IndexOptions,
+    mode: Mode,
+    size: u64,
+}
+
+impl IndexBuilder {
+    /// A builder at the start of a blob.
+    pub fn new(opts: IndexOptions) -> Self {
+        IndexBuilder {
+            opts,
+            mode: Mode::Detect(Vec::with_capacity(DETECT_LEN)),
+            size: 0,
+        }
+    }
+
+    /// The detected compression, once enough bytes were pushed.
+    pub fn compression(&self) -> Option<Compression> {
+        match self.mode {
+            Mode::Detect(_) => None,
+            Mode::Gzip { .. } => Some(Compression::Gzip),
+            Mode::Plain(_) => Some(Compression::None),
+            Mode::Zstd => Some(Compression::Zstd),
+        }
+    }
+
+    /// Bytes pushed so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Pushes the next bytes of the blob.
+    pub fn push(&mut self, mut data: &[u8]) -> Result<(), IndexError> {
+        self.size += data.len() as u64;
+        if let Mode::Detect(head) = &mut self.mode {
+            let take = (DETECT_LEN - head.len()).min(data.len());
+            head.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if head.len() < DETECT_LEN {
+                return Ok(());
+            }
+            let head = std::mem::take(head);
+            self.start(&head)?;
+        }
+        self.feed(data)
+    }
+
+    /// Leaves detection mode and feeds the buffered head.
+    fn start(&mut self, head: &[u8]) -> Result<(), IndexError> {
+        self.mode = match Compression::detect(head) {
+            Compression::Gzip => Mode::Gzip {
+                inflater: Box::new(CheckpointingInflater::new(self.opts.checkpoint_span)?),
+                tar: Box::new(TarScanner::new(self.opts.tar)),
+            },
+            Compression::None => Mode::Plain(Box::new(TarScanner::new(self.opts.tar))),
+            Compression::Zstd => Mode::Zstd,
+        };
+        self.feed(head)
+    }
+
+    fn feed(&mut self, data: &[u8]) -> Result<(), IndexError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        match &mut self.mode {
+            Mode::Gzip { inflater, tar } => {
+                inflater.feed(data, &mut |out: &[u8]| tar.feed(out).map_err(IndexError::Tar))
+            }
+            Mode::Plain(tar) => Ok(tar.feed(data)?),
+            Mode::Zstd | Mode::Detect(_) => Ok(()),
+        }
+    }
+
+    /// Checks the blob ended properly (complete gzip stream, tar end marker or end at a
+    /// header boundary) and returns its index.
+    pub fn finish(mut self, layer: Digest) -> Result<LayerIndex, IndexError> {
+        if let Mode::Detect(head) = &mut self.mode {
+            let head = std::mem::take(head);
+            self.start(&head)?;
+        }
+        let size = self.size;
+        let index = match self.mode {
+            Mode::Gzip { inflater, tar } => {
+                let summary = inflater.finish()?;
+                let entries = tar.finish()?;
+                LayerIndex {
+                    layer,
+                    compression: Compression::Gzip,
+                    compressed_size: size,
+                    uncompressed_size: summary.uncompressed_size,
+                    random_access: true,
+                    entries,
+                    checkpoints: summary.checkpoints,
+                }
+            }
+            Mode::Plain(tar) => LayerIndex {
+                layer,
+                compression: Compression::None,
+                compressed_size: size,
+                uncompressed_size: size,
+                random_access: true,
+                entries: tar.finish()?,
+                checkpoints: Vec::new(),
+            },
+            Mode::Zstd | Mode::Detect(_) => LayerIndex {
+                layer,
+                compression: Compression::Zstd,
+                compressed_size: size,
+                uncompressed_size: 0,
+                random_access: false,
+                entries: Vec::new(),
+                checkpoints: Vec::new(),
+            },
+        };
+        tracing::debug!(
+            layer = %index.layer,
+            compression = ?index.compression,
+            entries = index.entries.len(),
+            checkpoints = index.checkpoints.len(),
+            "indexed layer"
+        );
+        Ok(index)
+    }
+}
+
+/// Builds the index of a whole in-memory blob (convenience for tests and small blobs).
+pub fn index_blob(blob: &[u8], opts: IndexOptions) -> Result<LayerIndex, IndexError> {
+    let mut b = IndexBuilder::new(opts);
+    b.push(blob)?;
+    b.finish(Digest::of(blob))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::format::EntryKind;
+    use crate::index::gzip::{gzip_compress, test_data};
+    use crate::index::tar::tests::TestTar;
+
+    fn sample_tar() -> (Vec<u8>, Vec<Vec<u8>>) {
+        let mut t = TestTar::default();
+        let contents: Vec<Vec<u8>> = (0..6u64)
+            .map(|i| test_data((i as usize * 700_000) % 2_500_000 + i as usize, i + 1))
+            .collect();
+        for (i, c) in contents.iter().enumerate() {
+            t.file(format!("dir/file{i}").as_bytes(), c);
+        }
+        (t.end(), contents)
+    }
+
+    fn build(blob: &[u8], sizes: &[usize]) -> Result<LayerIndex, IndexError> {
+        let mut b = IndexBuilder::new(IndexOptions::default());
+        let mut rest = blob;
+        let mut k = 0;
+        while !rest.is_empty() {
+            let n = sizes[k % sizes.len()].clamp(1, rest.len());
+            k += 1;
+            b.push(&rest[..n])?;
+            rest = &rest[n..];
+        }
+        b.finish(Digest::of(blob))
+    }
+
+    #[test]
+    fn plain_and_gzip_layers_index_the_same_entries() {
+        let (tar, contents) = sample_tar();
+        let plain = build(&tar, &[1, 2, 100_000]).unwrap();
+        assert_eq!(plain.compression, Compression::None);
+        assert_eq!(plain.compressed_size, tar.len() as u64);
+        assert_eq!(plain.uncompressed_size, tar.len() as u64);
+        assert!(plain.checkpoints.is_empty() && plain.random_access);
+        assert_eq!(plain.entries.len(), contents.len());
+        for (e, c) in plain.entries.iter().zip(&contents) {
+            assert_eq!(e.kind, EntryKind::File);
+            let at = e.content_offset as usize;
+            assert!(tar[at..at + c.len()] == c[..], "{}", e.path_lossy());
+        }
+        let gz = gzip_compress(&tar, 6);
+        let a = build(&gz, &[3, 1, 65_536]).unwrap();
+        let b = build(&gz, &[gz.len()]).unwrap();
+        assert_eq!(a, b, "slicing must not change the index");
+        assert_eq!(a.compression, Compression::Gzip);
+        assert_eq!(a.entries, plain.entries);
+        assert_eq!((a.compressed_size, a.uncompressed_size), (gz.len() as u64, tar.len() as u64));
+        assert!(a.checkpoints.len() > 3);
+        assert_eq!(a.layer, Digest::of(&gz));
+        assert_eq!(LayerIndex::decode(&a.encode()).unwrap(), a);
+    }
+
+    #[test]
+    fn zstd_is_counted_not_indexed() {
+        let blob = [0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3];
+        let idx = build(&blob, &[1]).unwrap();
+        assert_eq!(idx.compression, Compression::Zstd);
+        assert!(!idx.random_access && idx.entries.is_empty());
+        assert_eq!(idx.compressed_size, 7);
+    }
+
+    #[test]
+    fn bad_streams_are_errors() {
+        let (tar, _) = sample_tar();
+        let mut gz = gzip_compress(&tar, 6);
+        gz.extend_from_slice(b"\0\0garbage");
+        assert!(matches!(build(&gz, &[4096]), Err(IndexError::Gzip(GzipError::TrailingGarbage { .. }))));
+        let cut = gzip_compress(&tar[..tar.len() / 2], 6);
+        assert!(matches!(build(&cut, &[4096]), Err(IndexError::Tar(TarError::Truncated { .. }))));
+        assert!(matches!(build(&gz[..gz.len() / 2], &[4096]), Err(IndexError::Gzip(GzipError::Truncated { .. }))));
+        assert!(matches!(build(b"ab", &[1]), Err(IndexError::Tar(TarError::Truncated { .. }))));
+        let empty = build(b"", &[1]).unwrap();
+        assert!(empty.entries.is_empty() && empty.compression == Compression::None);
+        let err = build(&gz, &[4096]).unwrap_err().to_string();
+        assert!(err.contains("trailing garbage"), "{err}");
+    }
+}

@@ -1,0 +1,757 @@
+//! gzip inflation with restart checkpoints (the zran technique).
+//!
+//! [`CheckpointingInflater`] is fed a gzip blob in slices of any size, hands the inflated
+//! bytes to a callback, and records a [`Checkpoint`] at deflate block boundaries every
+//! `span` uncompressed bytes (and whenever the compressed position crossed a multiple of
+//! [`CHUNK_SIZE`]). [`inflate_from_checkpoint`] restarts inflation at such a checkpoint.
+//!
+//! Checkpoint conventions:
+//! - The first checkpoint is always the start of the blob (`compressed_offset` 0, `bits` 0,
+//!   `uncompressed_offset` 0, empty window); restarting there parses the gzip header.
+//! - Every other checkpoint is a raw deflate restart point: `compressed_offset` is the
+//!   number of blob bytes consumed, and when `bits > 0` the top `bits` bits of the byte
+//!   before it start the next block. The input for a restart therefore begins at
+//!   [`input_start`]`(cp)`, one byte early when `bits > 0`.
+//! - Multi-member blobs (concatenated gzip members) are supported: checkpoints are placed
+//!   inside any member, including just after a member's header (a valid raw restart point
+//!   with a shorter window). When inflation from a raw checkpoint reaches the end of its
+//!   member, the 8-byte trailer is skipped and the next member is read in gzip mode.
+//! - Bytes after the last member that do not start another member are an error
+//!   ([`GzipError::TrailingGarbage`]), as are blobs that end inside a member.
+
+use crate::chunk::CHUNK_SIZE;
+use crate::index::format::Checkpoint;
+use libz_rs_sys as z;
+use std::ffi::c_int;
+
+/// Default uncompressed distance between checkpoints: 1 MiB.
+pub const DEFAULT_SPAN: u64 = 1 << 20;
+/// Size of a deflate window.
+pub const WINDOW_SIZE: usize = 32 * 1024;
+/// Output buffer size of the inflater.
+const OUT_BUF: usize = 256 * 1024;
+/// Largest input handed to one `inflate` call (`avail_in` is 32 bits).
+const MAX_IN: usize = 1 << 30;
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+/// windowBits: 15-bit window with a gzip header and trailer.
+const GZIP_BITS: c_int = 15 + 16;
+/// windowBits: 15-bit window, raw deflate.
+const RAW_BITS: c_int = -15;
+
+/// Errors of gzip inflation.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum GzipError {
+    /// The compressed data is invalid.
+    #[error("corrupt gzip data at compressed offset {offset}: {message}")]
+    Corrupt { offset: u64, message: String },
+    /// Bytes after the last gzip member that do not begin another member.
+    #[error("trailing garbage after the last gzip member at compressed offset {offset}")]
+    TrailingGarbage { offset: u64 },
+    /// The blob ended inside a gzip member.
+    #[error("gzip stream truncated: the blob ended inside a member after {offset} bytes")]
+    Truncated { offset: u64 },
+    /// The compressed bytes supplied to a restart ran out before the requested output.
+    #[error("compressed input ran out after producing {produced} of {wanted} requested bytes")]
+    NeedMoreInput { produced: usize, wanted: usize },
+    /// A checkpoint or input slice that cannot be used.
+    #[error("invalid checkpoint or input: {0}")]
+    BadCheckpoint(String),
+    /// zlib failed for a reason other than bad data (allocation, internal state).
+    #[error("zlib error {code}: {message}")]
+    Zlib { code: i32, message: String },
+}
+
+/// Result of one [`Inflate::run`] call.
+struct Step {
+    ret: c_int,
+    consumed: usize,
+    produced: usize,
+}
+
+/// Owns one zlib inflate stream; `inflateEnd` runs on drop.
+///
+/// Safety reasoning: the `z_stream` lives in a `Box`, so it never moves after
+/// `inflateInit2_` (zlib keeps internal state tied to it). zlib is only ever handed
+/// pointers to our buffers for the duration of a single call: [`Inflate::run`] sets
+/// `next_in`/`next_out` from live slices with matching lengths and clears them before
+/// returning, so no dangling pointer survives a call. Every call is made on a stream that
+/// was successfully initialised (construction fails otherwise) and not yet ended.
+struct Inflate {
+    strm: Box<z::z_stream>,
+}
+
+impl Inflate {
+    fn new(window_bits: c_int) -> Result<Self, GzipError> {
+        let mut strm = Box::new(z::z_stream::default());
+        // SAFETY: `strm` is a valid, default-initialised (allocator set) z_stream at a
+        // stable heap address; the version string is zlib's own static C string.
+        let ret = unsafe {
+            z::inflateInit2_(
+                &mut *strm,
+                window_bits,
+                z::zlibVersion(),
+                std::mem::size_of::<z::z_stream>() as c_int,
+            )
+        };
+        if ret != z::Z_OK {
+            return Err(GzipError::Zlib {
+                code: ret,
+                message: "inflateInit2 failed".into(),
+            });
+        }
+        Ok(Inflate { strm })
+    }
+
+    /// One `inflate` call over `input` into `output`.
+    fn run(&mut self, input: &[u8], output: &mut [u8], flush: c_int) -> Step {
+        let avail_in = input.len().min(MAX_IN);
+        let avail_out = output.len().min(MAX_IN);
+        self.strm.next_in = input.as_ptr();
+        self.strm.avail_in = avail_in as u32;
+        self.strm.next_out = output.as_mut_ptr();
+        self.strm.avail_out = avail_out as u32;
+        // SAFETY: initialised stream; next_in/next_out point into live slices of at least
+        // avail_in/avail_out bytes for the duration of this call.
+        let ret = unsafe { z::inflate(&mut *self.strm, flush) };
+        let step = Step {
+            ret,
+            consumed: avail_in - self.strm.avail_in as usize,
+            produced: avail_out - self.strm.avail_out as usize,
+        };
+        self.strm.next_in = std::ptr::null();
+        self.strm.avail_in = 0;
+        self.strm.next_out = std::ptr::null_mut();
+        self.strm.avail_out = 0;
+        step
+    }
+
+    fn check(&self, ret: c_int, what: &str) -> Result<(), GzipError> {
+        if ret == z::Z_OK {
+            Ok(())
+        } else {
+            Err(GzipError::Zlib {
+                code: ret,
+                message: format!("{what} failed"),
+            })
+        }
+    }
+
+    fn reset(&mut self, window_bits: c_int) -> Result<(), GzipError> {
+        // SAFETY: initialised stream.
+        let ret = unsafe { z::inflateReset2(&mut *self.strm, window_bits) };
+        self.check(ret, "inflateReset2")
+    }
+
+    fn prime(&mut self, bits: c_int, value: c_int) -> Result<(), GzipError> {
+        // SAFETY: initialised stream.
+        let ret = unsafe { z::inflatePrime(&mut *self.strm, bits, value) };
+        self.check(ret, "inflatePrime")
+    }
+
+    fn set_dictionary(&mut self, dict: &[u8]) -> Result<(), GzipError> {
+        if dict.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: initialised stream; `dict` is a live slice of `dict.len()` (<= 32 KiB,
+        // checked by the caller) bytes that zlib copies during the call.
+        let ret =
+            unsafe { z::inflateSetDictionary(&mut *self.strm, dict.as_ptr(), dict.len() as u32) };
+        self.check(ret, "inflateSetDictionary")
+    }
+
+    /// The current window (up to 32 KiB of the latest output of this member).
+    fn dictionary(&self) -> Vec<u8> {
+        let mut buf = vec![0u8; WINDOW_SIZE];
+        let mut len: u32 = 0;
+        // SAFETY: initialised stream; `buf` has the 32 KiB zlib may write, `len` is a
+        // valid u32 out-pointer.
+        let ret = unsafe { z::inflateGetDictionary(&*self.strm, buf.as_mut_ptr(), &mut len) };
+        if ret != z::Z_OK {
+            return Vec::new();
+        }
+        buf.truncate((len as usize).min(WINDOW_SIZE));
+        buf
+    }
+
+    fn message(&self) -> String {
+        if self.strm.msg.is_null() {
+            return "invalid data".into();
+        }
+        // SAFETY: zlib sets `msg` to a static NUL-terminated string or leaves it null.
+        unsafe { std::ffi::CStr::from_ptr(self.strm.msg) }
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+impl Drop for Inflate {
+    fn drop(&mut self) {
+        // SAFETY: the stream was initialised in `new` and is ended exactly once here.
+        unsafe {
+            z::inflateEnd(&mut *self.strm);
+        }
+    }
+}
+
+/// Where the inflater is in a (possibly multi-member) gzip blob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Inside a member (including its header and trailer).
+    InMember,
+    /// After a member's trailer: the next bytes must start another member.
+    BetweenMembers { magic: [u8; 2], have: usize },
+}
+
+/// What a finished inflation produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InflateSummary {
+    /// Compressed bytes consumed (the blob size).
+    pub compressed_size: u64,
+    /// Uncompressed bytes produced.
+    pub uncompressed_size: u64,
+    /// Checkpoints, ordered, the first at offset 0.
+    pub checkpoints: Vec<Checkpoint>,
+}
+
+/// Push-based gzip inflater that records restart [`Checkpoint`]s as it goes.
+pub struct CheckpointingInflater {
+    z: Inflate,
+    span: u64,
+    phase: Phase,
+    /// Compressed / uncompressed bytes of the members before the current one (zlib's
+    /// counters restart with each member).
+    base_in: u64,
+    base_out: u64,
+    out: Vec<u8>,
+    out_len: usize,
+    checkpoints: Vec<Checkpoint>,
+}
+
+impl CheckpointingInflater {
+    /// An inflater at the start of a gzip blob, checkpointing every `span` (at least 1)
+    /// uncompressed bytes.
+    pub fn new(span: u64) -> Result<Self, GzipError> {
+        Ok(CheckpointingInflater {
+            z: Inflate::new(GZIP_BITS)?,
+            span: span.max(1),
+            phase: Phase::InMember,
+            base_in: 0,
+            base_out: 0,
+            out: vec![0u8; OUT_BUF],
+            out_len: 0,
+            checkpoints: vec![Checkpoint {
+                compressed_offset: 0,
+                bits: 0,
+                uncompressed_offset: 0,
+                window: Vec::new(),
+            }],
+        })
+    }
+
+    /// Compressed bytes consumed so far.
+    pub fn total_in(&self) -> u64 {
+        self.base_in + self.z.strm.total_in
+    }
+
+    /// Uncompressed bytes produced so far.
+    pub fn total_out(&self) -> u64 {
+        self.base_out + self.z.strm.total_out
+    }
+
+    /// Checkpoints recorded so far.
+    pub fn checkpoints(&self) -> &[Checkpoint] {
+        &self.checkpoints
+    }
+
+    /// Feeds the next compressed bytes; inflated bytes are passed to `out` in order.
+    pub fn feed<E: From<GzipError>>(
+        &mut self,
+        mut input: &[u8],
+        out: &mut impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        while !input.is_empty() {
+            match self.phase {
+                Phase::InMember => {
+                    let n = self.inflate_member(input, out)?;
+                    input = &input[n..];
+                }
+                Phase::BetweenMembers {
+                    mut magic,
+                    mut have,
+                } => {
+                    let take = (2 - have).min(input.len());
+                    magic[have..have + take].copy_from_slice(&input[..take]);
+                    have += take;
+                    input = &input[take..];
+                    if have < 2 {
+                        self.phase = Phase::BetweenMembers { magic, have };
+                        break;
+                    }
+                    if magic != GZIP_MAGIC {
+                        return Err(GzipError::TrailingGarbage {
+                            offset: self.total_in(),
+                        }
+                        .into());
+                    }
+                    self.phase = Phase::InMember;
+                    let mut rest: &[u8] = &magic;
+                    while !rest.is_empty() && self.phase == Phase::InMember {
+                        let n = self.inflate_member(rest, out)?;
+                        rest = &rest[n..];
+                    }
+                }
+            }
+        }
+        self.flush(out)
+    }
+
+    fn flush<E>(&mut self, out: &mut impl FnMut(&[u8]) -> Result<(), E>) -> Result<(), E> {
+        if self.out_len > 0 {
+            let n = std::mem::take(&mut self.out_len);
+            out(&self.out[..n])?;
+        }
+        Ok(())
+    }
+
+    /// Inflates from `input` until it is consumed or the member ends; returns the number
+    /// of input bytes consumed.
+    fn inflate_member<E: From<GzipError>>(
+        &mut self,
+        input: &[u8],
+        out: &mut impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<usize, E> {
+        let mut pos = 0;
+        loop {
+            if self.out_len == self.out.len() {
+                self.flush(out)?;
+            }
+            let step = self
+                .z
+                .run(&input[pos..], &mut self.out[self.out_len..], z::Z_BLOCK);
+            pos += step.consumed;
+            self.out_len += step.produced;
+            match step.ret {
+                z::Z_OK => {}
+                z::Z_STREAM_END => {
+                    self.base_in += self.z.strm.total_in;
+                    self.base_out += self.z.strm.total_out;
+                    self.z.reset(GZIP_BITS)?;
+                    self.phase = Phase::BetweenMembers {
+                        magic: [0; 2],
+                        have: 0,
+                    };
+                    return Ok(pos);
+                }
+                z::Z_BUF_ERROR if step.consumed == 0 && step.produced == 0 => {
+                    if pos == input.len() || self.out_len == self.out.len() {
+                        // No input left (or output full, flushed at the loop top).
+                        if pos == input.len() {
+                            return Ok(pos);
+                        }
+                        continue;
+                    }
+                    return Err(self.corrupt().into());
+                }
+                _ => return Err(self.corrupt().into()),
+            }
+            self.maybe_checkpoint();
+            if pos == input.len() && self.out_len < self.out.len() {
+                return Ok(pos);
+            }
+        }
+    }
+
+    fn corrupt(&self) -> GzipError {
+        GzipError::Corrupt {
+            offset: self.total_in(),
+            message: self.z.message(),
+        }
+    }
+
+    /// Records a checkpoint if inflate stopped at a (non-final) block boundary and the
+    /// spacing condition holds.
+    fn maybe_checkpoint(&mut self) {
+        let dt = self.z.strm.data_type;
+        // 128: at a block boundary; 64: the last block was just decoded (nothing follows
+        // in this member); 0x38: more than 7 pending bits would not fit `bits`.
+        if dt & 128 == 0 || dt & 64 != 0 || dt & 0x38 != 0 {
+            return;
+        }
+        let cin = self.total_in();
+        let cout = self.total_out();
+        let Some(last) = self.checkpoints.last() else {
+            return;
+        };
+        let chunk = CHUNK_SIZE as u64;
+        let due = cout.saturating_sub(last.uncompressed_offset) >= self.span
+            || cin / chunk > last.compressed_offset / chunk;
+        if !due || cin <= last.compressed_offset {
+            return;
+        }
+        self.checkpoints.push(Checkpoint {
+            compressed_offset: cin,
+            bits: (dt & 7) as u8,
+            uncompressed_offset: cout,
+            window: self.z.dictionary(),
+        });
+    }
+
+    /// Checks the blob ended after a complete member and returns what was produced.
+    pub fn finish(self) -> Result<InflateSummary, GzipError> {
+        match self.phase {
+            Phase::BetweenMembers { have: 0, .. } => Ok(InflateSummary {
+                compressed_size: self.base_in,
+                uncompressed_size: self.base_out,
+                checkpoints: self.checkpoints,
+            }),
+            Phase::BetweenMembers { .. } => Err(GzipError::TrailingGarbage {
+                offset: self.base_in,
+            }),
+            Phase::InMember => Err(GzipError::Truncated {
+                offset: self.total_in(),
+            }),
+        }
+    }
+}
+
+/// Offset in the blob where the input for restarting at `cp` begins: one byte before
+/// `cp.compressed_offset` when `cp.bits > 0` (that byte's top bits start the block).
+pub fn input_start(cp: &Checkpoint) -> u64 {
+    if cp.bits > 0 {
+        cp.compressed_offset.saturating_sub(1)
+    } else {
+        cp.compressed_offset
+    }
+}
+
+/// Whether `cp` is the start-of-blob checkpoint (restart by parsing the gzip header).
+pub fn is_blob_start(cp: &Checkpoint) -> bool {
+    cp.compressed_offset == 0
+}
+
+/// Inflates from checkpoint `cp`, discards `skip` output bytes and returns the next `len`.
+///
+/// `compressed` must hold the blob bytes starting at [`input_start`]`(cp)`; it may end
+/// early or late. Reaching the end of the blob (after the last member) before `len` bytes
+/// returns what was produced; running out of `compressed` inside a member returns
+/// [`GzipError::NeedMoreInput`].
+pub fn inflate_from_checkpoint(
+    cp: &Checkpoint,
+    compressed: &[u8],
+    skip: u64,
+    len: usize,
+) -> Result<Vec<u8>, GzipError> {
+    if cp.bits > 7 || cp.window.len() > WINDOW_SIZE || (cp.bits > 0 && cp.compressed_offset == 0)
+    {
+        return Err(GzipError::BadCheckpoint(format!(
+            "bits {} with window of {} bytes at offset {}",
+            cp.bits,
+            cp.window.len(),
+            cp.compressed_offset
+        )));
+    }
+    let mut input = compressed;
+    let mut z;
+    if is_blob_start(cp) {
+        z = Inflate::new(GZIP_BITS)?;
+    } else {
+        z = Inflate::new(RAW_BITS)?;
+        if cp.bits > 0 {
+            let Some((&byte, rest)) = input.split_first() else {
+                return Err(GzipError::NeedMoreInput {
+                    produced: 0,
+                    wanted: len,
+                });
+            };
+            let bits = c_int::from(cp.bits);
+            z.prime(bits, c_int::from(byte) >> (8 - bits))?;
+            input = rest;
+        }
+        z.set_dictionary(&cp.window)?;
+    }
+    let mut raw = !is_blob_start(cp);
+    let mut result = Vec::with_capacity(len.min(64 << 20));
+    let mut skip = skip;
+    let want = usize::try_from(skip).unwrap_or(usize::MAX).saturating_add(len);
+    let mut scratch = vec![0u8; OUT_BUF.min(want).max(1024)];
+    let mut offset = input_start(cp) + u64::from(cp.bits > 0);
+    while result.len() < len {
+        let step = z.run(input, &mut scratch, z::Z_NO_FLUSH);
+        input = &input[step.consumed..];
+        offset += step.consumed as u64;
+        let mut produced = &scratch[..step.produced];
+        let drop = (skip.min(produced.len() as u64)) as usize;
+        skip -= drop as u64;
+        produced = &produced[drop..];
+        let take = produced.len().min(len - result.len());
+        result.extend_from_slice(&produced[..take]);
+        match step.ret {
+            z::Z_OK => {}
+            z::Z_STREAM_END => {
+                if raw {
+                    // Skip the member's 8-byte trailer (CRC32, ISIZE).
+                    let t = input.len().min(8);
+                    input = &input[t..];
+                    offset += t as u64;
+                    raw = false;
+                }
+                if input.is_empty() {
+                    // End of the supplied bytes at a member end: the blob end, or the
+                    // caller's range ended here. Return what was produced.
+                    break;
+                }
+                if input.len() >= 2 && input[..2] != GZIP_MAGIC {
+                    return Err(GzipError::TrailingGarbage { offset });
+                }
+                z.reset(GZIP_BITS)?;
+            }
+            z::Z_BUF_ERROR if step.consumed == 0 && step.produced == 0 => {
+                if input.is_empty() {
+                    return Err(GzipError::NeedMoreInput {
+                        produced: result.len(),
+                        wanted: len,
+                    });
+                }
+                return Err(GzipError::Corrupt {
+                    offset,
+                    message: z.message(),
+                });
+            }
+            _ => {
+                return Err(GzipError::Corrupt {
+                    offset,
+                    message: z.message(),
+                })
+            }
+        }
+    }
+    Ok(result)
+}
+
+/// gzip compression for tests (zlib's deflate with a gzip wrapper).
+#[cfg(test)]
+pub(crate) fn gzip_compress(data: &[u8], level: i32) -> Vec<u8> {
+    let mut strm = Box::new(z::z_stream::default());
+    // SAFETY: test helper; the stream is boxed, initialised before use and ended once;
+    // the input and output pointers are live slices of the stated lengths.
+    unsafe {
+        let ret = z::deflateInit2_(
+            &mut *strm,
+            level,
+            z::Z_DEFLATED,
+            GZIP_BITS,
+            8,
+            z::Z_DEFAULT_STRATEGY,
+            z::zlibVersion(),
+            std::mem::size_of::<z::z_stream>() as c_int,
+        );
+        assert_eq!(ret, z::Z_OK);
+        let mut out = vec![0u8; data.len() + data.len() / 100 + 1024];
+        strm.next_in = data.as_ptr();
+        strm.avail_in = data.len() as u32;
+        strm.next_out = out.as_mut_ptr();
+        strm.avail_out = out.len() as u32;
+        assert_eq!(z::deflate(&mut *strm, z::Z_FINISH), z::Z_STREAM_END);
+        out.truncate(strm.total_out as usize);
+        z::deflateEnd(&mut *strm);
+        out
+    }
+}
+
+/// Deterministic test data: runs of pseudo-random bytes, text-like and zero runs.
+#[cfg(test)]
+pub(crate) fn test_data(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let run = (next() % 20_000) as usize + 1;
+        match next() % 3 {
+            0 => out.extend((0..run).map(|_| next() as u8)),
+            1 => out.extend((0..run).map(|i| b"the quick brown fox "[i % 20])),
+            _ => out.extend(std::iter::repeat_n(0u8, run)),
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+
+    impl From<GzipError> for Infallible {
+        fn from(e: GzipError) -> Self {
+            panic!("{e}")
+        }
+    }
+
+    /// Inflates `blob` fed in slices of the sizes produced by `sizes` (cycled).
+    fn inflate_all(
+        blob: &[u8],
+        span: u64,
+        sizes: &[usize],
+    ) -> Result<(Vec<u8>, InflateSummary), GzipError> {
+        let mut inf = CheckpointingInflater::new(span)?;
+        let mut out = Vec::new();
+        let mut rest = blob;
+        let mut k = 0;
+        while !rest.is_empty() {
+            let n = sizes[k % sizes.len()].clamp(1, rest.len());
+            k += 1;
+            inf.feed(&rest[..n], &mut |o: &[u8]| -> Result<(), GzipError> {
+                out.extend_from_slice(o);
+                Ok(())
+            })?;
+            rest = &rest[n..];
+        }
+        Ok((out, inf.finish()?))
+    }
+
+    fn check_restarts(blob: &[u8], data: &[u8], cps: &[Checkpoint]) {
+        for (i, cp) in cps.iter().enumerate() {
+            let start = input_start(cp) as usize;
+            let uo = cp.uncompressed_offset as usize;
+            assert!(cp.window.len() <= WINDOW_SIZE);
+            if uo > 0 {
+                let w = &data[uo.saturating_sub(cp.window.len())..uo];
+                assert_eq!(cp.window.as_slice(), w, "window of checkpoint {i}");
+            }
+            // From the checkpoint to the next one, with exactly the bytes up to it.
+            let (end_in, end_out) = cps
+                .get(i + 1)
+                .map_or((blob.len(), data.len()), |n| {
+                    (n.compressed_offset as usize, n.uncompressed_offset as usize)
+                });
+            let got = inflate_from_checkpoint(cp, &blob[start..end_in], 0, end_out - uo).unwrap();
+            assert!(got == data[uo..end_out], "restart at checkpoint {i}");
+            // With a skip, through to the end of the blob.
+            let skip = ((end_out - uo) / 3) as u64;
+            let got = inflate_from_checkpoint(cp, &blob[start..], skip, usize::MAX).unwrap();
+            assert!(got == data[uo + skip as usize..], "restart+skip at checkpoint {i}");
+        }
+    }
+
+    #[test]
+    fn checkpoints_restart_and_do_not_depend_on_slicing() {
+        let data = test_data(6 << 20, 7);
+        let blob = gzip_compress(&data, 6);
+        let (out, a) = inflate_all(&blob, 1 << 20, &[blob.len()]).unwrap();
+        assert!(out == data);
+        assert_eq!(a.compressed_size, blob.len() as u64);
+        assert_eq!(a.uncompressed_size, data.len() as u64);
+        assert!(a.checkpoints.len() >= 4, "{} checkpoints", a.checkpoints.len());
+        assert_eq!(a.checkpoints[0].compressed_offset, 0);
+        for w in a.checkpoints.windows(2) {
+            assert!(w[1].uncompressed_offset - w[0].uncompressed_offset >= 1 << 20);
+            assert!(w[1].compressed_offset > w[0].compressed_offset);
+        }
+        let (out2, b) = inflate_all(&blob, 1 << 20, &[1, 7, 4096, 65_537, 3]).unwrap();
+        assert!(out2 == data);
+        assert_eq!(a, b);
+        assert!(a.checkpoints.iter().any(|c| c.bits != 0), "expected unaligned checkpoints");
+        check_restarts(&blob, &data, &a.checkpoints);
+    }
+
+    #[test]
+    fn chunk_boundaries_get_checkpoints_even_with_a_huge_span() {
+        // Poorly compressible: 6 bits of entropy per byte.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let data: Vec<u8> = (0..12 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x % 64) as u8
+            })
+            .collect();
+        let blob = gzip_compress(&data, 6);
+        assert!(blob.len() > 2 * CHUNK_SIZE);
+        let (_, s) = inflate_all(&blob, u64::MAX, &[100_000]).unwrap();
+        for k in 1..=(blob.len() / CHUNK_SIZE) {
+            let b = (k * CHUNK_SIZE) as u64;
+            let near = s
+                .checkpoints
+                .iter()
+                .any(|c| c.compressed_offset >= b && c.compressed_offset < b + (256 << 10));
+            let offs: Vec<_> = s.checkpoints.iter().map(|c| c.compressed_offset).collect();
+            assert!(near, "no checkpoint just after chunk boundary {k}: {offs:?}");
+        }
+        check_restarts(&blob, &data, &s.checkpoints);
+    }
+
+    #[test]
+    fn multi_member_streams() {
+        let a = test_data(3 << 20, 11);
+        let b = test_data(2 << 20, 12);
+        let mut blob = gzip_compress(&a, 6);
+        let first_len = blob.len();
+        blob.extend(gzip_compress(b"", 6));
+        blob.extend(gzip_compress(&b, 9));
+        let data = [a.as_slice(), b.as_slice()].concat();
+        // Split the second member's magic across feeds.
+        let (out, s) = inflate_all(&blob, 1 << 20, &[first_len + 1, 1, 1 << 20]).unwrap();
+        assert!(out == data);
+        assert!(s.checkpoints.iter().any(|c| c.uncompressed_offset > a.len() as u64));
+        check_restarts(&blob, &data, &s.checkpoints);
+    }
+
+    #[test]
+    fn errors_are_reported() {
+        let data = test_data(100_000, 5);
+        let blob = gzip_compress(&data, 6);
+        let mut garbage = blob.clone();
+        garbage.extend_from_slice(b"junk");
+        assert_eq!(
+            inflate_all(&garbage, DEFAULT_SPAN, &[1000]).unwrap_err(),
+            GzipError::TrailingGarbage {
+                offset: blob.len() as u64
+            }
+        );
+        let mut one = blob.clone();
+        one.push(0x1f);
+        assert!(matches!(
+            inflate_all(&one, DEFAULT_SPAN, &[1000]),
+            Err(GzipError::TrailingGarbage { .. })
+        ));
+        assert!(matches!(
+            inflate_all(&blob[..blob.len() - 3], DEFAULT_SPAN, &[1000]),
+            Err(GzipError::Truncated { .. })
+        ));
+        let mut bad = blob.clone();
+        bad[blob.len() / 2] ^= 0x55;
+        bad[blob.len() / 2 + 1] ^= 0xaa;
+        assert!(matches!(
+            inflate_all(&bad, DEFAULT_SPAN, &[1000]),
+            Err(GzipError::Corrupt { .. })
+        ));
+        let mut crc = blob.clone();
+        let n = crc.len();
+        crc[n - 6] ^= 1;
+        assert!(matches!(
+            inflate_all(&crc, DEFAULT_SPAN, &[1000]),
+            Err(GzipError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            inflate_all(b"not gzip at all", DEFAULT_SPAN, &[3]),
+            Err(GzipError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn restart_with_too_little_input_says_so() {
+        let data = test_data(3 << 20, 9);
+        let blob = gzip_compress(&data, 6);
+        let (_, s) = inflate_all(&blob, 1 << 20, &[blob.len()]).unwrap();
+        let cp = &s.checkpoints[1];
+        let start = input_start(cp) as usize;
+        let err = inflate_from_checkpoint(cp, &blob[start..start + 100], 0, 1 << 20).unwrap_err();
+        assert!(matches!(err, GzipError::NeedMoreInput { .. }), "{err}");
+    }
+}
