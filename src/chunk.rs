@@ -70,7 +70,10 @@ impl ChunkList {
         for (i, c) in self.chunks.iter().enumerate() {
             let want = (self.size - self.chunk_offset(i)).min(CHUNK_SIZE as u64);
             if u64::from(c.size) != want {
-                return Err(fail(format!("chunk {i} has size {}, expected {want}", c.size)));
+                return Err(fail(format!(
+                    "chunk {i} has size {}, expected {want}",
+                    c.size
+                )));
             }
         }
         Ok(())
@@ -181,7 +184,9 @@ mod tests {
 
     #[test]
     fn chunks_concatenate_to_blob_whatever_the_feed_size() {
-        let data: Vec<u8> = (0..(CHUNK_SIZE * 2 + 12345)).map(|i| (i * 7 % 251) as u8).collect();
+        let data: Vec<u8> = (0..(CHUNK_SIZE * 2 + 12345))
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
         for step in [1 << 20, 333_333, CHUNK_SIZE, data.len()] {
             let (list, chunks) = chunk_all(&data, step);
             assert_eq!(list.blob, Digest::of(&data));

@@ -159,7 +159,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_strings() {
-        assert!(matches!("sha512:00".parse::<Digest>(), Err(DigestError::Algorithm(_))));
+        assert!(matches!(
+            "sha512:00".parse::<Digest>(),
+            Err(DigestError::Algorithm(_))
+        ));
         assert!("sha256:abc".parse::<Digest>().is_err());
         let upper = format!("sha256:{}", "A".repeat(64));
         assert!(upper.parse::<Digest>().is_err());

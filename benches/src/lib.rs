@@ -3,7 +3,10 @@
 use std::time::{Duration, Instant};
 
 /// Runs `f` `runs` times and returns the fastest wall time (the least disturbed run).
-pub fn best_of<T>(runs: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<(Duration, T)> {
+pub fn best_of<T>(
+    runs: usize,
+    mut f: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<(Duration, T)> {
     let mut best: Option<(Duration, T)> = None;
     for _ in 0..runs.max(1) {
         let start = Instant::now();
@@ -24,9 +27,32 @@ pub fn mb_per_s(bytes: u64, took: Duration) -> f64 {
 /// Deterministic text-like bytes that gzip compresses about 3x, like typical layer content.
 pub fn compressible_bytes(len: usize, seed: u64) -> Vec<u8> {
     const WORDS: &[&str] = &[
-        "container", "image", "layer", "chunk", "digest", "sha256", "registry", "proxy", "agent",
-        "mount", "fuse", "runc", "index", "checkpoint", "inflate", "window", "tar", "gzip",
-        "zstd", "manifest", "config", "rootfs", "whiteout", "symlink", "hardlink", "xattr",
+        "container",
+        "image",
+        "layer",
+        "chunk",
+        "digest",
+        "sha256",
+        "registry",
+        "proxy",
+        "agent",
+        "mount",
+        "fuse",
+        "runc",
+        "index",
+        "checkpoint",
+        "inflate",
+        "window",
+        "tar",
+        "gzip",
+        "zstd",
+        "manifest",
+        "config",
+        "rootfs",
+        "whiteout",
+        "symlink",
+        "hardlink",
+        "xattr",
     ];
     let mut state = seed | 1;
     let mut out = Vec::with_capacity(len + 16);

@@ -46,7 +46,12 @@ pub fn parse_range(header: Option<&str>, size: u64) -> Result<Option<Range<u64>>
 }
 
 /// A body streaming `range` of the blob from its chunk files, one chunk in memory at a time.
-pub fn blob_body(storage: Arc<Storage>, stats: Arc<Stats>, list: ChunkList, range: Range<u64>) -> Body {
+pub fn blob_body(
+    storage: Arc<Storage>,
+    stats: Arc<Stats>,
+    list: ChunkList,
+    range: Range<u64>,
+) -> Body {
     let chunk_size = imgd_core::CHUNK_SIZE as u64;
     let indices = list.chunks_covering(range.clone());
     let stream = futures::stream::iter(indices).then(move |i| {
@@ -56,14 +61,17 @@ pub fn blob_body(storage: Arc<Storage>, stats: Arc<Stats>, list: ChunkList, rang
         let start = i as u64 * chunk_size;
         let range = range.clone();
         async move {
-            let bytes: Bytes = tokio::task::spawn_blocking(move || storage.chunks.read(&chunk.digest))
-                .await
-                .map_err(std::io::Error::other)?
-                .map_err(std::io::Error::other)?;
+            let bytes: Bytes =
+                tokio::task::spawn_blocking(move || storage.chunks.read(&chunk.digest))
+                    .await
+                    .map_err(std::io::Error::other)?
+                    .map_err(std::io::Error::other)?;
             let from = range.start.saturating_sub(start) as usize;
             let to = (range.end - start).min(bytes.len() as u64) as usize;
             let piece = bytes.slice(from.min(to)..to);
-            stats.blob_bytes_served.fetch_add(piece.len() as u64, Ordering::Relaxed);
+            stats
+                .blob_bytes_served
+                .fetch_add(piece.len() as u64, Ordering::Relaxed);
             Ok::<Bytes, std::io::Error>(piece)
         }
     });
@@ -82,7 +90,10 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=-3"), 10).unwrap(), Some(7..10));
         assert_eq!(parse_range(Some("bytes=5-100"), 10).unwrap(), Some(5..10));
         assert_eq!(parse_range(Some("bytes=0-1,4-5"), 10).unwrap(), None);
-        assert!(matches!(parse_range(Some("bytes=10-"), 10), Err(ProxyError::Range(10))));
+        assert!(matches!(
+            parse_range(Some("bytes=10-"), 10),
+            Err(ProxyError::Range(10))
+        ));
         assert!(parse_range(Some("items=1-2"), 10).is_err());
         assert!(parse_range(Some("bytes=x-2"), 10).is_err());
     }

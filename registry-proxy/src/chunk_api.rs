@@ -22,19 +22,22 @@ pub struct RepoQuery {
 }
 
 fn parse_digest(s: &str) -> Result<Digest, ProxyError> {
-    s.parse().map_err(|e| ProxyError::BadRequest(format!("{e}")))
+    s.parse()
+        .map_err(|e| ProxyError::BadRequest(format!("{e}")))
 }
 
 async fn ensure(state: &AppState, digest: Digest, q: &RepoQuery) -> Result<ChunkList, ProxyError> {
     if let Some(list) = state.storage.blob(&digest)? {
         return Ok(list);
     }
-    let repo = q
-        .repo
-        .as_deref()
-        .ok_or_else(|| ProxyError::BlobUnknown(format!("{digest} (not stored; pass ?repo= to fetch it)")))?;
+    let repo = q.repo.as_deref().ok_or_else(|| {
+        ProxyError::BlobUnknown(format!("{digest} (not stored; pass ?repo= to fetch it)"))
+    })?;
     let route = state.upstreams.route(repo, q.ns.as_deref())?;
-    Ok(state.ingestor.ensure(route.upstream, &route.repo, digest).await?)
+    Ok(state
+        .ingestor
+        .ensure(route.upstream, &route.repo, digest)
+        .await?)
 }
 
 fn index_state(state: &AppState, digest: &Digest) -> Result<IndexState, ProxyError> {
@@ -61,18 +64,26 @@ pub async fn blob_info(
 }
 
 /// `GET /imgd/v1/chunks/{digest}`: a stored chunk's bytes.
-pub async fn chunk(State(state): State<Arc<AppState>>, Path(digest): Path<String>) -> Result<Response, ProxyError> {
+pub async fn chunk(
+    State(state): State<Arc<AppState>>,
+    Path(digest): Path<String>,
+) -> Result<Response, ProxyError> {
     let digest = parse_digest(&digest)?;
     let store = state.clone();
     let bytes = tokio::task::spawn_blocking(move || store.storage.chunks.read(&digest))
         .await
         .map_err(|e| ProxyError::BadRequest(e.to_string()))?
         .map_err(|e| match e {
-            imgd_core::store::StoreError::Missing(d) => ProxyError::BlobUnknown(format!("chunk {d}")),
+            imgd_core::store::StoreError::Missing(d) => {
+                ProxyError::BlobUnknown(format!("chunk {d}"))
+            }
             other => ProxyError::Storage(other.into()),
         })?;
     state.stats.chunks_served.fetch_add(1, Ordering::Relaxed);
-    state.stats.chunk_bytes_served.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    state
+        .stats
+        .chunk_bytes_served
+        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
@@ -86,17 +97,26 @@ pub async fn index(
     ensure(&state, digest, &q).await?;
     match index_state(&state, &digest)? {
         IndexState::Indexed { digest: idx, .. } => {
-            let bytes = state.storage.indexes.read(&idx).map_err(StorageError::from)?;
+            let bytes = state
+                .storage
+                .indexes
+                .read(&idx)
+                .map_err(StorageError::from)?;
             Ok((
                 [
-                    (header::CONTENT_TYPE.as_str(), "application/vnd.imgd.index.v1".to_string()),
+                    (
+                        header::CONTENT_TYPE.as_str(),
+                        "application/vnd.imgd.index.v1".to_string(),
+                    ),
                     (INDEX_DIGEST_HEADER, idx.to_string()),
                 ],
                 bytes,
             )
                 .into_response())
         }
-        IndexState::Unavailable { reason } => Err(ProxyError::BlobUnknown(format!("index of {digest}: {reason}"))),
+        IndexState::Unavailable { reason } => Err(ProxyError::BlobUnknown(format!(
+            "index of {digest}: {reason}"
+        ))),
     }
 }
 

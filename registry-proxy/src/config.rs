@@ -130,7 +130,9 @@ impl ProxyConfig {
             match (&u.url, &u.layout) {
                 (Some(url), None) => {
                     if !(url.starts_with("http://") || url.starts_with("https://")) {
-                        return bad(format!("{key}.url must start with http:// or https://, got {url:?}"));
+                        return bad(format!(
+                            "{key}.url must start with http:// or https://, got {url:?}"
+                        ));
                     }
                 }
                 (None, Some(_)) => {}
@@ -169,9 +171,12 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_upstreams_are_named() {
-        let err = toml::from_str::<ProxyConfig>("lisen = \"x\"").unwrap_err().to_string();
+        let err = toml::from_str::<ProxyConfig>("lisen = \"x\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("lisen"), "{err}");
-        let cfg: ProxyConfig = toml::from_str("[[upstream]]\nname = \"a\"\nurl = \"ftp://x\"").unwrap();
+        let cfg: ProxyConfig =
+            toml::from_str("[[upstream]]\nname = \"a\"\nurl = \"ftp://x\"").unwrap();
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("upstream[0].url"), "{err}");
     }

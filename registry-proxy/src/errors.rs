@@ -61,7 +61,12 @@ fn upstream_response(e: &UpstreamError) -> Response {
                 .is_some_and(|v| v.get("errors").is_some());
             let mut resp = if is_oci_json {
                 let ct = content_type.as_deref().unwrap_or("application/json");
-                (status, [(header::CONTENT_TYPE, ct.to_string())], body.clone()).into_response()
+                (
+                    status,
+                    [(header::CONTENT_TYPE, ct.to_string())],
+                    body.clone(),
+                )
+                    .into_response()
             } else {
                 let code = match status.as_u16() {
                     401 => "UNAUTHORIZED",
@@ -70,16 +75,27 @@ fn upstream_response(e: &UpstreamError) -> Response {
                     429 => "TOOMANYREQUESTS",
                     _ => "UNKNOWN",
                 };
-                respond(status, code, &format!("{msg}: {}", String::from_utf8_lossy(body).trim()))
+                respond(
+                    status,
+                    code,
+                    &format!("{msg}: {}", String::from_utf8_lossy(body).trim()),
+                )
             };
-            if let Some(v) = retry_after.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+            if let Some(v) = retry_after
+                .as_deref()
+                .and_then(|v| HeaderValue::from_str(v).ok())
+            {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);
             }
             resp
         }
         UpstreamError::NotFound(_) => respond(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", &msg),
-        UpstreamError::DigestMismatch { .. } => respond(StatusCode::BAD_GATEWAY, "DIGEST_INVALID", &msg),
-        UpstreamError::MalformedManifest(_) => respond(StatusCode::BAD_GATEWAY, "MANIFEST_INVALID", &msg),
+        UpstreamError::DigestMismatch { .. } => {
+            respond(StatusCode::BAD_GATEWAY, "DIGEST_INVALID", &msg)
+        }
+        UpstreamError::MalformedManifest(_) => {
+            respond(StatusCode::BAD_GATEWAY, "MANIFEST_INVALID", &msg)
+        }
         UpstreamError::Timeout(_) => respond(StatusCode::GATEWAY_TIMEOUT, "UNKNOWN", &msg),
         UpstreamError::Auth(_)
         | UpstreamError::Unreachable(_)
@@ -117,7 +133,9 @@ impl IntoResponse for ProxyError {
             ProxyError::Ingest(e) => match e.as_ref() {
                 IngestError::Upstream(u) => upstream_response(u),
                 IngestError::Storage(s) => storage_response(s),
-                IngestError::Worker(_) => respond(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", &msg),
+                IngestError::Worker(_) => {
+                    respond(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", &msg)
+                }
             },
         }
     }

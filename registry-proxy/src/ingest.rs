@@ -126,7 +126,9 @@ async fn ingest(
         match piece {
             Ok(bytes) => {
                 received += bytes.len() as u64;
-                stats.upstream_blob_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                stats
+                    .upstream_blob_bytes
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 let _ = index_tx.send(Some(bytes.clone())).await;
                 if chunk_tx.send(Some(bytes)).await.is_err() {
                     break; // the chunker failed; its error is reported below
@@ -153,8 +155,12 @@ async fn ingest(
         }
     }
     drop((chunk_tx, index_tx));
-    let chunked = chunker.await.map_err(|e| IngestError::Worker(e.to_string()));
-    let indexed = indexer.await.map_err(|e| IngestError::Worker(e.to_string()));
+    let chunked = chunker
+        .await
+        .map_err(|e| IngestError::Worker(e.to_string()));
+    let indexed = indexer
+        .await
+        .map_err(|e| IngestError::Worker(e.to_string()));
     if let Some(e) = failure {
         tracing::warn!(%digest, error = %e, "upstream blob failed, nothing stored");
         return Err(e.into());
@@ -165,8 +171,12 @@ async fn ingest(
         Err(reason) => IndexState::Unavailable { reason },
     };
     let mut batch = storage.meta.batch();
-    batch.put::<Blobs>(&digest, &list).map_err(StorageError::from)?;
-    batch.put::<BlobIndexes>(&digest, &index_state).map_err(StorageError::from)?;
+    batch
+        .put::<Blobs>(&digest, &list)
+        .map_err(StorageError::from)?;
+    batch
+        .put::<BlobIndexes>(&digest, &index_state)
+        .map_err(StorageError::from)?;
     storage.meta.write(batch).map_err(StorageError::from)?;
     stats.upstream_blob_fetches.fetch_add(1, Ordering::Relaxed);
     tracing::info!(%digest, bytes = list.size, chunks = list.chunks.len(), index = ?index_state, "blob stored");

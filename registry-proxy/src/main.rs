@@ -76,7 +76,9 @@ fn main() -> anyhow::Result<()> {
     }
     let no_default = !config.upstreams.iter().any(|u| u.default);
     for (i, s) in cli.upstreams.iter().enumerate() {
-        config.upstreams.push(parse_upstream(s, no_default && i == 0)?);
+        config
+            .upstreams
+            .push(parse_upstream(s, no_default && i == 0)?);
     }
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {

@@ -61,7 +61,12 @@ async fn manifest(
 ) -> Result<Response, ProxyError> {
     let by_digest = reference.parse::<Digest>().ok();
     if let Some(d) = by_digest {
-        if let Some(m) = state.storage.meta.get::<Manifests>(&d).map_err(crate::storage::StorageError::from)? {
+        if let Some(m) = state
+            .storage
+            .meta
+            .get::<Manifests>(&d)
+            .map_err(crate::storage::StorageError::from)?
+        {
             return Ok(manifest_response(&m, &d, head));
         }
     }
@@ -76,7 +81,12 @@ async fn manifest(
     let tag_key = format!("{}/{}:{reference}", route.upstream_name, route.repo);
     let fetched = route
         .upstream
-        .manifest(&route.repo, reference, &accept, state.config.max_manifest_bytes)
+        .manifest(
+            &route.repo,
+            reference,
+            &accept,
+            state.config.max_manifest_bytes,
+        )
         .await;
     match fetched {
         Ok(m) => {
@@ -85,11 +95,19 @@ async fn manifest(
                 bytes: m.bytes.to_vec(),
             };
             let mut batch = state.storage.meta.batch();
-            batch.put::<Manifests>(&m.digest, &stored).map_err(crate::storage::StorageError::from)?;
+            batch
+                .put::<Manifests>(&m.digest, &stored)
+                .map_err(crate::storage::StorageError::from)?;
             if by_digest.is_none() {
-                batch.put::<Tags>(&tag_key, &m.digest).map_err(crate::storage::StorageError::from)?;
+                batch
+                    .put::<Tags>(&tag_key, &m.digest)
+                    .map_err(crate::storage::StorageError::from)?;
             }
-            state.storage.meta.write(batch).map_err(crate::storage::StorageError::from)?;
+            state
+                .storage
+                .meta
+                .write(batch)
+                .map_err(crate::storage::StorageError::from)?;
             Ok(manifest_response(&stored, &m.digest, head))
         }
         Err(e) if e.is_unavailable() && by_digest.is_none() => {
@@ -104,7 +122,9 @@ async fn manifest(
                     let mut resp = manifest_response(&m, &d, head);
                     resp.headers_mut().insert(
                         header::WARNING,
-                        header::HeaderValue::from_static("110 imgd-proxy \"upstream unavailable, response is stale\""),
+                        header::HeaderValue::from_static(
+                            "110 imgd-proxy \"upstream unavailable, response is stale\"",
+                        ),
                     );
                     Ok(resp)
                 }
@@ -116,12 +136,19 @@ async fn manifest(
 }
 
 fn manifest_response(m: &StoredManifest, digest: &Digest, head: bool) -> Response {
-    let body = if head { Body::empty() } else { Body::from(m.bytes.clone()) };
+    let body = if head {
+        Body::empty()
+    } else {
+        Body::from(m.bytes.clone())
+    };
     (
         [
             (header::CONTENT_TYPE, m.media_type.clone()),
             (header::CONTENT_LENGTH, m.bytes.len().to_string()),
-            (header::HeaderName::from_static("docker-content-digest"), digest.to_string()),
+            (
+                header::HeaderName::from_static("docker-content-digest"),
+                digest.to_string(),
+            ),
         ],
         body,
     )
@@ -140,7 +167,10 @@ async fn blob(
         Some(list) => list,
         None => {
             let route = state.upstreams.route(name, ns)?;
-            state.ingestor.ensure(route.upstream, &route.repo, digest).await?
+            state
+                .ingestor
+                .ensure(route.upstream, &route.repo, digest)
+                .await?
         }
     };
     let size = list.size;
@@ -153,23 +183,44 @@ async fn blob(
     let mut resp = if head || served.is_empty() {
         Response::new(Body::empty())
     } else {
-        Response::new(blob_body(state.storage.clone(), state.stats.clone(), list, served.clone()))
+        Response::new(blob_body(
+            state.storage.clone(),
+            state.stats.clone(),
+            list,
+            served.clone(),
+        ))
     };
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/octet-stream"));
-    h.insert(header::ACCEPT_RANGES, header::HeaderValue::from_static("bytes"));
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(
+        header::ACCEPT_RANGES,
+        header::HeaderValue::from_static("bytes"),
+    );
     let pairs = [
-        (header::CONTENT_LENGTH.as_str(), (served.end - served.start).to_string()),
+        (
+            header::CONTENT_LENGTH.as_str(),
+            (served.end - served.start).to_string(),
+        ),
         (DIGEST_HEADER, digest.to_string()),
     ];
     for (k, v) in pairs {
-        if let (Ok(k), Ok(v)) = (header::HeaderName::try_from(k), header::HeaderValue::from_str(&v)) {
+        if let (Ok(k), Ok(v)) = (
+            header::HeaderName::try_from(k),
+            header::HeaderValue::from_str(&v),
+        ) {
             h.insert(k, v);
         }
     }
     if range.is_some() {
-        if let Ok(v) = header::HeaderValue::from_str(&format!("bytes {}-{}/{size}", served.start, served.end - 1)) {
+        if let Ok(v) = header::HeaderValue::from_str(&format!(
+            "bytes {}-{}/{size}",
+            served.start,
+            served.end - 1
+        )) {
             h.insert(header::CONTENT_RANGE, v);
         }
     }

@@ -33,7 +33,8 @@ fn valid_name(name: &str) -> bool {
         !c.is_empty()
             && c != "."
             && c != ".."
-            && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+            && c.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
     })
 }
 
@@ -112,13 +113,25 @@ mod tests {
     #[test]
     fn routes_by_ns_prefix_then_default() {
         let up = |p: &str| Arc::new(Upstream::Layout(LayoutUpstream::new(p.into())));
-        let u = Upstreams::new(vec![("hub".into(), up("/a")), ("local".into(), up("/b"))], Some(0));
+        let u = Upstreams::new(
+            vec![("hub".into(), up("/a")), ("local".into(), up("/b"))],
+            Some(0),
+        );
         let r = u.route("local/app", None).unwrap();
-        assert_eq!((r.upstream_name.as_str(), r.repo.as_str()), ("local", "app"));
+        assert_eq!(
+            (r.upstream_name.as_str(), r.repo.as_str()),
+            ("local", "app")
+        );
         let r = u.route("library/alpine", None).unwrap();
-        assert_eq!((r.upstream_name.as_str(), r.repo.as_str()), ("hub", "library/alpine"));
+        assert_eq!(
+            (r.upstream_name.as_str(), r.repo.as_str()),
+            ("hub", "library/alpine")
+        );
         let r = u.route("local/app", Some("hub")).unwrap();
-        assert_eq!((r.upstream_name.as_str(), r.repo.as_str()), ("hub", "local/app"));
+        assert_eq!(
+            (r.upstream_name.as_str(), r.repo.as_str()),
+            ("hub", "local/app")
+        );
         assert!(u.route("x", Some("nope")).is_err());
         let none = Upstreams::new(vec![("a".into(), up("/a")), ("b".into(), up("/b"))], None);
         assert!(none.route("x/y", None).is_err());

@@ -39,7 +39,10 @@ impl AppState {
         let storage = Arc::new(Storage::open(&config.storage_dir)?);
         let mut entries = Vec::new();
         for u in &config.upstreams {
-            entries.push((u.name.clone(), Arc::new(Upstream::from_config(u, config.upstream_timeout())?)));
+            entries.push((
+                u.name.clone(),
+                Arc::new(Upstream::from_config(u, config.upstream_timeout())?),
+            ));
         }
         let default = config.upstreams.iter().position(|u| u.default);
         let stats = Arc::new(Stats::default());

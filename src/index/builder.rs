@@ -36,7 +36,7 @@ impl Default for IndexOptions {
 }
 
 /// Error building an index.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IndexError {
     /// The gzip stream is invalid.
     #[error("layer is not valid gzip: {0}")]
@@ -58,10 +58,14 @@ enum Mode {
 }
 
 /// Builds a [`LayerIndex`] from a blob pushed in slices of any size.
+///
+/// After an error the builder is poisoned: later `push` and `finish` calls return the
+/// same error.
 pub struct IndexBuilder {
     opts: IndexOptions,
     mode: Mode,
     size: u64,
+    failed: Option<IndexError>,
 }
 
 impl IndexBuilder {
@@ -71,6 +75,7 @@ impl IndexBuilder {
             opts,
             mode: Mode::Detect(Vec::with_capacity(DETECT_LEN)),
             size: 0,
+            failed: None,
         }
     }
 
@@ -90,7 +95,18 @@ impl IndexBuilder {
     }
 
     /// Pushes the next bytes of the blob.
-    pub fn push(&mut self, mut data: &[u8]) -> Result<(), IndexError> {
+    pub fn push(&mut self, data: &[u8]) -> Result<(), IndexError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let r = self.push_inner(data);
+        if let Err(e) = &r {
+            self.failed = Some(e.clone());
+        }
+        r
+    }
+
+    fn push_inner(&mut self, mut data: &[u8]) -> Result<(), IndexError> {
         self.size += data.len() as u64;
         if let Mode::Detect(head) = &mut self.mode {
             let take = (DETECT_LEN - head.len()).min(data.len());
@@ -123,9 +139,9 @@ impl IndexBuilder {
             return Ok(());
         }
         match &mut self.mode {
-            Mode::Gzip { inflater, tar } => {
-                inflater.feed(data, &mut |out: &[u8]| tar.feed(out).map_err(IndexError::Tar))
-            }
+            Mode::Gzip { inflater, tar } => inflater.feed(data, &mut |out: &[u8]| {
+                tar.feed(out).map_err(IndexError::Tar)
+            }),
             Mode::Plain(tar) => Ok(tar.feed(data)?),
             Mode::Zstd | Mode::Detect(_) => Ok(()),
         }
@@ -134,6 +150,9 @@ impl IndexBuilder {
     /// Checks the blob ended properly (complete gzip stream, tar end marker or end at a
     /// header boundary) and returns its index.
     pub fn finish(mut self, layer: Digest) -> Result<LayerIndex, IndexError> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
         if let Mode::Detect(head) = &mut self.mode {
             let head = std::mem::take(head);
             self.start(&head)?;
@@ -194,7 +213,7 @@ pub fn index_blob(blob: &[u8], opts: IndexOptions) -> Result<LayerIndex, IndexEr
 mod tests {
     use super::*;
     use crate::index::format::EntryKind;
-    use crate::index::gzip::{gzip_compress, test_data};
+    use crate::index::gzip::tests::{gzip_compress, test_data};
     use crate::index::tar::tests::TestTar;
 
     fn sample_tar() -> (Vec<u8>, Vec<Vec<u8>>) {
@@ -241,7 +260,10 @@ mod tests {
         assert_eq!(a, b, "slicing must not change the index");
         assert_eq!(a.compression, Compression::Gzip);
         assert_eq!(a.entries, plain.entries);
-        assert_eq!((a.compressed_size, a.uncompressed_size), (gz.len() as u64, tar.len() as u64));
+        assert_eq!(
+            (a.compressed_size, a.uncompressed_size),
+            (gz.len() as u64, tar.len() as u64)
+        );
         assert!(a.checkpoints.len() > 3);
         assert_eq!(a.layer, Digest::of(&gz));
         assert_eq!(LayerIndex::decode(&a.encode()).unwrap(), a);
@@ -261,14 +283,118 @@ mod tests {
         let (tar, _) = sample_tar();
         let mut gz = gzip_compress(&tar, 6);
         gz.extend_from_slice(b"\0\0garbage");
-        assert!(matches!(build(&gz, &[4096]), Err(IndexError::Gzip(GzipError::TrailingGarbage { .. }))));
+        assert!(matches!(
+            build(&gz, &[4096]),
+            Err(IndexError::Gzip(GzipError::TrailingGarbage { .. }))
+        ));
         let cut = gzip_compress(&tar[..tar.len() / 2], 6);
-        assert!(matches!(build(&cut, &[4096]), Err(IndexError::Tar(TarError::Truncated { .. }))));
-        assert!(matches!(build(&gz[..gz.len() / 2], &[4096]), Err(IndexError::Gzip(GzipError::Truncated { .. }))));
-        assert!(matches!(build(b"ab", &[1]), Err(IndexError::Tar(TarError::Truncated { .. }))));
+        assert!(matches!(
+            build(&cut, &[4096]),
+            Err(IndexError::Tar(TarError::Truncated { .. }))
+        ));
+        assert!(matches!(
+            build(&gz[..gz.len() / 2], &[4096]),
+            Err(IndexError::Gzip(GzipError::Truncated { .. }))
+        ));
+        assert!(matches!(
+            build(b"ab", &[1]),
+            Err(IndexError::Tar(TarError::Truncated { .. }))
+        ));
+        // Poisoned after an error.
+        let mut b = IndexBuilder::new(IndexOptions::default());
+        let first = b
+            .push(b"\x1f\x8b\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff")
+            .unwrap_err();
+        assert_eq!(b.push(&tar).unwrap_err(), first);
+        assert_eq!(b.finish(Digest::of(b"")).unwrap_err(), first);
         let empty = build(b"", &[1]).unwrap();
         assert!(empty.entries.is_empty() && empty.compression == Compression::None);
         let err = build(&gz, &[4096]).unwrap_err().to_string();
         assert!(err.contains("trailing garbage"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod perf {
+    use super::*;
+    use crate::index::gzip::tests::{gzip_compress, test_data};
+    use crate::index::tar::tests::TestTar;
+    use std::time::Instant;
+
+    /// Plain streaming inflate with the same library (the floor for the indexer).
+    fn plain_inflate(blob: &[u8]) -> u64 {
+        use libz_rs_sys as z;
+        let mut out = vec![0u8; 256 << 10];
+        let mut strm = Box::new(z::z_stream::default());
+        let mut total = 0u64;
+        // SAFETY: test-only; boxed stream initialised before use and ended once; buffers
+        // outlive every call.
+        unsafe {
+            assert_eq!(
+                z::inflateInit2_(
+                    &mut *strm,
+                    31,
+                    z::zlibVersion(),
+                    std::mem::size_of::<z::z_stream>() as i32
+                ),
+                z::Z_OK
+            );
+            for piece in blob.chunks(256 << 10) {
+                strm.next_in = piece.as_ptr();
+                strm.avail_in = piece.len() as u32;
+                loop {
+                    strm.next_out = out.as_mut_ptr();
+                    strm.avail_out = out.len() as u32;
+                    let rc = z::inflate(&mut *strm, z::Z_NO_FLUSH);
+                    total += (out.len() - strm.avail_out as usize) as u64;
+                    if rc == z::Z_STREAM_END || strm.avail_in == 0 && strm.avail_out > 0 {
+                        break;
+                    }
+                    assert!(rc == z::Z_OK, "{rc}");
+                }
+            }
+            z::inflateEnd(&mut *strm);
+        }
+        total
+    }
+
+    /// `cargo test -p imgd-core --lib index::builder::perf -- --ignored --nocapture`
+    #[test]
+    #[ignore = "benchmark"]
+    fn index_speed_vs_plain_inflate() {
+        let mut t = TestTar::default();
+        for i in 0..400u64 {
+            t.file(
+                format!("f{i}").as_bytes(),
+                &test_data(((i % 9) as usize + 1) << 17, i),
+            );
+        }
+        let tar = t.end();
+        let gz = gzip_compress(&tar, 6);
+        let best = |f: &mut dyn FnMut()| {
+            (0..3)
+                .map(|_| {
+                    let t = Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::MAX, f64::min)
+        };
+        let plain = best(&mut || assert_eq!(plain_inflate(&gz), tar.len() as u64));
+        let index = best(&mut || {
+            let mut b = IndexBuilder::new(IndexOptions::default());
+            for piece in gz.chunks(256 << 10) {
+                b.push(piece).unwrap();
+            }
+            b.finish(Digest::of(b"")).unwrap();
+        });
+        let mb = gz.len() as f64 / 1e6;
+        println!(
+            "{mb:.0} MB gzip ({} MB tar): plain inflate {:.0} MB/s, index {:.0} MB/s ({:.0}%)",
+            tar.len() / 1_000_000,
+            mb / plain,
+            mb / index,
+            100.0 * plain / index
+        );
     }
 }

@@ -283,8 +283,17 @@ mod tests {
         let mut bad = enc.clone();
         let mid = bad.len() / 2;
         bad[mid] ^= 1;
-        assert!(matches!(LayerIndex::decode(&bad), Err(IndexDecodeError::Corrupt)));
-        assert!(matches!(LayerIndex::decode(&enc[..20]), Err(IndexDecodeError::Corrupt | IndexDecodeError::Truncated)));
-        assert!(matches!(LayerIndex::decode(b"garbage!garbage!"), Err(IndexDecodeError::Magic)));
+        assert!(matches!(
+            LayerIndex::decode(&bad),
+            Err(IndexDecodeError::Corrupt)
+        ));
+        assert!(matches!(
+            LayerIndex::decode(&enc[..20]),
+            Err(IndexDecodeError::Corrupt | IndexDecodeError::Truncated)
+        ));
+        assert!(matches!(
+            LayerIndex::decode(b"garbage!garbage!"),
+            Err(IndexDecodeError::Magic)
+        ));
     }
 }

@@ -117,7 +117,9 @@ pub fn read_range(
                 .get(i)
                 .ok_or_else(|| ReadError::BadIndex(format!("no checkpoint {i}")))?;
             if input_start(cp) != plan.compressed.start {
-                return Err(ReadError::BadIndex("plan does not start at its checkpoint".into()));
+                return Err(ReadError::BadIndex(
+                    "plan does not start at its checkpoint".into(),
+                ));
             }
             let left = index
                 .uncompressed_size
@@ -136,8 +138,9 @@ pub fn read_range(
     }
 }
 
-/// Reads `len` bytes (`offset`, `len` of the uncompressed stream) fetching compressed
-/// bytes with `fetch`.
+/// Reads `len` bytes at `offset` of the uncompressed (tar) stream, truncated at its end,
+/// fetching the planned compressed range with `fetch` (which must return exactly the
+/// blob bytes of the range it is given).
 pub fn read_stored<B, E>(
     index: &LayerIndex,
     offset: u64,
@@ -220,7 +223,8 @@ fn check_len(out: Vec<u8>, want: usize) -> Result<Vec<u8>, ReadError> {
     }
 }
 
-/// The regular file `entry` is, or names as a hard link target.
+/// The regular file `entry` is, or names as a hard link target (the last regular file
+/// of that path before the link when `entry` is one of `index.entries`).
 fn resolve<'a>(index: &'a LayerIndex, entry: &'a Entry) -> Result<&'a Entry, ReadError> {
     let not_file = |e: &Entry| ReadError::NotAFile {
         path: e.path_lossy().into_owned(),
@@ -228,9 +232,16 @@ fn resolve<'a>(index: &'a LayerIndex, entry: &'a Entry) -> Result<&'a Entry, Rea
     match entry.kind {
         EntryKind::File => Ok(entry),
         EntryKind::Hardlink => {
-            let target = entry.link_target.as_deref().ok_or_else(|| not_file(entry))?;
-            index
+            let target = entry
+                .link_target
+                .as_deref()
+                .ok_or_else(|| not_file(entry))?;
+            let before = index
                 .entries
+                .iter()
+                .position(|e| std::ptr::eq(e, entry))
+                .unwrap_or(index.entries.len());
+            index.entries[..before]
                 .iter()
                 .rev()
                 .find(|e| e.path == target && e.kind == EntryKind::File)
@@ -245,7 +256,7 @@ mod tests {
     use super::*;
     use crate::index::builder::{index_blob, IndexOptions};
     use crate::index::format::SparseExtent;
-    use crate::index::gzip::{gzip_compress, test_data};
+    use crate::index::gzip::tests::{gzip_compress, test_data};
     use crate::index::tar::tests::{header, octal, pax, TestTar};
     use std::cell::RefCell;
 
@@ -284,14 +295,23 @@ mod tests {
             assert_eq!(got, small);
             if level == 6 {
                 let asked: u64 = log.borrow().iter().map(|r| r.end - r.start).sum();
-                assert!(asked < gz.len() as u64 / 4, "fetched {asked} of {}", gz.len());
+                assert!(
+                    asked < gz.len() as u64 / 4,
+                    "fetched {asked} of {}",
+                    gz.len()
+                );
             }
-            assert_eq!(read_file(&idx, file(b"big1"), 0, usize::MAX, &mut fetch).unwrap(), big[..5 << 20]);
+            assert_eq!(
+                read_file(&idx, file(b"big1"), 0, usize::MAX, &mut fetch).unwrap(),
+                big[..5 << 20]
+            );
             let mid = read_file(&idx, file(b"big2"), 1_234_567, 100_000, &mut fetch).unwrap();
             assert!(mid == big[(5 << 20) + 1_234_567..(5 << 20) + 1_334_567]);
             let tail = read_file(&idx, file(b"hard"), (4 << 20) - 10, 1000, &mut fetch).unwrap();
             assert!(tail == big[(9 << 20) - 10..], "read past EOF is truncated");
-            assert!(read_file(&idx, file(b"empty"), 0, 10, &mut fetch).unwrap().is_empty());
+            assert!(read_file(&idx, file(b"empty"), 0, 10, &mut fetch)
+                .unwrap()
+                .is_empty());
             // Every range of the stream reads back, through every checkpoint.
             for cp in &idx.checkpoints {
                 let at = cp.uncompressed_offset.saturating_sub(3);
@@ -329,7 +349,10 @@ mod tests {
         let plain = index_blob(&tar, IndexOptions::default()).unwrap();
         let pp = plan_read(&plain, 1000, 24).unwrap();
         assert_eq!((pp.checkpoint, pp.compressed.clone()), (None, 1000..1024));
-        assert_eq!(read_range(&plain, &pp, &tar[1000..1024], 24).unwrap(), tar[1000..1024]);
+        assert_eq!(
+            read_range(&plain, &pp, &tar[1000..1024], 24).unwrap(),
+            tar[1000..1024]
+        );
     }
 
     #[test]
@@ -337,7 +360,10 @@ mod tests {
         let mut t = TestTar::default();
         t.meta(
             b'x',
-            &pax(&[("GNU.sparse.size", b"20000"), ("GNU.sparse.map", b"100,3,9000,4,19998,2")]),
+            &pax(&[
+                ("GNU.sparse.size", b"20000"),
+                ("GNU.sparse.map", b"100,3,9000,4,19998,2"),
+            ]),
         );
         t.file(b"sparse", b"abcdefghi");
         let tar = t.end();
@@ -348,7 +374,13 @@ mod tests {
         for blob in [tar.clone(), gzip_compress(&tar, 6)] {
             let idx = index_blob(&blob, IndexOptions::default()).unwrap();
             let e = &idx.entries[0];
-            assert_eq!(e.sparse[1], SparseExtent { offset: 9000, length: 4 });
+            assert_eq!(
+                e.sparse[1],
+                SparseExtent {
+                    offset: 9000,
+                    length: 4
+                }
+            );
             let log = RefCell::new(Vec::new());
             let mut fetch = fetcher(&blob, &log);
             assert_eq!(read_file(&idx, e, 0, 1 << 20, &mut fetch).unwrap(), want);
@@ -358,7 +390,10 @@ mod tests {
                 assert_eq!(got, want[off as usize..end], "{off}+{len}");
             }
             log.borrow_mut().clear();
-            assert_eq!(read_file(&idx, e, 200, 100, &mut fetch).unwrap(), vec![0; 100]);
+            assert_eq!(
+                read_file(&idx, e, 200, 100, &mut fetch).unwrap(),
+                vec![0; 100]
+            );
             assert!(log.borrow().is_empty(), "holes need no fetch");
         }
     }
@@ -371,8 +406,13 @@ mod tests {
         t.entry(d, b"");
         let tar = t.end();
         let idx = index_blob(&tar, IndexOptions::default()).unwrap();
-        let fail = |_: Range<u64>| -> Result<Vec<u8>, std::io::Error> { Err(std::io::Error::other("nope")) };
-        assert!(matches!(read_file(&idx, &idx.entries[0], 0, 1, fail), Err(ReadError::NotAFile { .. })));
+        let fail = |_: Range<u64>| -> Result<Vec<u8>, std::io::Error> {
+            Err(std::io::Error::other("nope"))
+        };
+        assert!(matches!(
+            read_file(&idx, &idx.entries[0], 0, 1, fail),
+            Err(ReadError::NotAFile { .. })
+        ));
         let mut t = TestTar::default();
         t.file(b"f", b"data");
         let tar = t.end();
@@ -382,6 +422,9 @@ mod tests {
         let mut z = idx.clone();
         z.compression = Compression::Zstd;
         z.random_access = false;
-        assert!(matches!(plan_read(&z, 0, 1), Err(ReadError::NotRandomAccess)));
+        assert!(matches!(
+            plan_read(&z, 0, 1),
+            Err(ReadError::NotRandomAccess)
+        ));
     }
 }

@@ -18,9 +18,9 @@
 //!   unknown type flags are an error.
 //! - A regular-file entry whose name ends in `/` is a directory (old tar convention).
 
-use crate::index::format::{Entry, EntryKind};
 mod header;
 
+use crate::index::format::{Entry, EntryKind};
 use header::{self as th, Header, Meta, SparseMapParser};
 
 /// Size of a tar block.
@@ -45,7 +45,7 @@ impl Default for TarOptions {
 }
 
 /// Errors of tar parsing; offsets are in the uncompressed tar stream.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TarError {
     /// A header's checksum does not match.
     #[error("tar header checksum mismatch at offset {offset}")]
@@ -54,14 +54,20 @@ pub enum TarError {
     #[error("invalid {field} field in tar header at offset {offset}")]
     BadNumber { offset: u64, field: &'static str },
     /// A path escapes the root with a `..` component.
-    #[error("unsafe path {path:?} in tar entry at offset {offset}: '..' components are not allowed")]
+    #[error(
+        "unsafe path {path:?} in tar entry at offset {offset}: '..' components are not allowed"
+    )]
     UnsafePath { offset: u64, path: String },
     /// Too many entries.
     #[error("tar archive has more than {limit} entries")]
     TooManyEntries { limit: usize },
     /// An extended header, long name or sparse map exceeds the limit.
     #[error("tar metadata of {size} bytes at offset {offset} exceeds the limit of {limit} bytes")]
-    MetaTooLarge { offset: u64, size: u64, limit: usize },
+    MetaTooLarge {
+        offset: u64,
+        size: u64,
+        limit: usize,
+    },
     /// A malformed PAX extended header.
     #[error("malformed PAX header at offset {offset}: {reason}")]
     BadPax { offset: u64, reason: String },
@@ -173,9 +179,7 @@ impl TarScanner {
                     }
                     self.advance(&mut data, n as usize);
                 }
-                State::Collect {
-                    remaining, buf, ..
-                } => {
+                State::Collect { remaining, buf, .. } => {
                     let n = (*remaining).min(data.len() as u64) as usize;
                     buf.extend_from_slice(&data[..n]);
                     *remaining -= n as u64;
@@ -269,7 +273,9 @@ impl TarScanner {
                         entry.sparse = extents;
                         entry.content_offset = self.pos;
                         let data = stored.saturating_sub(map_len);
-                        let rest = (stored + padding(stored)).saturating_sub(map_len);
+                        let rest = stored
+                            .saturating_add(padding(stored))
+                            .saturating_sub(map_len);
                         self.emit(*entry, data, rest - data, true, offset)
                     }
                     None => {
@@ -424,7 +430,7 @@ impl TarScanner {
                 .ok_or_else(|| missing("GNU.sparse.size/realsize missing"))?;
             entry.sparse = th::pairs_to_extents(&meta.sparse_map, offset)?;
             self.emit(entry, size, padding(size), true, offset)
-        } else if meta.sparse_major.is_some() {
+        } else if meta.sparse_major.is_some_and(|m| m > 1) {
             Err(missing("unsupported GNU sparse format version"))
         } else {
             self.emit(entry, size, padding(size), false, offset)
@@ -444,12 +450,10 @@ impl TarScanner {
         if sparse {
             th::check_sparse(&mut entry, data, offset)?;
         }
-        let skip = data
-            .checked_add(pad)
-            .ok_or(TarError::BadNumber {
-                offset,
-                field: "size",
-            })?;
+        let skip = data.checked_add(pad).ok_or(TarError::BadNumber {
+            offset,
+            field: "size",
+        })?;
         entry
             .content_offset
             .checked_add(skip)
@@ -470,9 +474,10 @@ impl TarScanner {
     }
 
     fn skip(&mut self, size: u64, offset: u64) -> Result<(), TarError> {
-        let n = size
-            .checked_add(padding(size))
-            .ok_or(TarError::BadNumber { offset, field: "size" })?;
+        let n = size.checked_add(padding(size)).ok_or(TarError::BadNumber {
+            offset,
+            field: "size",
+        })?;
         self.skip_raw(n);
         Ok(())
     }

@@ -106,7 +106,9 @@ impl ContentStore {
     pub fn remove(&self, digest: &Digest) -> Result<(), StoreError> {
         let path = self.path(digest);
         match fs::remove_file(&path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(StoreError::io("remove", &path)(e)),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(StoreError::io("remove", &path)(e))
+            }
             _ => Ok(()),
         }
     }
@@ -160,10 +162,14 @@ impl Staging<'_> {
             return Ok(());
         }
         let tmp_dir = &self.store.tmp;
-        let mut file = tempfile::NamedTempFile::new_in(tmp_dir).map_err(StoreError::io("create temp in", tmp_dir))?;
+        let mut file = tempfile::NamedTempFile::new_in(tmp_dir)
+            .map_err(StoreError::io("create temp in", tmp_dir))?;
         let path = file.path().to_path_buf();
-        file.write_all(bytes).map_err(StoreError::io("write", &path))?;
-        file.as_file().sync_all().map_err(StoreError::io("fsync", &path))?;
+        file.write_all(bytes)
+            .map_err(StoreError::io("write", &path))?;
+        file.as_file()
+            .sync_all()
+            .map_err(StoreError::io("fsync", &path))?;
         self.staged.push((digest, file.into_temp_path()));
         Ok(())
     }
@@ -187,7 +193,8 @@ impl Staging<'_> {
                 continue;
             };
             fs::create_dir_all(&dir).map_err(StoreError::io("create", &dir))?;
-            tmp.persist(&dest).map_err(|e| StoreError::io("rename into", &dest)(e.error))?;
+            tmp.persist(&dest)
+                .map_err(|e| StoreError::io("rename into", &dest)(e.error))?;
             if !dirs.contains(&dir) {
                 dirs.push(dir);
             }
@@ -217,7 +224,10 @@ mod tests {
             assert!(!store.contains(&da));
         }
         assert!(!store.contains(&da));
-        assert_eq!(fs::read_dir(dir.path().join("tmp/chunks")).unwrap().count(), 0);
+        assert_eq!(
+            fs::read_dir(dir.path().join("tmp/chunks")).unwrap().count(),
+            0
+        );
 
         let mut s = store.staging();
         s.add(da, a).unwrap();
@@ -239,6 +249,9 @@ mod tests {
         assert!(matches!(store.read(&d), Err(StoreError::Missing(_))));
         store.put(d, b"x").unwrap();
         fs::write(store.path(&d), b"y").unwrap();
-        assert!(matches!(store.read_verified(&d), Err(StoreError::Corrupt { .. })));
+        assert!(matches!(
+            store.read_verified(&d),
+            Err(StoreError::Corrupt { .. })
+        ));
     }
 }

@@ -82,7 +82,9 @@ impl MetaDb {
     }
 
     fn cf<T: Table>(&self) -> Result<&ColumnFamily, MetaError> {
-        self.db.cf_handle(T::NAME).ok_or(MetaError::NoTable(T::NAME))
+        self.db
+            .cf_handle(T::NAME)
+            .ok_or(MetaError::NoTable(T::NAME))
     }
 
     /// Reads one record.

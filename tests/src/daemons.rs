@@ -21,7 +21,10 @@ pub fn workspace_bin(name: &str) -> Result<PathBuf> {
         }
         dir = d.parent().map(Path::to_path_buf);
     }
-    bail!("binary {name} not found near {}: run `cargo build --workspace --bins` first", exe.display())
+    bail!(
+        "binary {name} not found near {}: run `cargo build --workspace --bins` first",
+        exe.display()
+    )
 }
 
 /// A running `imgd-proxy` with its own storage directory.
@@ -131,7 +134,9 @@ impl Proxy {
 }
 
 fn count_files(dir: &Path) -> usize {
-    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
     rd.flatten()
         .map(|e| {
             let p = e.path();

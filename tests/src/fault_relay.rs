@@ -52,7 +52,12 @@ impl FaultRelay {
         let rules: Arc<Mutex<Vec<Rule>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let requests = Arc::new(AtomicUsize::new(0));
-        let (r, s, n, target) = (rules.clone(), stop.clone(), requests.clone(), target.to_string());
+        let (r, s, n, target) = (
+            rules.clone(),
+            stop.clone(),
+            requests.clone(),
+            target.to_string(),
+        );
         thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 match listener.accept() {
@@ -144,10 +149,22 @@ fn relay(client: TcpStream, target: &str, rules: &Mutex<Vec<Rule>>) -> Result<()
     let mut client_r = BufReader::new(client.try_clone()?);
     let mut client_w = client;
     let head = read_head(&mut client_r)?;
-    let path = head.first().and_then(|l| l.split(' ').nth(1)).unwrap_or("").to_string();
+    let path = head
+        .first()
+        .and_then(|l| l.split(' ').nth(1))
+        .unwrap_or("")
+        .to_string();
     let fault = take_rule(rules, &path);
-    if let Some(Fault::Respond { status, headers, body }) = &fault {
-        let mut out = format!("HTTP/1.1 {status} Fault\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+    if let Some(Fault::Respond {
+        status,
+        headers,
+        body,
+    }) = &fault
+    {
+        let mut out = format!(
+            "HTTP/1.1 {status} Fault\r\nContent-Length: {}\r\nConnection: close\r\n",
+            body.len()
+        );
         for (k, v) in headers {
             out.push_str(&format!("{k}: {v}\r\n"));
         }

@@ -14,12 +14,22 @@ use std::time::{Duration, Instant};
 
 fn push_small(reg: &Registry, dir: &Path) -> ImageInfo {
     let layout = image::build_layout(&dir.join("small"), &[presets::small_multi_layer()]).unwrap();
-    skopeo::push_layout(&layout.dir, "small", &reg.docker_ref("app:1"), Format::OciExact, false).unwrap();
+    skopeo::push_layout(
+        &layout.dir,
+        "small",
+        &reg.docker_ref("app:1"),
+        Format::OciExact,
+        false,
+    )
+    .unwrap();
     layout.image("small").unwrap().clone()
 }
 
 fn oci_code(r: &HttpResponse) -> String {
-    r.json().ok().and_then(|v| v["errors"][0]["code"].as_str().map(str::to_string)).unwrap_or_default()
+    r.json()
+        .ok()
+        .and_then(|v| v["errors"][0]["code"].as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 /// Nothing of a failed fetch is visible: no chunk or temp file, no chunk list.
@@ -32,7 +42,10 @@ fn assert_nothing_stored(proxy: &Proxy, blob: &Digest) {
 
 fn registry_blob_file(reg: &Registry, d: &Digest) -> std::path::PathBuf {
     let hex = d.hex();
-    reg.storage_dir().join(format!("docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
+    reg.storage_dir().join(format!(
+        "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+        &hex[..2]
+    ))
 }
 
 #[test]
@@ -70,7 +83,11 @@ fn a_truncated_blob_body_is_refused_and_not_kept() {
     let relay = FaultRelay::start(reg.addr()).unwrap();
     let proxy = Proxy::start(&[format!("local={}", relay.url())]).unwrap();
     let layer = img.layers[0].blob.digest;
-    relay.add(&format!("/blobs/{layer}"), Fault::Truncate { after: 1000 }, None);
+    relay.add(
+        &format!("/blobs/{layer}"),
+        Fault::Truncate { after: 1000 },
+        None,
+    );
     let path = format!("/v2/local/app/blobs/{layer}");
     let r = proxy.get(&path, &[]).unwrap();
     assert_eq!(r.status, 502, "{}", r.text());
@@ -93,7 +110,9 @@ fn upstream_statuses_pass_through_with_oci_bodies() {
     let r = proxy.get("/v2/local/app/manifests/nope", &[]).unwrap();
     assert_eq!((r.status, oci_code(&r).as_str()), (404, "MANIFEST_UNKNOWN"));
     let unknown = Digest::of(b"not there");
-    let r = proxy.get(&format!("/v2/local/app/blobs/{unknown}"), &[]).unwrap();
+    let r = proxy
+        .get(&format!("/v2/local/app/blobs/{unknown}"), &[])
+        .unwrap();
     assert_eq!((r.status, oci_code(&r).as_str()), (404, "BLOB_UNKNOWN"));
     assert_nothing_stored(&proxy, &unknown);
 
@@ -102,7 +121,10 @@ fn upstream_statuses_pass_through_with_oci_bodies() {
         "/manifests/1",
         Fault::Respond {
             status: 429,
-            headers: vec![("Retry-After".into(), "7".into()), ("Content-Type".into(), "application/json".into())],
+            headers: vec![
+                ("Retry-After".into(), "7".into()),
+                ("Content-Type".into(), "application/json".into()),
+            ],
             body: oci_body.clone(),
         },
         Some(1),
@@ -112,22 +134,60 @@ fn upstream_statuses_pass_through_with_oci_bodies() {
     assert_eq!(r.header("retry-after"), Some("7"));
     assert_eq!(r.body, oci_body);
 
-    relay.add("/manifests/1", Fault::Respond { status: 503, headers: vec![], body: b"down for maintenance".to_vec() }, Some(1));
+    relay.add(
+        "/manifests/1",
+        Fault::Respond {
+            status: 503,
+            headers: vec![],
+            body: b"down for maintenance".to_vec(),
+        },
+        Some(1),
+    );
     let r = proxy.get("/v2/local/app/manifests/1", &[]).unwrap();
     assert_eq!(r.status, 503);
     assert!(r.text().contains("down for maintenance"), "{}", r.text());
 
     // Malformed JSON is refused, and so is a manifest that does not match its digest.
-    relay.add("/manifests/1", Fault::Respond { status: 200, headers: vec![], body: b"{not json".to_vec() }, Some(1));
+    relay.add(
+        "/manifests/1",
+        Fault::Respond {
+            status: 200,
+            headers: vec![],
+            body: b"{not json".to_vec(),
+        },
+        Some(1),
+    );
     let r = proxy.get("/v2/local/app/manifests/1", &[]).unwrap();
-    assert_eq!((r.status, oci_code(&r).as_str()), (502, "MANIFEST_INVALID"), "{}", r.text());
+    assert_eq!(
+        (r.status, oci_code(&r).as_str()),
+        (502, "MANIFEST_INVALID"),
+        "{}",
+        r.text()
+    );
     let by_digest = format!("/manifests/{}", img.manifest.digest);
     let other = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","layers":[]}"#.to_vec();
-    relay.add(&by_digest, Fault::Respond { status: 200, headers: vec![], body: other }, Some(1));
-    let r = proxy.get(&format!("/v2/local/app{by_digest}"), &[]).unwrap();
-    assert_eq!((r.status, oci_code(&r).as_str()), (502, "DIGEST_INVALID"), "{}", r.text());
+    relay.add(
+        &by_digest,
+        Fault::Respond {
+            status: 200,
+            headers: vec![],
+            body: other,
+        },
+        Some(1),
+    );
+    let r = proxy
+        .get(&format!("/v2/local/app{by_digest}"), &[])
+        .unwrap();
+    assert_eq!(
+        (r.status, oci_code(&r).as_str()),
+        (502, "DIGEST_INVALID"),
+        "{}",
+        r.text()
+    );
     // Nothing of that was cached: the real manifest comes through now.
-    let r = proxy.get(&format!("/v2/local/app{by_digest}"), &[]).unwrap();
+    let r = proxy
+        .get(&format!("/v2/local/app{by_digest}"), &[])
+        .unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(Digest::of(&r.body), img.manifest.digest);
 }
@@ -136,12 +196,26 @@ fn upstream_statuses_pass_through_with_oci_bodies() {
 fn credentials_are_needed_and_used_for_a_protected_upstream() {
     let tmp = tempfile::tempdir().unwrap();
     let reg = Registry::start_with_htpasswd("imgd", "s3cret").unwrap();
-    let layout = image::build_layout(&tmp.path().join("small"), &[presets::small_multi_layer()]).unwrap();
-    skopeo::push_layout_with(&layout.dir, "small", &reg.docker_ref("app:1"), Format::OciExact, false, &["--dest-creds", "imgd:s3cret"]).unwrap();
+    let layout =
+        image::build_layout(&tmp.path().join("small"), &[presets::small_multi_layer()]).unwrap();
+    skopeo::push_layout_with(
+        &layout.dir,
+        "small",
+        &reg.docker_ref("app:1"),
+        Format::OciExact,
+        false,
+        &["--dest-creds", "imgd:s3cret"],
+    )
+    .unwrap();
 
     let anonymous = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
     let r = anonymous.get("/v2/local/app/manifests/1", &[]).unwrap();
-    assert_eq!((r.status, oci_code(&r).as_str()), (401, "UNAUTHORIZED"), "{}", r.text());
+    assert_eq!(
+        (r.status, oci_code(&r).as_str()),
+        (401, "UNAUTHORIZED"),
+        "{}",
+        r.text()
+    );
 
     let config = tmp.path().join("proxy.toml");
     std::fs::write(
@@ -153,9 +227,17 @@ fn credentials_are_needed_and_used_for_a_protected_upstream() {
     let proxy = Proxy::start_in(&storage, &[], &["--config", config.to_str().unwrap()]).unwrap();
     let out = tmp.path().join("out");
     let src = format!("docker://{}/local/app:1", proxy.addr());
-    skopeo::copy(&src, &format!("dir:{}", out.display()), &["--src-tls-verify=false"]).unwrap();
+    skopeo::copy(
+        &src,
+        &format!("dir:{}", out.display()),
+        &["--src-tls-verify=false"],
+    )
+    .unwrap();
     let manifest = std::fs::read(out.join("manifest.json")).unwrap();
-    assert_eq!(Digest::of(&manifest), layout.image("small").unwrap().manifest.digest);
+    assert_eq!(
+        Digest::of(&manifest),
+        layout.image("small").unwrap().manifest.digest
+    );
 }
 
 #[test]
@@ -166,9 +248,15 @@ fn a_dead_upstream_fails_fast_and_stores_nothing() {
     let r = proxy.get("/v2/local/app/manifests/1", &[]).unwrap();
     assert_eq!(r.status, 502, "{}", r.text());
     let blob = Digest::of(b"x");
-    let r = proxy.get(&format!("/v2/local/app/blobs/{blob}"), &[]).unwrap();
+    let r = proxy
+        .get(&format!("/v2/local/app/blobs/{blob}"), &[])
+        .unwrap();
     assert_eq!(r.status, 502, "{}", r.text());
     assert!(r.text().contains("unreachable"), "{}", r.text());
-    assert!(started.elapsed() < Duration::from_secs(5), "fails fast: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "fails fast: {:?}",
+        started.elapsed()
+    );
     assert_nothing_stored(&proxy, &blob);
 }

@@ -23,14 +23,21 @@ fn make_layer(dir: &Path, tar_mb: usize) -> anyhow::Result<Vec<u8>> {
     while left > 0 {
         // Files from 1 KiB to 8 MiB, as in a real image.
         let size = (1usize << (10 + (i % 14))).min(left);
-        std::fs::write(root.join(format!("usr/share/data/f{i:05}")), compressible_bytes(size, i))?;
+        std::fs::write(
+            root.join(format!("usr/share/data/f{i:05}")),
+            compressible_bytes(size, i),
+        )?;
         left -= size;
         i += 1;
     }
     let layer = dir.join("layer.tar.gz");
     let status = Command::new("sh")
         .arg("-c")
-        .arg(format!("tar -C {} -cf - . | gzip -6 > {}", root.display(), layer.display()))
+        .arg(format!(
+            "tar -C {} -cf - . | gzip -6 > {}",
+            root.display(),
+            layer.display()
+        ))
         .status()?;
     if !status.success() {
         bail!("tar | gzip failed");
@@ -40,7 +47,11 @@ fn make_layer(dir: &Path, tar_mb: usize) -> anyhow::Result<Vec<u8>> {
 }
 
 fn gzip_dc(path: &Path) -> anyhow::Result<()> {
-    let st = Command::new("gzip").arg("-dc").arg(path).stdout(Stdio::null()).status()?;
+    let st = Command::new("gzip")
+        .arg("-dc")
+        .arg(path)
+        .stdout(Stdio::null())
+        .status()?;
     if !st.success() {
         bail!("gzip -dc failed");
     }
@@ -56,7 +67,13 @@ fn plain_inflate(blob: &[u8]) -> anyhow::Result<u64> {
     unsafe {
         let mut strm: z_stream = std::mem::zeroed();
         let ver = zlibVersion();
-        if inflateInit2_(&mut strm, 15 + 32, ver, std::mem::size_of::<z_stream>() as i32) != Z_OK {
+        if inflateInit2_(
+            &mut strm,
+            15 + 32,
+            ver,
+            std::mem::size_of::<z_stream>() as i32,
+        ) != Z_OK
+        {
             bail!("inflateInit2 failed");
         }
         strm.next_in = blob.as_ptr() as *mut _;
@@ -100,7 +117,8 @@ fn chunk_and_index(blob: &[u8], store: Option<&ContentStore>) -> anyhow::Result<
             None => Ok(()),
         };
         for piece in blob.chunks(PIECE) {
-            tx.send(piece).map_err(|_| anyhow::anyhow!("indexer stopped"))?;
+            tx.send(piece)
+                .map_err(|_| anyhow::anyhow!("indexer stopped"))?;
             chunker.push(piece, &mut emit)?;
         }
         drop(tx);
@@ -111,12 +129,18 @@ fn chunk_and_index(blob: &[u8], store: Option<&ContentStore>) -> anyhow::Result<
         if let Some(st) = staging {
             st.commit()?;
         }
-        indexer.join().map_err(|_| anyhow::anyhow!("indexer panicked"))?
+        indexer
+            .join()
+            .map_err(|_| anyhow::anyhow!("indexer panicked"))?
     })
 }
 
 fn main() -> anyhow::Result<()> {
-    let tar_mb: usize = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(320);
+    let tar_mb: usize = std::env::args()
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(320);
     let dir = tempfile::tempdir()?;
     eprintln!("building a gzip layer from {tar_mb} MiB of files ...");
     let blob = make_layer(dir.path(), tar_mb)?;
@@ -133,14 +157,39 @@ fn main() -> anyhow::Result<()> {
         let store = ContentStore::open(store_dir.path(), "chunks")?;
         chunk_and_index(&blob, Some(&store))
     })?;
-    println!("uncompressed {:.1} MB, {entries} entries; best of {runs} runs; MB/s of compressed input", out as f64 / 1e6);
+    println!(
+        "uncompressed {:.1} MB, {entries} entries; best of {runs} runs; MB/s of compressed input",
+        out as f64 / 1e6
+    );
     report("gzip -dc (baseline)", mb_per_s(n, t_gzip), "MB/s");
-    report("plain inflate, zlib-rs (baseline)", mb_per_s(n, t_plain), "MB/s");
+    report(
+        "plain inflate, zlib-rs (baseline)",
+        mb_per_s(n, t_plain),
+        "MB/s",
+    );
     report("chunk + index", mb_per_s(n, t_index), "MB/s");
-    report("chunk + index + store chunks (fsync)", mb_per_s(n, t_store), "MB/s");
-    let ratio = |base: std::time::Duration, ours: std::time::Duration| base.as_secs_f64() / ours.as_secs_f64();
-    report("ratio chunk+index / gzip -dc (target >= 0.9)", ratio(t_gzip, t_index), "x");
-    report("ratio chunk+index / plain inflate (target >= 0.9)", ratio(t_plain, t_index), "x");
-    report("ratio chunk+index+store / gzip -dc", ratio(t_gzip, t_store), "x");
+    report(
+        "chunk + index + store chunks (fsync)",
+        mb_per_s(n, t_store),
+        "MB/s",
+    );
+    let ratio = |base: std::time::Duration, ours: std::time::Duration| {
+        base.as_secs_f64() / ours.as_secs_f64()
+    };
+    report(
+        "ratio chunk+index / gzip -dc (target >= 0.9)",
+        ratio(t_gzip, t_index),
+        "x",
+    );
+    report(
+        "ratio chunk+index / plain inflate (target >= 0.9)",
+        ratio(t_plain, t_index),
+        "x",
+    );
+    report(
+        "ratio chunk+index+store / gzip -dc",
+        ratio(t_gzip, t_store),
+        "x",
+    );
     Ok(())
 }

@@ -58,7 +58,12 @@ impl LayoutUpstream {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(UpstreamError::NotFound(format!("manifest {reference}")))
             }
-            Err(e) => return Err(UpstreamError::Unreachable(format!("{}: {e}", path.display()))),
+            Err(e) => {
+                return Err(UpstreamError::Unreachable(format!(
+                    "{}: {e}",
+                    path.display()
+                )))
+            }
         };
         if bytes.len() > max_bytes {
             return Err(UpstreamError::MalformedManifest(format!(
@@ -81,7 +86,12 @@ impl LayoutUpstream {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(UpstreamError::NotFound(format!("blob {digest}")))
             }
-            Err(e) => return Err(UpstreamError::Unreachable(format!("{}: {e}", path.display()))),
+            Err(e) => {
+                return Err(UpstreamError::Unreachable(format!(
+                    "{}: {e}",
+                    path.display()
+                )))
+            }
         };
         let size = file.metadata().await.ok().map(|m| m.len());
         let body = ReaderStream::with_capacity(file, 256 << 10)

@@ -54,7 +54,9 @@ impl UpstreamError {
     /// True for faults of reachability (not answers): a stale cached copy may be served.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            UpstreamError::Unreachable(_) | UpstreamError::Timeout(_) | UpstreamError::Interrupted(_) => true,
+            UpstreamError::Unreachable(_)
+            | UpstreamError::Timeout(_)
+            | UpstreamError::Interrupted(_) => true,
             UpstreamError::Status { status, .. } => *status >= 500,
             _ => false,
         }
@@ -86,7 +88,9 @@ impl Upstream {
     /// Builds an upstream from its validated configuration.
     pub fn from_config(cfg: &UpstreamConfig, timeout: Duration) -> Result<Upstream, ConfigError> {
         match (&cfg.url, &cfg.layout) {
-            (Some(url), None) => Ok(Upstream::Registry(RegistryUpstream::new(cfg, url, timeout)?)),
+            (Some(url), None) => Ok(Upstream::Registry(RegistryUpstream::new(
+                cfg, url, timeout,
+            )?)),
             (None, Some(dir)) => Ok(Upstream::Layout(LayoutUpstream::new(dir.clone()))),
             _ => Err(ConfigError::Invalid(format!(
                 "upstream {:?} needs exactly one of url or layout",

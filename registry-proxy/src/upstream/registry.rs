@@ -72,7 +72,11 @@ impl RegistryUpstream {
     }
 
     /// The `Authorization` header for pulling `repo`, from cache unless `renew`.
-    async fn authorization(&self, repo: &str, renew: bool) -> Result<Option<HeaderValue>, UpstreamError> {
+    async fn authorization(
+        &self,
+        repo: &str,
+        renew: bool,
+    ) -> Result<Option<HeaderValue>, UpstreamError> {
         if !renew {
             if let Some(v) = self.tokens.lock().map_err(poisoned)?.get(repo) {
                 return Ok(v.clone());
@@ -105,7 +109,12 @@ impl RegistryUpstream {
 
     /// GETs `url` with auth, renewing the token once on 401. Error statuses become
     /// [`UpstreamError::Status`] with the upstream body.
-    async fn get(&self, repo: &str, url: &str, accept: &str) -> Result<reqwest::Response, UpstreamError> {
+    async fn get(
+        &self,
+        repo: &str,
+        url: &str,
+        accept: &str,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let mut renew = false;
         loop {
             let mut req = self.http.get(url).header(ACCEPT, accept);
@@ -185,7 +194,11 @@ impl RegistryUpstream {
         })
     }
 
-    pub(super) async fn blob(&self, repo: &str, digest: &Digest) -> Result<BlobStream, UpstreamError> {
+    pub(super) async fn blob(
+        &self,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<BlobStream, UpstreamError> {
         let url = format!("{}/v2/{repo}/blobs/{digest}", self.base);
         let resp = self.get(repo, &url, "*/*").await?;
         let size = resp.content_length();

@@ -63,7 +63,8 @@ impl Meta {
 
     /// Whether the PAX 0.0/0.1 sparse keys describe the entry as sparse.
     pub fn is_sparse_v0(&self) -> bool {
-        self.sparse_major.is_none() && (self.sparse_real_size.is_some() || !self.sparse_map.is_empty())
+        self.sparse_major.unwrap_or(0) == 0
+            && (self.sparse_real_size.is_some() || !self.sparse_map.is_empty())
     }
 }
 
@@ -86,7 +87,11 @@ fn number(field: &[u8], offset: u64, name: &'static str) -> Result<i128, TarErro
     };
     if first & 0x80 != 0 {
         // Base-256: big-endian two's complement; 0x80 marks positive, 0xff negative.
-        let mut v: i128 = if first == 0xff { -1 } else { i128::from(first & 0x7f) };
+        let mut v: i128 = if first == 0xff {
+            -1
+        } else {
+            i128::from(first & 0x7f)
+        };
         let rest = if first == 0xff { field } else { &field[1..] };
         for &b in rest {
             v = v.checked_mul(256).ok_or_else(bad)? | i128::from(b);
@@ -149,11 +154,17 @@ impl Header {
             if !device {
                 return Ok(0);
             }
-            u32::try_from(unsigned(&b[range], offset, what)?)
-                .map_err(|_| TarError::BadNumber { offset, field: what })
+            u32::try_from(unsigned(&b[range], offset, what)?).map_err(|_| TarError::BadNumber {
+                offset,
+                field: what,
+            })
         };
-        let mtime = i64::try_from(number(&b[136..148], offset, "mtime")?)
-            .map_err(|_| TarError::BadNumber { offset, field: "mtime" })?;
+        let mtime = i64::try_from(number(&b[136..148], offset, "mtime")?).map_err(|_| {
+            TarError::BadNumber {
+                offset,
+                field: "mtime",
+            }
+        })?;
         let mut h = Header {
             name,
             linkname: until_nul(&b[157..257]).to_vec(),
@@ -242,7 +253,10 @@ pub(super) fn check_sparse(entry: &mut Entry, stored: u64, offset: u64) -> Resul
         sum += e.length;
     }
     if sum > stored {
-        return Err(sparse_err(offset, "extents hold more bytes than the entry stores"));
+        return Err(sparse_err(
+            offset,
+            "extents hold more bytes than the entry stores",
+        ));
     }
     entry.sparse.retain(|e| e.length > 0);
     if entry.sparse.is_empty() {
@@ -278,7 +292,10 @@ impl SparseMapParser {
                     self.line = Some(v);
                 }
                 b'\n' => {
-                    let v = self.line.take().ok_or_else(|| bad("empty line in sparse map"))?;
+                    let v = self
+                        .line
+                        .take()
+                        .ok_or_else(|| bad("empty line in sparse map"))?;
                     match self.count {
                         None => self.count = Some(v),
                         Some(_) => self.nums.push(v),
@@ -296,8 +313,11 @@ impl SparseMapParser {
     }
 }
 
+/// PAX key/value pairs.
+type Records<'a> = Vec<(&'a [u8], &'a [u8])>;
+
 /// Splits PAX records (`"<len> <key>=<value>\n"`) into key/value pairs.
-fn pax_records(buf: &[u8], offset: u64) -> Result<Vec<(&[u8], &[u8])>, TarError> {
+fn pax_records(buf: &[u8], offset: u64) -> Result<Records<'_>, TarError> {
     let bad = |reason: &str| TarError::BadPax {
         offset,
         reason: reason.to_string(),
@@ -411,9 +431,9 @@ pub(super) fn apply_pax(meta: &mut Meta, buf: &[u8], offset: u64) -> Result<(), 
                     }
                 }
             }
-            b"GNU.sparse.offset" | b"GNU.sparse.numbytes" => {
-                meta.sparse_map.push(decimal(value).ok_or_else(|| bad(key))?)
-            }
+            b"GNU.sparse.offset" | b"GNU.sparse.numbytes" => meta
+                .sparse_map
+                .push(decimal(value).ok_or_else(|| bad(key))?),
             _ => {
                 if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
                     let name = String::from_utf8(name.to_vec()).map_err(|_| bad(key))?;
@@ -459,12 +479,18 @@ mod tests {
 
     #[test]
     fn pax_record_lengths_are_checked() {
-        assert_eq!(pax_records(b"8 a=bcd\n", 0).unwrap(), vec![(&b"a"[..], &b"bcd"[..])]);
+        assert_eq!(
+            pax_records(b"8 a=bcd\n", 0).unwrap(),
+            vec![(&b"a"[..], &b"bcd"[..])]
+        );
         assert!(pax_records(b"9 a=bcd\n", 0).is_err());
         assert!(pax_records(b"7 a=bcd\n", 0).is_err());
         assert!(pax_records(b"x a=b\n", 0).is_err());
         // Values may contain newlines and '='.
-        assert_eq!(pax_records(b"10 k=a\n=b\n", 0).unwrap(), vec![(&b"k"[..], &b"a\n=b"[..])]);
+        assert_eq!(
+            pax_records(b"10 k=a\n=b\n", 0).unwrap(),
+            vec![(&b"k"[..], &b"a\n=b"[..])]
+        );
     }
 
     #[test]
@@ -475,8 +501,14 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                SparseExtent { offset: 0, length: 5 },
-                SparseExtent { offset: 100, length: 7 }
+                SparseExtent {
+                    offset: 0,
+                    length: 5
+                },
+                SparseExtent {
+                    offset: 100,
+                    length: 7
+                }
             ]
         );
         assert!(SparseMapParser::default().block(b"1\nx", 0).is_err());

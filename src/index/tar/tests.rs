@@ -77,7 +77,12 @@ impl TestTar {
 
     /// A metadata entry (`x`, `g`, `L`, `K`) with `content`.
     pub fn meta(&mut self, typeflag: u8, content: &[u8]) {
-        let h = header(b"././@meta", typeflag, content.len() as u64, typeflag == b'L' || typeflag == b'K');
+        let h = header(
+            b"././@meta",
+            typeflag,
+            content.len() as u64,
+            typeflag == b'L' || typeflag == b'K',
+        );
         self.entry(h, content);
     }
 
@@ -89,7 +94,11 @@ impl TestTar {
 }
 
 /// Scans `data` fed in slices of `step` bytes.
-pub(crate) fn scan_with(data: &[u8], step: usize, opts: TarOptions) -> Result<Vec<Entry>, TarError> {
+pub(crate) fn scan_with(
+    data: &[u8],
+    step: usize,
+    opts: TarOptions,
+) -> Result<Vec<Entry>, TarError> {
     let mut s = TarScanner::new(opts);
     for piece in data.chunks(step.max(1)) {
         s.feed(piece)?;
@@ -100,7 +109,11 @@ pub(crate) fn scan_with(data: &[u8], step: usize, opts: TarOptions) -> Result<Ve
 fn scan(data: &[u8]) -> Result<Vec<Entry>, TarError> {
     let a = scan_with(data, data.len().max(1), TarOptions::default());
     for step in [1, 511, 513, 4096] {
-        assert_eq!(scan_with(data, step, TarOptions::default()), a, "step {step}");
+        assert_eq!(
+            scan_with(data, step, TarOptions::default()),
+            a,
+            "step {step}"
+        );
     }
     a
 }
@@ -132,16 +145,32 @@ fn basic_types_and_fields() {
     let names: Vec<_> = e.iter().map(|e| e.path_lossy().into_owned()).collect();
     assert_eq!(
         names,
-        ["etc/passwd", "etc", "etc/link", "etc/hard", "dev/null", "dev/sda", "run/fifo", "old/dir", "c7"]
+        [
+            "etc/passwd",
+            "etc",
+            "etc/link",
+            "etc/hard",
+            "dev/null",
+            "dev/sda",
+            "run/fifo",
+            "old/dir",
+            "c7"
+        ]
     );
     assert_eq!(e[0].kind, EntryKind::File);
     assert_eq!((e[0].size, e[0].content_offset), (11, off));
-    assert_eq!((e[0].uid, e[0].gid, e[0].mode, e[0].mtime), (1000, 1001, 0o644, 1_700_000_000));
+    assert_eq!(
+        (e[0].uid, e[0].gid, e[0].mode, e[0].mtime),
+        (1000, 1001, 0o644, 1_700_000_000)
+    );
     assert_eq!((e[1].kind, e[1].mode), (EntryKind::Dir, 0o1777));
     assert_eq!(e[2].link_target.as_deref(), Some(&b"../x//y/./z/"[..]));
     assert_eq!(e[3].kind, EntryKind::Hardlink);
     assert_eq!(e[3].link_target.as_deref(), Some(&b"etc/passwd"[..]));
-    assert_eq!((e[4].kind, e[4].dev_major, e[4].dev_minor), (EntryKind::CharDevice, 8, 259));
+    assert_eq!(
+        (e[4].kind, e[4].dev_major, e[4].dev_minor),
+        (EntryKind::CharDevice, 8, 259)
+    );
     assert_eq!(e[5].kind, EntryKind::BlockDevice);
     assert_eq!(e[6].kind, EntryKind::Fifo);
     assert_eq!(e[7].kind, EntryKind::Dir);
@@ -207,7 +236,10 @@ fn long_names_prefix_gnu_and_pax() {
     let prefix_name = format!("{dir}/{short}");
     assert_eq!(e[0].path, prefix_name.as_bytes());
     assert_eq!(e[1].path, long.as_bytes());
-    assert_eq!(e[1].link_target.as_deref(), Some(&b"/some/where/very/long"[..]));
+    assert_eq!(
+        e[1].link_target.as_deref(),
+        Some(&b"/some/where/very/long"[..])
+    );
     assert_eq!(e[2].path, b"raw/\xff\xfe/name");
     assert_eq!(e[3].path, b"gnu-name");
 }
@@ -216,7 +248,10 @@ fn long_names_prefix_gnu_and_pax() {
 fn pax_keys_xattrs_and_global_headers() {
     let cap = b"\x01\x00\x00\x02\x00\x20\x00\x00\n=\x00".to_vec();
     let mut t = TestTar::default();
-    t.meta(b'g', &pax(&[("uid", b"7"), ("comment", b"git sha"), ("path", b"ignored")]));
+    t.meta(
+        b'g',
+        &pax(&[("uid", b"7"), ("comment", b"git sha"), ("path", b"ignored")]),
+    );
     t.meta(
         b'x',
         &pax(&[
@@ -237,7 +272,10 @@ fn pax_keys_xattrs_and_global_headers() {
     t.entry(header(b"bin/ping6", b'1', 0, false), b"");
     let e = scan(&t.end()).unwrap();
     assert_eq!(e[0].path, b"bin/ping");
-    assert_eq!((e[0].size, e[0].content_offset, e[0].mode), (4, off, 0o4755));
+    assert_eq!(
+        (e[0].size, e[0].content_offset, e[0].mode),
+        (4, off, 0o4755)
+    );
     assert_eq!((e[0].uid, e[0].gid), (7, 123_456_789_012));
     assert_eq!((e[0].mtime, e[0].mtime_nsec), (1_700_000_000, 250_000_000));
     assert_eq!(e[0].xattrs.get("security.capability"), Some(&cap));
@@ -253,7 +291,10 @@ fn malformed_pax_is_an_error() {
     let mut t = TestTar::default();
     t.meta(b'x', b"99 path=x\n");
     t.file(b"a", b"");
-    assert!(matches!(scan(&t.end()), Err(TarError::BadPax { offset: 0, .. })));
+    assert!(matches!(
+        scan(&t.end()),
+        Err(TarError::BadPax { offset: 0, .. })
+    ));
     let mut t = TestTar::default();
     t.meta(b'x', &pax(&[("mtime", b"soon")]));
     t.file(b"a", b"");
@@ -269,8 +310,13 @@ fn dotdot_is_rejected_and_paths_are_normalised() {
         let mut t = TestTar::default();
         t.file(bad, b"x");
         let err = scan(&t.end()).unwrap_err();
-        assert!(matches!(err, TarError::UnsafePath { offset: 0, .. }), "{err}");
-        assert!(err.to_string().contains(&String::from_utf8_lossy(bad).into_owned()));
+        assert!(
+            matches!(err, TarError::UnsafePath { offset: 0, .. }),
+            "{err}"
+        );
+        assert!(err
+            .to_string()
+            .contains(&String::from_utf8_lossy(bad).into_owned()));
     }
     let mut t = TestTar::default();
     let mut h = header(b"evil", b'1', 0, false);
@@ -312,8 +358,9 @@ fn gnu_sparse(name: &[u8], real: u64, extents: &[(u64, u64)]) -> Vec<u8> {
 fn gnu_old_sparse_with_extension_blocks() {
     let extents: Vec<(u64, u64)> = (0..30).map(|i| (i * 10_000, 100 + i)).collect();
     let stored: u64 = extents.iter().map(|e| e.1).sum();
-    let mut t = TestTar::default();
-    t.out = gnu_sparse(b"sparse.img", 1 << 20, &extents);
+    let mut t = TestTar {
+        out: gnu_sparse(b"sparse.img", 1 << 20, &extents),
+    };
     let off = t.out.len() as u64;
     t.out.extend(vec![7u8; stored as usize]);
     t.out.resize(t.out.len() + padding(stored) as usize, 0);
@@ -330,8 +377,9 @@ fn gnu_old_sparse_with_extension_blocks() {
     assert_eq!(e[0].stored_size(), stored);
     assert_eq!(e[1].path, b"after");
     // Extents past the real size are rejected.
-    let mut t = TestTar::default();
-    t.out = gnu_sparse(b"bad", 10, &[(5, 10)]);
+    let mut t = TestTar {
+        out: gnu_sparse(b"bad", 10, &[(5, 10)]),
+    };
     t.out.extend([0u8; BLOCK]);
     assert!(matches!(scan(&t.end()), Err(TarError::BadSparse { .. })));
 }
@@ -353,15 +401,30 @@ fn pax_sparse_formats() {
             ("GNU.sparse.realsize", b"8192"),
         ]),
     );
-    let off = t.entry(header(b"dir/GNUSparseFile.1/sparse", b'0', data.len() as u64, false), &data);
+    let off = t.entry(
+        header(
+            b"dir/GNUSparseFile.1/sparse",
+            b'0',
+            data.len() as u64,
+            false,
+        ),
+        &data,
+    );
     // 0.1: map in the PAX header.
     t.meta(
         b'x',
-        &pax(&[("GNU.sparse.size", b"100"), ("GNU.sparse.map", b"10,2,50,0"), ("path", b"s01")]),
+        &pax(&[
+            ("GNU.sparse.size", b"100"),
+            ("GNU.sparse.map", b"10,2,50,0"),
+            ("path", b"s01"),
+        ]),
     );
     let off01 = t.file(b"GNUSparseFile.0/s01", b"xy");
     // 0.0: repeated offset/numbytes; a file made only of a hole.
-    t.meta(b'x', &pax(&[("GNU.sparse.size", b"77"), ("GNU.sparse.numblocks", b"0")]));
+    t.meta(
+        b'x',
+        &pax(&[("GNU.sparse.size", b"77"), ("GNU.sparse.numblocks", b"0")]),
+    );
     t.file(b"hole", b"");
     let e = scan(&t.end()).unwrap();
     assert_eq!(e[0].path, b"dir/sparse");
@@ -369,12 +432,36 @@ fn pax_sparse_formats() {
     assert_eq!(e[0].content_offset, off + BLOCK as u64);
     assert_eq!(
         e[0].sparse,
-        vec![SparseExtent { offset: 0, length: 3 }, SparseExtent { offset: 4096, length: 2 }]
+        vec![
+            SparseExtent {
+                offset: 0,
+                length: 3
+            },
+            SparseExtent {
+                offset: 4096,
+                length: 2
+            }
+        ]
     );
-    assert_eq!((e[1].path.as_slice(), e[1].size, e[1].content_offset), (&b"s01"[..], 100, off01));
-    assert_eq!(e[1].sparse, vec![SparseExtent { offset: 10, length: 2 }]);
+    assert_eq!(
+        (e[1].path.as_slice(), e[1].size, e[1].content_offset),
+        (&b"s01"[..], 100, off01)
+    );
+    assert_eq!(
+        e[1].sparse,
+        vec![SparseExtent {
+            offset: 10,
+            length: 2
+        }]
+    );
     assert_eq!(e[2].size, 77);
-    assert_eq!(e[2].sparse, vec![SparseExtent { offset: 77, length: 0 }]);
+    assert_eq!(
+        e[2].sparse,
+        vec![SparseExtent {
+            offset: 77,
+            length: 0
+        }]
+    );
     assert_eq!(e[2].stored_size(), 0);
 }
 
@@ -390,8 +477,14 @@ fn end_of_archive_variants() {
     let mut trailing = t.end();
     trailing.extend(b"trailing junk that is not a header");
     assert_eq!(scan(&trailing).unwrap().len(), 1);
-    assert!(matches!(scan(&body[..700]), Err(TarError::Truncated { offset: 700, .. })));
-    assert!(matches!(scan(&body[..300]), Err(TarError::Truncated { .. })));
+    assert!(matches!(
+        scan(&body[..700]),
+        Err(TarError::Truncated { offset: 700, .. })
+    ));
+    assert!(matches!(
+        scan(&body[..300]),
+        Err(TarError::Truncated { .. })
+    ));
     let mut orphan = TestTar::default();
     orphan.meta(b'x', &pax(&[("path", b"x")]));
     let orphan = orphan.out;
@@ -401,7 +494,10 @@ fn end_of_archive_variants() {
     v.entry(header(b"weird", b'Q', 0, false), b"");
     assert!(matches!(
         scan(&v.end()),
-        Err(TarError::UnsupportedType { offset: 512, typeflag: 'Q' })
+        Err(TarError::UnsupportedType {
+            offset: 512,
+            typeflag: 'Q'
+        })
     ));
     assert_eq!(scan(b"").unwrap(), vec![]);
 }
@@ -417,7 +513,10 @@ fn limits_are_enforced() {
         max_entries: 4,
         max_meta_size: 1000,
     };
-    assert_eq!(scan_with(&data, 512, opts), Err(TarError::TooManyEntries { limit: 4 }));
+    assert_eq!(
+        scan_with(&data, 512, opts),
+        Err(TarError::TooManyEntries { limit: 4 })
+    );
     let mut t = TestTar::default();
     t.meta(b'L', &vec![b'a'; 2000]);
     t.file(b"x", b"");

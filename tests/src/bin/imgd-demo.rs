@@ -35,14 +35,21 @@ fn main() -> Result<()> {
     layers.extend(presets::big_gzip(24).layers);
     let spec = ImageSpec::new("v1", layers);
     let layout = image::build_layout(&tmp.path().join("layout"), &[spec])?;
-    println!("== built OCI layout {} (upstream 'demo')", layout.dir.display());
+    println!(
+        "== built OCI layout {} (upstream 'demo')",
+        layout.dir.display()
+    );
 
     let proxy = Proxy::start_in(
         &tmp.path().join("proxy-storage"),
         &[format!("demo=oci:{}", layout.dir.display())],
         &[],
     )?;
-    println!("== imgd-proxy listening on {} (pid {})\n", proxy.url(), proxy.pid());
+    println!(
+        "== imgd-proxy listening on {} (pid {})\n",
+        proxy.url(),
+        proxy.pid()
+    );
 
     let client = RegistryClient::new(proxy.url());
     let pulled = pull_verified(&client, "demo/app", "v1").context("pulling through the proxy")?;
@@ -54,7 +61,10 @@ fn main() -> Result<()> {
     for (n, layer) in img.layers.iter().enumerate() {
         let d = layer.blob.digest;
         let info: BlobInfo = proxy.get(&format!("/imgd/v1/blobs/{d}"), &[])?.json_as()?;
-        println!("\nlayer {n}: {d}  {} bytes, {}", info.chunks.size, layer.blob.media_type);
+        println!(
+            "\nlayer {n}: {d}  {} bytes, {}",
+            info.chunks.size, layer.blob.media_type
+        );
         for (i, c) in info.chunks.chunks.iter().enumerate() {
             println!("  chunk {i}: {} {:>8} bytes", c.digest, c.size);
         }
@@ -74,7 +84,10 @@ fn main() -> Result<()> {
             index.uncompressed_size
         );
         for e in index.entries.iter().take(6) {
-            let link = e.link_target.as_ref().map(|t| format!(" -> {}", String::from_utf8_lossy(t)));
+            let link = e
+                .link_target
+                .as_ref()
+                .map(|t| format!(" -> {}", String::from_utf8_lossy(t)));
             println!(
                 "    {}{:04o} {:>5}:{:<5} {:>9} {}{}",
                 kind_char(e.kind),
@@ -108,7 +121,9 @@ fn main() -> Result<()> {
         let mut out = Vec::new();
         for i in info.chunks.chunks_covering(range.clone()) {
             let c = info.chunks.chunks[i];
-            let body = proxy.get(&format!("/imgd/v1/chunks/{}", c.digest), &[])?.body;
+            let body = proxy
+                .get(&format!("/imgd/v1/chunks/{}", c.digest), &[])?
+                .body;
             if Digest::of(&body) != c.digest {
                 bail!("chunk {} failed verification", c.digest);
             }
