@@ -62,11 +62,11 @@ pub fn compressible_bytes(len: usize, seed: u64) -> Vec<u8> {
         state ^= state << 25;
         state ^= state >> 27;
         let r = state.wrapping_mul(0x2545_f491_4f6c_dd1d);
-        if r % 11 == 0 {
+        if r.is_multiple_of(11) {
             out.extend_from_slice(&r.to_le_bytes()); // some incompressible noise
         } else {
             out.extend_from_slice(WORDS[(r >> 33) as usize % WORDS.len()].as_bytes());
-            out.push(if r % 7 == 0 { b'\n' } else { b' ' });
+            out.push(if r.is_multiple_of(7) { b'\n' } else { b' ' });
         }
     }
     out.truncate(len);

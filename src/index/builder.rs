@@ -209,6 +209,16 @@ pub fn index_blob(blob: &[u8], opts: IndexOptions) -> Result<LayerIndex, IndexEr
     b.finish(Digest::of(blob))
 }
 
+/// Options of the unit and property tests: a 1 MiB checkpoint span, so that test blobs of
+/// a few MiB get several checkpoints.
+#[cfg(test)]
+pub(crate) fn test_options() -> IndexOptions {
+    IndexOptions {
+        checkpoint_span: 1 << 20,
+        ..IndexOptions::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,7 +238,7 @@ mod tests {
     }
 
     fn build(blob: &[u8], sizes: &[usize]) -> Result<LayerIndex, IndexError> {
-        let mut b = IndexBuilder::new(IndexOptions::default());
+        let mut b = IndexBuilder::new(test_options());
         let mut rest = blob;
         let mut k = 0;
         while !rest.is_empty() {
@@ -301,7 +311,7 @@ mod tests {
             Err(IndexError::Tar(TarError::Truncated { .. }))
         ));
         // Poisoned after an error.
-        let mut b = IndexBuilder::new(IndexOptions::default());
+        let mut b = IndexBuilder::new(test_options());
         let first = b
             .push(b"\x1f\x8b\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff")
             .unwrap_err();
@@ -382,7 +392,7 @@ mod perf {
         };
         let plain = best(&mut || assert_eq!(plain_inflate(&gz), tar.len() as u64));
         let index = best(&mut || {
-            let mut b = IndexBuilder::new(IndexOptions::default());
+            let mut b = IndexBuilder::new(test_options());
             for piece in gz.chunks(256 << 10) {
                 b.push(piece).unwrap();
             }

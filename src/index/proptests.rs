@@ -3,7 +3,7 @@
 //! every entry's metadata and every regular file's bytes are compared with the source
 //! tree. Also: sparse files written by `tar -S` in every sparse format.
 
-use crate::index::builder::{IndexBuilder, IndexOptions};
+use crate::index::builder::{test_options, IndexBuilder};
 use crate::index::format::{Compression, Entry, EntryKind, LayerIndex};
 use crate::index::gzip::tests::gzip_compress;
 use crate::index::reader::read_file;
@@ -185,7 +185,7 @@ fn create(root: &Path, specs: &[Spec]) -> Option<BTreeMap<u64, BTreeMap<String, 
 }
 
 fn build(blob: &[u8], slices: &[usize]) -> LayerIndex {
-    let mut b = IndexBuilder::new(IndexOptions::default());
+    let mut b = IndexBuilder::new(test_options());
     let (mut rest, mut k) = (blob, 0);
     while !rest.is_empty() {
         let n = slices[k % slices.len()].clamp(1, rest.len());

@@ -254,7 +254,7 @@ fn resolve<'a>(index: &'a LayerIndex, entry: &'a Entry) -> Result<&'a Entry, Rea
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::builder::{index_blob, IndexOptions};
+    use crate::index::builder::{index_blob, test_options};
     use crate::index::format::SparseExtent;
     use crate::index::gzip::tests::{gzip_compress, test_data};
     use crate::index::tar::tests::{header, octal, pax, TestTar};
@@ -287,7 +287,7 @@ mod tests {
         let tar = t.end();
         for level in [6, 1] {
             let gz = gzip_compress(&tar, level);
-            let idx = index_blob(&gz, IndexOptions::default()).unwrap();
+            let idx = index_blob(&gz, test_options()).unwrap();
             let log = RefCell::new(Vec::new());
             let mut fetch = fetcher(&gz, &log);
             let file = |p: &[u8]| idx.find(p).unwrap();
@@ -330,7 +330,7 @@ mod tests {
             t.end()
         };
         let gz = gzip_compress(&tar, 6);
-        let idx = index_blob(&gz, IndexOptions::default()).unwrap();
+        let idx = index_blob(&gz, test_options()).unwrap();
         let cps = &idx.checkpoints;
         let p = plan_read(&idx, cps[2].uncompressed_offset + 5, 10).unwrap();
         assert_eq!(p.checkpoint, Some(2));
@@ -346,7 +346,7 @@ mod tests {
             read_range(&idx, &p, &bytes[1..], 10),
             Err(ReadError::InputLength { .. })
         ));
-        let plain = index_blob(&tar, IndexOptions::default()).unwrap();
+        let plain = index_blob(&tar, test_options()).unwrap();
         let pp = plan_read(&plain, 1000, 24).unwrap();
         assert_eq!((pp.checkpoint, pp.compressed.clone()), (None, 1000..1024));
         assert_eq!(
@@ -372,7 +372,7 @@ mod tests {
         want[9000..9004].copy_from_slice(b"defg");
         want[19998..].copy_from_slice(b"hi");
         for blob in [tar.clone(), gzip_compress(&tar, 6)] {
-            let idx = index_blob(&blob, IndexOptions::default()).unwrap();
+            let idx = index_blob(&blob, test_options()).unwrap();
             let e = &idx.entries[0];
             assert_eq!(
                 e.sparse[1],
@@ -405,7 +405,7 @@ mod tests {
         octal(&mut d[100..108], 0o755);
         t.entry(d, b"");
         let tar = t.end();
-        let idx = index_blob(&tar, IndexOptions::default()).unwrap();
+        let idx = index_blob(&tar, test_options()).unwrap();
         let fail = |_: Range<u64>| -> Result<Vec<u8>, std::io::Error> {
             Err(std::io::Error::other("nope"))
         };
@@ -416,7 +416,7 @@ mod tests {
         let mut t = TestTar::default();
         t.file(b"f", b"data");
         let tar = t.end();
-        let idx = index_blob(&tar, IndexOptions::default()).unwrap();
+        let idx = index_blob(&tar, test_options()).unwrap();
         let err = read_file(&idx, &idx.entries[0], 0, 4, fail).unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
         let mut z = idx.clone();

@@ -151,6 +151,13 @@ fn main() -> anyhow::Result<()> {
     let runs = 3;
     let (t_gzip, _) = best_of(runs, || gzip_dc(&layer))?;
     let (t_plain, out) = best_of(runs, || plain_inflate(&blob))?;
+    let (t_index_only, _) = best_of(runs, || {
+        let mut b = IndexBuilder::new(IndexOptions::default());
+        for piece in blob.chunks(PIECE) {
+            b.push(piece)?;
+        }
+        Ok(b.finish(Digest::of(b""))?.entries.len())
+    })?;
     let (t_index, entries) = best_of(runs, || chunk_and_index(&blob, None))?;
     let (t_store, _) = best_of(runs, || {
         let store_dir = tempfile::tempdir_in(dir.path())?;
@@ -167,6 +174,7 @@ fn main() -> anyhow::Result<()> {
         mb_per_s(n, t_plain),
         "MB/s",
     );
+    report("index only, one thread", mb_per_s(n, t_index_only), "MB/s");
     report("chunk + index", mb_per_s(n, t_index), "MB/s");
     report(
         "chunk + index + store chunks (fsync)",
