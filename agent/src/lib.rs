@@ -1,0 +1,4 @@
+//! imgd agent: the node daemon next to the container engine.
+
+pub mod cache;
+pub mod dataplane;
