@@ -9,6 +9,8 @@
 pub mod chunk;
 pub mod digest;
 pub mod index;
+pub mod range;
+pub mod registry_path;
 pub mod store;
 pub mod wire;
 

@@ -11,6 +11,15 @@ use crate::chunk::ChunkList;
 use crate::digest::Digest;
 use serde::{Deserialize, Serialize};
 
+/// The manifest media types imgd accepts: OCI manifest and index, Docker schema2 manifest
+/// and manifest list.
+pub const MANIFEST_MEDIA_TYPES: &[&str] = &[
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
 /// Header carrying the digest of an encoded index.
 pub const INDEX_DIGEST_HEADER: &str = "Imgd-Index-Digest";
 

@@ -1,4 +1,23 @@
 //! imgd agent: the node daemon next to the container engine.
+//!
+//! - [`cache`]: the verified chunk cache (files + RocksDB) with quota and pins.
+//! - [`dataplane`]: the authenticated TCP protocol peers exchange chunks over.
+//! - [`swarm`]: discovery and membership on libp2p (QUIC, mDNS, Kademlia, identify).
+//! - [`peers`]: known peers and their penalties.
+//! - [`fetch`]: the fetch policy: cache, then peers, then the proxy.
+//! - [`proxy_client`], [`image`]: talking to imgd-proxy and resolving images.
+//! - [`api`]: the local API for `imgctl`; [`mirror`]: the registry mirror endpoint.
 
+pub mod agent;
+pub mod api;
 pub mod cache;
+pub mod chunk_source;
+pub mod config;
 pub mod dataplane;
+pub mod fetch;
+pub mod identity;
+pub mod image;
+pub mod mirror;
+pub mod peers;
+pub mod proxy_client;
+pub mod swarm;

@@ -6,43 +6,18 @@ use crate::Stats;
 use axum::body::Body;
 use bytes::Bytes;
 use futures::StreamExt;
+use imgd_core::range::{parse_byte_range, RangeError};
 use imgd_core::ChunkList;
 use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-/// Parses a `Range` header against a blob of `size` bytes. `Ok(None)` means "serve it
-/// whole" (no header, or a multi-range request, which the spec lets us answer with 200).
+/// Parses a `Range` header against a blob of `size` bytes (see [`parse_byte_range`]).
 pub fn parse_range(header: Option<&str>, size: u64) -> Result<Option<Range<u64>>, ProxyError> {
-    let Some(h) = header else { return Ok(None) };
-    let spec = h
-        .trim()
-        .strip_prefix("bytes=")
-        .ok_or_else(|| ProxyError::BadRequest(format!("unsupported range unit in {h:?}")))?;
-    if spec.contains(',') {
-        return Ok(None);
-    }
-    let (a, b) = spec
-        .split_once('-')
-        .ok_or_else(|| ProxyError::BadRequest(format!("malformed range {h:?}")))?;
-    let num = |s: &str| {
-        s.trim()
-            .parse::<u64>()
-            .map_err(|_| ProxyError::BadRequest(format!("malformed range {h:?}")))
-    };
-    let range = match (a.trim().is_empty(), b.trim().is_empty()) {
-        (true, false) => {
-            let n = num(b)?.min(size);
-            size - n..size
-        }
-        (false, true) => num(a)?..size,
-        (false, false) => num(a)?..num(b)?.saturating_add(1).min(size),
-        (true, true) => return Err(ProxyError::BadRequest(format!("malformed range {h:?}"))),
-    };
-    if range.start >= range.end || range.start >= size {
-        return Err(ProxyError::Range(size));
-    }
-    Ok(Some(range))
+    parse_byte_range(header, size).map_err(|e| match e {
+        RangeError::Unsatisfiable(size) => ProxyError::Range(size),
+        RangeError::Malformed(h) => ProxyError::BadRequest(format!("malformed range {h:?}")),
+    })
 }
 
 /// A body streaming `range` of the blob from its chunk files, one chunk in memory at a time.
@@ -76,25 +51,4 @@ pub fn blob_body(
         }
     });
     Body::from_stream(stream)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ranges() {
-        assert_eq!(parse_range(None, 10).unwrap(), None);
-        assert_eq!(parse_range(Some("bytes=2-4"), 10).unwrap(), Some(2..5));
-        assert_eq!(parse_range(Some("bytes=7-"), 10).unwrap(), Some(7..10));
-        assert_eq!(parse_range(Some("bytes=-3"), 10).unwrap(), Some(7..10));
-        assert_eq!(parse_range(Some("bytes=5-100"), 10).unwrap(), Some(5..10));
-        assert_eq!(parse_range(Some("bytes=0-1,4-5"), 10).unwrap(), None);
-        assert!(matches!(
-            parse_range(Some("bytes=10-"), 10),
-            Err(ProxyError::Range(10))
-        ));
-        assert!(parse_range(Some("items=1-2"), 10).is_err());
-        assert!(parse_range(Some("bytes=x-2"), 10).is_err());
-    }
 }

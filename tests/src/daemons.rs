@@ -148,3 +148,131 @@ fn count_files(dir: &Path) -> usize {
         })
         .sum()
 }
+
+/// Where and how to run an `imgd` agent.
+pub struct AgentOptions<'a> {
+    /// Run inside this network namespace host (root namespace if `None`).
+    pub host: Option<&'a crate::netns::Host>,
+    pub proxy_url: String,
+    /// Data directory (kept across restarts by the caller).
+    pub data_dir: PathBuf,
+    /// Extra TOML appended to the generated config (e.g. `[fetch]` settings).
+    pub extra_toml: String,
+    pub swarm: bool,
+}
+
+/// A running `imgd` agent.
+pub struct Agent {
+    guard: ChildGuard,
+    pub data_dir: PathBuf,
+    pub socket: PathBuf,
+    pub mirror: String,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Starts an agent and waits until its local API answers.
+    pub fn start(opts: AgentOptions<'_>) -> Result<Agent> {
+        std::fs::create_dir_all(&opts.data_dir)?;
+        let socket = opts.data_dir.join("imgd.sock");
+        // In a namespace the host has its own loopback and ports; in the root namespace
+        // pick free ones.
+        let (mirror_port, quic, data) = match opts.host {
+            Some(_) => (5050, 7400, 7401),
+            None => (free_port()?, free_port()?, free_port()?),
+        };
+        let mirror = format!("127.0.0.1:{mirror_port}");
+        let config = format!(
+            "data_dir = {:?}\nproxy_url = {:?}\nsocket = {:?}\nmirror_listen = {mirror:?}\ncache_quota_bytes = 4294967296\n\
+             [swarm]\nenabled = {}\nquic_listen = \"0.0.0.0:{quic}\"\ndata_listen = \"0.0.0.0:{data}\"\n{}",
+            opts.data_dir.join("data"),
+            opts.proxy_url,
+            socket,
+            opts.swarm,
+            opts.extra_toml
+        );
+        let config_path = opts.data_dir.join("imgd.toml");
+        std::fs::write(&config_path, config)?;
+        let log = opts.data_dir.join(format!("imgd-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis()));
+        let bin = workspace_bin("imgd")?;
+        let mut cmd = match opts.host {
+            Some(h) => h.command(bin.to_str().context("binary path")?),
+            None => Command::new(&bin),
+        };
+        cmd.arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info,libp2p_mdns=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?);
+        let mut guard = ChildGuard::spawn(&mut cmd, "imgd")?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let agent_ready = |s: &Path| std::os::unix::net::UnixStream::connect(s).is_ok();
+        while !agent_ready(&socket) {
+            if std::time::Instant::now() > deadline || guard.ensure_running().is_err() {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                bail!("imgd did not start:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Agent {
+            guard,
+            data_dir: opts.data_dir,
+            socket,
+            mirror,
+            log,
+        })
+    }
+
+    /// Runs `imgctl ARGS` against this agent; returns (success, stdout, stderr).
+    pub fn imgctl(&self, args: &[&str]) -> Result<(bool, String, String)> {
+        let out = Command::new(workspace_bin("imgctl")?)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// Starts `imgctl ARGS` without waiting.
+    pub fn spawn_imgctl(&self, args: &[&str]) -> Result<std::process::Child> {
+        Ok(Command::new(workspace_bin("imgctl")?)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?)
+    }
+
+    /// The agent's status as JSON (`imgctl status` data, from the local API).
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let out = Command::new("curl")
+            .args(["-sf", "--unix-socket"])
+            .arg(&self.socket)
+            .arg("http://imgd/v1/status")
+            .output()?;
+        if !out.status.success() {
+            bail!("status query failed");
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.guard.id()
+    }
+
+    /// Kills the agent with SIGKILL.
+    pub fn kill(&mut self) -> Result<()> {
+        self.guard.kill().map(|_| ())
+    }
+}

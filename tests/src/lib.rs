@@ -16,6 +16,7 @@ pub mod daemons;
 pub mod fault_relay;
 pub mod image;
 pub mod media_types;
+pub mod netns;
 pub mod process;
 pub mod pull;
 pub mod registry;

@@ -13,13 +13,7 @@ use futures::stream::BoxStream;
 use imgd_core::Digest;
 use std::time::Duration;
 
-/// The manifest media types a client is offered when it states no `Accept`.
-pub const MANIFEST_MEDIA_TYPES: &[&str] = &[
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-];
+pub use imgd_core::wire::MANIFEST_MEDIA_TYPES;
 
 /// Errors from an upstream, each mapped to an honest status for the client.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,117 @@
+//! The agent's pieces wired together: cache, proxy client, peers, fetcher, swarm.
+
+use crate::cache::{CacheError, ChunkCache, ImageRecord};
+use crate::config::AgentConfig;
+use crate::dataplane::{self, DataPlaneConfig, PeerPool};
+use crate::fetch::{FetchError, FetchSettings, Fetcher, Progress};
+use crate::image::{self, ImageError, ImageRef};
+use crate::peers::PeerSet;
+use crate::proxy_client::ProxyClient;
+use std::sync::Arc;
+
+/// Errors of agent operations, as reported to imgctl.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("{0}")]
+    Start(String),
+}
+
+/// The running agent.
+pub struct Agent {
+    pub config: AgentConfig,
+    pub node_id: String,
+    pub fetcher: Arc<Fetcher>,
+    pub peers: Arc<PeerSet>,
+}
+
+/// What a prefetch did.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PrefetchSummary {
+    pub image: String,
+    pub manifest_digest: imgd_core::Digest,
+    pub total_bytes: u64,
+}
+
+impl Agent {
+    /// Resolves `image` and stores its record (manifest and blob list).
+    pub async fn resolve(&self, image: &str) -> Result<(ImageRef, ImageRecord), AgentError> {
+        let r = ImageRef::parse(image)?;
+        let record = image::resolve(&self.fetcher.proxy, &r).await?;
+        self.fetcher.cache.put_image(&r.to_string(), &record)?;
+        Ok((r, record))
+    }
+
+    /// Brings every blob of `image` into the cache.
+    pub async fn prefetch(&self, r: &ImageRef, record: &ImageRecord, progress: &Progress) -> Result<PrefetchSummary, AgentError> {
+        for blob in record.blobs() {
+            self.fetcher.fetch_blob(&r.proxy_repo(), &blob, progress).await?;
+        }
+        Ok(PrefetchSummary {
+            image: r.to_string(),
+            manifest_digest: record.manifest_digest,
+            total_bytes: record.total_size,
+        })
+    }
+}
+
+/// Opens the cache, starts the swarm and the data plane, and returns the agent.
+pub async fn start(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
+    let start_err = |what: &str, e: &dyn std::fmt::Display| AgentError::Start(format!("{what}: {e}"));
+    config.validate().map_err(|e| start_err("config", &e))?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| start_err("creating data_dir", &e))?;
+    let cache = Arc::new(ChunkCache::open(&config.data_dir.join("cache"), config.cache_quota_bytes)?);
+    let proxy = ProxyClient::new(&config.proxy_url, config.fetch.proxy_timeout()).map_err(|e| start_err("proxy client", &e))?;
+    let keypair = crate::identity::load_or_create(&config.data_dir.join("node.key")).map_err(|e| start_err("node key", &e))?;
+    let node_id = keypair.public().to_peer_id().to_string();
+    let swarm_key = config.swarm_key().map_err(|e| start_err("swarm key", &e))?;
+    let peers = Arc::new(PeerSet::default());
+    let mut dp_cfg = DataPlaneConfig::new(swarm_key, node_id.as_bytes().to_vec());
+    dp_cfg.allow_list = config.swarm.allow_list.iter().map(|s| s.as_bytes().to_vec()).collect();
+    let pool = Arc::new(PeerPool::new(dp_cfg.clone(), 4));
+    let mut provide = None;
+    let mut data_listener = None;
+    if config.swarm.enabled {
+        let listener = tokio::net::TcpListener::bind(config.swarm.data_listen)
+            .await
+            .map_err(|e| start_err("binding swarm.data_listen", &e))?;
+        let data_port = listener.local_addr().map_err(|e| start_err("data plane", &e))?.port();
+        let settings = crate::swarm::SwarmSettings {
+            keypair,
+            quic_listen: config.swarm.quic_listen,
+            data_port,
+            swarm_key,
+            allow_list: config.swarm.allow_list.clone(),
+            bootstrap: config.swarm.bootstrap.clone(),
+            mdns: config.swarm.mdns,
+        };
+        let (_, tx) = crate::swarm::start(settings, peers.clone()).map_err(|e| start_err("swarm", &e))?;
+        provide = Some(tx);
+        data_listener = Some(listener);
+    }
+    let settings = FetchSettings {
+        peer_timeout: config.fetch.peer_timeout(),
+        parallel_chunks: config.fetch.parallel_chunks,
+        owner_wait: config.fetch.owner_wait(),
+    };
+    let fetcher = Arc::new(Fetcher::new(cache, proxy, peers.clone(), pool, node_id.clone(), settings, provide));
+    if let Some(listener) = data_listener {
+        let source = Arc::new(crate::chunk_source::CacheSource(fetcher.clone()));
+        tokio::spawn(async move {
+            if let Err(e) = dataplane::serve(listener, dp_cfg, source).await {
+                tracing::error!(error = %e, "data plane stopped");
+            }
+        });
+    }
+    Ok(Arc::new(Agent {
+        config,
+        node_id,
+        fetcher,
+        peers,
+    }))
+}

@@ -1,0 +1,178 @@
+//! The local API that `imgctl` talks to, on a unix socket.
+//!
+//! | route | answer |
+//! |---|---|
+//! | `POST /v1/prefetch` `{"image": REF}` | NDJSON [`PrefetchEvent`]s: `start`, `progress`..., then `done` or `error` |
+//! | `GET /v1/images` | [`ImageSummary`] list |
+//! | `GET /v1/status` | [`Status`] |
+//! | `POST /v1/gc` | the cache's GC report |
+
+use crate::agent::{Agent, PrefetchSummary};
+use crate::fetch::Source;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Body of `POST /v1/prefetch`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PrefetchRequest {
+    pub image: String,
+}
+
+/// One line of the prefetch stream.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrefetchEvent {
+    Start { image: String, total_bytes: u64 },
+    Progress { bytes: u64, source: Source },
+    Done(PrefetchSummary),
+    Error { message: String },
+}
+
+/// One cached image.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ImageSummary {
+    pub image: String,
+    pub manifest_digest: imgd_core::Digest,
+    pub total_bytes: u64,
+    pub cached_bytes: u64,
+    pub pinned: bool,
+}
+
+/// Agent status.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub node_id: String,
+    pub cache_used_bytes: u64,
+    pub cache_quota_bytes: u64,
+    pub peers: Vec<PeerStatus>,
+    pub bytes_from_cache: u64,
+    pub bytes_from_peers: u64,
+    pub bytes_from_proxy: u64,
+    pub proxy_url: String,
+}
+
+/// One known peer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub id: String,
+    pub data_addr: String,
+    pub penalty: u32,
+}
+
+/// The API's routes.
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/v1/prefetch", post(prefetch))
+        .route("/v1/images", get(images))
+        .route("/v1/status", get(status))
+        .route("/v1/gc", post(gc))
+        .with_state(agent)
+}
+
+fn line(e: &PrefetchEvent) -> bytes::Bytes {
+    let mut v = serde_json::to_vec(e).unwrap_or_default();
+    v.push(b'\n');
+    v.into()
+}
+
+async fn prefetch(State(agent): State<Arc<Agent>>, Json(req): Json<PrefetchRequest>) -> Response {
+    let (r, record) = match agent.resolve(&req.image).await {
+        Ok(x) => x,
+        Err(e) => {
+            let body = line(&PrefetchEvent::Error { message: e.to_string() });
+            return (StatusCode::OK, body).into_response();
+        }
+    };
+    let (out_tx, out_rx) = tokio::sync::mpsc::unbounded_channel::<bytes::Bytes>();
+    let _ = out_tx.send(line(&PrefetchEvent::Start {
+        image: r.to_string(),
+        total_bytes: record.total_size,
+    }));
+    tokio::spawn(async move {
+        let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel();
+        let relay_tx = out_tx.clone();
+        let relay = tokio::spawn(async move {
+            while let Some((bytes, source)) = prx.recv().await {
+                let _ = relay_tx.send(line(&PrefetchEvent::Progress { bytes, source }));
+            }
+        });
+        let result = agent.prefetch(&r, &record, &ptx).await;
+        drop(ptx);
+        let _ = relay.await;
+        let last = match result {
+            Ok(summary) => PrefetchEvent::Done(summary),
+            Err(e) => PrefetchEvent::Error { message: e.to_string() },
+        };
+        let _ = out_tx.send(line(&last));
+    });
+    let stream = futures::stream::unfold(out_rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    });
+    Response::new(Body::from_stream(stream))
+}
+
+async fn images(State(agent): State<Arc<Agent>>) -> Result<Json<Vec<ImageSummary>>, (StatusCode, String)> {
+    let cache = agent.fetcher.cache.clone();
+    let list = tokio::task::spawn_blocking(move || -> Result<Vec<ImageSummary>, crate::cache::CacheError> {
+        let mut out = Vec::new();
+        for (image, record) in cache.images()? {
+            let mut cached = 0;
+            for blob in record.blobs() {
+                if let Some(list) = cache.blob(&blob)? {
+                    cached += cache.blob_cached_bytes(&list);
+                }
+            }
+            out.push(ImageSummary {
+                pinned: cache.pin_of(&image)?.is_some(),
+                image,
+                manifest_digest: record.manifest_digest,
+                total_bytes: record.total_size,
+                cached_bytes: cached,
+            });
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(list))
+}
+
+async fn status(State(agent): State<Arc<Agent>>) -> Json<Status> {
+    let f = &agent.fetcher;
+    Json(Status {
+        node_id: agent.node_id.clone(),
+        cache_used_bytes: f.cache.used_bytes(),
+        cache_quota_bytes: f.cache.quota(),
+        peers: agent
+            .peers
+            .all()
+            .into_iter()
+            .map(|p| PeerStatus {
+                id: p.id,
+                data_addr: p.data_addr.to_string(),
+                penalty: p.penalty,
+            })
+            .collect(),
+        bytes_from_cache: f.stats.from_cache.load(Ordering::Relaxed),
+        bytes_from_peers: f.stats.from_peers.load(Ordering::Relaxed),
+        bytes_from_proxy: f.stats.from_proxy.load(Ordering::Relaxed),
+        proxy_url: f.proxy.base().to_string(),
+    })
+}
+
+async fn gc(State(agent): State<Arc<Agent>>) -> Response {
+    let cache = agent.fetcher.cache.clone();
+    match tokio::task::spawn_blocking(move || cache.gc()).await {
+        Ok(Ok(report)) => Json(report).into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}

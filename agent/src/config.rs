@@ -1,0 +1,234 @@
+//! Agent configuration: one TOML file, overridden by flags; `imgd --print-default-config`
+//! prints [`DEFAULT_CONFIG`], every key documented next to its default.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The documented default configuration.
+pub const DEFAULT_CONFIG: &str = r#"# imgd agent configuration. Every key is optional; the value shown is the default.
+
+# Cache and metadata directory (chunk files + RocksDB).
+data_dir = "/var/lib/imgd"
+
+# Largest size of the chunk cache, in bytes. Least recently used chunks are evicted
+# beyond it; chunks of pinned or mounted images never are.
+cache_quota_bytes = 21474836480
+
+# Base URL of imgd-proxy (its registry API and chunk API).
+proxy_url = "http://127.0.0.1:5000"
+
+# Unix socket of the local API that imgctl talks to.
+socket = "/run/imgd/imgd.sock"
+
+# Registry mirror endpoint for containerd (hosts.toml) and podman (registries.conf).
+# Loopback only by default.
+mirror_listen = "127.0.0.1:5050"
+
+[swarm]
+# Set false to run without peers (cache and proxy only).
+enabled = true
+# libp2p QUIC listen address (UDP), used for discovery and membership.
+quic_listen = "0.0.0.0:7400"
+# Chunk data plane listen address (TCP), authenticated with the swarm key.
+data_listen = "0.0.0.0:7401"
+# File holding the 32-byte swarm key as 64 hex digits. Agents with different keys never
+# exchange chunks or chunk lists. Unset: a built-in development key (do not use in
+# production).
+# key_file = "/etc/imgd/swarm.key"
+# If non-empty, only these node ids (libp2p peer ids) may fetch from this agent.
+allow_list = []
+# Multiaddrs of bootstrap peers for networks without multicast, e.g.
+# "/ip4/198.18.0.2/udp/7400/quic-v1/p2p/12D3Koo...".
+bootstrap = []
+# mDNS discovery on the LAN.
+mdns = true
+
+[fetch]
+# Time limit for one chunk from a peer before trying another source, in milliseconds.
+peer_timeout_ms = 3000
+# Time limit for one request to the proxy, in milliseconds.
+proxy_timeout_ms = 30000
+# Chunks fetched at once per blob.
+parallel_chunks = 4
+# How long to wait for a chunk another host is already fetching from the proxy before
+# fetching it from the proxy too, in milliseconds.
+owner_wait_ms = 4000
+"#;
+
+/// Errors reading or checking the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config {path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole agent configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    pub data_dir: PathBuf,
+    pub cache_quota_bytes: u64,
+    pub proxy_url: String,
+    pub socket: PathBuf,
+    pub mirror_listen: SocketAddr,
+    pub swarm: SwarmConfig,
+    pub fetch: FetchConfig,
+}
+
+/// Peer-to-peer settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SwarmConfig {
+    pub enabled: bool,
+    pub quic_listen: SocketAddr,
+    pub data_listen: SocketAddr,
+    pub key_file: Option<PathBuf>,
+    pub allow_list: Vec<String>,
+    pub bootstrap: Vec<String>,
+    pub mdns: bool,
+}
+
+/// Fetch policy settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FetchConfig {
+    pub peer_timeout_ms: u64,
+    pub proxy_timeout_ms: u64,
+    pub parallel_chunks: usize,
+    pub owner_wait_ms: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            data_dir: "/var/lib/imgd".into(),
+            cache_quota_bytes: 20 << 30,
+            proxy_url: "http://127.0.0.1:5000".into(),
+            socket: "/run/imgd/imgd.sock".into(),
+            mirror_listen: SocketAddr::from(([127, 0, 0, 1], 5050)),
+            swarm: SwarmConfig::default(),
+            fetch: FetchConfig::default(),
+        }
+    }
+}
+
+impl Default for SwarmConfig {
+    fn default() -> Self {
+        SwarmConfig {
+            enabled: true,
+            quic_listen: SocketAddr::from(([0, 0, 0, 0], 7400)),
+            data_listen: SocketAddr::from(([0, 0, 0, 0], 7401)),
+            key_file: None,
+            allow_list: Vec::new(),
+            bootstrap: Vec::new(),
+            mdns: true,
+        }
+    }
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            peer_timeout_ms: 3000,
+            proxy_timeout_ms: 30000,
+            parallel_chunks: 4,
+            owner_wait_ms: 4000,
+        }
+    }
+}
+
+impl FetchConfig {
+    /// Peer timeout as a duration.
+    pub fn peer_timeout(&self) -> Duration {
+        Duration::from_millis(self.peer_timeout_ms)
+    }
+    /// Proxy timeout as a duration.
+    pub fn proxy_timeout(&self) -> Duration {
+        Duration::from_millis(self.proxy_timeout_ms)
+    }
+    /// Owner wait as a duration.
+    pub fn owner_wait(&self) -> Duration {
+        Duration::from_millis(self.owner_wait_ms)
+    }
+}
+
+/// The development swarm key used when no `key_file` is set.
+pub const DEV_SWARM_KEY: [u8; 32] = *b"imgd-development-swarm-key-v1!!!";
+
+impl AgentConfig {
+    /// Reads a TOML file.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Checks values that parse but make no sense, naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if !(self.proxy_url.starts_with("http://") || self.proxy_url.starts_with("https://")) {
+            return bad("proxy_url must start with http:// or https://");
+        }
+        if self.cache_quota_bytes < imgd_core::CHUNK_SIZE as u64 {
+            return bad("cache_quota_bytes must hold at least one 4 MiB chunk");
+        }
+        if self.fetch.parallel_chunks == 0 {
+            return bad("fetch.parallel_chunks must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The swarm key: from `swarm.key_file` (64 hex digits), else the development key.
+    pub fn swarm_key(&self) -> Result<[u8; 32], ConfigError> {
+        let Some(path) = &self.swarm.key_file else {
+            return Ok(DEV_SWARM_KEY);
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let hex = text.trim();
+        let mut key = [0u8; 32];
+        let ok = hex.len() == 64
+            && key.iter_mut().enumerate().all(|(i, b)| {
+                u8::from_str_radix(&hex[i * 2..i * 2 + 2], 16)
+                    .map(|v| *b = v)
+                    .is_ok()
+            });
+        if !ok {
+            return Err(ConfigError::Invalid(format!(
+                "swarm.key_file {}: expected 64 hex digits",
+                path.display()
+            )));
+        }
+        Ok(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_text_matches_defaults_and_unknown_keys_are_named() {
+        let parsed: AgentConfig = toml::from_str(DEFAULT_CONFIG).unwrap();
+        let d = AgentConfig::default();
+        assert_eq!(parsed.cache_quota_bytes, d.cache_quota_bytes);
+        assert_eq!(parsed.mirror_listen, d.mirror_listen);
+        assert_eq!(parsed.swarm.data_listen, d.swarm.data_listen);
+        assert_eq!(parsed.fetch.owner_wait_ms, d.fetch.owner_wait_ms);
+        let err = toml::from_str::<AgentConfig>("[swarm]\nmdsn = true").unwrap_err();
+        assert!(err.to_string().contains("mdsn"), "{err}");
+    }
+}

@@ -1,0 +1,344 @@
+//! The data plane client: one authenticated connection ([`PeerClient`]) and a pool of
+//! them per peer address ([`PeerPool`]).
+//!
+//! Every received chunk is verified against the digest that was asked for while it is
+//! read (hashing each piece right after it arrives, while it is still in cache), and a
+//! mismatch is reported as [`DataPlaneError::Corrupt`] so the caller can penalise the
+//! peer. Every call has a time limit covering the whole exchange, so a peer that drips
+//! its answer fails with [`DataPlaneError::Timeout`].
+
+use super::wire::{self, FrameLimits, Message, HEADER_LEN};
+use super::Result;
+use super::{handshake, tune_socket, with_timeout, DataPlaneConfig, DataPlaneError, HaveMap};
+use bytes::{BufMut, Bytes, BytesMut};
+use imgd_core::{Digest, Sha256};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+/// Bytes read (and then hashed) at a time while receiving a chunk.
+const READ_PIECE: usize = 256 << 10;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum State {
+    Ready,
+    /// A request is under way; seen at the start of a call, it means the previous call
+    /// was cancelled mid-exchange and the stream is out of step.
+    Busy,
+    Broken,
+}
+
+/// One authenticated connection to a peer, carrying one request at a time.
+pub struct PeerClient {
+    stream: TcpStream,
+    peer: SocketAddr,
+    peer_id: Vec<u8>,
+    limits: FrameLimits,
+    next_id: u32,
+    state: State,
+}
+
+impl PeerClient {
+    /// Connects to `addr` and runs the handshake, both within
+    /// [`Limits::handshake_timeout`](super::Limits::handshake_timeout) each.
+    pub async fn connect(addr: SocketAddr, cfg: &DataPlaneConfig) -> Result<Self> {
+        let limits = &cfg.limits;
+        let mut stream = with_timeout(limits.handshake_timeout, "connect", async {
+            Ok(TcpStream::connect(addr).await?)
+        })
+        .await?;
+        tune_socket(&stream, limits)?;
+        let peer_id = handshake::client(&mut stream, cfg).await?;
+        Ok(PeerClient {
+            stream,
+            peer: addr,
+            peer_id,
+            limits: FrameLimits::from(limits),
+            next_id: 1,
+            state: State::Ready,
+        })
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// The peer's node id, authenticated by the handshake.
+    pub fn peer_id(&self) -> &[u8] {
+        &self.peer_id
+    }
+
+    /// Whether the connection can carry another request (no earlier failure).
+    pub fn is_usable(&self) -> bool {
+        self.state == State::Ready
+    }
+
+    /// Fetches chunk `digest`: `Ok(None)` if the peer does not hold it. The bytes are
+    /// verified; wrong ones give [`DataPlaneError::Corrupt`] (the connection stays
+    /// usable, the peer is to blame).
+    pub async fn get_chunk(&mut self, digest: &Digest, timeout: Duration) -> Result<Option<Bytes>> {
+        let req = Message::GetChunk { digest: *digest };
+        match self.exchange(&req, Some(*digest), timeout).await? {
+            Message::Chunk(bytes) => Ok(Some(bytes)),
+            Message::NotFound => Ok(None),
+            other => self.unexpected(other, "GetChunk"),
+        }
+    }
+
+    /// Asks which chunks of blob `blob` the peer holds: `Ok(None)` if it does not know
+    /// the blob.
+    pub async fn have(&mut self, blob: &Digest, timeout: Duration) -> Result<Option<HaveMap>> {
+        match self
+            .exchange(&Message::Have { blob: *blob }, None, timeout)
+            .await?
+        {
+            Message::HaveMap(map) => Ok(Some(map)),
+            Message::Unknown => Ok(None),
+            other => self.unexpected(other, "Have"),
+        }
+    }
+
+    fn unexpected<T>(&mut self, reply: Message, request: &str) -> Result<T> {
+        if let Message::Error(text) = reply {
+            return Err(DataPlaneError::Remote(text));
+        }
+        self.state = State::Broken;
+        Err(DataPlaneError::Protocol(format!(
+            "frame kind {:#04x} in reply to {request}",
+            reply.kind()
+        )))
+    }
+
+    /// Sends `req` and reads its reply within `timeout`, keeping track of whether the
+    /// stream is still in step.
+    async fn exchange(
+        &mut self,
+        req: &Message,
+        verify: Option<Digest>,
+        timeout: Duration,
+    ) -> Result<Message> {
+        if self.state != State::Ready {
+            self.state = State::Broken;
+            return Err(DataPlaneError::Closed);
+        }
+        self.state = State::Busy;
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        let result = with_timeout(timeout, "request", self.exchange_inner(id, req, verify)).await;
+        self.state = match &result {
+            Ok(_) | Err(DataPlaneError::Corrupt { .. } | DataPlaneError::Remote(_)) => State::Ready,
+            Err(_) => State::Broken,
+        };
+        result
+    }
+
+    async fn exchange_inner(
+        &mut self,
+        id: u32,
+        req: &Message,
+        verify: Option<Digest>,
+    ) -> Result<Message> {
+        let protocol = |e: wire::WireError| DataPlaneError::Protocol(e.to_string());
+        let (head, body) = wire::encode_frame(id, req, &self.limits).map_err(protocol)?;
+        let mut frame = Vec::with_capacity(HEADER_LEN + body.len());
+        frame.extend_from_slice(&head);
+        frame.extend_from_slice(&body);
+        self.stream.write_all(&frame).await?;
+
+        let mut head = [0u8; HEADER_LEN];
+        read_exact_or_closed(&mut self.stream, &mut head).await?;
+        let header = wire::decode_header(&head, &self.limits).map_err(protocol)?;
+        if header.request_id != id {
+            return Err(DataPlaneError::Protocol(format!(
+                "reply for request {} to request {id}",
+                header.request_id
+            )));
+        }
+        match (header.kind, verify) {
+            (wire::kind::CHUNK, Some(digest)) => {
+                let (bytes, actual) = self.read_hashed(header.len).await?;
+                if actual != digest {
+                    return Err(DataPlaneError::Corrupt {
+                        peer: self.peer,
+                        digest,
+                    });
+                }
+                Ok(Message::Chunk(bytes))
+            }
+            (wire::kind::GET_CHUNK | wire::kind::HAVE | wire::kind::CHUNK, _) => {
+                Err(DataPlaneError::Protocol(format!(
+                    "unexpected frame kind {:#04x} from the server",
+                    header.kind
+                )))
+            }
+            _ => {
+                // A control frame: its length is within max_control (decode_header).
+                let mut body = vec![0u8; header.len];
+                read_exact_or_closed(&mut self.stream, &mut body).await?;
+                wire::decode_body(&header, &body).map_err(protocol)
+            }
+        }
+    }
+
+    /// Reads a `len`-byte chunk body (len already checked against the limit), hashing
+    /// each piece as soon as it arrives.
+    async fn read_hashed(&mut self, len: usize) -> Result<(Bytes, Digest)> {
+        let mut buf = BytesMut::with_capacity(len);
+        let mut hasher = Sha256::new();
+        while buf.len() < len {
+            let start = buf.len();
+            let want = (len - start).min(READ_PIECE);
+            let n = self.stream.read_buf(&mut (&mut buf).limit(want)).await?;
+            if n == 0 {
+                return Err(DataPlaneError::Closed);
+            }
+            hasher.update(&buf[start..]);
+        }
+        Ok((buf.freeze(), hasher.finish()))
+    }
+}
+
+async fn read_exact_or_closed(stream: &mut TcpStream, buf: &mut [u8]) -> Result<()> {
+    match stream.read_exact(buf).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(DataPlaneError::Closed),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Connections to one peer address.
+struct Slot {
+    permits: Arc<Semaphore>,
+    idle: Mutex<Vec<PeerClient>>,
+}
+
+enum Op {
+    Chunk(Digest),
+    Have(Digest),
+}
+
+enum Reply {
+    Chunk(Option<Bytes>),
+    Have(Option<HaveMap>),
+}
+
+/// Keeps up to `max_in_flight_per_peer` connections per peer address, one request in
+/// flight on each, reusing idle ones and reconnecting after failures. Requests are
+/// idempotent, so a request that fails on a reused (possibly stale) connection is
+/// retried once on a fresh one.
+pub struct PeerPool {
+    cfg: Arc<DataPlaneConfig>,
+    per_peer: usize,
+    peers: Mutex<HashMap<SocketAddr, Arc<Slot>>>,
+}
+
+impl PeerPool {
+    /// A pool with at most `max_in_flight_per_peer` (at least 1) requests, and so
+    /// connections, per peer at once. 4 is a good default.
+    pub fn new(cfg: DataPlaneConfig, max_in_flight_per_peer: usize) -> Self {
+        PeerPool {
+            cfg: Arc::new(cfg),
+            per_peer: max_in_flight_per_peer.max(1),
+            peers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// [`PeerClient::get_chunk`] on a pooled connection to `addr`; `timeout` also
+    /// covers waiting for a free connection and connecting.
+    pub async fn get_chunk(
+        &self,
+        addr: SocketAddr,
+        digest: &Digest,
+        timeout: Duration,
+    ) -> Result<Option<Bytes>> {
+        match self.run(addr, Op::Chunk(*digest), timeout).await? {
+            Reply::Chunk(c) => Ok(c),
+            Reply::Have(_) => Err(DataPlaneError::Protocol("mismatched reply".into())),
+        }
+    }
+
+    /// [`PeerClient::have`] on a pooled connection to `addr`.
+    pub async fn have(
+        &self,
+        addr: SocketAddr,
+        blob: &Digest,
+        timeout: Duration,
+    ) -> Result<Option<HaveMap>> {
+        match self.run(addr, Op::Have(*blob), timeout).await? {
+            Reply::Have(m) => Ok(m),
+            Reply::Chunk(_) => Err(DataPlaneError::Protocol("mismatched reply".into())),
+        }
+    }
+
+    /// Closes the idle connections to `addr` and forgets it (e.g. a penalised peer).
+    /// Requests under way finish on their connections.
+    pub fn forget(&self, addr: SocketAddr) {
+        lock(&self.peers).remove(&addr);
+    }
+
+    /// Number of idle pooled connections to `addr`.
+    pub fn idle_connections(&self, addr: SocketAddr) -> usize {
+        lock(&self.peers)
+            .get(&addr)
+            .map_or(0, |slot| lock(&slot.idle).len())
+    }
+
+    fn slot(&self, addr: SocketAddr) -> Arc<Slot> {
+        let mut peers = lock(&self.peers);
+        peers
+            .entry(addr)
+            .or_insert_with(|| {
+                Arc::new(Slot {
+                    permits: Arc::new(Semaphore::new(self.per_peer)),
+                    idle: Mutex::new(Vec::new()),
+                })
+            })
+            .clone()
+    }
+
+    async fn run(&self, addr: SocketAddr, op: Op, timeout: Duration) -> Result<Reply> {
+        let deadline = Instant::now() + timeout;
+        let slot = self.slot(addr);
+        let _permit = tokio::time::timeout_at(deadline, slot.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| DataPlaneError::Timeout("waiting for a free connection"))?
+            .map_err(|_| DataPlaneError::Closed)?;
+        for attempt in 0..2 {
+            let pooled = lock(&slot.idle).pop();
+            let reused = pooled.is_some();
+            let mut client = match pooled {
+                Some(c) => c,
+                None => tokio::time::timeout_at(deadline, PeerClient::connect(addr, &self.cfg))
+                    .await
+                    .map_err(|_| DataPlaneError::Timeout("connect"))??,
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let result = match op {
+                Op::Chunk(d) => client.get_chunk(&d, left).await.map(Reply::Chunk),
+                Op::Have(b) => client.have(&b, left).await.map(Reply::Have),
+            };
+            if client.is_usable() {
+                lock(&slot.idle).push(client);
+            }
+            match result {
+                Err(DataPlaneError::Io(_) | DataPlaneError::Closed) if reused && attempt == 0 => {
+                    tracing::debug!(%addr, "data plane: stale pooled connection, reconnecting");
+                }
+                other => return other,
+            }
+        }
+        Err(DataPlaneError::Closed)
+    }
+}
+
+/// Locks a mutex, ignoring poisoning (the guarded data stays consistent: plain
+/// pushes, pops and inserts).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

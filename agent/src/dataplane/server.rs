@@ -1,0 +1,215 @@
+//! The data plane server: answers `GetChunk` and `Have` from a [`ChunkSource`].
+//!
+//! Every accepted connection must pass the [`handshake`](super::handshake) first. A
+//! connection is then served one request at a time, in order (a client may pipeline);
+//! the number of connections ([`Limits::max_connections`](super::Limits)) and of
+//! [`ChunkSource`] calls running at once over all connections
+//! ([`Limits::max_lookups`](super::Limits)) are bounded. Chunk bodies are written
+//! straight from the source's `Bytes` with one vectored write of header and body.
+
+use super::wire::{self, FrameLimits, Message, HEADER_LEN};
+use super::{handshake, tune_socket, with_timeout, DataPlaneConfig, DataPlaneError, Result};
+use super::{HaveMap, MAX_NODE_ID_LEN};
+use bytes::{Buf, Bytes};
+use imgd_core::Digest;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+/// What a node serves to its peers: its verified chunk cache. Calls run on tokio's
+/// blocking pool, so implementations may block (disk reads, locks).
+pub trait ChunkSource: Send + Sync + 'static {
+    /// The bytes of the chunk with this digest, if held. They are sent as they are:
+    /// the receiver verifies them, and a source that returns wrong bytes gets its node
+    /// reported as corrupt.
+    fn chunk(&self, digest: &Digest) -> Option<Bytes>;
+
+    /// Which chunks of blob `blob` are held or being fetched, if the blob is known.
+    fn have(&self, blob: &Digest) -> Option<HaveMap>;
+}
+
+struct Shared {
+    cfg: DataPlaneConfig,
+    limits: FrameLimits,
+    source: Arc<dyn ChunkSource>,
+    lookups: Semaphore,
+}
+
+/// Serves the data plane on `listener` until the returned future is dropped, which
+/// also closes every connection it accepted. Returns early only for an invalid
+/// configuration (over-long node id, zero limits).
+pub async fn serve(
+    listener: TcpListener,
+    cfg: DataPlaneConfig,
+    source: Arc<dyn ChunkSource>,
+) -> Result<()> {
+    let l = &cfg.limits;
+    if cfg.node_id.len() > MAX_NODE_ID_LEN {
+        return Err(DataPlaneError::Handshake(format!(
+            "node id of {} bytes exceeds {MAX_NODE_ID_LEN}",
+            cfg.node_id.len()
+        )));
+    }
+    if l.max_connections == 0 || l.max_lookups == 0 || l.max_control < 64 {
+        return Err(DataPlaneError::Protocol(
+            "max_connections and max_lookups must be positive, max_control >= 64".into(),
+        ));
+    }
+    let connections = Arc::new(Semaphore::new(l.max_connections));
+    let shared = Arc::new(Shared {
+        limits: FrameLimits::from(l),
+        lookups: Semaphore::new(l.max_lookups),
+        source,
+        cfg,
+    });
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, addr)) => {
+                    let Ok(permit) = connections.clone().try_acquire_owned() else {
+                        tracing::warn!(%addr, "data plane: too many connections, refusing");
+                        continue;
+                    };
+                    let shared = shared.clone();
+                    tasks.spawn(async move {
+                        if let Err(e) = connection(stream, addr, &shared).await {
+                            tracing::debug!(%addr, error = %e, "data plane connection ended");
+                        }
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "data plane accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+}
+
+/// Serves one connection: handshake, then requests until EOF, idle timeout or error.
+async fn connection(mut stream: TcpStream, addr: SocketAddr, shared: &Shared) -> Result<()> {
+    let limits = &shared.cfg.limits;
+    tune_socket(&stream, limits)?;
+    let peer_id = match handshake::server(&mut stream, &shared.cfg).await {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::info!(%addr, error = %e, "data plane handshake refused");
+            return Err(e);
+        }
+    };
+    tracing::debug!(%addr, peer = %imgd_core::digest::to_hex(&peer_id), "data plane peer");
+    loop {
+        let mut head = [0u8; HEADER_LEN];
+        let first = with_timeout(limits.idle_timeout, "idle connection", async {
+            Ok(stream.read(&mut head).await?)
+        })
+        .await?;
+        if first == 0 {
+            return Ok(()); // clean close between requests
+        }
+        with_timeout(limits.write_timeout, "reading a request", async {
+            Ok(stream.read_exact(&mut head[first..]).await?)
+        })
+        .await?;
+        let request = match read_request(&mut stream, &head, shared).await {
+            Ok(r) => r,
+            Err((id, e)) => {
+                // Tell the peer why before hanging up; best effort.
+                let msg = Message::Error(e.to_string());
+                let _ = write_frame(&mut stream, id, &msg, shared).await;
+                return Err(e);
+            }
+        };
+        let (id, msg) = request;
+        let reply = answer(msg, shared).await;
+        write_frame(&mut stream, id, &reply, shared).await?;
+    }
+}
+
+/// Reads the body of the request whose header is `head`. On error, also returns the
+/// request id to answer with.
+async fn read_request(
+    stream: &mut TcpStream,
+    head: &[u8; HEADER_LEN],
+    shared: &Shared,
+) -> std::result::Result<(u32, Message), (u32, DataPlaneError)> {
+    let protocol = |id, e: wire::WireError| (id, DataPlaneError::Protocol(e.to_string()));
+    let header = wire::decode_header(head, &shared.limits).map_err(|e| protocol(0, e))?;
+    let id = header.request_id;
+    if !matches!(header.kind, wire::kind::GET_CHUNK | wire::kind::HAVE) {
+        let e = format!("expected a request, got frame kind {:#04x}", header.kind);
+        return Err((id, DataPlaneError::Protocol(e)));
+    }
+    // Requests are exactly 32 bytes (checked by decode_header).
+    let mut body = [0u8; 32];
+    let limit = shared.cfg.limits.write_timeout;
+    with_timeout(limit, "reading a request", async {
+        Ok(stream.read_exact(&mut body[..header.len]).await?)
+    })
+    .await
+    .map_err(|e| (id, e))?;
+    let msg = wire::decode_body(&header, &body[..header.len]).map_err(|e| protocol(id, e))?;
+    Ok((id, msg))
+}
+
+/// Looks the request up in the source on the blocking pool, under the lookup limit.
+async fn answer(request: Message, shared: &Shared) -> Message {
+    let Ok(_permit) = shared.lookups.acquire().await else {
+        return Message::Error("server shutting down".into());
+    };
+    let source = shared.source.clone();
+    let max_chunk = shared.limits.max_chunk;
+    let looked_up = tokio::task::spawn_blocking(move || match request {
+        Message::GetChunk { digest } => match source.chunk(&digest) {
+            Some(b) if b.len() > max_chunk => {
+                tracing::warn!(%digest, len = b.len(), "data plane: chunk too large to serve");
+                Message::Error(format!("chunk {digest} is larger than the frame limit"))
+            }
+            Some(b) => Message::Chunk(b),
+            None => Message::NotFound,
+        },
+        Message::Have { blob } => match source.have(&blob) {
+            Some(m) => Message::HaveMap(m),
+            None => Message::Unknown,
+        },
+        _ => Message::Error("not a request".into()),
+    })
+    .await;
+    looked_up.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "data plane chunk source failed");
+        Message::Error("internal error in the chunk source".into())
+    })
+}
+
+/// Writes one frame with a single vectored write of header and body.
+async fn write_frame(
+    stream: &mut TcpStream,
+    id: u32,
+    msg: &Message,
+    shared: &Shared,
+) -> Result<()> {
+    let (head, body) = match wire::encode_frame(id, msg, &shared.limits) {
+        Ok(parts) => parts,
+        Err(e) => {
+            // E.g. a have-map too large for one control frame.
+            tracing::warn!(error = %e, "data plane: reply does not fit in a frame");
+            let err = Message::Error(format!("reply does not fit in a frame: {e}"));
+            wire::encode_frame(id, &err, &shared.limits)
+                .map_err(|e| DataPlaneError::Protocol(e.to_string()))?
+        }
+    };
+    let mut frame = Bytes::copy_from_slice(&head).chain(body);
+    let limit = shared.cfg.limits.write_timeout;
+    with_timeout(limit, "writing a reply", async {
+        Ok(stream.write_all_buf(&mut frame).await?)
+    })
+    .await
+}

@@ -1,0 +1,331 @@
+//! Getting a blob's chunks: local cache, then peers, then the proxy.
+//!
+//! Every chunk is verified by sha256 before it enters the cache, whatever its source.
+//! When several hosts fetch the same blob at once they split the proxy's work: every
+//! chunk has one *owner* among the hosts interested in the blob (rendezvous hashing of
+//! chunk digest and node id, so all hosts agree without talking). A host fetches from the
+//! proxy only the chunks it owns; the others it takes from whichever peer has them. If
+//! the owner has not produced a chunk within `owner_wait`, the host fetches it from the
+//! proxy itself, so a dead or slow peer costs time, never correctness. Peer requests are
+//! hedged: a chunk a peer has not delivered within half the peer timeout is also asked of
+//! another source, and the first verified answer wins.
+
+use crate::cache::ChunkCache;
+use crate::dataplane::{HaveMap, PeerPool};
+use crate::peers::{Peer, PeerSet, CORRUPT_PENALTY, FAILURE_PENALTY};
+use crate::proxy_client::{ProxyClient, ProxyClientError, Repo};
+use bytes::Bytes;
+use imgd_core::{ChunkList, Digest};
+use rand::seq::SliceRandom;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Where a chunk came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Cache,
+    Peer,
+    Proxy,
+}
+
+/// Errors fetching a blob.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Proxy(#[from] ProxyClientError),
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
+    #[error("chunk {digest} of blob {blob} could not be fetched from any source: {last}")]
+    Exhausted { blob: Digest, digest: Digest, last: String },
+}
+
+/// Bytes received by source since start.
+#[derive(Default)]
+pub struct FetchStats {
+    pub from_cache: AtomicU64,
+    pub from_peers: AtomicU64,
+    pub from_proxy: AtomicU64,
+}
+
+impl FetchStats {
+    fn add(&self, source: Source, n: u64) {
+        let c = match source {
+            Source::Cache => &self.from_cache,
+            Source::Peer => &self.from_peers,
+            Source::Proxy => &self.from_proxy,
+        };
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Fetch policy settings.
+#[derive(Clone, Debug)]
+pub struct FetchSettings {
+    pub peer_timeout: Duration,
+    pub parallel_chunks: usize,
+    pub owner_wait: Duration,
+}
+
+/// Progress reports: `(bytes, source)` per chunk that became available.
+pub type Progress = mpsc::UnboundedSender<(u64, Source)>;
+
+/// State of a blob being fetched here, visible to peers through have-maps.
+struct Job {
+    list: ChunkList,
+    in_flight: Mutex<Vec<bool>>,
+}
+
+/// Fetches blobs into the cache.
+pub struct Fetcher {
+    pub cache: Arc<ChunkCache>,
+    pub proxy: ProxyClient,
+    pub peers: Arc<PeerSet>,
+    pub pool: Arc<PeerPool>,
+    pub stats: FetchStats,
+    node_id: String,
+    settings: FetchSettings,
+    jobs: Mutex<HashMap<Digest, Arc<Job>>>,
+    provide: Option<mpsc::Sender<crate::swarm::SwarmCommand>>,
+}
+
+/// Rendezvous weight of `node` for `chunk`: the node with the highest weight owns it.
+fn weight(chunk: &Digest, node: &str) -> u64 {
+    let mut h = imgd_core::Sha256::new();
+    h.update(chunk.as_bytes());
+    h.update(node.as_bytes());
+    let d = h.finish();
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&d.as_bytes()[..8]);
+    u64::from_be_bytes(w)
+}
+
+impl Fetcher {
+    /// A fetcher; `provide` announces completed blobs to the swarm.
+    pub fn new(
+        cache: Arc<ChunkCache>,
+        proxy: ProxyClient,
+        peers: Arc<PeerSet>,
+        pool: Arc<PeerPool>,
+        node_id: String,
+        settings: FetchSettings,
+        provide: Option<mpsc::Sender<crate::swarm::SwarmCommand>>,
+    ) -> Fetcher {
+        Fetcher {
+            cache,
+            proxy,
+            peers,
+            pool,
+            stats: FetchStats::default(),
+            node_id,
+            settings,
+            jobs: Mutex::new(HashMap::new()),
+            provide,
+        }
+    }
+
+    /// What this node has of `blob`, for a peer's have query (`None`: blob unknown here).
+    pub fn have_map(&self, blob: &Digest) -> Option<HaveMap> {
+        let list = self.cache.blob(blob).ok().flatten()?;
+        let mut map = HaveMap::new(list.chunks.len() as u32);
+        for (i, c) in list.chunks.iter().enumerate() {
+            map.set_present(i as u32, self.cache.has_chunk(&c.digest));
+        }
+        let job = self.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(blob).cloned();
+        if let Some(job) = job {
+            for (i, f) in job.in_flight.lock().unwrap_or_else(|p| p.into_inner()).iter().enumerate() {
+                map.set_in_flight(i as u32, *f);
+            }
+        }
+        Some(map)
+    }
+
+    /// The chunk list of `blob`: from the cache, else from the proxy (then cached).
+    pub async fn chunk_list(&self, repo: &Repo, blob: &Digest) -> Result<ChunkList, FetchError> {
+        if let Some(list) = self.cache.blob(blob)? {
+            return Ok(list);
+        }
+        let info = self.proxy.blob_info(repo, blob).await?;
+        self.cache.put_blob(&info.chunks)?;
+        Ok(info.chunks)
+    }
+
+    /// Brings every chunk of `blob` into the cache, reporting progress.
+    pub async fn fetch_blob(&self, repo: &Repo, blob: &Digest, progress: &Progress) -> Result<ChunkList, FetchError> {
+        let list = self.chunk_list(repo, blob).await?;
+        let mut pending = Vec::new();
+        for (i, c) in list.chunks.iter().enumerate() {
+            if self.cache.has_chunk(&c.digest) {
+                self.stats.add(Source::Cache, u64::from(c.size));
+                let _ = progress.send((u64::from(c.size), Source::Cache));
+            } else {
+                pending.push(i);
+            }
+        }
+        if !pending.is_empty() {
+            pending.shuffle(&mut rand::rng());
+            let job = Arc::new(Job {
+                in_flight: Mutex::new(vec![false; list.chunks.len()]),
+                list: list.clone(),
+            });
+            self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(*blob, job.clone());
+            let result = self.run_job(blob, &job, pending, progress).await;
+            self.jobs.lock().unwrap_or_else(|p| p.into_inner()).remove(blob);
+            result?;
+        }
+        if let Some(tx) = &self.provide {
+            let _ = tx.try_send(crate::swarm::SwarmCommand::Provide(*blob));
+        }
+        Ok(list)
+    }
+
+    async fn run_job(&self, blob: &Digest, job: &Job, mut pending: Vec<usize>, progress: &Progress) -> Result<(), FetchError> {
+        let started = Instant::now();
+        let mut maps: HashMap<String, HaveMap> = HashMap::new();
+        let mut refreshed = Instant::now() - Duration::from_secs(3600);
+        let mut running = futures::stream::FuturesUnordered::new();
+        loop {
+            if refreshed.elapsed() > Duration::from_millis(250) {
+                maps = self.refresh_maps(blob).await;
+                refreshed = Instant::now();
+            }
+            // Start work up to the parallelism limit.
+            while running.len() < self.settings.parallel_chunks {
+                let Some(pos) = self.pick(&pending, job, &maps, started) else { break };
+                let i = pending.swap_remove(pos);
+                let chunk = job.list.chunks[i];
+                let holders: Vec<Peer> = self
+                    .peers
+                    .usable()
+                    .into_iter()
+                    .filter(|p| maps.get(&p.id).is_some_and(|m| m.is_present(i as u32)))
+                    .collect();
+                set_flight(job, i, true);
+                running.push(async move { (i, self.fetch_chunk(blob, &chunk.digest, holders).await) });
+            }
+            if running.is_empty() && pending.is_empty() {
+                return Ok(());
+            }
+            if running.is_empty() {
+                // Waiting for owners or for peers' have-maps.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            let next = tokio::time::timeout(Duration::from_millis(100), futures::StreamExt::next(&mut running)).await;
+            if let Ok(Some((i, result))) = next {
+                set_flight(job, i, false);
+                let (bytes, source) = result?;
+                self.cache.put_chunk(&job.list.chunks[i].digest, &bytes)?;
+                self.stats.add(source, bytes.len() as u64);
+                let _ = progress.send((bytes.len() as u64, source));
+            }
+        }
+    }
+
+    /// Asks every usable peer what it has of `blob`.
+    async fn refresh_maps(&self, blob: &Digest) -> HashMap<String, HaveMap> {
+        let peers = self.peers.usable();
+        let timeout = self.settings.peer_timeout / 4;
+        let asks = peers.iter().map(|p| async move {
+            (p.id.clone(), self.pool.have(p.data_addr, blob, timeout).await)
+        });
+        let mut out = HashMap::new();
+        for (id, r) in futures::future::join_all(asks).await {
+            match r {
+                Ok(Some(map)) => {
+                    out.insert(id, map);
+                }
+                Ok(None) => {}
+                Err(e) => self.peers.penalise(&id, FAILURE_PENALTY / 4, &format!("have query: {e}")),
+            }
+        }
+        out
+    }
+
+    /// Index into `pending` of the chunk to fetch next, or `None` to wait.
+    fn pick(&self, pending: &[usize], job: &Job, maps: &HashMap<String, HaveMap>, started: Instant) -> Option<usize> {
+        let held = |i: usize| maps.values().any(|m| m.is_present(i as u32));
+        if let Some(pos) = pending.iter().position(|&i| held(i)) {
+            return Some(pos);
+        }
+        let owner_is_me = |i: usize| {
+            let d = &job.list.chunks[i].digest;
+            let mine = weight(d, &self.node_id);
+            maps.keys().all(|peer| weight(d, peer) < mine)
+        };
+        if let Some(pos) = pending.iter().position(|&i| owner_is_me(i)) {
+            return Some(pos);
+        }
+        // Chunks owned by other hosts: ours to take once they had their time.
+        (started.elapsed() >= self.settings.owner_wait).then_some(0).filter(|_| !pending.is_empty())
+    }
+
+    /// One chunk from peers that hold it (hedged), else from the proxy.
+    async fn fetch_chunk(&self, blob: &Digest, digest: &Digest, mut holders: Vec<Peer>) -> Result<(Bytes, Source), FetchError> {
+        holders.truncate(2);
+        let mut last = String::from("no peer holds it");
+        if !holders.is_empty() {
+            match self.from_peers(digest, &holders).await {
+                Ok(b) => return Ok((b, Source::Peer)),
+                Err(e) => last = e,
+            }
+        }
+        match self.proxy.chunk(digest).await {
+            Ok(b) => Ok((b, Source::Proxy)),
+            Err(e) => Err(FetchError::Exhausted {
+                blob: *blob,
+                digest: *digest,
+                last: format!("{last}; proxy: {e}"),
+            }),
+        }
+    }
+
+    /// Asks the first holder, and the second too if the first is slow; first verified wins.
+    async fn from_peers(&self, digest: &Digest, holders: &[Peer]) -> Result<Bytes, String> {
+        let timeout = self.settings.peer_timeout;
+        let ask = |p: &Peer| {
+            let p = p.clone();
+            async move {
+                let r = self.pool.get_chunk(p.data_addr, digest, timeout).await;
+                (p, r)
+            }
+        };
+        let mut tries = futures::stream::FuturesUnordered::new();
+        tries.push(futures::future::Either::Left(ask(&holders[0])));
+        let hedge = tokio::time::sleep(timeout / 2);
+        tokio::pin!(hedge);
+        let mut hedged = holders.len() < 2;
+        let mut last = String::new();
+        loop {
+            tokio::select! {
+                _ = &mut hedge, if !hedged => {
+                    hedged = true;
+                    tries.push(futures::future::Either::Right(ask(&holders[1])));
+                }
+                r = futures::StreamExt::next(&mut tries) => match r {
+                    None => return Err(last),
+                    Some((_, Ok(Some(bytes)))) => return Ok(bytes),
+                    Some((p, Ok(None))) => last = format!("peer {} no longer has it", p.id),
+                    Some((p, Err(e))) => {
+                        let corrupt = matches!(e, crate::dataplane::DataPlaneError::Corrupt { .. });
+                        let penalty = if corrupt { CORRUPT_PENALTY } else { FAILURE_PENALTY };
+                        self.peers.penalise(&p.id, penalty, &e.to_string());
+                        last = format!("peer {}: {e}", p.id);
+                    }
+                }
+            }
+            if tries.is_empty() && hedged {
+                return Err(last);
+            }
+        }
+    }
+}
+
+fn set_flight(job: &Job, i: usize, v: bool) {
+    if let Some(f) = job.in_flight.lock().unwrap_or_else(|p| p.into_inner()).get_mut(i) {
+        *f = v;
+    }
+}

@@ -1,0 +1,160 @@
+//! Image references and their resolution through the proxy into an [`ImageRecord`].
+
+use crate::cache::ImageRecord;
+use crate::proxy_client::{FetchedManifest, ProxyClient, ProxyClientError, Repo};
+use imgd_core::Digest;
+
+/// A parsed image reference: `REPO:TAG` or `REPO@sha256:...`, where `REPO` is the name
+/// the proxy routes (e.g. `local/app` or `docker.io/library/alpine`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageRef {
+    pub repo: String,
+    pub reference: String,
+}
+
+/// Errors resolving an image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("invalid image reference {0:?}: expected REPO:TAG or REPO@sha256:DIGEST")]
+    BadReference(String),
+    #[error("unknown image {0}")]
+    Unknown(String),
+    #[error(transparent)]
+    Proxy(#[from] ProxyClientError),
+    #[error("malformed manifest of {image}: {message}")]
+    Malformed { image: String, message: String },
+    #[error("image index of {image} has no linux/{arch} manifest")]
+    NoPlatform { image: String, arch: String },
+}
+
+impl ImageRef {
+    /// Parses `REPO:TAG`, `REPO@DIGEST`, or `REPO` (tag `latest`).
+    pub fn parse(s: &str) -> Result<ImageRef, ImageError> {
+        let bad = || ImageError::BadReference(s.to_string());
+        let (repo, reference) = if let Some((r, d)) = s.split_once('@') {
+            d.parse::<Digest>().map_err(|_| bad())?;
+            (r, d)
+        } else {
+            match s.rsplit_once(':') {
+                Some((r, t)) if !t.contains('/') => (r, t),
+                _ => (s, "latest"),
+            }
+        };
+        if repo.is_empty() || reference.is_empty() || repo.contains("..") || repo.starts_with('/') {
+            return Err(bad());
+        }
+        Ok(ImageRef {
+            repo: repo.to_string(),
+            reference: reference.to_string(),
+        })
+    }
+}
+
+impl ImageRef {
+    /// The repository as the proxy routes it.
+    pub fn proxy_repo(&self) -> Repo {
+        Repo::new(&self.repo)
+    }
+}
+
+impl std::fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sep = if self.reference.starts_with("sha256:") { '@' } else { ':' };
+        write!(f, "{}{sep}{}", self.repo, self.reference)
+    }
+}
+
+/// The architecture name OCI uses for this machine.
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+fn malformed(image: &ImageRef, message: impl Into<String>) -> ImageError {
+    ImageError::Malformed {
+        image: image.to_string(),
+        message: message.into(),
+    }
+}
+
+fn digest_field(v: &serde_json::Value, image: &ImageRef) -> Result<(Digest, u64), ImageError> {
+    let d = v["digest"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| malformed(image, "descriptor without a valid digest"))?;
+    Ok((d, v["size"].as_u64().unwrap_or(0)))
+}
+
+/// Resolves `image` through the proxy: follows an index to the host's platform and
+/// returns the image's manifest and blobs.
+pub async fn resolve(proxy: &ProxyClient, image: &ImageRef) -> Result<ImageRecord, ImageError> {
+    let top = proxy
+        .manifest(&image.proxy_repo(), &image.reference, &[])
+        .await
+        .map_err(|e| if e.is_not_found() { ImageError::Unknown(image.to_string()) } else { e.into() })?;
+    let manifest = match platform_child(&top, image)? {
+        Some(child) => proxy.manifest(&image.proxy_repo(), &child.to_string(), &[]).await?,
+        None => top,
+    };
+    let json: serde_json::Value =
+        serde_json::from_slice(&manifest.bytes).map_err(|e| malformed(image, e.to_string()))?;
+    let (config, config_size) = digest_field(&json["config"], image)?;
+    let mut layers = Vec::new();
+    let mut total = config_size;
+    for l in json["layers"].as_array().ok_or_else(|| malformed(image, "no layers"))? {
+        let (d, size) = digest_field(l, image)?;
+        layers.push(d);
+        total += size;
+    }
+    let pulled_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Ok(ImageRecord {
+        manifest_digest: manifest.digest,
+        media_type: manifest.media_type,
+        manifest: manifest.bytes.to_vec(),
+        config,
+        layers,
+        total_size: total,
+        pulled_at,
+    })
+}
+
+/// For an index or manifest list, the digest of the host platform's manifest.
+fn platform_child(m: &FetchedManifest, image: &ImageRef) -> Result<Option<Digest>, ImageError> {
+    let json: serde_json::Value = serde_json::from_slice(&m.bytes).map_err(|e| malformed(image, e.to_string()))?;
+    let Some(list) = json["manifests"].as_array() else {
+        return Ok(None);
+    };
+    let arch = host_arch();
+    let pick = list.iter().find(|e| e["platform"]["os"] == "linux" && e["platform"]["architecture"] == arch);
+    match pick {
+        Some(e) => digest_field(e, image).map(|(d, _)| Some(d)),
+        None => Err(ImageError::NoPlatform {
+            image: image.to_string(),
+            arch: arch.to_string(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_references() {
+        let r = ImageRef::parse("local/app:1").unwrap();
+        assert_eq!((r.repo.as_str(), r.reference.as_str()), ("local/app", "1"));
+        let r = ImageRef::parse("host:5000/app").unwrap();
+        assert_eq!((r.repo.as_str(), r.reference.as_str()), ("host:5000/app", "latest"));
+        let d = Digest::of(b"x");
+        let r = ImageRef::parse(&format!("a/b@{d}")).unwrap();
+        assert_eq!(r.to_string(), format!("a/b@{d}"));
+        assert!(ImageRef::parse("a@sha256:zz").is_err());
+        assert!(ImageRef::parse("../x:1").is_err());
+    }
+}

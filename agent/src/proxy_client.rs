@@ -1,0 +1,168 @@
+//! Client of imgd-proxy: manifests over the registry API, chunk lists, chunks and indexes
+//! over the chunk API. Everything fetched by digest is verified here.
+
+use bytes::Bytes;
+use imgd_core::wire::BlobInfo;
+use imgd_core::Digest;
+use std::time::Duration;
+
+/// Errors talking to the proxy.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyClientError {
+    #[error("proxy unreachable at {url}: {message}")]
+    Unreachable { url: String, message: String },
+    #[error("proxy answered {status} for {url}: {body}")]
+    Status { status: u16, url: String, body: String },
+    #[error("proxy sent {what} that does not match its digest {digest}")]
+    Corrupt { what: &'static str, digest: Digest },
+    #[error("proxy sent malformed {what}: {message}")]
+    Malformed { what: &'static str, message: String },
+}
+
+impl ProxyClientError {
+    /// True when the proxy said the thing does not exist (404).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ProxyClientError::Status { status: 404, .. })
+    }
+}
+
+/// A repository as the proxy routes it: a name (e.g. `local/app`) and, as containerd
+/// sends it, an optional `ns` naming the upstream registry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Repo {
+    pub name: String,
+    pub ns: Option<String>,
+}
+
+impl Repo {
+    /// A repository without `ns`.
+    pub fn new(name: &str) -> Repo {
+        Repo { name: name.to_string(), ns: None }
+    }
+
+    fn ns_query(&self, first: char) -> String {
+        self.ns.as_ref().map(|ns| format!("{first}ns={ns}")).unwrap_or_default()
+    }
+}
+
+/// A manifest as the proxy served it.
+#[derive(Clone, Debug)]
+pub struct FetchedManifest {
+    pub bytes: Bytes,
+    pub media_type: String,
+    pub digest: Digest,
+}
+
+/// Talks to one imgd-proxy.
+#[derive(Clone)]
+pub struct ProxyClient {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl ProxyClient {
+    /// A client of the proxy at `base` (`http://host:port`), with a per-request timeout.
+    pub fn new(base: &str, timeout: Duration) -> Result<ProxyClient, ProxyClientError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .timeout(timeout)
+            .build()
+            .map_err(|e| ProxyClientError::Unreachable {
+                url: base.to_string(),
+                message: e.to_string(),
+            })?;
+        Ok(ProxyClient {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+        })
+    }
+
+    /// The proxy's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Result<reqwest::Response, ProxyClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.get(&url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.map_err(|e| ProxyClientError::Unreachable {
+            url: url.clone(),
+            message: format!("{e:#}"),
+        })?;
+        if !resp.status().is_success() {
+            let status = resp.status().as_u16();
+            let body = resp.text().await.unwrap_or_default();
+            return Err(ProxyClientError::Status { status, url, body });
+        }
+        Ok(resp)
+    }
+
+    async fn body(resp: reqwest::Response, url: &str) -> Result<Bytes, ProxyClientError> {
+        resp.bytes().await.map_err(|e| ProxyClientError::Unreachable {
+            url: url.to_string(),
+            message: format!("reading body: {e:#}"),
+        })
+    }
+
+    /// A manifest by tag or digest (`repo` as the proxy routes it, e.g. `local/app`).
+    pub async fn manifest(&self, repo: &Repo, reference: &str, accept: &[String]) -> Result<FetchedManifest, ProxyClientError> {
+        let accept = if accept.is_empty() {
+            imgd_core::wire::MANIFEST_MEDIA_TYPES.join(", ")
+        } else {
+            accept.join(", ")
+        };
+        let path = format!("/v2/{}/manifests/{reference}{}", repo.name, repo.ns_query('?'));
+        let resp = self.get(&path, &[("Accept", &accept)]).await?;
+        let media_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(imgd_core::wire::MANIFEST_MEDIA_TYPES[0])
+            .to_string();
+        let bytes = Self::body(resp, &path).await?;
+        let digest = Digest::of(&bytes);
+        if let Ok(want) = reference.parse::<Digest>() {
+            if want != digest {
+                return Err(ProxyClientError::Corrupt { what: "a manifest", digest: want });
+            }
+        }
+        Ok(FetchedManifest { bytes, media_type, digest })
+    }
+
+    /// The chunk list and index state of a blob, which the proxy ingests if needed.
+    pub async fn blob_info(&self, repo: &Repo, blob: &Digest) -> Result<BlobInfo, ProxyClientError> {
+        let path = format!("/imgd/v1/blobs/{blob}?repo={}{}", repo.name, repo.ns_query('&'));
+        let body = Self::body(self.get(&path, &[]).await?, &path).await?;
+        let info: BlobInfo = serde_json::from_slice(&body).map_err(|e| ProxyClientError::Malformed {
+            what: "chunk list",
+            message: e.to_string(),
+        })?;
+        if info.chunks.blob != *blob {
+            return Err(ProxyClientError::Corrupt { what: "a chunk list", digest: *blob });
+        }
+        info.chunks.validate().map_err(|e| ProxyClientError::Malformed {
+            what: "chunk list",
+            message: e.to_string(),
+        })?;
+        Ok(info)
+    }
+
+    /// A chunk, verified against its digest.
+    pub async fn chunk(&self, digest: &Digest) -> Result<Bytes, ProxyClientError> {
+        let path = format!("/imgd/v1/chunks/{digest}");
+        let bytes = Self::body(self.get(&path, &[]).await?, &path).await?;
+        if Digest::of(&bytes) != *digest {
+            return Err(ProxyClientError::Corrupt { what: "a chunk", digest: *digest });
+        }
+        Ok(bytes)
+    }
+
+    /// The encoded index of a layer (the caller decodes and verifies it).
+    pub async fn index(&self, repo: &Repo, layer: &Digest) -> Result<Bytes, ProxyClientError> {
+        let path = format!("/imgd/v1/indexes/{layer}?repo={}{}", repo.name, repo.ns_query('&'));
+        Self::body(self.get(&path, &[]).await?, &path).await
+    }
+}

@@ -1,0 +1,206 @@
+//! Discovery and membership on libp2p: QUIC transport, mDNS on the LAN, Kademlia with
+//! bootstrap peers for wider networks, and identify, which carries each agent's chunk
+//! data-plane port (`imgd/VERSION dp=PORT` as agent version).
+//!
+//! libp2p carries no chunk bytes and no chunk lists: those flow over the data plane, which
+//! authenticates every connection with the swarm key. Kademlia provider records are keyed
+//! by HMAC(swarm key, blob digest), so a node outside the swarm cannot tell which blobs a
+//! member holds. Peers outside a non-empty allow-list are disconnected at once.
+
+use crate::peers::PeerSet;
+use futures::StreamExt;
+use hmac::{KeyInit, Mac};
+use imgd_core::Digest;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{identify, identity, kad, mdns, Multiaddr, PeerId};
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+const PROTOCOL: &str = "/imgd/1.0.0";
+
+/// Errors starting the swarm.
+#[derive(Debug, thiserror::Error)]
+pub enum SwarmError {
+    #[error("libp2p: {0}")]
+    Libp2p(String),
+    #[error("bad multiaddr {0:?}: {1}")]
+    Addr(String, String),
+}
+
+/// Commands to the running swarm.
+#[derive(Debug)]
+pub enum SwarmCommand {
+    /// Announce that this agent holds the whole blob.
+    Provide(Digest),
+    /// Look for providers of a blob (found peers are added to the peer set).
+    FindProviders(Digest),
+}
+
+/// Settings of the discovery layer.
+pub struct SwarmSettings {
+    pub keypair: identity::Keypair,
+    pub quic_listen: SocketAddr,
+    pub data_port: u16,
+    pub swarm_key: [u8; 32],
+    pub allow_list: Vec<String>,
+    pub bootstrap: Vec<String>,
+    pub mdns: bool,
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    mdns: libp2p::swarm::behaviour::toggle::Toggle<mdns::tokio::Behaviour>,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    identify: identify::Behaviour,
+}
+
+/// The Kademlia key under which providers of `blob` are announced.
+pub fn provider_key(swarm_key: &[u8; 32], blob: &Digest) -> kad::RecordKey {
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(swarm_key).expect("HMAC takes any key length");
+    mac.update(b"imgd-provider-v1");
+    mac.update(blob.as_bytes());
+    kad::RecordKey::new(&mac.finalize().into_bytes().as_slice())
+}
+
+fn quic_addr(a: SocketAddr) -> Multiaddr {
+    let ip = match a.ip() {
+        IpAddr::V4(ip) => format!("/ip4/{ip}"),
+        IpAddr::V6(ip) => format!("/ip6/{ip}"),
+    };
+    format!("{ip}/udp/{}/quic-v1", a.port()).parse().unwrap_or_else(|_| Multiaddr::empty())
+}
+
+fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    addr.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        libp2p::multiaddr::Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    })
+}
+
+fn data_port(agent_version: &str) -> Option<u16> {
+    agent_version.split_whitespace().find_map(|w| w.strip_prefix("dp=")?.parse().ok())
+}
+
+/// Starts the swarm in a background task; returns the local peer id and a command sender.
+pub fn start(settings: SwarmSettings, peers: Arc<PeerSet>) -> Result<(PeerId, mpsc::Sender<SwarmCommand>), SwarmError> {
+    let e = |x: &dyn std::fmt::Display| SwarmError::Libp2p(x.to_string());
+    let local_id = settings.keypair.public().to_peer_id();
+    let agent_version = format!("imgd/{} dp={}", env!("CARGO_PKG_VERSION"), settings.data_port);
+    let mdns_on = settings.mdns;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(settings.keypair.clone())
+        .with_tokio()
+        .with_quic()
+        .with_behaviour(|key| {
+            let id = key.public().to_peer_id();
+            let mdns = if mdns_on {
+                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), id)?)
+            } else {
+                None
+            };
+            let mut kad_cfg = kad::Config::new(libp2p::StreamProtocol::new("/imgd/kad/1.0.0"));
+            kad_cfg.set_query_timeout(Duration::from_secs(10));
+            let mut kad = kad::Behaviour::with_config(id, kad::store::MemoryStore::new(id), kad_cfg);
+            kad.set_mode(Some(kad::Mode::Server));
+            let identify = identify::Behaviour::new(
+                identify::Config::new(PROTOCOL.into(), key.public()).with_agent_version(agent_version.clone()),
+            );
+            Ok(Behaviour {
+                mdns: mdns.into(),
+                kad,
+                identify,
+            })
+        })
+        .map_err(|x| e(&x))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build();
+    swarm.listen_on(quic_addr(settings.quic_listen)).map_err(|x| e(&x))?;
+    for b in &settings.bootstrap {
+        let addr: Multiaddr = b.parse().map_err(|x: libp2p::multiaddr::Error| SwarmError::Addr(b.clone(), x.to_string()))?;
+        let Some(libp2p::multiaddr::Protocol::P2p(peer)) = addr.iter().last() else {
+            return Err(SwarmError::Addr(b.clone(), "must end with /p2p/PEER_ID".into()));
+        };
+        swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+        let _ = swarm.dial(addr);
+    }
+    let (tx, mut rx) = mpsc::channel(256);
+    let allow: HashSet<String> = settings.allow_list.into_iter().collect();
+    let key = settings.swarm_key;
+    tokio::spawn(async move {
+        // Remote IP of each connected peer, to pair with the port identify reports.
+        let mut remote_ip: HashMap<PeerId, IpAddr> = HashMap::new();
+        let mut bootstrap_tick = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    None => break,
+                    Some(SwarmCommand::Provide(blob)) => {
+                        let _ = swarm.behaviour_mut().kad.start_providing(provider_key(&key, &blob));
+                    }
+                    Some(SwarmCommand::FindProviders(blob)) => {
+                        swarm.behaviour_mut().kad.get_providers(provider_key(&key, &blob));
+                    }
+                },
+                _ = bootstrap_tick.tick() => {
+                    let _ = swarm.behaviour_mut().kad.bootstrap();
+                }
+                event = swarm.select_next_some() => match event {
+                    SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                        if !allow.is_empty() && !allow.contains(&peer_id.to_string()) {
+                            tracing::warn!(%peer_id, "peer not on the allow-list, disconnecting");
+                            let _ = swarm.disconnect_peer_id(peer_id);
+                            continue;
+                        }
+                        if let Some(ip) = ip_of(endpoint.get_remote_address()) {
+                            remote_ip.insert(peer_id, ip);
+                        }
+                    }
+                    SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                        remote_ip.remove(&peer_id);
+                        peers.remove(&peer_id.to_string());
+                        tracing::info!(%peer_id, "peer left");
+                    }
+                    SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                        for (peer, addr) in found {
+                            if peer != local_id && !swarm.is_connected(&peer) {
+                                swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                                let _ = swarm.dial(addr);
+                            }
+                        }
+                    }
+                    SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                        if info.protocol_version != PROTOCOL {
+                            continue;
+                        }
+                        for a in &info.listen_addrs {
+                            swarm.behaviour_mut().kad.add_address(&peer_id, a.clone());
+                        }
+                        match (remote_ip.get(&peer_id), data_port(&info.agent_version)) {
+                            (Some(ip), Some(port)) => {
+                                let addr = SocketAddr::new(*ip, port);
+                                tracing::info!(%peer_id, data = %addr, "peer joined");
+                                peers.upsert(&peer_id.to_string(), addr);
+                            }
+                            _ => tracing::debug!(%peer_id, agent = info.agent_version, "peer without data plane"),
+                        }
+                    }
+                    SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                        result: kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders { providers, .. })), ..
+                    })) => {
+                        for p in providers {
+                            if p != local_id && !swarm.is_connected(&p) {
+                                let _ = swarm.dial(p);
+                            }
+                        }
+                    }
+                    SwarmEvent::NewListenAddr { address, .. } => tracing::info!(%address, "swarm listening"),
+                    _ => {}
+                },
+            }
+        }
+    });
+    Ok((local_id, tx))
+}
