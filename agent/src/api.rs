@@ -6,6 +6,7 @@
 //! | `GET /v1/images` | [`ImageSummary`] list |
 //! | `GET /v1/status` | [`Status`] |
 //! | `POST /v1/gc` | the cache's GC report |
+//! | `GET /v1/verify` | a full re-verification of every cached chunk (changes nothing) |
 
 use crate::agent::{Agent, PrefetchSummary};
 use crate::fetch::Source;
@@ -73,6 +74,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/images", get(images))
         .route("/v1/status", get(status))
         .route("/v1/gc", post(gc))
+        .route("/v1/verify", get(verify))
         .with_state(agent)
 }
 
@@ -171,6 +173,15 @@ async fn status(State(agent): State<Arc<Agent>>) -> Json<Status> {
 async fn gc(State(agent): State<Arc<Agent>>) -> Response {
     let cache = agent.fetcher.cache.clone();
     match tokio::task::spawn_blocking(move || cache.gc()).await {
+        Ok(Ok(report)) => Json(report).into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn verify(State(agent): State<Arc<Agent>>) -> Response {
+    let cache = agent.fetcher.cache.clone();
+    match tokio::task::spawn_blocking(move || cache.verify_all()).await {
         Ok(Ok(report)) => Json(report).into_response(),
         Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),

@@ -92,6 +92,9 @@ pub struct Fetcher {
     provide: Option<mpsc::Sender<crate::swarm::SwarmCommand>>,
 }
 
+/// How long after a blob fetch starts all known peers count as possible chunk owners.
+const GATHER: Duration = Duration::from_millis(600);
+
 /// Rendezvous weight of `node` for `chunk`: the node with the highest weight owns it.
 fn weight(chunk: &Digest, node: &str) -> u64 {
     let mut h = imgd_core::Sha256::new();
@@ -246,21 +249,37 @@ impl Fetcher {
     }
 
     /// Index into `pending` of the chunk to fetch next, or `None` to wait.
+    ///
+    /// In order: a chunk some peer holds (fetched from it); a chunk this host owns that no
+    /// peer has in flight (fetched from the proxy); once `owner_wait` has passed, any
+    /// chunk. Owners are chosen among the peers fetching the blob, and during the first
+    /// [`GATHER`] among all usable peers, so hosts that start together split the work
+    /// before they have seen each other's have-maps.
     fn pick(&self, pending: &[usize], job: &Job, maps: &HashMap<String, HaveMap>, started: Instant) -> Option<usize> {
         let held = |i: usize| maps.values().any(|m| m.is_present(i as u32));
         if let Some(pos) = pending.iter().position(|&i| held(i)) {
             return Some(pos);
         }
+        let gathering = started.elapsed() < GATHER;
+        let candidates: Vec<String> = if gathering {
+            self.peers.usable().into_iter().map(|p| p.id).collect()
+        } else {
+            maps.keys().cloned().collect()
+        };
+        let in_flight_elsewhere = |i: usize| maps.values().any(|m| m.is_in_flight(i as u32));
         let owner_is_me = |i: usize| {
             let d = &job.list.chunks[i].digest;
             let mine = weight(d, &self.node_id);
-            maps.keys().all(|peer| weight(d, peer) < mine)
+            candidates.iter().all(|peer| weight(d, peer) < mine)
         };
-        if let Some(pos) = pending.iter().position(|&i| owner_is_me(i)) {
+        if let Some(pos) = pending.iter().position(|&i| owner_is_me(i) && !in_flight_elsewhere(i)) {
             return Some(pos);
         }
-        // Chunks owned by other hosts: ours to take once they had their time.
-        (started.elapsed() >= self.settings.owner_wait).then_some(0).filter(|_| !pending.is_empty())
+        if started.elapsed() < self.settings.owner_wait {
+            return None;
+        }
+        // The owners had their time: take what nobody is fetching first.
+        pending.iter().position(|&i| !in_flight_elsewhere(i)).or(if pending.is_empty() { None } else { Some(0) })
     }
 
     /// One chunk from peers that hold it (hedged), else from the proxy.

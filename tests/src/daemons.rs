@@ -30,6 +30,7 @@ pub fn workspace_bin(name: &str) -> Result<PathBuf> {
 /// A running `imgd-proxy` with its own storage directory.
 pub struct Proxy {
     guard: ChildGuard,
+    ip: String,
     port: u16,
     storage: PathBuf,
     _dir: Option<TempDir>,
@@ -50,13 +51,18 @@ impl Proxy {
     /// Starts a proxy on an existing storage dir (e.g. to restart after a kill), with
     /// extra command-line arguments.
     pub fn start_in(storage: &Path, upstreams: &[String], extra: &[&str]) -> Result<Proxy> {
+        Proxy::start_with("127.0.0.1", storage, upstreams, extra)
+    }
+
+    /// Starts a proxy listening on `ip` (e.g. a test LAN's gateway address).
+    pub fn start_with(ip: &str, storage: &Path, upstreams: &[String], extra: &[&str]) -> Result<Proxy> {
         let port = free_port()?;
         std::fs::create_dir_all(storage)?;
         let log = storage.with_extension("log");
         let log_file = std::fs::File::create(&log)?;
         let mut cmd = Command::new(workspace_bin("imgd-proxy")?);
         cmd.arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg(format!("{ip}:{port}"))
             .arg("--storage-dir")
             .arg(storage)
             .args(extra)
@@ -67,13 +73,14 @@ impl Proxy {
             cmd.arg("--upstream").arg(u);
         }
         let mut guard = ChildGuard::spawn(&mut cmd, "imgd-proxy")?;
-        let url = format!("http://127.0.0.1:{port}/healthz");
+        let url = format!("http://{ip}:{port}/healthz");
         if let Err(e) = guard.wait_for_http(&url, Duration::from_secs(20)) {
             let log_text = std::fs::read_to_string(&log).unwrap_or_default();
             bail!("imgd-proxy did not start: {e:#}\n{log_text}");
         }
         Ok(Proxy {
             guard,
+            ip: ip.to_string(),
             port,
             storage: storage.to_path_buf(),
             _dir: None,
@@ -81,12 +88,12 @@ impl Proxy {
         })
     }
 
-    /// `127.0.0.1:PORT`.
+    /// `IP:PORT`.
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.ip, self.port)
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://IP:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr())
     }

@@ -126,3 +126,15 @@ fn poll_http(url: &str, timeout: Duration, mut alive: impl FnMut() -> Result<()>
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Runs `program args` to completion; returns (success, stdout, stderr).
+pub fn run_ok(program: &str, args: &[&str]) -> (bool, String, String) {
+    match std::process::Command::new(program).args(args).output() {
+        Ok(o) => (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        ),
+        Err(e) => (false, String::new(), e.to_string()),
+    }
+}

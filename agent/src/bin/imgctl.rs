@@ -35,6 +35,8 @@ enum Command {
     Status,
     /// Evict down to the quota and repair the cache.
     Gc,
+    /// Re-hash every cached chunk and cross-check the metadata (changes nothing).
+    Verify,
 }
 
 /// Sends one request over the unix socket; returns the status and the response body.
@@ -154,6 +156,20 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Gc => {
             let report: serde_json::Value = get_json(&cli.socket, "POST", "/v1/gc").await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Verify => {
+            let report: imgd_agent::cache::VerifyReport = get_json(&cli.socket, "GET", "/v1/verify").await?;
+            println!(
+                "checked {} chunks: {} bad, {} missing, {} orphans",
+                report.checked,
+                report.bad.len(),
+                report.missing.len(),
+                report.orphans.len()
+            );
+            if !report.is_clean() {
+                bail!("the cache is not consistent: {report:?}");
+            }
             Ok(())
         }
     }

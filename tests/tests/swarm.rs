@@ -1,0 +1,133 @@
+//! Agents on a LAN of network namespaces share chunks: the proxy sends each chunk about
+//! once, a real client pulls through an agent's mirror, and a second host gets the image
+//! from its peer.
+
+use imgd_core::Digest;
+use imgd_tests::daemons::{Agent, AgentOptions, Proxy};
+use imgd_tests::image::{self, presets};
+use imgd_tests::netns::{Host, Lan};
+use imgd_tests::registry::Registry;
+use imgd_tests::skopeo::{self, Format};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// A registry holding `big:1` (about `mib` MiB of content) and its total blob size.
+fn registry_with_big(dir: &Path, mib: u64) -> (Registry, u64, Digest) {
+    let reg = Registry::start().unwrap();
+    let layout = image::build_layout(&dir.join("big"), &[presets::big_gzip(mib)]).unwrap();
+    skopeo::push_layout(&layout.dir, "big", &reg.docker_ref("big:1"), Format::OciExact, false).unwrap();
+    let img = layout.image("big").unwrap();
+    let size = img.referenced_blobs().iter().map(|b| b.size).sum();
+    (reg, size, img.manifest.digest)
+}
+
+fn start_agent(host: &Host, proxy: &Proxy, dir: &Path, extra: &str) -> Agent {
+    Agent::start(AgentOptions {
+        host: Some(host),
+        proxy_url: proxy.url(),
+        data_dir: dir.join(&host.ns),
+        extra_toml: extra.to_string(),
+        swarm: true,
+    })
+    .unwrap()
+}
+
+/// Waits until every agent knows `n` peers.
+fn wait_for_peers(agents: &[Agent], n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for a in agents {
+        loop {
+            let peers = a.status().unwrap()["peers"].as_array().map(Vec::len).unwrap_or(0);
+            if peers >= n {
+                break;
+            }
+            assert!(Instant::now() < deadline, "agent did not find {n} peers:\n{}", a.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn assert_cache_clean(a: &Agent) {
+    let (ok, out, err) = a.imgctl(&["verify"]).unwrap();
+    assert!(ok, "verify: {out}{err}");
+}
+
+#[test]
+fn four_hosts_prefetching_at_once_get_each_chunk_from_the_proxy_about_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (reg, image_size, _) = registry_with_big(tmp.path(), 320);
+    assert!(image_size >= 100_000_000, "image of {image_size} bytes");
+    let lan = Lan::new(4).unwrap();
+    let proxy = Proxy::start_with(&lan.gateway, &tmp.path().join("proxy"), &[format!("local={}", reg.url())], &[]).unwrap();
+    // Warm the proxy from upstream first: its chunk egress to the LAN is what is measured.
+    let (ok, _, err) = imgd_tests::process::run_ok("curl", &["-sf", &format!("{}/v2/local/big/manifests/1", proxy.url())]);
+    assert!(ok, "{err}");
+    let agents: Vec<Agent> = lan.hosts.iter().map(|h| start_agent(h, &proxy, tmp.path(), "")).collect();
+    wait_for_peers(&agents, 3);
+
+    let started = Instant::now();
+    let children: Vec<_> = agents.iter().map(|a| a.spawn_imgctl(&["prefetch", "local/big:1"]).unwrap()).collect();
+    let mut outputs = Vec::new();
+    for (a, c) in agents.iter().zip(children) {
+        let out = c.wait_with_output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "prefetch failed: {text}\n{}", a.log());
+        outputs.push(text.trim().to_string());
+    }
+    let elapsed = started.elapsed();
+    for a in &agents {
+        assert_cache_clean(a);
+        let s = a.status().unwrap();
+        let received: u64 = ["bytes_from_cache", "bytes_from_peers", "bytes_from_proxy"]
+            .iter()
+            .map(|k| s[k].as_u64().unwrap())
+            .sum();
+        assert_eq!(received, image_size, "every chunk of the image is on every host: {s}");
+    }
+    let egress = proxy.stats().unwrap().chunk_bytes_served;
+    let ratio = egress as f64 / image_size as f64;
+    println!("4 hosts, image {image_size} bytes, {elapsed:?}: proxy chunk egress {egress} bytes = {ratio:.2}x the image");
+    for o in &outputs {
+        println!("  {o}");
+    }
+    assert!(ratio <= 1.25, "proxy egress {ratio:.2}x the image (without sharing it would be 4x)");
+}
+
+#[test]
+fn skopeo_pulls_through_an_agent_mirror_and_a_second_host_gets_the_image_from_its_peer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (reg, image_size, manifest) = registry_with_big(tmp.path(), 40);
+    let lan = Lan::new(2).unwrap();
+    let proxy = Proxy::start_with(&lan.gateway, &tmp.path().join("proxy"), &[format!("local={}", reg.url())], &[]).unwrap();
+    let agents: Vec<Agent> = lan.hosts.iter().map(|h| start_agent(h, &proxy, tmp.path(), "")).collect();
+    wait_for_peers(&agents, 1);
+
+    // skopeo on host 0 pulls through host 0's mirror (loopback of that namespace).
+    let out = tmp.path().join("out");
+    let policy = tmp.path().join("policy.json");
+    std::fs::write(&policy, r#"{"default":[{"type":"insecureAcceptAnything"}]}"#).unwrap();
+    let status = lan.hosts[0]
+        .command("skopeo")
+        .args(["--policy", policy.to_str().unwrap(), "copy", "-q", "--src-tls-verify=false"])
+        .arg(format!("docker://{}/local/big:1", agents[0].mirror))
+        .arg(format!("dir:{}", out.display()))
+        .status()
+        .unwrap();
+    assert!(status.success(), "skopeo through the mirror:\n{}", agents[0].log());
+    let got = std::fs::read(out.join("manifest.json")).unwrap();
+    assert_eq!(Digest::of(&got), manifest, "manifest digest equals upstream's");
+    for f in std::fs::read_dir(&out).unwrap().flatten() {
+        let name = f.file_name().to_string_lossy().into_owned();
+        if name.len() == 64 {
+            assert_eq!(Digest::of(&std::fs::read(f.path()).unwrap()).hex(), name);
+        }
+    }
+
+    let (ok, text, err) = agents[1].imgctl(&["prefetch", "local/big:1"]).unwrap();
+    assert!(ok, "{text}{err}");
+    let s = agents[1].status().unwrap();
+    let from_peers = s["bytes_from_peers"].as_u64().unwrap();
+    println!("second host: {text}");
+    assert!(from_peers as f64 >= 0.9 * image_size as f64, "mostly from the peer: {s}");
+    assert_cache_clean(&agents[1]);
+}
