@@ -333,6 +333,11 @@ impl Fetcher {
                         let penalty = if corrupt { CORRUPT_PENALTY } else { FAILURE_PENALTY };
                         self.peers.penalise(&p.id, penalty, &e.to_string());
                         last = format!("peer {}: {e}", p.id);
+                        if !hedged {
+                            // The first source failed outright: ask the second now.
+                            hedged = true;
+                            tries.push(futures::future::Either::Right(ask(&holders[1])));
+                        }
                     }
                 }
             }

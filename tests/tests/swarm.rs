@@ -131,3 +131,50 @@ fn skopeo_pulls_through_an_agent_mirror_and_a_second_host_gets_the_image_from_it
     assert!(from_peers as f64 >= 0.9 * image_size as f64, "mostly from the peer: {s}");
     assert_cache_clean(&agents[1]);
 }
+
+#[test]
+fn a_peer_serving_corrupt_chunks_is_rejected_penalised_and_routed_around() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (reg, image_size, _) = registry_with_big(tmp.path(), 24);
+    let lan = Lan::new(3).unwrap();
+    let proxy = Proxy::start_with(&lan.gateway, &tmp.path().join("proxy"), &[format!("local={}", reg.url())], &[]).unwrap();
+
+    let evil_bin = imgd_tests::daemons::workspace_bin("imgd-evil-peer").unwrap();
+    let mut evil_cmd = lan.hosts[0].command(evil_bin.to_str().unwrap());
+    evil_cmd
+        .args(["--proxy", &proxy.url(), "--image", "local/big:1", "--dir"])
+        .arg(tmp.path().join("evil"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut evil = imgd_tests::process::ChildGuard::spawn(&mut evil_cmd, "imgd-evil-peer").unwrap();
+    let mut line = String::new();
+    let stdout = evil.child_mut().stdout.take().unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+    assert!(line.contains("ready"), "evil peer: {line}");
+    let evil_id = line.split_whitespace().nth(2).unwrap().to_string();
+
+    let agents = vec![
+        start_agent(&lan.hosts[1], &proxy, tmp.path(), ""),
+        start_agent(&lan.hosts[2], &proxy, tmp.path(), ""),
+    ];
+    wait_for_peers(&agents, 2);
+
+    // Host A: the liar claims every chunk; A rejects what it sends and uses the proxy.
+    let (ok, text, err) = agents[0].imgctl(&["prefetch", "local/big:1"]).unwrap();
+    assert!(ok, "{text}{err}\n{}", agents[0].log());
+    // Host B: both A and the liar claim every chunk; B ends up with A's.
+    let (ok, text_b, err) = agents[1].imgctl(&["prefetch", "local/big:1"]).unwrap();
+    assert!(ok, "{text_b}{err}\n{}", agents[1].log());
+    println!("A: {text}B: {text_b}");
+    for a in &agents {
+        assert_cache_clean(a);
+        let s = a.status().unwrap();
+        let liar = s["peers"].as_array().unwrap().iter().find(|p| p["id"] == evil_id.as_str());
+        let penalty = liar.map(|p| p["penalty"].as_u64().unwrap()).unwrap_or(0);
+        assert!(penalty >= 100, "the liar is banned: {s}");
+        assert!(a.log().contains("corrupt bytes"), "corruption was detected and logged:\n{}", a.log());
+    }
+    let s = agents[1].status().unwrap();
+    assert_eq!(s["bytes_from_peers"].as_u64().unwrap(), image_size, "B got everything from A: {s}");
+    assert_eq!(s["bytes_from_proxy"].as_u64().unwrap(), 0, "{s}");
+}

@@ -137,7 +137,9 @@ impl ChunkCache {
     /// while chunks are being stored.
     pub(super) fn reconcile(&self) -> Result<RepairReport, CacheError> {
         let mut report = RepairReport::default();
-        for d in self.index().digests() {
+        // Collect first: a guard in the `for` expression would live through the loop.
+        let digests = self.index().digests();
+        for d in digests {
             let _stripe = self.stripes.lock(&d);
             let Some(row) = self.index().get(&d) else {
                 continue;

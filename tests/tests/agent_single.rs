@@ -1,0 +1,96 @@
+//! One agent: kill -9 in the middle of a prefetch loses nothing verified, and imgctl gives
+//! clear errors.
+
+use imgd_tests::daemons::{Agent, AgentOptions, Proxy};
+use imgd_tests::image::{self, presets};
+use imgd_tests::process::free_port;
+use imgd_tests::registry::Registry;
+use imgd_tests::skopeo::{self, Format};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn agent(dir: &Path, proxy_url: &str) -> Agent {
+    Agent::start(AgentOptions {
+        host: None,
+        proxy_url: proxy_url.to_string(),
+        data_dir: dir.to_path_buf(),
+        extra_toml: String::new(),
+        swarm: false,
+    })
+    .unwrap()
+}
+
+#[test]
+fn kill_9_during_prefetch_then_restart_completes_with_a_consistent_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start().unwrap();
+    let layout = image::build_layout(&tmp.path().join("big"), &[presets::big_gzip(160)]).unwrap();
+    skopeo::push_layout(&layout.dir, "big", &reg.docker_ref("big:1"), Format::OciExact, false).unwrap();
+    let size: u64 = layout.image("big").unwrap().referenced_blobs().iter().map(|b| b.size).sum();
+    let proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
+    let data = tmp.path().join("agent");
+
+    let mut a = agent(&data, &proxy.url());
+    let mut prefetch = a.spawn_imgctl(&["prefetch", "local/big:1"]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let used = a.status().unwrap()["cache_used_bytes"].as_u64().unwrap();
+        if used >= 8 << 20 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "prefetch made no progress:\n{}", a.log());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    a.kill().unwrap();
+    let _ = prefetch.wait();
+    let used_at_kill = a.status().is_err();
+    assert!(used_at_kill, "the agent is dead");
+
+    let a = agent(&data, &proxy.url());
+    let (ok, out, err) = a.imgctl(&["verify"]).unwrap();
+    assert!(ok, "after kill -9 every listed chunk is whole and verified: {out}{err}");
+    let (ok, out, err) = a.imgctl(&["prefetch", "local/big:1"]).unwrap();
+    assert!(ok, "{out}{err}");
+    println!("after restart: {out}");
+    let s = a.status().unwrap();
+    assert!(s["bytes_from_cache"].as_u64().unwrap() > 0, "resumed from what was kept: {s}");
+    assert!(s["bytes_from_cache"].as_u64().unwrap() < size, "{s}");
+    assert_eq!(s["bytes_from_cache"].as_u64().unwrap() + s["bytes_from_proxy"].as_u64().unwrap(), size);
+    let (ok, out, err) = a.imgctl(&["verify"]).unwrap();
+    assert!(ok, "{out}{err}");
+    let (_, images, _) = a.imgctl(&["images"]).unwrap();
+    assert!(images.contains("local/big:1"), "{images}");
+}
+
+#[test]
+fn imgctl_reports_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nobody = Agent::start(AgentOptions {
+        host: None,
+        proxy_url: format!("http://127.0.0.1:{}", free_port().unwrap()),
+        data_dir: tmp.path().join("a"),
+        extra_toml: String::new(),
+        swarm: false,
+    })
+    .unwrap();
+    let (ok, _, err) = nobody.imgctl(&["prefetch", "local/app:1"]).unwrap();
+    assert!(!ok);
+    assert!(err.contains("proxy unreachable"), "{err}");
+
+    let reg = Registry::start().unwrap();
+    let proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
+    let a = agent(&tmp.path().join("b"), &proxy.url());
+    let (ok, _, err) = a.imgctl(&["prefetch", "local/nothing:1"]).unwrap();
+    assert!(!ok);
+    assert!(err.contains("unknown image local/nothing:1"), "{err}");
+    let (ok, _, err) = a.imgctl(&["prefetch", "UPPER/../x"]).unwrap();
+    assert!(!ok);
+    assert!(err.contains("invalid image reference"), "{err}");
+
+    let out = std::process::Command::new(imgd_tests::daemons::workspace_bin("imgctl").unwrap())
+        .args(["--socket", "/nonexistent/imgd.sock", "status"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("agent is not running"));
+}
