@@ -44,9 +44,15 @@ mod tests {
         assert_eq!(parse_byte_range(Some("bytes=2-4"), 10).unwrap(), Some(2..5));
         assert_eq!(parse_byte_range(Some("bytes=7-"), 10).unwrap(), Some(7..10));
         assert_eq!(parse_byte_range(Some("bytes=-3"), 10).unwrap(), Some(7..10));
-        assert_eq!(parse_byte_range(Some("bytes=5-100"), 10).unwrap(), Some(5..10));
+        assert_eq!(
+            parse_byte_range(Some("bytes=5-100"), 10).unwrap(),
+            Some(5..10)
+        );
         assert_eq!(parse_byte_range(Some("bytes=0-1,4-5"), 10).unwrap(), None);
-        assert_eq!(parse_byte_range(Some("bytes=10-"), 10), Err(RangeError::Unsatisfiable(10)));
+        assert_eq!(
+            parse_byte_range(Some("bytes=10-"), 10),
+            Err(RangeError::Unsatisfiable(10))
+        );
         assert!(parse_byte_range(Some("items=1-2"), 10).is_err());
         assert!(parse_byte_range(Some("bytes=x-2"), 10).is_err());
     }

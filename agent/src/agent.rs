@@ -48,9 +48,20 @@ impl Agent {
     }
 
     /// Brings every blob of `image` into the cache.
-    pub async fn prefetch(&self, r: &ImageRef, record: &ImageRecord, progress: &Progress) -> Result<PrefetchSummary, AgentError> {
-        for blob in record.blobs() {
-            self.fetcher.fetch_blob(&r.proxy_repo(), &blob, progress).await?;
+    pub async fn prefetch(
+        &self,
+        r: &ImageRef,
+        record: &ImageRecord,
+        progress: &Progress,
+    ) -> Result<PrefetchSummary, AgentError> {
+        // All blobs at once: more chunks in flight hides peer and proxy latency.
+        let repo = r.proxy_repo();
+        let fetches = record.blobs().map(|blob| {
+            let repo = repo.clone();
+            async move { self.fetcher.fetch_blob(&repo, &blob, progress).await }
+        });
+        for result in futures::future::join_all(fetches).await {
+            result?;
         }
         Ok(PrefetchSummary {
             image: r.to_string(),
@@ -62,17 +73,28 @@ impl Agent {
 
 /// Opens the cache, starts the swarm and the data plane, and returns the agent.
 pub async fn start(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
-    let start_err = |what: &str, e: &dyn std::fmt::Display| AgentError::Start(format!("{what}: {e}"));
+    let start_err =
+        |what: &str, e: &dyn std::fmt::Display| AgentError::Start(format!("{what}: {e}"));
     config.validate().map_err(|e| start_err("config", &e))?;
     std::fs::create_dir_all(&config.data_dir).map_err(|e| start_err("creating data_dir", &e))?;
-    let cache = Arc::new(ChunkCache::open(&config.data_dir.join("cache"), config.cache_quota_bytes)?);
-    let proxy = ProxyClient::new(&config.proxy_url, config.fetch.proxy_timeout()).map_err(|e| start_err("proxy client", &e))?;
-    let keypair = crate::identity::load_or_create(&config.data_dir.join("node.key")).map_err(|e| start_err("node key", &e))?;
+    let cache = Arc::new(ChunkCache::open(
+        &config.data_dir.join("cache"),
+        config.cache_quota_bytes,
+    )?);
+    let proxy = ProxyClient::new(&config.proxy_url, config.fetch.proxy_timeout())
+        .map_err(|e| start_err("proxy client", &e))?;
+    let keypair = crate::identity::load_or_create(&config.data_dir.join("node.key"))
+        .map_err(|e| start_err("node key", &e))?;
     let node_id = keypair.public().to_peer_id().to_string();
     let swarm_key = config.swarm_key().map_err(|e| start_err("swarm key", &e))?;
     let peers = Arc::new(PeerSet::default());
     let mut dp_cfg = DataPlaneConfig::new(swarm_key, node_id.as_bytes().to_vec());
-    dp_cfg.allow_list = config.swarm.allow_list.iter().map(|s| s.as_bytes().to_vec()).collect();
+    dp_cfg.allow_list = config
+        .swarm
+        .allow_list
+        .iter()
+        .map(|s| s.as_bytes().to_vec())
+        .collect();
     let pool = Arc::new(PeerPool::new(dp_cfg.clone(), 4));
     let mut provide = None;
     let mut data_listener = None;
@@ -80,7 +102,10 @@ pub async fn start(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         let listener = tokio::net::TcpListener::bind(config.swarm.data_listen)
             .await
             .map_err(|e| start_err("binding swarm.data_listen", &e))?;
-        let data_port = listener.local_addr().map_err(|e| start_err("data plane", &e))?.port();
+        let data_port = listener
+            .local_addr()
+            .map_err(|e| start_err("data plane", &e))?
+            .port();
         let settings = crate::swarm::SwarmSettings {
             keypair,
             quic_listen: config.swarm.quic_listen,
@@ -90,7 +115,8 @@ pub async fn start(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
             bootstrap: config.swarm.bootstrap.clone(),
             mdns: config.swarm.mdns,
         };
-        let (_, tx) = crate::swarm::start(settings, peers.clone()).map_err(|e| start_err("swarm", &e))?;
+        let (_, tx) =
+            crate::swarm::start(settings, peers.clone()).map_err(|e| start_err("swarm", &e))?;
         provide = Some(tx);
         data_listener = Some(listener);
     }
@@ -99,7 +125,15 @@ pub async fn start(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         parallel_chunks: config.fetch.parallel_chunks,
         owner_wait: config.fetch.owner_wait(),
     };
-    let fetcher = Arc::new(Fetcher::new(cache, proxy, peers.clone(), pool, node_id.clone(), settings, provide));
+    let fetcher = Arc::new(Fetcher::new(
+        cache,
+        proxy,
+        peers.clone(),
+        pool,
+        node_id.clone(),
+        settings,
+        provide,
+    ));
     if let Some(listener) = data_listener {
         let source = Arc::new(crate::chunk_source::CacheSource(fetcher.clone()));
         tokio::spawn(async move {

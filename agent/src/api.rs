@@ -88,7 +88,9 @@ async fn prefetch(State(agent): State<Arc<Agent>>, Json(req): Json<PrefetchReque
     let (r, record) = match agent.resolve(&req.image).await {
         Ok(x) => x,
         Err(e) => {
-            let body = line(&PrefetchEvent::Error { message: e.to_string() });
+            let body = line(&PrefetchEvent::Error {
+                message: e.to_string(),
+            });
             return (StatusCode::OK, body).into_response();
         }
     };
@@ -110,37 +112,45 @@ async fn prefetch(State(agent): State<Arc<Agent>>, Json(req): Json<PrefetchReque
         let _ = relay.await;
         let last = match result {
             Ok(summary) => PrefetchEvent::Done(summary),
-            Err(e) => PrefetchEvent::Error { message: e.to_string() },
+            Err(e) => PrefetchEvent::Error {
+                message: e.to_string(),
+            },
         };
         let _ = out_tx.send(line(&last));
     });
     let stream = futures::stream::unfold(out_rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
     });
     Response::new(Body::from_stream(stream))
 }
 
-async fn images(State(agent): State<Arc<Agent>>) -> Result<Json<Vec<ImageSummary>>, (StatusCode, String)> {
+async fn images(
+    State(agent): State<Arc<Agent>>,
+) -> Result<Json<Vec<ImageSummary>>, (StatusCode, String)> {
     let cache = agent.fetcher.cache.clone();
-    let list = tokio::task::spawn_blocking(move || -> Result<Vec<ImageSummary>, crate::cache::CacheError> {
-        let mut out = Vec::new();
-        for (image, record) in cache.images()? {
-            let mut cached = 0;
-            for blob in record.blobs() {
-                if let Some(list) = cache.blob(&blob)? {
-                    cached += cache.blob_cached_bytes(&list);
+    let list = tokio::task::spawn_blocking(
+        move || -> Result<Vec<ImageSummary>, crate::cache::CacheError> {
+            let mut out = Vec::new();
+            for (image, record) in cache.images()? {
+                let mut cached = 0;
+                for blob in record.blobs() {
+                    if let Some(list) = cache.blob(&blob)? {
+                        cached += cache.blob_cached_bytes(&list);
+                    }
                 }
+                out.push(ImageSummary {
+                    pinned: cache.pin_of(&image)?.is_some(),
+                    image,
+                    manifest_digest: record.manifest_digest,
+                    total_bytes: record.total_size,
+                    cached_bytes: cached,
+                });
             }
-            out.push(ImageSummary {
-                pinned: cache.pin_of(&image)?.is_some(),
-                image,
-                manifest_digest: record.manifest_digest,
-                total_bytes: record.total_size,
-                cached_bytes: cached,
-            });
-        }
-        Ok(out)
-    })
+            Ok(out)
+        },
+    )
     .await
     .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
     .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;

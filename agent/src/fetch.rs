@@ -40,7 +40,11 @@ pub enum FetchError {
     #[error(transparent)]
     Cache(#[from] crate::cache::CacheError),
     #[error("chunk {digest} of blob {blob} could not be fetched from any source: {last}")]
-    Exhausted { blob: Digest, digest: Digest, last: String },
+    Exhausted {
+        blob: Digest,
+        digest: Digest,
+        last: String,
+    },
 }
 
 /// Bytes received by source since start.
@@ -92,6 +96,9 @@ pub struct Fetcher {
     provide: Option<mpsc::Sender<crate::swarm::SwarmCommand>>,
 }
 
+/// How often peers' have-maps of a blob being fetched are asked for again.
+const MAP_REFRESH: Duration = Duration::from_millis(100);
+
 /// How long after a blob fetch starts all known peers count as possible chunk owners.
 const GATHER: Duration = Duration::from_millis(600);
 
@@ -137,9 +144,20 @@ impl Fetcher {
         for (i, c) in list.chunks.iter().enumerate() {
             map.set_present(i as u32, self.cache.has_chunk(&c.digest));
         }
-        let job = self.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(blob).cloned();
+        let job = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(blob)
+            .cloned();
         if let Some(job) = job {
-            for (i, f) in job.in_flight.lock().unwrap_or_else(|p| p.into_inner()).iter().enumerate() {
+            for (i, f) in job
+                .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .enumerate()
+            {
                 map.set_in_flight(i as u32, *f);
             }
         }
@@ -157,7 +175,12 @@ impl Fetcher {
     }
 
     /// Brings every chunk of `blob` into the cache, reporting progress.
-    pub async fn fetch_blob(&self, repo: &Repo, blob: &Digest, progress: &Progress) -> Result<ChunkList, FetchError> {
+    pub async fn fetch_blob(
+        &self,
+        repo: &Repo,
+        blob: &Digest,
+        progress: &Progress,
+    ) -> Result<ChunkList, FetchError> {
         let list = self.chunk_list(repo, blob).await?;
         let mut pending = Vec::new();
         for (i, c) in list.chunks.iter().enumerate() {
@@ -174,9 +197,15 @@ impl Fetcher {
                 in_flight: Mutex::new(vec![false; list.chunks.len()]),
                 list: list.clone(),
             });
-            self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(*blob, job.clone());
+            self.jobs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(*blob, job.clone());
             let result = self.run_job(blob, &job, pending, progress).await;
-            self.jobs.lock().unwrap_or_else(|p| p.into_inner()).remove(blob);
+            self.jobs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(blob);
             result?;
         }
         if let Some(tx) = &self.provide {
@@ -185,29 +214,41 @@ impl Fetcher {
         Ok(list)
     }
 
-    async fn run_job(&self, blob: &Digest, job: &Job, mut pending: Vec<usize>, progress: &Progress) -> Result<(), FetchError> {
+    async fn run_job(
+        &self,
+        blob: &Digest,
+        job: &Job,
+        mut pending: Vec<usize>,
+        progress: &Progress,
+    ) -> Result<(), FetchError> {
         let started = Instant::now();
         let mut maps: HashMap<String, HaveMap> = HashMap::new();
         let mut refreshed = Instant::now() - Duration::from_secs(3600);
         let mut running = futures::stream::FuturesUnordered::new();
         loop {
-            if refreshed.elapsed() > Duration::from_millis(250) {
+            if refreshed.elapsed() > MAP_REFRESH {
                 maps = self.refresh_maps(blob).await;
                 refreshed = Instant::now();
             }
             // Start work up to the parallelism limit.
             while running.len() < self.settings.parallel_chunks {
-                let Some(pos) = self.pick(&pending, job, &maps, started) else { break };
+                let Some(pos) = self.pick(&pending, job, &maps, started) else {
+                    break;
+                };
                 let i = pending.swap_remove(pos);
                 let chunk = job.list.chunks[i];
-                let holders: Vec<Peer> = self
+                let mut holders: Vec<Peer> = self
                     .peers
                     .usable()
                     .into_iter()
                     .filter(|p| maps.get(&p.id).is_some_and(|m| m.is_present(i as u32)))
                     .collect();
+                // Spread requests over equally good holders instead of one hot peer.
+                holders.shuffle(&mut rand::rng());
+                holders.sort_by_key(|p| p.penalty);
                 set_flight(job, i, true);
-                running.push(async move { (i, self.fetch_chunk(blob, &chunk.digest, holders).await) });
+                running
+                    .push(async move { (i, self.fetch_chunk(blob, &chunk.digest, holders).await) });
             }
             if running.is_empty() && pending.is_empty() {
                 return Ok(());
@@ -217,7 +258,11 @@ impl Fetcher {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
-            let next = tokio::time::timeout(Duration::from_millis(100), futures::StreamExt::next(&mut running)).await;
+            let next = tokio::time::timeout(
+                Duration::from_millis(100),
+                futures::StreamExt::next(&mut running),
+            )
+            .await;
             if let Ok(Some((i, result))) = next {
                 set_flight(job, i, false);
                 let (bytes, source) = result?;
@@ -233,7 +278,10 @@ impl Fetcher {
         let peers = self.peers.usable();
         let timeout = self.settings.peer_timeout / 4;
         let asks = peers.iter().map(|p| async move {
-            (p.id.clone(), self.pool.have(p.data_addr, blob, timeout).await)
+            (
+                p.id.clone(),
+                self.pool.have(p.data_addr, blob, timeout).await,
+            )
         });
         let mut out = HashMap::new();
         for (id, r) in futures::future::join_all(asks).await {
@@ -242,7 +290,10 @@ impl Fetcher {
                     out.insert(id, map);
                 }
                 Ok(None) => {}
-                Err(e) => self.peers.penalise(&id, FAILURE_PENALTY / 4, &format!("have query: {e}")),
+                Err(e) => {
+                    self.peers
+                        .penalise(&id, FAILURE_PENALTY / 4, &format!("have query: {e}"))
+                }
             }
         }
         out
@@ -255,10 +306,20 @@ impl Fetcher {
     /// chunk. Owners are chosen among the peers fetching the blob, and during the first
     /// [`GATHER`] among all usable peers, so hosts that start together split the work
     /// before they have seen each other's have-maps.
-    fn pick(&self, pending: &[usize], job: &Job, maps: &HashMap<String, HaveMap>, started: Instant) -> Option<usize> {
-        let held = |i: usize| maps.values().any(|m| m.is_present(i as u32));
-        if let Some(pos) = pending.iter().position(|&i| held(i)) {
-            return Some(pos);
+    fn pick(
+        &self,
+        pending: &[usize],
+        job: &Job,
+        maps: &HashMap<String, HaveMap>,
+        started: Instant,
+    ) -> Option<usize> {
+        // Rarest first among chunks peers hold, so copies spread over the swarm.
+        let holders = |i: usize| maps.values().filter(|m| m.is_present(i as u32)).count();
+        let rarest = (0..pending.len())
+            .filter(|&pos| holders(pending[pos]) > 0)
+            .min_by_key(|&pos| holders(pending[pos]));
+        if rarest.is_some() {
+            return rarest;
         }
         let gathering = started.elapsed() < GATHER;
         let candidates: Vec<String> = if gathering {
@@ -272,18 +333,29 @@ impl Fetcher {
             let mine = weight(d, &self.node_id);
             candidates.iter().all(|peer| weight(d, peer) < mine)
         };
-        if let Some(pos) = pending.iter().position(|&i| owner_is_me(i) && !in_flight_elsewhere(i)) {
+        if let Some(pos) = pending
+            .iter()
+            .position(|&i| owner_is_me(i) && !in_flight_elsewhere(i))
+        {
             return Some(pos);
         }
         if started.elapsed() < self.settings.owner_wait {
             return None;
         }
         // The owners had their time: take what nobody is fetching first.
-        pending.iter().position(|&i| !in_flight_elsewhere(i)).or(if pending.is_empty() { None } else { Some(0) })
+        pending
+            .iter()
+            .position(|&i| !in_flight_elsewhere(i))
+            .or(if pending.is_empty() { None } else { Some(0) })
     }
 
     /// One chunk from peers that hold it (hedged), else from the proxy.
-    async fn fetch_chunk(&self, blob: &Digest, digest: &Digest, mut holders: Vec<Peer>) -> Result<(Bytes, Source), FetchError> {
+    async fn fetch_chunk(
+        &self,
+        blob: &Digest,
+        digest: &Digest,
+        mut holders: Vec<Peer>,
+    ) -> Result<(Bytes, Source), FetchError> {
         holders.truncate(2);
         let mut last = String::from("no peer holds it");
         if !holders.is_empty() {
@@ -349,7 +421,12 @@ impl Fetcher {
 }
 
 fn set_flight(job: &Job, i: usize, v: bool) {
-    if let Some(f) = job.in_flight.lock().unwrap_or_else(|p| p.into_inner()).get_mut(i) {
+    if let Some(f) = job
+        .in_flight
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_mut(i)
+    {
         *f = v;
     }
 }

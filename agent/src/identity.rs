@@ -24,7 +24,8 @@ pub fn load_or_create(path: &Path) -> Result<Keypair, IdentityError> {
             let tmp = path.with_extension("tmp");
             std::fs::write(&tmp, bytes).map_err(|e| err(e.to_string()))?;
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(|e| err(e.to_string()))?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| err(e.to_string()))?;
             std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))?;
             Ok(key)
         }

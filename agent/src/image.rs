@@ -59,7 +59,11 @@ impl ImageRef {
 
 impl std::fmt::Display for ImageRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let sep = if self.reference.starts_with("sha256:") { '@' } else { ':' };
+        let sep = if self.reference.starts_with("sha256:") {
+            '@'
+        } else {
+            ':'
+        };
         write!(f, "{}{sep}{}", self.repo, self.reference)
     }
 }
@@ -94,9 +98,19 @@ pub async fn resolve(proxy: &ProxyClient, image: &ImageRef) -> Result<ImageRecor
     let top = proxy
         .manifest(&image.proxy_repo(), &image.reference, &[])
         .await
-        .map_err(|e| if e.is_not_found() { ImageError::Unknown(image.to_string()) } else { e.into() })?;
+        .map_err(|e| {
+            if e.is_not_found() {
+                ImageError::Unknown(image.to_string())
+            } else {
+                e.into()
+            }
+        })?;
     let manifest = match platform_child(&top, image)? {
-        Some(child) => proxy.manifest(&image.proxy_repo(), &child.to_string(), &[]).await?,
+        Some(child) => {
+            proxy
+                .manifest(&image.proxy_repo(), &child.to_string(), &[])
+                .await?
+        }
         None => top,
     };
     let json: serde_json::Value =
@@ -104,7 +118,10 @@ pub async fn resolve(proxy: &ProxyClient, image: &ImageRef) -> Result<ImageRecor
     let (config, config_size) = digest_field(&json["config"], image)?;
     let mut layers = Vec::new();
     let mut total = config_size;
-    for l in json["layers"].as_array().ok_or_else(|| malformed(image, "no layers"))? {
+    for l in json["layers"]
+        .as_array()
+        .ok_or_else(|| malformed(image, "no layers"))?
+    {
         let (d, size) = digest_field(l, image)?;
         layers.push(d);
         total += size;
@@ -126,12 +143,15 @@ pub async fn resolve(proxy: &ProxyClient, image: &ImageRef) -> Result<ImageRecor
 
 /// For an index or manifest list, the digest of the host platform's manifest.
 fn platform_child(m: &FetchedManifest, image: &ImageRef) -> Result<Option<Digest>, ImageError> {
-    let json: serde_json::Value = serde_json::from_slice(&m.bytes).map_err(|e| malformed(image, e.to_string()))?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&m.bytes).map_err(|e| malformed(image, e.to_string()))?;
     let Some(list) = json["manifests"].as_array() else {
         return Ok(None);
     };
     let arch = host_arch();
-    let pick = list.iter().find(|e| e["platform"]["os"] == "linux" && e["platform"]["architecture"] == arch);
+    let pick = list
+        .iter()
+        .find(|e| e["platform"]["os"] == "linux" && e["platform"]["architecture"] == arch);
     match pick {
         Some(e) => digest_field(e, image).map(|(d, _)| Some(d)),
         None => Err(ImageError::NoPlatform {
@@ -150,7 +170,10 @@ mod tests {
         let r = ImageRef::parse("local/app:1").unwrap();
         assert_eq!((r.repo.as_str(), r.reference.as_str()), ("local/app", "1"));
         let r = ImageRef::parse("host:5000/app").unwrap();
-        assert_eq!((r.repo.as_str(), r.reference.as_str()), ("host:5000/app", "latest"));
+        assert_eq!(
+            (r.repo.as_str(), r.reference.as_str()),
+            ("host:5000/app", "latest")
+        );
         let d = Digest::of(b"x");
         let r = ImageRef::parse(&format!("a/b@{d}")).unwrap();
         assert_eq!(r.to_string(), format!("a/b@{d}"));

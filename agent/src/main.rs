@@ -92,7 +92,8 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let _ = std::fs::remove_file(&socket);
-    let api = tokio::net::UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+    let api = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("binding {}", socket.display()))?;
     let mirror = tokio::net::TcpListener::bind(mirror_listen)
         .await
         .with_context(|| format!("binding mirror {mirror_listen}"))?;

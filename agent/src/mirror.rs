@@ -21,7 +21,10 @@ use std::sync::Arc;
 /// The mirror's routes.
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
-        .route("/v2/", get(|| async { ([("Docker-Distribution-API-Version", "registry/2.0")], "{}") }))
+        .route(
+            "/v2/",
+            get(|| async { ([("Docker-Distribution-API-Version", "registry/2.0")], "{}") }),
+        )
         .fallback(dispatch)
         .with_state(agent)
 }
@@ -35,7 +38,12 @@ fn proxy_error(e: &ProxyClientError) -> Response {
     match e {
         ProxyClientError::Status { status, body, .. } => {
             let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY);
-            (status, [(header::CONTENT_TYPE, "application/json")], body.clone()).into_response()
+            (
+                status,
+                [(header::CONTENT_TYPE, "application/json")],
+                body.clone(),
+            )
+                .into_response()
         }
         other => oci_error(StatusCode::BAD_GATEWAY, "UNKNOWN", &other.to_string()),
     }
@@ -56,7 +64,9 @@ async fn dispatch(
         return oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN", uri.path());
     };
     let (name, reference) = match path {
-        RegistryPath::Manifest { name, reference } | RegistryPath::Blob { name, reference } => (name, reference),
+        RegistryPath::Manifest { name, reference } | RegistryPath::Blob { name, reference } => {
+            (name, reference)
+        }
     };
     let repo = Repo {
         name: name.to_string(),
@@ -73,7 +83,11 @@ async fn dispatch(
 
 fn manifest_response(bytes: Vec<u8>, media_type: &str, digest: &Digest, head: bool) -> Response {
     let len = bytes.len().to_string();
-    let body = if head { Body::empty() } else { Body::from(bytes) };
+    let body = if head {
+        Body::empty()
+    } else {
+        Body::from(bytes)
+    };
     (
         [
             (header::CONTENT_TYPE.as_str(), media_type.to_string()),
@@ -85,7 +99,13 @@ fn manifest_response(bytes: Vec<u8>, media_type: &str, digest: &Digest, head: bo
         .into_response()
 }
 
-async fn manifest(agent: &Agent, repo: &Repo, reference: &str, headers: &HeaderMap, head: bool) -> Response {
+async fn manifest(
+    agent: &Agent,
+    repo: &Repo,
+    reference: &str,
+    headers: &HeaderMap,
+    head: bool,
+) -> Response {
     let accept: Vec<String> = headers
         .get_all(header::ACCEPT)
         .iter()
@@ -106,7 +126,10 @@ async fn manifest(agent: &Agent, repo: &Repo, reference: &str, headers: &HeaderM
             let by_ref = agent.fetcher.cache.image(&key).ok().flatten();
             let by_digest = reference.parse::<Digest>().ok().and_then(|d| {
                 let images = agent.fetcher.cache.images().ok()?;
-                images.into_iter().map(|(_, r)| r).find(|r| r.manifest_digest == d)
+                images
+                    .into_iter()
+                    .map(|(_, r)| r)
+                    .find(|r| r.manifest_digest == d)
             });
             match by_ref.or(by_digest) {
                 Some(r) => manifest_response(r.manifest, &r.media_type, &r.manifest_digest, head),
@@ -117,7 +140,13 @@ async fn manifest(agent: &Agent, repo: &Repo, reference: &str, headers: &HeaderM
     }
 }
 
-async fn blob(agent: &Agent, repo: &Repo, digest: Digest, headers: &HeaderMap, head: bool) -> Response {
+async fn blob(
+    agent: &Agent,
+    repo: &Repo,
+    digest: Digest,
+    headers: &HeaderMap,
+    head: bool,
+) -> Response {
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     let list = match agent.fetcher.fetch_blob(repo, &digest, &tx).await {
         Ok(list) => list,
@@ -125,7 +154,10 @@ async fn blob(agent: &Agent, repo: &Repo, digest: Digest, headers: &HeaderMap, h
         Err(e) => return oci_error(StatusCode::BAD_GATEWAY, "UNKNOWN", &e.to_string()),
     };
     let size = list.size;
-    let range = match parse_byte_range(headers.get(header::RANGE).and_then(|v| v.to_str().ok()), size) {
+    let range = match parse_byte_range(
+        headers.get(header::RANGE).and_then(|v| v.to_str().ok()),
+        size,
+    ) {
         Ok(r) => r,
         Err(RangeError::Unsatisfiable(_)) => {
             let mut r = oci_error(StatusCode::RANGE_NOT_SATISFIABLE, "UNSUPPORTED", "range");
@@ -140,7 +172,11 @@ async fn blob(agent: &Agent, repo: &Repo, digest: Digest, headers: &HeaderMap, h
     let mut resp = if head || served.is_empty() {
         Response::new(Body::empty())
     } else {
-        Response::new(chunks_body(agent.fetcher.cache.clone(), list, served.clone()))
+        Response::new(chunks_body(
+            agent.fetcher.cache.clone(),
+            list,
+            served.clone(),
+        ))
     };
     let h = resp.headers_mut();
     let mut set = |k: &'static str, v: String| {
@@ -153,14 +189,21 @@ async fn blob(agent: &Agent, repo: &Repo, digest: Digest, headers: &HeaderMap, h
     set("docker-content-digest", digest.to_string());
     set("accept-ranges", "bytes".into());
     if range.is_some() {
-        set("content-range", format!("bytes {}-{}/{size}", served.start, served.end - 1));
+        set(
+            "content-range",
+            format!("bytes {}-{}/{size}", served.start, served.end - 1),
+        );
         *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
     }
     resp
 }
 
 /// Streams `range` of a cached blob, one verified chunk at a time.
-fn chunks_body(cache: Arc<crate::cache::ChunkCache>, list: ChunkList, range: std::ops::Range<u64>) -> Body {
+fn chunks_body(
+    cache: Arc<crate::cache::ChunkCache>,
+    list: ChunkList,
+    range: std::ops::Range<u64>,
+) -> Body {
     let indices = list.chunks_covering(range.clone());
     let stream = futures::stream::iter(indices).then(move |i| {
         let cache = cache.clone();
@@ -172,7 +215,9 @@ fn chunks_body(cache: Arc<crate::cache::ChunkCache>, list: ChunkList, range: std
                 .await
                 .map_err(std::io::Error::other)?
                 .map_err(std::io::Error::other)?
-                .ok_or_else(|| std::io::Error::other(format!("chunk {} left the cache", chunk.digest)))?;
+                .ok_or_else(|| {
+                    std::io::Error::other(format!("chunk {} left the cache", chunk.digest))
+                })?;
             let from = range.start.saturating_sub(start) as usize;
             let to = (range.end - start).min(bytes.len() as u64) as usize;
             Ok::<_, std::io::Error>(bytes.slice(from.min(to)..to))

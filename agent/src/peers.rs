@@ -50,7 +50,10 @@ impl PeerSet {
 
     /// Forgets a peer.
     pub fn remove(&self, id: &str) {
-        self.peers.write().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.peers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
     }
 
     /// Adds `amount` to a peer's penalty.
@@ -86,7 +89,12 @@ impl PeerSet {
 
     /// Every known peer, banned or not.
     pub fn all(&self) -> Vec<Peer> {
-        self.peers.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 }
 
@@ -100,7 +108,10 @@ mod tests {
         s.upsert("a", "127.0.0.1:1".parse().unwrap());
         s.upsert("b", "127.0.0.1:2".parse().unwrap());
         s.penalise("a", FAILURE_PENALTY, "test");
-        assert_eq!(s.usable().iter().map(|p| p.id.as_str()).collect::<Vec<_>>(), ["b", "a"]);
+        assert_eq!(
+            s.usable().iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+            ["b", "a"]
+        );
         s.penalise("a", CORRUPT_PENALTY, "test");
         assert_eq!(s.usable().len(), 1);
         assert_eq!(s.all().len(), 2);

@@ -12,7 +12,11 @@ pub enum ProxyClientError {
     #[error("proxy unreachable at {url}: {message}")]
     Unreachable { url: String, message: String },
     #[error("proxy answered {status} for {url}: {body}")]
-    Status { status: u16, url: String, body: String },
+    Status {
+        status: u16,
+        url: String,
+        body: String,
+    },
     #[error("proxy sent {what} that does not match its digest {digest}")]
     Corrupt { what: &'static str, digest: Digest },
     #[error("proxy sent malformed {what}: {message}")]
@@ -37,11 +41,17 @@ pub struct Repo {
 impl Repo {
     /// A repository without `ns`.
     pub fn new(name: &str) -> Repo {
-        Repo { name: name.to_string(), ns: None }
+        Repo {
+            name: name.to_string(),
+            ns: None,
+        }
     }
 
     fn ns_query(&self, first: char) -> String {
-        self.ns.as_ref().map(|ns| format!("{first}ns={ns}")).unwrap_or_default()
+        self.ns
+            .as_ref()
+            .map(|ns| format!("{first}ns={ns}"))
+            .unwrap_or_default()
     }
 }
 
@@ -82,16 +92,23 @@ impl ProxyClient {
         &self.base
     }
 
-    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Result<reqwest::Response, ProxyClientError> {
+    async fn get(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<reqwest::Response, ProxyClientError> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.get(&url);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let resp = req.send().await.map_err(|e| ProxyClientError::Unreachable {
-            url: url.clone(),
-            message: format!("{e:#}"),
-        })?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| ProxyClientError::Unreachable {
+                url: url.clone(),
+                message: format!("{e:#}"),
+            })?;
         if !resp.status().is_success() {
             let status = resp.status().as_u16();
             let body = resp.text().await.unwrap_or_default();
@@ -101,20 +118,31 @@ impl ProxyClient {
     }
 
     async fn body(resp: reqwest::Response, url: &str) -> Result<Bytes, ProxyClientError> {
-        resp.bytes().await.map_err(|e| ProxyClientError::Unreachable {
-            url: url.to_string(),
-            message: format!("reading body: {e:#}"),
-        })
+        resp.bytes()
+            .await
+            .map_err(|e| ProxyClientError::Unreachable {
+                url: url.to_string(),
+                message: format!("reading body: {e:#}"),
+            })
     }
 
     /// A manifest by tag or digest (`repo` as the proxy routes it, e.g. `local/app`).
-    pub async fn manifest(&self, repo: &Repo, reference: &str, accept: &[String]) -> Result<FetchedManifest, ProxyClientError> {
+    pub async fn manifest(
+        &self,
+        repo: &Repo,
+        reference: &str,
+        accept: &[String],
+    ) -> Result<FetchedManifest, ProxyClientError> {
         let accept = if accept.is_empty() {
             imgd_core::wire::MANIFEST_MEDIA_TYPES.join(", ")
         } else {
             accept.join(", ")
         };
-        let path = format!("/v2/{}/manifests/{reference}{}", repo.name, repo.ns_query('?'));
+        let path = format!(
+            "/v2/{}/manifests/{reference}{}",
+            repo.name,
+            repo.ns_query('?')
+        );
         let resp = self.get(&path, &[("Accept", &accept)]).await?;
         let media_type = resp
             .headers()
@@ -126,27 +154,48 @@ impl ProxyClient {
         let digest = Digest::of(&bytes);
         if let Ok(want) = reference.parse::<Digest>() {
             if want != digest {
-                return Err(ProxyClientError::Corrupt { what: "a manifest", digest: want });
+                return Err(ProxyClientError::Corrupt {
+                    what: "a manifest",
+                    digest: want,
+                });
             }
         }
-        Ok(FetchedManifest { bytes, media_type, digest })
+        Ok(FetchedManifest {
+            bytes,
+            media_type,
+            digest,
+        })
     }
 
     /// The chunk list and index state of a blob, which the proxy ingests if needed.
-    pub async fn blob_info(&self, repo: &Repo, blob: &Digest) -> Result<BlobInfo, ProxyClientError> {
-        let path = format!("/imgd/v1/blobs/{blob}?repo={}{}", repo.name, repo.ns_query('&'));
+    pub async fn blob_info(
+        &self,
+        repo: &Repo,
+        blob: &Digest,
+    ) -> Result<BlobInfo, ProxyClientError> {
+        let path = format!(
+            "/imgd/v1/blobs/{blob}?repo={}{}",
+            repo.name,
+            repo.ns_query('&')
+        );
         let body = Self::body(self.get(&path, &[]).await?, &path).await?;
-        let info: BlobInfo = serde_json::from_slice(&body).map_err(|e| ProxyClientError::Malformed {
-            what: "chunk list",
-            message: e.to_string(),
-        })?;
+        let info: BlobInfo =
+            serde_json::from_slice(&body).map_err(|e| ProxyClientError::Malformed {
+                what: "chunk list",
+                message: e.to_string(),
+            })?;
         if info.chunks.blob != *blob {
-            return Err(ProxyClientError::Corrupt { what: "a chunk list", digest: *blob });
+            return Err(ProxyClientError::Corrupt {
+                what: "a chunk list",
+                digest: *blob,
+            });
         }
-        info.chunks.validate().map_err(|e| ProxyClientError::Malformed {
-            what: "chunk list",
-            message: e.to_string(),
-        })?;
+        info.chunks
+            .validate()
+            .map_err(|e| ProxyClientError::Malformed {
+                what: "chunk list",
+                message: e.to_string(),
+            })?;
         Ok(info)
     }
 
@@ -155,14 +204,21 @@ impl ProxyClient {
         let path = format!("/imgd/v1/chunks/{digest}");
         let bytes = Self::body(self.get(&path, &[]).await?, &path).await?;
         if Digest::of(&bytes) != *digest {
-            return Err(ProxyClientError::Corrupt { what: "a chunk", digest: *digest });
+            return Err(ProxyClientError::Corrupt {
+                what: "a chunk",
+                digest: *digest,
+            });
         }
         Ok(bytes)
     }
 
     /// The encoded index of a layer (the caller decodes and verifies it).
     pub async fn index(&self, repo: &Repo, layer: &Digest) -> Result<Bytes, ProxyClientError> {
-        let path = format!("/imgd/v1/indexes/{layer}?repo={}{}", repo.name, repo.ns_query('&'));
+        let path = format!(
+            "/imgd/v1/indexes/{layer}?repo={}{}",
+            repo.name,
+            repo.ns_query('&')
+        );
         Self::body(self.get(&path, &[]).await?, &path).await
     }
 }

@@ -59,7 +59,8 @@ struct Behaviour {
 
 /// The Kademlia key under which providers of `blob` are announced.
 pub fn provider_key(swarm_key: &[u8; 32], blob: &Digest) -> kad::RecordKey {
-    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(swarm_key).expect("HMAC takes any key length");
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(swarm_key)
+        .expect("HMAC takes any key length");
     mac.update(b"imgd-provider-v1");
     mac.update(blob.as_bytes());
     kad::RecordKey::new(&mac.finalize().into_bytes().as_slice())
@@ -70,7 +71,9 @@ fn quic_addr(a: SocketAddr) -> Multiaddr {
         IpAddr::V4(ip) => format!("/ip4/{ip}"),
         IpAddr::V6(ip) => format!("/ip6/{ip}"),
     };
-    format!("{ip}/udp/{}/quic-v1", a.port()).parse().unwrap_or_else(|_| Multiaddr::empty())
+    format!("{ip}/udp/{}/quic-v1", a.port())
+        .parse()
+        .unwrap_or_else(|_| Multiaddr::empty())
 }
 
 fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
@@ -82,14 +85,23 @@ fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
 }
 
 fn data_port(agent_version: &str) -> Option<u16> {
-    agent_version.split_whitespace().find_map(|w| w.strip_prefix("dp=")?.parse().ok())
+    agent_version
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("dp=")?.parse().ok())
 }
 
 /// Starts the swarm in a background task; returns the local peer id and a command sender.
-pub fn start(settings: SwarmSettings, peers: Arc<PeerSet>) -> Result<(PeerId, mpsc::Sender<SwarmCommand>), SwarmError> {
+pub fn start(
+    settings: SwarmSettings,
+    peers: Arc<PeerSet>,
+) -> Result<(PeerId, mpsc::Sender<SwarmCommand>), SwarmError> {
     let e = |x: &dyn std::fmt::Display| SwarmError::Libp2p(x.to_string());
     let local_id = settings.keypair.public().to_peer_id();
-    let agent_version = format!("imgd/{} dp={}", env!("CARGO_PKG_VERSION"), settings.data_port);
+    let agent_version = format!(
+        "imgd/{} dp={}",
+        env!("CARGO_PKG_VERSION"),
+        settings.data_port
+    );
     let mdns_on = settings.mdns;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(settings.keypair.clone())
         .with_tokio()
@@ -103,10 +115,12 @@ pub fn start(settings: SwarmSettings, peers: Arc<PeerSet>) -> Result<(PeerId, mp
             };
             let mut kad_cfg = kad::Config::new(libp2p::StreamProtocol::new("/imgd/kad/1.0.0"));
             kad_cfg.set_query_timeout(Duration::from_secs(10));
-            let mut kad = kad::Behaviour::with_config(id, kad::store::MemoryStore::new(id), kad_cfg);
+            let mut kad =
+                kad::Behaviour::with_config(id, kad::store::MemoryStore::new(id), kad_cfg);
             kad.set_mode(Some(kad::Mode::Server));
             let identify = identify::Behaviour::new(
-                identify::Config::new(PROTOCOL.into(), key.public()).with_agent_version(agent_version.clone()),
+                identify::Config::new(PROTOCOL.into(), key.public())
+                    .with_agent_version(agent_version.clone()),
             );
             Ok(Behaviour {
                 mdns: mdns.into(),
@@ -117,11 +131,18 @@ pub fn start(settings: SwarmSettings, peers: Arc<PeerSet>) -> Result<(PeerId, mp
         .map_err(|x| e(&x))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
         .build();
-    swarm.listen_on(quic_addr(settings.quic_listen)).map_err(|x| e(&x))?;
+    swarm
+        .listen_on(quic_addr(settings.quic_listen))
+        .map_err(|x| e(&x))?;
     for b in &settings.bootstrap {
-        let addr: Multiaddr = b.parse().map_err(|x: libp2p::multiaddr::Error| SwarmError::Addr(b.clone(), x.to_string()))?;
+        let addr: Multiaddr = b
+            .parse()
+            .map_err(|x: libp2p::multiaddr::Error| SwarmError::Addr(b.clone(), x.to_string()))?;
         let Some(libp2p::multiaddr::Protocol::P2p(peer)) = addr.iter().last() else {
-            return Err(SwarmError::Addr(b.clone(), "must end with /p2p/PEER_ID".into()));
+            return Err(SwarmError::Addr(
+                b.clone(),
+                "must end with /p2p/PEER_ID".into(),
+            ));
         };
         swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
         let _ = swarm.dial(addr);

@@ -1,8 +1,8 @@
 //! Registry API paths and the choice of upstream for a repository name.
 
 use crate::errors::ProxyError;
-pub use imgd_core::registry_path::{parse_registry_path, RegistryPath};
 use crate::upstream::Upstream;
+pub use imgd_core::registry_path::{parse_registry_path, RegistryPath};
 use std::sync::Arc;
 
 /// The configured upstreams and the rules for picking one.

@@ -55,7 +55,12 @@ impl Proxy {
     }
 
     /// Starts a proxy listening on `ip` (e.g. a test LAN's gateway address).
-    pub fn start_with(ip: &str, storage: &Path, upstreams: &[String], extra: &[&str]) -> Result<Proxy> {
+    pub fn start_with(
+        ip: &str,
+        storage: &Path,
+        upstreams: &[String],
+        extra: &[&str],
+    ) -> Result<Proxy> {
         let port = free_port()?;
         std::fs::create_dir_all(storage)?;
         let log = storage.with_extension("log");
@@ -200,7 +205,12 @@ impl Agent {
         );
         let config_path = opts.data_dir.join("imgd.toml");
         std::fs::write(&config_path, config)?;
-        let log = opts.data_dir.join(format!("imgd-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis()));
+        let log = opts.data_dir.join(format!(
+            "imgd-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis()
+        ));
         let bin = workspace_bin("imgd")?;
         let mut cmd = match opts.host {
             Some(h) => h.command(bin.to_str().context("binary path")?),

@@ -12,17 +12,33 @@ use std::sync::atomic::{AtomicU32, Ordering};
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(args).stderr(Stdio::piped()).output().context("running ip")?;
+    let out = Command::new("ip")
+        .args(args)
+        .stderr(Stdio::piped())
+        .output()
+        .context("running ip")?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
 
 fn run(cmd: &str, args: &[&str]) -> Result<()> {
-    let out = Command::new(cmd).args(args).stderr(Stdio::piped()).output().with_context(|| format!("running {cmd}"))?;
+    let out = Command::new(cmd)
+        .args(args)
+        .stderr(Stdio::piped())
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
     if !out.status.success() {
-        bail!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -41,17 +57,48 @@ impl Host {
     /// `nsenter --net`, which keeps `/sys` as is, as runc needs).
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", self.ns)).arg("--").arg(program);
+        c.arg(format!("--net=/run/netns/{}", self.ns))
+            .arg("--")
+            .arg(program);
         c
     }
 
     /// Limits this host's link to `mbit` Mbit/s in both directions (tc tbf).
     pub fn shape(&self, mbit: u32) -> Result<()> {
         let rate = format!("{mbit}mbit");
-        run("tc", &["qdisc", "replace", "dev", &self.veth_host, "root", "tbf", "rate", &rate, "burst", "256kb", "latency", "50ms"])?;
+        run(
+            "tc",
+            &[
+                "qdisc",
+                "replace",
+                "dev",
+                &self.veth_host,
+                "root",
+                "tbf",
+                "rate",
+                &rate,
+                "burst",
+                "256kb",
+                "latency",
+                "50ms",
+            ],
+        )?;
         let status = self
             .command("tc")
-            .args(["qdisc", "replace", "dev", &self.veth_ns, "root", "tbf", "rate", &rate, "burst", "256kb", "latency", "50ms"])
+            .args([
+                "qdisc",
+                "replace",
+                "dev",
+                &self.veth_ns,
+                "root",
+                "tbf",
+                "rate",
+                &rate,
+                "burst",
+                "256kb",
+                "latency",
+                "50ms",
+            ])
             .status()?;
         if !status.success() {
             bail!("tc in {} failed", self.ns);
@@ -86,7 +133,10 @@ impl Lan {
             hosts: Vec::new(),
         };
         ip(&["link", "add", &bridge, "type", "bridge"])?;
-        let _ = std::fs::write(format!("/sys/class/net/{bridge}/bridge/multicast_snooping"), "0");
+        let _ = std::fs::write(
+            format!("/sys/class/net/{bridge}/bridge/multicast_snooping"),
+            "0",
+        );
         ip(&["addr", "add", &format!("{gateway}/24"), "dev", &bridge])?;
         ip(&["link", "set", &bridge, "up"])?;
         for i in 0..n {
@@ -101,11 +151,21 @@ impl Lan {
                 veth_host: veth_host.clone(),
                 veth_ns: veth_ns.clone(),
             });
-            ip(&["link", "add", &veth_host, "type", "veth", "peer", "name", &veth_ns])?;
+            ip(&[
+                "link", "add", &veth_host, "type", "veth", "peer", "name", &veth_ns,
+            ])?;
             ip(&["link", "set", &veth_ns, "netns", &ns])?;
             ip(&["link", "set", &veth_host, "master", &bridge])?;
             ip(&["link", "set", &veth_host, "up"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", &veth_ns])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                &veth_ns,
+            ])?;
             ip(&["-n", &ns, "link", "set", &veth_ns, "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
             ip(&["-n", &ns, "route", "add", "default", "via", &gateway])?;

@@ -25,8 +25,21 @@ fn kill_9_during_prefetch_then_restart_completes_with_a_consistent_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let reg = Registry::start().unwrap();
     let layout = image::build_layout(&tmp.path().join("big"), &[presets::big_gzip(160)]).unwrap();
-    skopeo::push_layout(&layout.dir, "big", &reg.docker_ref("big:1"), Format::OciExact, false).unwrap();
-    let size: u64 = layout.image("big").unwrap().referenced_blobs().iter().map(|b| b.size).sum();
+    skopeo::push_layout(
+        &layout.dir,
+        "big",
+        &reg.docker_ref("big:1"),
+        Format::OciExact,
+        false,
+    )
+    .unwrap();
+    let size: u64 = layout
+        .image("big")
+        .unwrap()
+        .referenced_blobs()
+        .iter()
+        .map(|b| b.size)
+        .sum();
     let proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
     let data = tmp.path().join("agent");
 
@@ -38,7 +51,11 @@ fn kill_9_during_prefetch_then_restart_completes_with_a_consistent_cache() {
         if used >= 8 << 20 {
             break;
         }
-        assert!(Instant::now() < deadline, "prefetch made no progress:\n{}", a.log());
+        assert!(
+            Instant::now() < deadline,
+            "prefetch made no progress:\n{}",
+            a.log()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     a.kill().unwrap();
@@ -48,14 +65,23 @@ fn kill_9_during_prefetch_then_restart_completes_with_a_consistent_cache() {
 
     let a = agent(&data, &proxy.url());
     let (ok, out, err) = a.imgctl(&["verify"]).unwrap();
-    assert!(ok, "after kill -9 every listed chunk is whole and verified: {out}{err}");
+    assert!(
+        ok,
+        "after kill -9 every listed chunk is whole and verified: {out}{err}"
+    );
     let (ok, out, err) = a.imgctl(&["prefetch", "local/big:1"]).unwrap();
     assert!(ok, "{out}{err}");
     println!("after restart: {out}");
     let s = a.status().unwrap();
-    assert!(s["bytes_from_cache"].as_u64().unwrap() > 0, "resumed from what was kept: {s}");
+    assert!(
+        s["bytes_from_cache"].as_u64().unwrap() > 0,
+        "resumed from what was kept: {s}"
+    );
     assert!(s["bytes_from_cache"].as_u64().unwrap() < size, "{s}");
-    assert_eq!(s["bytes_from_cache"].as_u64().unwrap() + s["bytes_from_proxy"].as_u64().unwrap(), size);
+    assert_eq!(
+        s["bytes_from_cache"].as_u64().unwrap() + s["bytes_from_proxy"].as_u64().unwrap(),
+        size
+    );
     let (ok, out, err) = a.imgctl(&["verify"]).unwrap();
     assert!(ok, "{out}{err}");
     let (_, images, _) = a.imgctl(&["images"]).unwrap();

@@ -15,7 +15,14 @@ use std::time::{Duration, Instant};
 fn registry_with_big(dir: &Path, mib: u64) -> (Registry, u64, Digest) {
     let reg = Registry::start().unwrap();
     let layout = image::build_layout(&dir.join("big"), &[presets::big_gzip(mib)]).unwrap();
-    skopeo::push_layout(&layout.dir, "big", &reg.docker_ref("big:1"), Format::OciExact, false).unwrap();
+    skopeo::push_layout(
+        &layout.dir,
+        "big",
+        &reg.docker_ref("big:1"),
+        Format::OciExact,
+        false,
+    )
+    .unwrap();
     let img = layout.image("big").unwrap();
     let size = img.referenced_blobs().iter().map(|b| b.size).sum();
     (reg, size, img.manifest.digest)
@@ -37,11 +44,18 @@ fn wait_for_peers(agents: &[Agent], n: usize) {
     let deadline = Instant::now() + Duration::from_secs(30);
     for a in agents {
         loop {
-            let peers = a.status().unwrap()["peers"].as_array().map(Vec::len).unwrap_or(0);
+            let peers = a.status().unwrap()["peers"]
+                .as_array()
+                .map(Vec::len)
+                .unwrap_or(0);
             if peers >= n {
                 break;
             }
-            assert!(Instant::now() < deadline, "agent did not find {n} peers:\n{}", a.log());
+            assert!(
+                Instant::now() < deadline,
+                "agent did not find {n} peers:\n{}",
+                a.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -58,19 +72,39 @@ fn four_hosts_prefetching_at_once_get_each_chunk_from_the_proxy_about_once() {
     let (reg, image_size, _) = registry_with_big(tmp.path(), 320);
     assert!(image_size >= 100_000_000, "image of {image_size} bytes");
     let lan = Lan::new(4).unwrap();
-    let proxy = Proxy::start_with(&lan.gateway, &tmp.path().join("proxy"), &[format!("local={}", reg.url())], &[]).unwrap();
+    let proxy = Proxy::start_with(
+        &lan.gateway,
+        &tmp.path().join("proxy"),
+        &[format!("local={}", reg.url())],
+        &[],
+    )
+    .unwrap();
     // Warm the proxy from upstream first: its chunk egress to the LAN is what is measured.
-    let (ok, _, err) = imgd_tests::process::run_ok("curl", &["-sf", &format!("{}/v2/local/big/manifests/1", proxy.url())]);
+    let (ok, _, err) = imgd_tests::process::run_ok(
+        "curl",
+        &["-sf", &format!("{}/v2/local/big/manifests/1", proxy.url())],
+    );
     assert!(ok, "{err}");
-    let agents: Vec<Agent> = lan.hosts.iter().map(|h| start_agent(h, &proxy, tmp.path(), "")).collect();
+    let agents: Vec<Agent> = lan
+        .hosts
+        .iter()
+        .map(|h| start_agent(h, &proxy, tmp.path(), ""))
+        .collect();
     wait_for_peers(&agents, 3);
 
     let started = Instant::now();
-    let children: Vec<_> = agents.iter().map(|a| a.spawn_imgctl(&["prefetch", "local/big:1"]).unwrap()).collect();
+    let children: Vec<_> = agents
+        .iter()
+        .map(|a| a.spawn_imgctl(&["prefetch", "local/big:1"]).unwrap())
+        .collect();
     let mut outputs = Vec::new();
     for (a, c) in agents.iter().zip(children) {
         let out = c.wait_with_output().unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(out.status.success(), "prefetch failed: {text}\n{}", a.log());
         outputs.push(text.trim().to_string());
     }
@@ -82,7 +116,10 @@ fn four_hosts_prefetching_at_once_get_each_chunk_from_the_proxy_about_once() {
             .iter()
             .map(|k| s[k].as_u64().unwrap())
             .sum();
-        assert_eq!(received, image_size, "every chunk of the image is on every host: {s}");
+        assert_eq!(
+            received, image_size,
+            "every chunk of the image is on every host: {s}"
+        );
     }
     let egress = proxy.stats().unwrap().chunk_bytes_served;
     let ratio = egress as f64 / image_size as f64;
@@ -90,7 +127,10 @@ fn four_hosts_prefetching_at_once_get_each_chunk_from_the_proxy_about_once() {
     for o in &outputs {
         println!("  {o}");
     }
-    assert!(ratio <= 1.25, "proxy egress {ratio:.2}x the image (without sharing it would be 4x)");
+    assert!(
+        ratio <= 1.25,
+        "proxy egress {ratio:.2}x the image (without sharing it would be 4x)"
+    );
 }
 
 #[test]
@@ -98,24 +138,52 @@ fn skopeo_pulls_through_an_agent_mirror_and_a_second_host_gets_the_image_from_it
     let tmp = tempfile::tempdir().unwrap();
     let (reg, image_size, manifest) = registry_with_big(tmp.path(), 40);
     let lan = Lan::new(2).unwrap();
-    let proxy = Proxy::start_with(&lan.gateway, &tmp.path().join("proxy"), &[format!("local={}", reg.url())], &[]).unwrap();
-    let agents: Vec<Agent> = lan.hosts.iter().map(|h| start_agent(h, &proxy, tmp.path(), "")).collect();
+    let proxy = Proxy::start_with(
+        &lan.gateway,
+        &tmp.path().join("proxy"),
+        &[format!("local={}", reg.url())],
+        &[],
+    )
+    .unwrap();
+    let agents: Vec<Agent> = lan
+        .hosts
+        .iter()
+        .map(|h| start_agent(h, &proxy, tmp.path(), ""))
+        .collect();
     wait_for_peers(&agents, 1);
 
     // skopeo on host 0 pulls through host 0's mirror (loopback of that namespace).
     let out = tmp.path().join("out");
     let policy = tmp.path().join("policy.json");
-    std::fs::write(&policy, r#"{"default":[{"type":"insecureAcceptAnything"}]}"#).unwrap();
+    std::fs::write(
+        &policy,
+        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+    )
+    .unwrap();
     let status = lan.hosts[0]
         .command("skopeo")
-        .args(["--policy", policy.to_str().unwrap(), "copy", "-q", "--src-tls-verify=false"])
+        .args([
+            "--policy",
+            policy.to_str().unwrap(),
+            "copy",
+            "-q",
+            "--src-tls-verify=false",
+        ])
         .arg(format!("docker://{}/local/big:1", agents[0].mirror))
         .arg(format!("dir:{}", out.display()))
         .status()
         .unwrap();
-    assert!(status.success(), "skopeo through the mirror:\n{}", agents[0].log());
+    assert!(
+        status.success(),
+        "skopeo through the mirror:\n{}",
+        agents[0].log()
+    );
     let got = std::fs::read(out.join("manifest.json")).unwrap();
-    assert_eq!(Digest::of(&got), manifest, "manifest digest equals upstream's");
+    assert_eq!(
+        Digest::of(&got),
+        manifest,
+        "manifest digest equals upstream's"
+    );
     for f in std::fs::read_dir(&out).unwrap().flatten() {
         let name = f.file_name().to_string_lossy().into_owned();
         if name.len() == 64 {
@@ -128,7 +196,10 @@ fn skopeo_pulls_through_an_agent_mirror_and_a_second_host_gets_the_image_from_it
     let s = agents[1].status().unwrap();
     let from_peers = s["bytes_from_peers"].as_u64().unwrap();
     println!("second host: {text}");
-    assert!(from_peers as f64 >= 0.9 * image_size as f64, "mostly from the peer: {s}");
+    assert!(
+        from_peers as f64 >= 0.9 * image_size as f64,
+        "mostly from the peer: {s}"
+    );
     assert_cache_clean(&agents[1]);
 }
 
@@ -137,7 +208,13 @@ fn a_peer_serving_corrupt_chunks_is_rejected_penalised_and_routed_around() {
     let tmp = tempfile::tempdir().unwrap();
     let (reg, image_size, _) = registry_with_big(tmp.path(), 24);
     let lan = Lan::new(3).unwrap();
-    let proxy = Proxy::start_with(&lan.gateway, &tmp.path().join("proxy"), &[format!("local={}", reg.url())], &[]).unwrap();
+    let proxy = Proxy::start_with(
+        &lan.gateway,
+        &tmp.path().join("proxy"),
+        &[format!("local={}", reg.url())],
+        &[],
+    )
+    .unwrap();
 
     let evil_bin = imgd_tests::daemons::workspace_bin("imgd-evil-peer").unwrap();
     let mut evil_cmd = lan.hosts[0].command(evil_bin.to_str().unwrap());
@@ -169,12 +246,24 @@ fn a_peer_serving_corrupt_chunks_is_rejected_penalised_and_routed_around() {
     for a in &agents {
         assert_cache_clean(a);
         let s = a.status().unwrap();
-        let liar = s["peers"].as_array().unwrap().iter().find(|p| p["id"] == evil_id.as_str());
+        let liar = s["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["id"] == evil_id.as_str());
         let penalty = liar.map(|p| p["penalty"].as_u64().unwrap()).unwrap_or(0);
         assert!(penalty >= 100, "the liar is banned: {s}");
-        assert!(a.log().contains("corrupt bytes"), "corruption was detected and logged:\n{}", a.log());
+        assert!(
+            a.log().contains("corrupt bytes"),
+            "corruption was detected and logged:\n{}",
+            a.log()
+        );
     }
     let s = agents[1].status().unwrap();
-    assert_eq!(s["bytes_from_peers"].as_u64().unwrap(), image_size, "B got everything from A: {s}");
+    assert_eq!(
+        s["bytes_from_peers"].as_u64().unwrap(),
+        image_size,
+        "B got everything from A: {s}"
+    );
     assert_eq!(s["bytes_from_proxy"].as_u64().unwrap(), 0, "{s}");
 }

@@ -40,10 +40,20 @@ enum Command {
 }
 
 /// Sends one request over the unix socket; returns the status and the response body.
-async fn request(socket: &PathBuf, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<hyper::Response<hyper::body::Incoming>> {
+async fn request(
+    socket: &PathBuf,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<hyper::Response<hyper::body::Incoming>> {
     let stream = tokio::net::UnixStream::connect(socket)
         .await
-        .with_context(|| format!("the imgd agent is not running (cannot connect to {})", socket.display()))?;
+        .with_context(|| {
+            format!(
+                "the imgd agent is not running (cannot connect to {})",
+                socket.display()
+            )
+        })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let req = hyper::Request::builder()
@@ -56,13 +66,25 @@ async fn request(socket: &PathBuf, method: &str, path: &str, body: Option<Vec<u8
     if !resp.status().is_success() {
         let status = resp.status();
         let text = resp.into_body().collect().await?.to_bytes();
-        bail!("agent answered {status}: {}", String::from_utf8_lossy(&text));
+        bail!(
+            "agent answered {status}: {}",
+            String::from_utf8_lossy(&text)
+        );
     }
     Ok(resp)
 }
 
-async fn get_json<T: serde::de::DeserializeOwned>(socket: &PathBuf, method: &str, path: &str) -> Result<T> {
-    let body = request(socket, method, path, None).await?.into_body().collect().await?.to_bytes();
+async fn get_json<T: serde::de::DeserializeOwned>(
+    socket: &PathBuf,
+    method: &str,
+    path: &str,
+) -> Result<T> {
+    let body = request(socket, method, path, None)
+        .await?
+        .into_body()
+        .collect()
+        .await?
+        .to_bytes();
     serde_json::from_slice(&body).context("decoding the agent's answer")
 }
 
@@ -71,19 +93,27 @@ fn mb(b: u64) -> String {
 }
 
 async fn prefetch(socket: &PathBuf, image: &str) -> Result<()> {
-    let req = serde_json::to_vec(&PrefetchRequest { image: image.to_string() })?;
-    let mut body = request(socket, "POST", "/v1/prefetch", Some(req)).await?.into_body();
+    let req = serde_json::to_vec(&PrefetchRequest {
+        image: image.to_string(),
+    })?;
+    let mut body = request(socket, "POST", "/v1/prefetch", Some(req))
+        .await?
+        .into_body();
     let started = Instant::now();
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let (mut cache, mut peers, mut proxy) = (0u64, 0u64, 0u64);
     let mut pending = Vec::new();
     while let Some(frame) = body.frame().await {
         let frame = frame?;
-        let Some(data) = frame.data_ref() else { continue };
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
         pending.extend_from_slice(data);
         while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=pos).collect();
@@ -128,7 +158,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Prefetch { image } => prefetch(&cli.socket, &image).await,
         Command::Images => {
             let images: Vec<ImageSummary> = get_json(&cli.socket, "GET", "/v1/images").await?;
-            println!("{:<40} {:>12} {:>12} {:>6}  MANIFEST", "IMAGE", "SIZE", "CACHED", "PINNED");
+            println!(
+                "{:<40} {:>12} {:>12} {:>6}  MANIFEST",
+                "IMAGE", "SIZE", "CACHED", "PINNED"
+            );
             for i in images {
                 println!(
                     "{:<40} {:>12} {:>12} {:>6}  {}",
@@ -145,8 +178,17 @@ async fn run(cli: Cli) -> Result<()> {
             let s: Status = get_json(&cli.socket, "GET", "/v1/status").await?;
             println!("node      {}", s.node_id);
             println!("proxy     {}", s.proxy_url);
-            println!("cache     {} of {} quota", mb(s.cache_used_bytes), mb(s.cache_quota_bytes));
-            println!("received  {} from cache, {} from peers, {} from proxy", mb(s.bytes_from_cache), mb(s.bytes_from_peers), mb(s.bytes_from_proxy));
+            println!(
+                "cache     {} of {} quota",
+                mb(s.cache_used_bytes),
+                mb(s.cache_quota_bytes)
+            );
+            println!(
+                "received  {} from cache, {} from peers, {} from proxy",
+                mb(s.bytes_from_cache),
+                mb(s.bytes_from_peers),
+                mb(s.bytes_from_proxy)
+            );
             println!("peers     {}", s.peers.len());
             for p in s.peers {
                 println!("  {} {} penalty {}", p.id, p.data_addr, p.penalty);
@@ -159,7 +201,8 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Verify => {
-            let report: imgd_agent::cache::VerifyReport = get_json(&cli.socket, "GET", "/v1/verify").await?;
+            let report: imgd_agent::cache::VerifyReport =
+                get_json(&cli.socket, "GET", "/v1/verify").await?;
             println!(
                 "checked {} chunks: {} bad, {} missing, {} orphans",
                 report.checked,
@@ -177,7 +220,10 @@ async fn run(cli: Cli) -> Result<()> {
 
 fn main() {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("imgctl: {e}");

@@ -38,8 +38,13 @@ impl ChunkSource for Liar {
 
 fn arg(name: &str) -> Result<String> {
     let args: Vec<String> = std::env::args().collect();
-    let i = args.iter().position(|a| a == name).with_context(|| format!("missing {name}"))?;
-    args.get(i + 1).cloned().with_context(|| format!("missing value of {name}"))
+    let i = args
+        .iter()
+        .position(|a| a == name)
+        .with_context(|| format!("missing {name}"))?;
+    args.get(i + 1)
+        .cloned()
+        .with_context(|| format!("missing value of {name}"))
 }
 
 #[tokio::main]
@@ -77,6 +82,11 @@ async fn main() -> Result<()> {
     };
     let _swarm = imgd_agent::swarm::start(settings, Arc::new(PeerSet::default()))?;
     println!("evil peer {node_id} ready");
-    dataplane::serve(listener, DataPlaneConfig::new(DEV_SWARM_KEY, node_id.into_bytes()), Arc::new(liar)).await?;
+    dataplane::serve(
+        listener,
+        DataPlaneConfig::new(DEV_SWARM_KEY, node_id.into_bytes()),
+        Arc::new(liar),
+    )
+    .await?;
     Ok(())
 }
