@@ -359,7 +359,7 @@ impl Fetcher {
         holders.truncate(2);
         let mut last = String::from("no peer holds it");
         if !holders.is_empty() {
-            match self.from_peers(digest, &holders).await {
+            match self.ask_peers(digest, &holders).await {
                 Ok(b) => return Ok((b, Source::Peer)),
                 Err(e) => last = e,
             }
@@ -375,7 +375,7 @@ impl Fetcher {
     }
 
     /// Asks the first holder, and the second too if the first is slow; first verified wins.
-    async fn from_peers(&self, digest: &Digest, holders: &[Peer]) -> Result<Bytes, String> {
+    async fn ask_peers(&self, digest: &Digest, holders: &[Peer]) -> Result<Bytes, String> {
         let timeout = self.settings.peer_timeout;
         let ask = |p: &Peer| {
             let p = p.clone();

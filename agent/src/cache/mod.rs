@@ -29,7 +29,7 @@
 //!   put still succeeds and a warning is logged (an image being mounted must be able to
 //!   finish). Nothing is evicted at open, before the agent has re-protected its mounts.
 //! - **Access times** are ticks of a logical clock kept in memory and written to the
-//!   `chunks` rows in batches (every [`index::FLUSH_EVERY`] reads, at [`ChunkCache::gc`],
+//!   `chunks` rows in batches (once 1024 chunks have unsaved ticks, at [`ChunkCache::gc`],
 //!   on [`ChunkCache::flush_access`] and on drop). A crash loses only some recency.
 //! - **Full disk.** ENOSPC while storing gives [`CacheError::DiskFull`]; the staged temp
 //!   file is deleted and a committed file whose row could not be written is removed.

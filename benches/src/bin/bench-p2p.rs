@@ -160,15 +160,6 @@ fn self_cpu() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-fn self_minflt() -> i64 {
-    // SAFETY: as above.
-    unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
-        ru.ru_minflt
-    }
-}
-
 /// Plain copy: read everything the child sends into a reused 4 MiB buffer.
 async fn plain_copy(addr: SocketAddr) -> Result<u64> {
     let mut s = TcpStream::connect(addr).await?;
@@ -253,9 +244,7 @@ struct Run {
 
 fn measure(pid: u32, expect: u64, f: impl FnOnce() -> Result<u64>) -> Result<Run> {
     let (c0, s0, t0) = (self_cpu(), proc_cpu(pid)?, Instant::now());
-    let f0 = self_minflt();
     let got = f()?;
-    eprintln!("minflt {}", self_minflt() - f0);
     let took = t0.elapsed();
     let (c1, s1) = (self_cpu(), proc_cpu(pid)?);
     if got != expect {
