@@ -53,6 +53,10 @@ pub struct Status {
     pub cache_used_bytes: u64,
     pub cache_quota_bytes: u64,
     pub peers: Vec<PeerStatus>,
+    /// Blobs being fetched now.
+    pub blobs_in_flight: usize,
+    /// Chunk transfers in flight now.
+    pub chunks_in_flight: usize,
     pub bytes_from_cache: u64,
     pub bytes_from_peers: u64,
     pub bytes_from_proxy: u64,
@@ -159,7 +163,10 @@ async fn images(
 
 async fn status(State(agent): State<Arc<Agent>>) -> Json<Status> {
     let f = &agent.fetcher;
+    let (blobs_in_flight, chunks_in_flight) = f.in_flight();
     Json(Status {
+        blobs_in_flight,
+        chunks_in_flight,
         node_id: agent.node_id.clone(),
         cache_used_bytes: f.cache.used_bytes(),
         cache_quota_bytes: f.cache.quota(),

@@ -137,6 +137,23 @@ impl Fetcher {
         }
     }
 
+    /// Blobs being fetched now and chunks in flight across them.
+    pub fn in_flight(&self) -> (usize, usize) {
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let chunks = jobs
+            .values()
+            .map(|j| {
+                j.in_flight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .filter(|f| **f)
+                    .count()
+            })
+            .sum();
+        (jobs.len(), chunks)
+    }
+
     /// What this node has of `blob`, for a peer's have query (`None`: blob unknown here).
     pub fn have_map(&self, blob: &Digest) -> Option<HaveMap> {
         let list = self.cache.blob(blob).ok().flatten()?;

@@ -189,6 +189,10 @@ async fn run(cli: Cli) -> Result<()> {
                 mb(s.bytes_from_peers),
                 mb(s.bytes_from_proxy)
             );
+            println!(
+                "in flight {} blobs, {} chunks",
+                s.blobs_in_flight, s.chunks_in_flight
+            );
             println!("peers     {}", s.peers.len());
             for p in s.peers {
                 println!("  {} {} penalty {}", p.id, p.data_addr, p.penalty);
