@@ -222,12 +222,13 @@ fn a_peer_serving_corrupt_chunks_is_rejected_penalised_and_routed_around() {
         .args(["--proxy", &proxy.url(), "--image", "local/big:1", "--dir"])
         .arg(tmp.path().join("evil"))
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null());
+        .stderr(std::fs::File::create(tmp.path().join("evil.log")).unwrap());
     let mut evil = imgd_tests::process::ChildGuard::spawn(&mut evil_cmd, "imgd-evil-peer").unwrap();
     let mut line = String::new();
     let stdout = evil.child_mut().stdout.take().unwrap();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
-    assert!(line.contains("ready"), "evil peer: {line}");
+    let evil_log = std::fs::read_to_string(tmp.path().join("evil.log")).unwrap_or_default();
+    assert!(line.contains("ready"), "evil peer: {line}{evil_log}");
     let evil_id = line.split_whitespace().nth(2).unwrap().to_string();
 
     let agents = vec![

@@ -36,7 +36,7 @@ struct Hello {
 impl Hello {
     fn fresh(cfg: &DataPlaneConfig) -> Result<Self> {
         if cfg.node_id.len() > MAX_NODE_ID_LEN {
-            return Err(DataPlaneError::Handshake(format!(
+            return Err(DataPlaneError::Config(format!(
                 "our node id is {} bytes, the limit is {MAX_NODE_ID_LEN}",
                 cfg.node_id.len()
             )));
@@ -85,11 +85,30 @@ async fn read_exact<S: AsyncRead + Unpin>(
 ) -> Result<()> {
     match stream.read_exact(buf).await {
         Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(DataPlaneError::Handshake(
-            format!("peer closed the connection before its {what}"),
+        Err(e) if hung_up(&e) => Err(DataPlaneError::Handshake(format!(
+            "peer closed the connection before its {what}"
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn write_all<S: AsyncWrite + Unpin>(stream: &mut S, buf: &[u8]) -> Result<()> {
+    match stream.write_all(buf).await {
+        Ok(()) => Ok(()),
+        Err(e) if hung_up(&e) => Err(DataPlaneError::Handshake(
+            "peer closed the connection during the handshake".into(),
         )),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Whether `e` means the peer closed or reset the connection.
+fn hung_up(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+    )
 }
 
 /// The MAC a side with role `role` sends.
@@ -127,19 +146,18 @@ where
     let limit = cfg.limits.handshake_timeout;
     super::with_timeout(limit, "handshake", async {
         let own = Hello::fresh(cfg)?;
-        stream.write_all(&own.encode()).await?;
+        write_all(stream, &own.encode()).await?;
         let peer = Hello::read(stream).await?;
         let tag = mac(&cfg.key.0, ROLE_CLIENT, &own, &peer).finalize();
-        stream.write_all(&tag.into_bytes()).await?;
+        write_all(stream, &tag.into_bytes()).await?;
         let mut theirs = [0u8; MAC_LEN];
         if let Err(e) = stream.read_exact(&mut theirs).await {
-            return Err(match e.kind() {
-                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
-                    DataPlaneError::Unauthorized(
-                        "server refused us: wrong swarm key or not on its allow list".into(),
-                    )
-                }
-                _ => e.into(),
+            return Err(if hung_up(&e) {
+                DataPlaneError::Unauthorized(
+                    "server refused us: wrong swarm key or not on its allow list".into(),
+                )
+            } else {
+                e.into()
             });
         }
         mac(&cfg.key.0, ROLE_SERVER, &peer, &own)
@@ -164,7 +182,7 @@ where
     super::with_timeout(limit, "handshake", async {
         let peer = Hello::read(stream).await?;
         let own = Hello::fresh(cfg)?;
-        stream.write_all(&own.encode()).await?;
+        write_all(stream, &own.encode()).await?;
         let mut theirs = [0u8; MAC_LEN];
         read_exact(stream, &mut theirs, "MAC").await?;
         mac(&cfg.key.0, ROLE_CLIENT, &peer, &own)
@@ -174,7 +192,7 @@ where
             })?;
         check_allowed(cfg, &peer)?;
         let tag = mac(&cfg.key.0, ROLE_SERVER, &own, &peer).finalize();
-        stream.write_all(&tag.into_bytes()).await?;
+        write_all(stream, &tag.into_bytes()).await?;
         Ok(peer.id)
     })
     .await

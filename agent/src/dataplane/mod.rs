@@ -41,12 +41,13 @@
 
 pub mod client;
 pub mod handshake;
+mod have_map;
 pub mod server;
 pub mod wire;
 
 pub use client::{PeerClient, PeerPool};
+pub use have_map::HaveMap;
 pub use server::{serve, ChunkSource};
-pub use wire::HaveMap;
 
 use imgd_core::{Digest, CHUNK_SIZE};
 use std::fmt;
@@ -81,6 +82,9 @@ pub enum DataPlaneError {
     /// The peer sent bytes whose sha256 is not the digest we asked for.
     #[error("peer {peer} sent corrupt bytes for chunk {digest}")]
     Corrupt { peer: SocketAddr, digest: Digest },
+    /// The configuration is invalid (over-long node id, zero limits).
+    #[error("invalid data plane configuration: {0}")]
+    Config(String),
     /// The connection is closed (by the peer, or by us after an earlier failure).
     #[error("data plane connection closed")]
     Closed,

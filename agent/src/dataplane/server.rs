@@ -49,13 +49,13 @@ pub async fn serve(
 ) -> Result<()> {
     let l = &cfg.limits;
     if cfg.node_id.len() > MAX_NODE_ID_LEN {
-        return Err(DataPlaneError::Handshake(format!(
+        return Err(DataPlaneError::Config(format!(
             "node id of {} bytes exceeds {MAX_NODE_ID_LEN}",
             cfg.node_id.len()
         )));
     }
     if l.max_connections == 0 || l.max_lookups == 0 || l.max_control < 64 {
-        return Err(DataPlaneError::Protocol(
+        return Err(DataPlaneError::Config(
             "max_connections and max_lookups must be positive, max_control >= 64".into(),
         ));
     }

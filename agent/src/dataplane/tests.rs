@@ -291,3 +291,34 @@ async fn the_pool_reconnects_after_the_server_drops_idle_connections() {
     pool.forget(server.addr);
     assert_eq!(pool.idle_connections(server.addr), 0);
 }
+
+#[tokio::test]
+async fn connections_over_the_limit_are_closed() {
+    let mut scfg = cfg("server");
+    scfg.limits.max_connections = 1;
+    let server = start(scfg, MemSource::default()).await;
+    let _first = PeerClient::connect(server.addr, &cfg("a")).await.unwrap();
+    let second = PeerClient::connect(server.addr, &cfg("b")).await;
+    assert!(
+        matches!(second, Err(DataPlaneError::Handshake(_))),
+        "{:?}",
+        second.err()
+    );
+}
+
+#[tokio::test]
+async fn a_cancelled_request_leaves_the_connection_unusable() {
+    let body = vec![0u8; 1000];
+    let mut reply = wire::encode_header(kind::CHUNK, 1, 1000).to_vec();
+    reply.extend_from_slice(&body);
+    let addr = fake_peer(reply, Duration::from_millis(5)).await;
+    let mut c = PeerClient::connect(addr, &cfg("client")).await.unwrap();
+    let d = Digest::of(&body);
+    // The caller gives up (drops the future) in the middle of the reply.
+    let _ = tokio::time::timeout(Duration::from_millis(100), c.get_chunk(&d, T)).await;
+    assert!(matches!(
+        c.get_chunk(&d, T).await,
+        Err(DataPlaneError::Closed)
+    ));
+    assert!(!c.is_usable());
+}

@@ -49,6 +49,7 @@ fn arg(name: &str) -> Result<String> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let proxy = ProxyClient::new(&arg("--proxy")?, Duration::from_secs(30))?;
     let dir = std::path::PathBuf::from(arg("--dir")?);
     std::fs::create_dir_all(&dir)?;
