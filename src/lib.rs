@@ -7,8 +7,11 @@
 //! - [`wire`]: JSON types of the proxy's chunk API.
 
 pub mod chunk;
+pub mod config_file;
 pub mod digest;
 pub mod index;
+#[cfg(feature = "logging")]
+pub mod logging;
 pub mod range;
 pub mod registry_path;
 pub mod store;

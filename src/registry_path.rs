@@ -34,9 +34,27 @@ fn valid_name(name: &str) -> bool {
     })
 }
 
+/// The media types named by `Accept` header values (parameters and `*/*` dropped).
+pub fn accepted_media_types<'a>(values: impl Iterator<Item = &'a str>) -> Vec<String> {
+    values
+        .flat_map(|v| v.split(','))
+        .map(|s| s.split(';').next().unwrap_or(s).trim().to_string())
+        .filter(|s| !s.is_empty() && s != "*/*")
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accept_values() {
+        let v = ["application/a+json; q=0.5, */*", "application/b"];
+        assert_eq!(
+            accepted_media_types(v.into_iter()),
+            ["application/a+json", "application/b"]
+        );
+    }
 
     #[test]
     fn parses_nested_names() {

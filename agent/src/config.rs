@@ -57,22 +57,7 @@ parallel_chunks = 4
 owner_wait_ms = 4000
 "#;
 
-/// Errors reading or checking the configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid config {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
-    #[error("invalid config: {0}")]
-    Invalid(String),
-}
+pub use imgd_core::config_file::ConfigError;
 
 /// The whole agent configuration.
 #[derive(Clone, Debug, Deserialize)]
@@ -170,14 +155,7 @@ pub const DEV_SWARM_KEY: [u8; 32] = *b"imgd-development-swarm-key-v1!!!";
 impl AgentConfig {
     /// Reads a TOML file.
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })
+        imgd_core::config_file::load_toml(path)
     }
 
     /// Checks values that parse but make no sense, naming the key.

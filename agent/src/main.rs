@@ -45,17 +45,7 @@ fn main() -> anyhow::Result<()> {
         print!("{DEFAULT_CONFIG}");
         return Ok(());
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if cli.log_json {
-        fmt.json().init();
-    } else {
-        fmt.init();
-    }
+    imgd_core::logging::init(cli.log_json);
     let mut config = match &cli.config {
         Some(p) => AgentConfig::load(p)?,
         None => AgentConfig::default(),

@@ -106,14 +106,12 @@ async fn manifest(
     headers: &HeaderMap,
     head: bool,
 ) -> Response {
-    let accept: Vec<String> = headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.split(';').next().unwrap_or(s).trim().to_string())
-        .filter(|s| !s.is_empty() && s != "*/*")
-        .collect();
+    let accept = imgd_core::registry_path::accepted_media_types(
+        headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
     match agent.fetcher.proxy.manifest(repo, reference, &accept).await {
         Ok(m) => manifest_response(m.bytes.to_vec(), &m.media_type, &m.digest, head),
         Err(e @ ProxyClientError::Unreachable { .. }) => {

@@ -41,22 +41,7 @@ max_manifest_bytes = 4194304
 # layout = "/srv/images"
 "#;
 
-/// Errors reading or checking the configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid config {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
-    #[error("invalid config: {0}")]
-    Invalid(String),
-}
+pub use imgd_core::config_file::ConfigError;
 
 /// The whole proxy configuration.
 #[derive(Clone, Debug, Deserialize)]
@@ -101,14 +86,7 @@ impl Default for ProxyConfig {
 impl ProxyConfig {
     /// Reads a TOML configuration file.
     pub fn load(path: &Path) -> Result<ProxyConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })
+        imgd_core::config_file::load_toml(path)
     }
 
     /// Upstream timeout as a duration.

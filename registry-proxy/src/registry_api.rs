@@ -70,14 +70,12 @@ async fn manifest(
             return Ok(manifest_response(&m, &d, head));
         }
     }
-    let accept: Vec<String> = headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.split(';').next().unwrap_or(s).trim().to_string())
-        .filter(|s| !s.is_empty() && s != "*/*")
-        .collect();
+    let accept = imgd_core::registry_path::accepted_media_types(
+        headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
     let tag_key = format!("{}/{}:{reference}", route.upstream_name, route.repo);
     let fetched = route
         .upstream

@@ -11,22 +11,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .stderr(Stdio::piped())
-        .output()
-        .context("running ip")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
 fn run(cmd: &str, args: &[&str]) -> Result<()> {
     let out = Command::new(cmd)
         .args(args)
@@ -41,6 +25,10 @@ fn run(cmd: &str, args: &[&str]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run("ip", args)
 }
 
 /// One host: a network namespace with its address.

@@ -1,11 +1,12 @@
 //! The data plane server: answers `GetChunk` and `Have` from a [`ChunkSource`].
 //!
-//! Every accepted connection must pass the [`handshake`](super::handshake) first. A
-//! connection is then served one request at a time, in order (a client may pipeline);
-//! the number of connections ([`Limits::max_connections`](super::Limits)) and of
+//! Every accepted connection must pass the [`handshake`] first. A connection is then
+//! served one request at a time, in order (a client may pipeline). The number of
+//! connections ([`Limits::max_connections`](super::Limits::max_connections)) and of
 //! [`ChunkSource`] calls running at once over all connections
-//! ([`Limits::max_lookups`](super::Limits)) are bounded. Chunk bodies are written
-//! straight from the source's `Bytes` with one vectored write of header and body.
+//! ([`Limits::max_lookups`](super::Limits::max_lookups)) are bounded. Chunk bodies are
+//! written straight from the source's `Bytes`, with one vectored write of header and
+//! body.
 
 use super::wire::{self, FrameLimits, Message, HEADER_LEN};
 use super::{handshake, tune_socket, with_timeout, DataPlaneConfig, DataPlaneError, Result};
