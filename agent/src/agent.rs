@@ -20,6 +20,8 @@ pub enum AgentError {
     Cache(#[from] CacheError),
     #[error("{0}")]
     Start(String),
+    #[error("{0}")]
+    Mount(String),
 }
 
 /// The running agent.
@@ -28,6 +30,7 @@ pub struct Agent {
     pub node_id: String,
     pub fetcher: Arc<Fetcher>,
     pub peers: Arc<PeerSet>,
+    pub mounts: crate::mounts::Mounts,
 }
 
 /// What a prefetch did.
@@ -147,5 +150,6 @@ pub async fn start(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         node_id,
         fetcher,
         peers,
+        mounts: Default::default(),
     }))
 }

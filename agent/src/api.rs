@@ -6,10 +6,13 @@
 //! | `GET /v1/images` | [`ImageSummary`] list |
 //! | `GET /v1/status` | [`Status`] |
 //! | `POST /v1/gc` | the cache's GC report |
+//! | `POST /v1/mount` `{"image": REF, "dir": PATH}` | the new mount's [`MountStatus`] |
+//! | `POST /v1/umount` `{"dir": PATH}` | empty |
 //! | `GET /v1/verify` | a full re-verification of every cached chunk (changes nothing) |
 
 use crate::agent::{Agent, PrefetchSummary};
 use crate::fetch::Source;
+use crate::mounts::MountStatus;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -57,6 +60,7 @@ pub struct Status {
     pub blobs_in_flight: usize,
     /// Chunk transfers in flight now.
     pub chunks_in_flight: usize,
+    pub mounts: Vec<MountStatus>,
     pub bytes_from_cache: u64,
     pub bytes_from_peers: u64,
     pub bytes_from_proxy: u64,
@@ -79,6 +83,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/gc", post(gc))
         .route("/v1/verify", get(verify))
+        .route("/v1/mount", post(mount))
+        .route("/v1/umount", post(umount))
         .with_state(agent)
 }
 
@@ -167,6 +173,7 @@ async fn status(State(agent): State<Arc<Agent>>) -> Json<Status> {
     Json(Status {
         blobs_in_flight,
         chunks_in_flight,
+        mounts: agent.mounts.status(),
         node_id: agent.node_id.clone(),
         cache_used_bytes: f.cache.used_bytes(),
         cache_quota_bytes: f.cache.quota(),
@@ -201,6 +208,35 @@ async fn verify(State(agent): State<Arc<Agent>>) -> Response {
     match tokio::task::spawn_blocking(move || cache.verify_all()).await {
         Ok(Ok(report)) => Json(report).into_response(),
         Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Body of `POST /v1/mount`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MountRequest {
+    pub image: String,
+    pub dir: std::path::PathBuf,
+}
+
+/// Body of `POST /v1/umount`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UmountRequest {
+    pub dir: std::path::PathBuf,
+}
+
+async fn mount(State(agent): State<Arc<Agent>>, Json(req): Json<MountRequest>) -> Response {
+    match agent.mounts.mount(&agent, &req.image, &req.dir).await {
+        Ok(status) => Json(status).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    }
+}
+
+async fn umount(State(agent): State<Arc<Agent>>, Json(req): Json<UmountRequest>) -> Response {
+    let a = agent.clone();
+    match tokio::task::spawn_blocking(move || a.mounts.umount(&a, &req.dir)).await {
+        Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e)) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }

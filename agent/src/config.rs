@@ -45,6 +45,13 @@ bootstrap = []
 # mDNS discovery on the LAN.
 mdns = true
 
+[mount]
+# A read on a lazy mount whose chunks no source delivers within this time fails with
+# EIO instead of hanging, in milliseconds.
+read_timeout_ms = 10000
+# FUSE worker threads per mount.
+threads = 4
+
 [fetch]
 # Time limit for one chunk from a peer before trying another source, in milliseconds.
 peer_timeout_ms = 3000
@@ -70,6 +77,31 @@ pub struct AgentConfig {
     pub mirror_listen: SocketAddr,
     pub swarm: SwarmConfig,
     pub fetch: FetchConfig,
+    pub mount: MountConfig,
+}
+
+/// Lazy mount settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MountConfig {
+    pub read_timeout_ms: u64,
+    pub threads: usize,
+}
+
+impl Default for MountConfig {
+    fn default() -> Self {
+        MountConfig {
+            read_timeout_ms: 10_000,
+            threads: 4,
+        }
+    }
+}
+
+impl MountConfig {
+    /// The read time bound as a duration.
+    pub fn read_timeout(&self) -> Duration {
+        Duration::from_millis(self.read_timeout_ms)
+    }
 }
 
 /// Peer-to-peer settings.
@@ -105,6 +137,7 @@ impl Default for AgentConfig {
             mirror_listen: SocketAddr::from(([127, 0, 0, 1], 5050)),
             swarm: SwarmConfig::default(),
             fetch: FetchConfig::default(),
+            mount: MountConfig::default(),
         }
     }
 }
@@ -166,6 +199,9 @@ impl AgentConfig {
         }
         if self.cache_quota_bytes < imgd_core::CHUNK_SIZE as u64 {
             return bad("cache_quota_bytes must hold at least one 4 MiB chunk");
+        }
+        if self.mount.threads == 0 {
+            return bad("mount.threads must be at least 1");
         }
         if self.fetch.parallel_chunks == 0 {
             return bad("fetch.parallel_chunks must be at least 1");

@@ -93,6 +93,8 @@ pub struct Fetcher {
     node_id: String,
     settings: FetchSettings,
     jobs: Mutex<HashMap<Digest, Arc<Job>>>,
+    /// Single flight for chunks read one by one (mount reads).
+    chunk_gates: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
     provide: Option<mpsc::Sender<crate::swarm::SwarmCommand>>,
 }
 
@@ -133,6 +135,7 @@ impl Fetcher {
             node_id,
             settings,
             jobs: Mutex::new(HashMap::new()),
+            chunk_gates: Mutex::new(HashMap::new()),
             provide,
         }
     }
@@ -189,6 +192,53 @@ impl Fetcher {
         let info = self.proxy.blob_info(repo, blob).await?;
         self.cache.put_blob(&info.chunks)?;
         Ok(info.chunks)
+    }
+
+    /// Chunk `i` of a blob, for a read: from the cache, else from a peer holding it, else
+    /// from the proxy (then cached). Concurrent calls for one chunk make one fetch. The
+    /// flag says whether it had to be fetched.
+    pub async fn chunk(&self, list: &ChunkList, i: usize) -> Result<(Bytes, bool), FetchError> {
+        let Some(c) = list.chunks.get(i).copied() else {
+            return Err(FetchError::Exhausted {
+                blob: list.blob,
+                digest: list.blob,
+                last: format!("no chunk {i}"),
+            });
+        };
+        if let Some(b) = self.cache.get_chunk(&c.digest)? {
+            return Ok((b, false));
+        }
+        let gate = self
+            .chunk_gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(c.digest)
+            .or_default()
+            .clone();
+        let result = async {
+            let _turn = gate.lock().await;
+            if let Some(b) = self.cache.get_chunk(&c.digest)? {
+                return Ok((b, false));
+            }
+            let maps = self.refresh_maps(&list.blob).await;
+            let mut holders: Vec<Peer> = self
+                .peers
+                .usable()
+                .into_iter()
+                .filter(|p| maps.get(&p.id).is_some_and(|m| m.is_present(i as u32)))
+                .collect();
+            holders.shuffle(&mut rand::rng());
+            let (bytes, source) = self.fetch_chunk(&list.blob, &c.digest, holders).await?;
+            self.cache.put_chunk(&c.digest, &bytes)?;
+            self.stats.add(source, bytes.len() as u64);
+            Ok((bytes, true))
+        }
+        .await;
+        let mut gates = self.chunk_gates.lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::strong_count(&gate) <= 2 {
+            gates.remove(&c.digest);
+        }
+        result
     }
 
     /// Brings every chunk of `blob` into the cache, reporting progress.

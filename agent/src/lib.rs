@@ -18,6 +18,7 @@ pub mod fetch;
 pub mod identity;
 pub mod image;
 pub mod mirror;
+pub mod mounts;
 pub mod peers;
 pub mod proxy_client;
 pub mod swarm;

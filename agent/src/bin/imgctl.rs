@@ -29,6 +29,10 @@ enum Command {
         /// REPO:TAG or REPO@sha256:DIGEST, as the proxy names it (e.g. local/app:1).
         image: String,
     },
+    /// Mount IMAGE read-only at DIR; files are fetched as they are read.
+    Mount { image: String, dir: PathBuf },
+    /// Unmount an imgd mount.
+    Umount { dir: PathBuf },
     /// Cached images with their size and how much is cached.
     Images,
     /// Cache use, peers and traffic by source.
@@ -156,6 +160,26 @@ async fn prefetch(socket: &PathBuf, image: &str) -> Result<()> {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Prefetch { image } => prefetch(&cli.socket, &image).await,
+        Command::Mount { image, dir } => {
+            let dir = std::fs::canonicalize(&dir)
+                .with_context(|| format!("mount point {}", dir.display()))?;
+            let req = serde_json::to_vec(&imgd_agent::api::MountRequest { image, dir })?;
+            let body = request(&cli.socket, "POST", "/v1/mount", Some(req))
+                .await?
+                .into_body()
+                .collect()
+                .await?
+                .to_bytes();
+            let m: imgd_agent::mounts::MountStatus = serde_json::from_slice(&body)?;
+            println!("mounted {} at {}", m.image, m.dir);
+            Ok(())
+        }
+        Command::Umount { dir } => {
+            let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+            let req = serde_json::to_vec(&imgd_agent::api::UmountRequest { dir })?;
+            request(&cli.socket, "POST", "/v1/umount", Some(req)).await?;
+            Ok(())
+        }
         Command::Images => {
             let images: Vec<ImageSummary> = get_json(&cli.socket, "GET", "/v1/images").await?;
             println!(
@@ -193,6 +217,20 @@ async fn run(cli: Cli) -> Result<()> {
                 "in flight {} blobs, {} chunks",
                 s.blobs_in_flight, s.chunks_in_flight
             );
+            println!("mounts    {}", s.mounts.len());
+            for m in &s.mounts {
+                let pct = 100.0 * m.fetched_bytes as f64 / m.total_bytes.max(1) as f64;
+                println!(
+                    "  {} at {}: fetched {} in {} chunks ({pct:.1}% of {}), {} reads, {} EIO",
+                    m.image,
+                    m.dir,
+                    mb(m.fetched_bytes),
+                    m.fetched_chunks,
+                    mb(m.total_bytes),
+                    m.reads,
+                    m.eio
+                );
+            }
             println!("peers     {}", s.peers.len());
             for p in s.peers {
                 println!("  {} {} penalty {}", p.id, p.data_addr, p.penalty);

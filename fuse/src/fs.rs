@@ -1,0 +1,259 @@
+//! The read-only FUSE filesystem of an [`ImageView`].
+//!
+//! Tuned for an immutable tree: entry and attribute timeouts of a day, the kernel page
+//! cache kept across opens (`FOPEN_KEEP_CACHE`), cached readdir and symlinks, several
+//! worker threads. File bytes are read from the layer's tar stream through its seekable
+//! index: the compressed range from the nearest checkpoint is asked of a [`BlobSource`]
+//! (the agent: cache, peers, proxy), which must answer within a bounded time; a read
+//! that cannot be served returns `EIO`, never hangs.
+
+use crate::view::{ImageView, Ino, Node, NodeKind};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen,
+    ReplyXattr, Request,
+};
+use imgd_core::index::read_file;
+use std::ffi::OsStr;
+use std::ops::Range;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// How long the kernel may cache entries and attributes of this immutable tree.
+const TTL: Duration = Duration::from_secs(86400);
+
+/// Where the compressed bytes of layers come from.
+pub trait BlobSource: Send + Sync + 'static {
+    /// The bytes `range` of layer `layer`'s blob, or an error message. Must return within
+    /// a bounded time.
+    fn read(&self, layer: usize, range: Range<u64>) -> Result<Vec<u8>, String>;
+}
+
+/// Counters of one mount.
+#[derive(Default, Debug)]
+pub struct MountStats {
+    /// Read requests served.
+    pub reads: AtomicU64,
+    /// Bytes returned to readers.
+    pub bytes_read: AtomicU64,
+    /// Reads that failed with EIO.
+    pub eio: AtomicU64,
+}
+
+/// The filesystem.
+pub struct ImageFs {
+    view: Arc<ImageView>,
+    source: Arc<dyn BlobSource>,
+    stats: Arc<MountStats>,
+    /// Called with the path of each file opened, in order (the learned start-up trace).
+    on_open: Option<Box<dyn Fn(Ino) + Send + Sync>>,
+}
+
+impl ImageFs {
+    /// A filesystem over `view`, whose files are read from `layers` through `source`.
+    pub fn new(view: Arc<ImageView>, source: Arc<dyn BlobSource>, stats: Arc<MountStats>) -> Self {
+        ImageFs {
+            view,
+            source,
+            stats,
+            on_open: None,
+        }
+    }
+
+    /// Sets a hook called with each regular file opened.
+    pub fn on_open(mut self, hook: impl Fn(Ino) + Send + Sync + 'static) -> Self {
+        self.on_open = Some(Box::new(hook));
+        self
+    }
+
+    fn attr(&self, ino: Ino, node: &Node) -> FileAttr {
+        let kind = match &node.kind {
+            NodeKind::Dir { .. } => FileType::Directory,
+            NodeKind::File { .. } => FileType::RegularFile,
+            NodeKind::Symlink { .. } => FileType::Symlink,
+            NodeKind::CharDevice { .. } => FileType::CharDevice,
+            NodeKind::BlockDevice { .. } => FileType::BlockDevice,
+            NodeKind::Fifo => FileType::NamedPipe,
+        };
+        let size = if node.is_dir() { 4096 } else { node.size() };
+        // The kernel's 32-bit device encoding equals glibc's for major < 4096, minor < 2^20.
+        let rdev = node.rdev();
+        let mtime = if node.mtime >= 0 {
+            UNIX_EPOCH + Duration::new(node.mtime as u64, node.mtime_nsec)
+        } else {
+            UNIX_EPOCH
+        };
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: mtime,
+            kind,
+            perm: (node.mode & 0o7777) as u16,
+            nlink: node.nlink,
+            uid: node.uid,
+            gid: node.gid,
+            rdev: rdev as u32,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+}
+
+impl Filesystem for ImageFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self
+            .view
+            .lookup(parent.0, name.as_bytes())
+            .and_then(|i| self.view.node(i).map(|n| (i, n)))
+        {
+            Some((ino, node)) => reply.entry(&TTL, &self.attr(ino, node), Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.view.node(ino.0) {
+            Some(node) => reply.attr(&TTL, &self.attr(ino.0, node)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.view.node(ino.0).map(|n| &n.kind) {
+            Some(NodeKind::Symlink { target }) => reply.data(target),
+            _ => reply.error(Errno::EINVAL),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        if let Some(hook) = &self.on_open {
+            hook(ino.0);
+        }
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some((layer, entry)) = self.view.file_source(ino.0) else {
+            return reply.error(Errno::EISDIR);
+        };
+        let Some(index) = self.view.layer(layer) else {
+            return reply.error(Errno::EIO);
+        };
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        let result = read_file(index, entry, offset, size as usize, |range| {
+            self.source.read(layer, range)
+        });
+        match result {
+            Ok(bytes) => {
+                self.stats
+                    .bytes_read
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                reply.data(&bytes)
+            }
+            Err(e) => {
+                self.stats.eio.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(ino = ino.0, offset, size, error = %e, "read failed: EIO");
+                reply.error(Errno::EIO)
+            }
+        }
+    }
+
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.opened(
+            FileHandle(0),
+            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+        );
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(node) = self.view.node(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let parent = node.parent;
+        let dots = [(ino.0, b".".as_slice()), (parent, b"..".as_slice())];
+        let entries = dots
+            .into_iter()
+            .chain(self.view.children(ino.0).map(|(name, i)| (i, name)));
+        for (i, (child, name)) in entries.enumerate().skip(offset as usize) {
+            let kind = self
+                .view
+                .node(child)
+                .map(|n| self.attr(child, n).kind)
+                .unwrap_or(FileType::RegularFile);
+            if reply.add(
+                INodeNo(child),
+                (i + 1) as u64,
+                kind,
+                OsStr::from_bytes(name),
+            ) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some(node) = self.view.node(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Some(value) = name.to_str().and_then(|n| node.xattrs.get(n)) else {
+            return reply.error(Errno::NO_XATTR);
+        };
+        if size == 0 {
+            reply.size(value.len() as u32)
+        } else if (size as usize) < value.len() {
+            reply.error(Errno::ERANGE)
+        } else {
+            reply.data(value)
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let Some(node) = self.view.node(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let mut list = Vec::new();
+        for k in node.xattrs.keys() {
+            list.extend_from_slice(k.as_bytes());
+            list.push(0);
+        }
+        if size == 0 {
+            reply.size(list.len() as u32)
+        } else if (size as usize) < list.len() {
+            reply.error(Errno::ERANGE)
+        } else {
+            reply.data(&list)
+        }
+    }
+}
