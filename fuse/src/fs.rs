@@ -7,13 +7,14 @@
 //! (the agent: cache, peers, proxy), which must answer within a bounded time; a read
 //! that cannot be served returns `EIO`, never hangs.
 
+use crate::span_cache::SpanCache;
 use crate::view::{ImageView, Ino, Node, NodeKind};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen,
     ReplyXattr, Request,
 };
-use imgd_core::index::read_file;
+use imgd_core::index::{read_file_via, read_stored, span_of, ReadError};
 use std::ffi::OsStr;
 use std::ops::Range;
 use std::os::unix::ffi::OsStrExt;
@@ -23,6 +24,13 @@ use std::time::{Duration, UNIX_EPOCH};
 
 /// How long the kernel may cache entries and attributes of this immutable tree.
 const TTL: Duration = Duration::from_secs(86400);
+
+/// Byte budget of a mount's cache of inflated spans.
+const SPAN_CACHE_BYTES: usize = 64 << 20;
+
+/// Spans longer than this (encoders that emit huge deflate blocks leave few checkpoints)
+/// are not cached; reads then inflate just the range they need.
+const MAX_CACHED_SPAN: u64 = 16 << 20;
 
 /// Where the compressed bytes of layers come from.
 pub trait BlobSource: Send + Sync + 'static {
@@ -47,6 +55,7 @@ pub struct ImageFs {
     view: Arc<ImageView>,
     source: Arc<dyn BlobSource>,
     stats: Arc<MountStats>,
+    spans: SpanCache,
     /// Called with the path of each file opened, in order (the learned start-up trace).
     on_open: Option<Box<dyn Fn(Ino) + Send + Sync>>,
 }
@@ -58,6 +67,7 @@ impl ImageFs {
             view,
             source,
             stats,
+            spans: SpanCache::new(SPAN_CACHE_BYTES),
             on_open: None,
         }
     }
@@ -164,8 +174,42 @@ impl Filesystem for ImageFs {
             return reply.error(Errno::EIO);
         };
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
-        let result = read_file(index, entry, offset, size as usize, |range| {
-            self.source.read(layer, range)
+        let mut fetch = |range: Range<u64>| self.source.read(layer, range);
+        let result = read_file_via(index, entry, offset, size as usize, |at, len| {
+            // Whole spans through the cache, so sequential reads inflate each byte once.
+            let end = at + len as u64;
+            let mut out = Vec::with_capacity(len);
+            let mut pos = at;
+            while pos < end {
+                let span = span_of(index, pos);
+                if span.end <= pos {
+                    break;
+                }
+                let stop = end.min(span.end);
+                if span.end - span.start > MAX_CACHED_SPAN {
+                    out.extend_from_slice(&read_stored(
+                        index,
+                        pos,
+                        (stop - pos) as usize,
+                        &mut fetch,
+                    )?);
+                } else {
+                    let data = self.spans.get_or_load(layer, span.start, || {
+                        read_stored(
+                            index,
+                            span.start,
+                            (span.end - span.start) as usize,
+                            &mut fetch,
+                        )
+                    })?;
+                    let (a, b) = ((pos - span.start) as usize, (stop - span.start) as usize);
+                    out.extend_from_slice(data.get(a..b).ok_or_else(|| {
+                        ReadError::BadIndex("span shorter than the index says".into())
+                    })?);
+                }
+                pos = stop;
+            }
+            Ok(out)
         });
         match result {
             Ok(bytes) => {

@@ -7,4 +7,5 @@
 //!   links, devices, ownership, xattrs), with inode numbers ready for a FUSE filesystem.
 
 pub mod fs;
+pub mod span_cache;
 pub mod view;

@@ -16,5 +16,7 @@ pub use format::{
     INDEX_VERSION,
 };
 pub use gzip::{CheckpointingInflater, GzipError};
-pub use reader::{plan_read, read_file, read_range, read_stored, ReadError, ReadPlan};
+pub use reader::{
+    plan_read, read_file, read_file_via, read_range, read_stored, span_of, ReadError, ReadPlan,
+};
 pub use tar::{TarError, TarOptions, TarScanner};

@@ -173,6 +173,21 @@ where
     B: AsRef<[u8]>,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    read_file_via(index, entry, file_offset, len, |offset, n| {
+        read_stored(index, offset, n, &mut fetch)
+    })
+}
+
+/// [`read_file`] with the tar-stream reads left to `stored(offset, len)`, which must
+/// return the `len` bytes at `offset` of the uncompressed stream (e.g. from a cache of
+/// inflated spans).
+pub fn read_file_via(
+    index: &LayerIndex,
+    entry: &Entry,
+    file_offset: u64,
+    len: usize,
+    mut stored: impl FnMut(u64, usize) -> Result<Vec<u8>, ReadError>,
+) -> Result<Vec<u8>, ReadError> {
     let entry = resolve(index, entry)?;
     let end = file_offset.saturating_add(len as u64).min(entry.size);
     if file_offset >= end {
@@ -180,36 +195,53 @@ where
     }
     let want = (end - file_offset) as usize;
     if entry.sparse.is_empty() {
-        let out = read_stored(index, entry.content_offset + file_offset, want, &mut fetch)?;
+        let out = stored(entry.content_offset + file_offset, want)?;
         return check_len(out, want);
     }
     // Logical [file_offset, end) -> (output position, stored position, length) segments.
     let mut segments = Vec::new();
-    let mut stored = 0u64;
+    let mut stored_pos = 0u64;
     for e in &entry.sparse {
         let (a, b) = (e.offset.max(file_offset), (e.offset + e.length).min(end));
         if a < b {
-            segments.push((a - file_offset, stored + (a - e.offset), b - a));
+            segments.push((a - file_offset, stored_pos + (a - e.offset), b - a));
         }
-        stored += e.length;
+        stored_pos += e.length;
     }
     let mut out = vec![0u8; want];
     let (Some(first), Some(last)) = (segments.first(), segments.last()) else {
         return Ok(out);
     };
     let (s_start, s_end) = (first.1, last.1 + last.2);
-    let data = read_stored(
-        index,
-        entry.content_offset + s_start,
-        (s_end - s_start) as usize,
-        &mut fetch,
-    )?;
+    let data = stored(entry.content_offset + s_start, (s_end - s_start) as usize)?;
     let data = check_len(data, (s_end - s_start) as usize)?;
     for (o, s, l) in segments {
         let (o, s, l) = (o as usize, (s - s_start) as usize, l as usize);
         out[o..o + l].copy_from_slice(&data[s..s + l]);
     }
     Ok(out)
+}
+
+/// Size of the spans a plain tar stream is cut into by [`span_of`].
+pub const PLAIN_SPAN: u64 = 4 << 20;
+
+/// The span of the uncompressed stream holding `offset`: from the last checkpoint at or
+/// before it to the next checkpoint (gzip), or the aligned [`PLAIN_SPAN`] (plain tar).
+/// Inflating a whole span costs one pass from its checkpoint, so caching whole spans
+/// lets sequential reads inflate each byte once.
+pub fn span_of(index: &LayerIndex, offset: u64) -> Range<u64> {
+    let total = index.uncompressed_size;
+    if index.compression != Compression::Gzip || index.checkpoints.is_empty() {
+        let start = offset / PLAIN_SPAN * PLAIN_SPAN;
+        return start..(start + PLAIN_SPAN).min(total);
+    }
+    let cps = &index.checkpoints;
+    let i = cps
+        .partition_point(|c| c.uncompressed_offset <= offset)
+        .saturating_sub(1);
+    let start = cps[i].uncompressed_offset;
+    let end = cps.get(i + 1).map_or(total, |c| c.uncompressed_offset);
+    start..end.max(start)
 }
 
 fn check_len(out: Vec<u8>, want: usize) -> Result<Vec<u8>, ReadError> {

@@ -9,6 +9,7 @@
 mod content;
 mod layer;
 mod layout;
+pub mod merge_cases;
 pub mod presets;
 
 pub use content::{Content, SplitMix64};
