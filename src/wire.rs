@@ -6,6 +6,8 @@
 //! | `GET /imgd/v1/chunks/{digest}` | the chunk's bytes (`application/octet-stream`) |
 //! | `GET /imgd/v1/indexes/{layer digest}?repo=NAME` | the encoded [`crate::index::LayerIndex`]; header `Imgd-Index-Digest` |
 //! | `GET /imgd/v1/stats` | [`ProxyStats`] |
+//! | `GET /imgd/v1/traces/{manifest digest}` | the image's [`StartupTrace`] (404 if none) |
+//! | `PUT /imgd/v1/traces/{manifest digest}` | stores a [`StartupTrace`] (first one wins) |
 
 use crate::chunk::ChunkList;
 use crate::digest::Digest;
@@ -54,4 +56,15 @@ pub struct ProxyStats {
     pub chunks_served: u64,
     /// Bytes of blobs served through the registry API.
     pub blob_bytes_served: u64,
+}
+
+/// Most paths a startup trace may hold.
+pub const MAX_TRACE_PATHS: usize = 20_000;
+
+/// The files an image's first container start read, in order: later mounts of the image
+/// fetch them first, in the background.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartupTrace {
+    /// Paths as in the image's rootfs, relative, raw bytes.
+    pub paths: Vec<Vec<u8>>,
 }

@@ -27,16 +27,32 @@ use std::sync::Arc;
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PrefetchRequest {
     pub image: String,
+    /// Only the files of the image's learned startup trace.
+    #[serde(default)]
+    pub startup: bool,
 }
 
 /// One line of the prefetch stream.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PrefetchEvent {
-    Start { image: String, total_bytes: u64 },
-    Progress { bytes: u64, source: Source },
+    Start {
+        image: String,
+        total_bytes: u64,
+    },
+    Progress {
+        bytes: u64,
+        source: Source,
+    },
     Done(PrefetchSummary),
-    Error { message: String },
+    /// A `--startup` prefetch finished, having fetched this much.
+    StartupDone {
+        image: String,
+        fetched_bytes: u64,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// One cached image.
@@ -95,6 +111,18 @@ fn line(e: &PrefetchEvent) -> bytes::Bytes {
 }
 
 async fn prefetch(State(agent): State<Arc<Agent>>, Json(req): Json<PrefetchRequest>) -> Response {
+    if req.startup {
+        let last = match crate::mounts::startup_prefetch(&agent, &req.image).await {
+            Ok(bytes) => PrefetchEvent::StartupDone {
+                image: req.image.clone(),
+                fetched_bytes: bytes,
+            },
+            Err(e) => PrefetchEvent::Error {
+                message: e.to_string(),
+            },
+        };
+        return (StatusCode::OK, line(&last)).into_response();
+    }
     let (r, record) = match agent.resolve(&req.image).await {
         Ok(x) => x,
         Err(e) => {

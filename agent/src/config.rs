@@ -51,6 +51,9 @@ mdns = true
 read_timeout_ms = 10000
 # FUSE worker threads per mount.
 threads = 4
+# How long after a mount (of an image without a startup trace yet) the files opened are
+# recorded as the image's startup trace, in seconds. The trace is also stored at umount.
+trace_secs = 30
 
 [fetch]
 # Time limit for one chunk from a peer before trying another source, in milliseconds.
@@ -86,6 +89,7 @@ pub struct AgentConfig {
 pub struct MountConfig {
     pub read_timeout_ms: u64,
     pub threads: usize,
+    pub trace_secs: u64,
 }
 
 impl Default for MountConfig {
@@ -93,11 +97,17 @@ impl Default for MountConfig {
         MountConfig {
             read_timeout_ms: 10_000,
             threads: 4,
+            trace_secs: 30,
         }
     }
 }
 
 impl MountConfig {
+    /// The startup trace window as a duration.
+    pub fn trace_window(&self) -> Duration {
+        Duration::from_secs(self.trace_secs)
+    }
+
     /// The read time bound as a duration.
     pub fn read_timeout(&self) -> Duration {
         Duration::from_millis(self.read_timeout_ms)

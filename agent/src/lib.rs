@@ -21,4 +21,5 @@ pub mod mirror;
 pub mod mounts;
 pub mod peers;
 pub mod proxy_client;
+pub mod startup;
 pub mod swarm;

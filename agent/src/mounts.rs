@@ -2,7 +2,10 @@
 //! are fetched chunk by chunk (cache, then peers, then proxy) as they are read.
 
 use crate::agent::{Agent, AgentError};
+use crate::cache::ImageRecord;
 use crate::fetch::Fetcher;
+use crate::image::ImageRef;
+use crate::startup::{self, TraceRecorder};
 use bytes::Bytes;
 use imgd_core::index::LayerIndex;
 use imgd_core::{ChunkList, Digest};
@@ -23,7 +26,24 @@ pub struct Mount {
     pub total_bytes: u64,
     pub stats: Arc<MountStats>,
     pub fetched: Arc<FetchedStats>,
+    recorder: Option<Arc<TraceRecorder>>,
+    view: Arc<ImageView>,
+    manifest: Digest,
     session: fuser::BackgroundSession,
+}
+
+/// Stores what `rec` recorded as the image's startup trace, once.
+async fn save_trace(rec: &TraceRecorder, view: &ImageView, fetcher: &Fetcher, manifest: &Digest) {
+    let Some(trace) = rec.finish(view) else {
+        return;
+    };
+    if trace.paths.is_empty() {
+        return;
+    }
+    match fetcher.proxy.put_trace(manifest, &trace).await {
+        Ok(()) => tracing::info!(files = trace.paths.len(), %manifest, "startup trace stored"),
+        Err(e) => tracing::warn!(error = %e, "storing the startup trace failed"),
+    }
 }
 
 /// Chunks and bytes a mount fetched into the cache (cache hits not counted).
@@ -55,7 +75,7 @@ pub struct Mounts {
 /// Serves a mount's reads from chunks through the fetcher, within a time bound.
 struct ChunkReader {
     fetcher: Arc<Fetcher>,
-    lists: Vec<ChunkList>,
+    lists: Arc<Vec<ChunkList>>,
     rt: tokio::runtime::Handle,
     timeout: Duration,
     fetched: Arc<FetchedStats>,
@@ -91,6 +111,65 @@ impl BlobSource for ChunkReader {
     }
 }
 
+/// An image ready to mount: its record, chunk lists and merged view.
+pub struct Prepared {
+    pub image: ImageRef,
+    pub record: ImageRecord,
+    pub lists: Arc<Vec<ChunkList>>,
+    pub view: Arc<ImageView>,
+}
+
+/// Resolves `image` and builds its view from the layers' indexes (fetched from the proxy
+/// and verified).
+pub async fn prepare(agent: &Agent, image: &str) -> Result<Prepared, AgentError> {
+    let fail = |m: String| AgentError::Mount(m);
+    let (r, record) = agent.resolve(image).await?;
+    let repo = r.proxy_repo();
+    let fetcher = &agent.fetcher;
+    let mut lists = Vec::new();
+    let mut indexes = Vec::new();
+    for layer in &record.layers {
+        lists.push(fetcher.chunk_list(&repo, layer).await?);
+        let bytes = fetcher
+            .proxy
+            .index(&repo, layer)
+            .await
+            .map_err(|e| fail(format!("index of layer {layer}: {e}")))?;
+        let index =
+            LayerIndex::decode(&bytes).map_err(|e| fail(format!("index of layer {layer}: {e}")))?;
+        if index.layer != *layer || !index.random_access {
+            return Err(fail(format!("layer {layer} has no random-access index")));
+        }
+        indexes.push(index);
+    }
+    let view = ImageView::build(Arc::new(indexes), ViewLimits::default())
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(Prepared {
+        image: r,
+        record,
+        lists: Arc::new(lists),
+        view: Arc::new(view),
+    })
+}
+
+/// `imgctl prefetch --startup`: warms only the files the image's startup trace names.
+pub async fn startup_prefetch(agent: &Agent, image: &str) -> Result<u64, AgentError> {
+    let p = prepare(agent, image).await?;
+    let trace = agent
+        .fetcher
+        .proxy
+        .trace(&p.record.manifest_digest)
+        .await
+        .map_err(|e| AgentError::Mount(e.to_string()))?
+        .ok_or_else(|| {
+            AgentError::Mount(format!(
+                "no startup trace recorded for {} yet: mount it and start a container first",
+                p.image
+            ))
+        })?;
+    Ok(startup::warm(&agent.fetcher, &p.view, &p.lists, &trace).await?)
+}
+
 impl Mounts {
     /// Mounts `image` at `dir` (which must exist).
     pub async fn mount(
@@ -108,38 +187,74 @@ impl Mounts {
         {
             return Err(fail(format!("{} is already an imgd mount", dir.display())));
         }
-        let (r, record) = agent.resolve(image).await?;
-        let repo = r.proxy_repo();
+        let Prepared {
+            image: r,
+            record,
+            lists,
+            view,
+        } = prepare(agent, image).await?;
         let fetcher = agent.fetcher.clone();
-        let mut lists = Vec::new();
-        let mut indexes = Vec::new();
-        for layer in &record.layers {
-            lists.push(fetcher.chunk_list(&repo, layer).await?);
-            let bytes = fetcher
-                .proxy
-                .index(&repo, layer)
-                .await
-                .map_err(|e| fail(format!("index of layer {layer}: {e}")))?;
-            let index = LayerIndex::decode(&bytes)
-                .map_err(|e| fail(format!("index of layer {layer}: {e}")))?;
-            if index.layer != *layer || !index.random_access {
-                return Err(fail(format!("layer {layer} has no random-access index")));
-            }
-            indexes.push(index);
-        }
-        let view = ImageView::build(Arc::new(indexes), ViewLimits::default())
-            .map_err(|e| fail(e.to_string()))?;
         fetcher.cache.protect(&record.layers);
         let stats = Arc::new(MountStats::default());
         let fetched = Arc::new(FetchedStats::default());
         let reader = ChunkReader {
             fetcher: fetcher.clone(),
-            lists,
+            lists: lists.clone(),
             rt: tokio::runtime::Handle::current(),
             timeout: agent.config.mount.read_timeout(),
             fetched: fetched.clone(),
         };
-        let fs = ImageFs::new(Arc::new(view), Arc::new(reader), stats.clone());
+        let mut fs = ImageFs::new(view.clone(), Arc::new(reader), stats.clone());
+        let trace = fetcher
+            .proxy
+            .trace(&record.manifest_digest)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "startup trace unavailable");
+                None
+            });
+        let recorder = match trace {
+            Some(trace) => {
+                // A learned start: fetch what the first start read, before it is asked for.
+                let (f, v, l, fetched) = (
+                    fetcher.clone(),
+                    view.clone(),
+                    lists.clone(),
+                    fetched.clone(),
+                );
+                tokio::spawn(async move {
+                    match startup::warm(&f, &v, &l, &trace).await {
+                        Ok(n) => {
+                            fetched.bytes.fetch_add(n, Ordering::Relaxed);
+                            tracing::info!(
+                                bytes = n,
+                                files = trace.paths.len(),
+                                "startup files prefetched"
+                            );
+                        }
+                        Err(e) => tracing::warn!(error = %e, "startup prefetch failed"),
+                    }
+                });
+                None
+            }
+            None => {
+                let rec = TraceRecorder::recording();
+                let hook = rec.clone();
+                fs = fs.on_open(move |ino| hook.opened(ino));
+                let (rec2, v, f, digest) = (
+                    rec.clone(),
+                    view.clone(),
+                    fetcher.clone(),
+                    record.manifest_digest,
+                );
+                let window = agent.config.mount.trace_window();
+                tokio::spawn(async move {
+                    tokio::time::sleep(window).await;
+                    save_trace(&rec2, &v, &f, &digest).await;
+                });
+                Some(rec)
+            }
+        };
         let mut config = fuser::Config::default();
         config.mount_options = vec![
             fuser::MountOption::RO,
@@ -168,6 +283,9 @@ impl Mounts {
             total_bytes: record.total_size,
             stats,
             fetched,
+            recorder,
+            view,
+            manifest: record.manifest_digest,
             session,
         };
         let status = status_of(&mount);
@@ -179,7 +297,7 @@ impl Mounts {
         Ok(status)
     }
 
-    /// Unmounts `dir`.
+    /// Unmounts `dir`, storing the startup trace if it is still being recorded.
     pub fn umount(&self, agent: &Agent, dir: &Path) -> Result<(), AgentError> {
         let mount = self
             .live
@@ -188,6 +306,16 @@ impl Mounts {
             .remove(dir)
             .ok_or_else(|| AgentError::Mount(format!("{} is not an imgd mount", dir.display())))?;
         let layers = mount.layers.clone();
+        if let Some(rec) = &mount.recorder {
+            let (rec, view, f, digest) = (
+                rec.clone(),
+                mount.view.clone(),
+                agent.fetcher.clone(),
+                mount.manifest,
+            );
+            tokio::runtime::Handle::current()
+                .block_on(async move { save_trace(&rec, &view, &f, &digest).await });
+        }
         if let Err(e) = mount.session.umount_and_join() {
             return Err(AgentError::Mount(format!(
                 "unmounting {}: {e}",

@@ -2,7 +2,7 @@
 //! over the chunk API. Everything fetched by digest is verified here.
 
 use bytes::Bytes;
-use imgd_core::wire::BlobInfo;
+use imgd_core::wire::{BlobInfo, StartupTrace};
 use imgd_core::Digest;
 use std::time::Duration;
 
@@ -220,5 +220,50 @@ impl ProxyClient {
             repo.ns_query('&')
         );
         Self::body(self.get(&path, &[]).await?, &path).await
+    }
+
+    /// The learned startup trace of an image, if one was stored.
+    pub async fn trace(&self, manifest: &Digest) -> Result<Option<StartupTrace>, ProxyClientError> {
+        let path = format!("/imgd/v1/traces/{manifest}");
+        match self.get(&path, &[]).await {
+            Ok(resp) => {
+                let body = Self::body(resp, &path).await?;
+                serde_json::from_slice(&body)
+                    .map(Some)
+                    .map_err(|e| ProxyClientError::Malformed {
+                        what: "startup trace",
+                        message: e.to_string(),
+                    })
+            }
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Stores the startup trace of an image (the proxy keeps the first one).
+    pub async fn put_trace(
+        &self,
+        manifest: &Digest,
+        trace: &StartupTrace,
+    ) -> Result<(), ProxyClientError> {
+        let url = format!("{}/imgd/v1/traces/{manifest}", self.base);
+        let body = serde_json::to_vec(trace).unwrap_or_default();
+        let resp = self
+            .http
+            .put(&url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| ProxyClientError::Unreachable {
+                url: url.clone(),
+                message: format!("{e:#}"),
+            })?;
+        if !resp.status().is_success() {
+            let status = resp.status().as_u16();
+            let body = resp.text().await.unwrap_or_default();
+            return Err(ProxyClientError::Status { status, url, body });
+        }
+        Ok(())
     }
 }

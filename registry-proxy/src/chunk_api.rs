@@ -3,12 +3,12 @@
 
 use crate::errors::ProxyError;
 use crate::server::AppState;
-use crate::storage::{BlobIndexes, StorageError};
+use crate::storage::{BlobIndexes, StorageError, Traces};
 use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use imgd_core::wire::{BlobInfo, IndexState, INDEX_DIGEST_HEADER};
+use imgd_core::wire::{BlobInfo, IndexState, StartupTrace, INDEX_DIGEST_HEADER, MAX_TRACE_PATHS};
 use imgd_core::{ChunkList, Digest};
 use serde::Deserialize;
 use std::sync::atomic::Ordering;
@@ -123,4 +123,45 @@ pub async fn index(
 /// `GET /imgd/v1/stats`: counters since start.
 pub async fn stats(State(state): State<Arc<AppState>>) -> Json<imgd_core::wire::ProxyStats> {
     Json(state.stats.snapshot())
+}
+
+/// `GET /imgd/v1/traces/{manifest digest}`: the image's learned startup trace.
+pub async fn get_trace(
+    State(state): State<Arc<AppState>>,
+    Path(digest): Path<String>,
+) -> Result<Json<StartupTrace>, ProxyError> {
+    let digest = parse_digest(&digest)?;
+    match state
+        .storage
+        .meta
+        .get::<Traces>(&digest)
+        .map_err(StorageError::from)?
+    {
+        Some(t) => Ok(Json(t)),
+        None => Err(ProxyError::BlobUnknown(format!(
+            "startup trace of {digest}"
+        ))),
+    }
+}
+
+/// `PUT /imgd/v1/traces/{manifest digest}`: stores a startup trace unless one exists.
+pub async fn put_trace(
+    State(state): State<Arc<AppState>>,
+    Path(digest): Path<String>,
+    Json(trace): Json<StartupTrace>,
+) -> Result<Response, ProxyError> {
+    let digest = parse_digest(&digest)?;
+    if trace.paths.len() > MAX_TRACE_PATHS || trace.paths.iter().any(|p| p.len() > 4096) {
+        return Err(ProxyError::BadRequest("startup trace too large".into()));
+    }
+    let meta = &state.storage.meta;
+    if meta
+        .get::<Traces>(&digest)
+        .map_err(StorageError::from)?
+        .is_none()
+    {
+        meta.put::<Traces>(&digest, &trace)
+            .map_err(StorageError::from)?;
+    }
+    Ok(axum::http::StatusCode::NO_CONTENT.into_response())
 }

@@ -64,6 +64,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/imgd/v1/chunks/{digest}", get(chunk_api::chunk))
         .route("/imgd/v1/indexes/{digest}", get(chunk_api::index))
         .route("/imgd/v1/stats", get(chunk_api::stats))
+        .route(
+            "/imgd/v1/traces/{digest}",
+            get(chunk_api::get_trace).put(chunk_api::put_trace),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(registry_api::dispatch)
         .with_state(state)

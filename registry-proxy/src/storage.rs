@@ -45,6 +45,14 @@ impl Table for Tags {
     type Value = Digest;
 }
 
+/// Learned startup traces, by image manifest digest.
+pub struct Traces;
+impl Table for Traces {
+    const NAME: &'static str = "traces";
+    type Key = Digest;
+    type Value = imgd_core::wire::StartupTrace;
+}
+
 /// Errors of the proxy's storage.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -69,7 +77,13 @@ impl Storage {
             indexes: ContentStore::open(dir, "indexes")?,
             meta: MetaDb::open(
                 &dir.join("meta"),
-                &[Blobs::NAME, BlobIndexes::NAME, Manifests::NAME, Tags::NAME],
+                &[
+                    Blobs::NAME,
+                    BlobIndexes::NAME,
+                    Manifests::NAME,
+                    Tags::NAME,
+                    Traces::NAME,
+                ],
             )?,
         })
     }

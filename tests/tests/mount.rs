@@ -224,3 +224,164 @@ fn an_uncached_read_with_the_proxy_down_fails_with_eio_within_the_bound() {
 fn libc_eio() -> i32 {
     5
 }
+
+/// Mounts `image` at a new dir under `tmp`, runs `args` in a runc container on an
+/// overlay over it, unmounts the overlay, and returns the container's stdout.
+fn run_container(
+    tmp: &Path,
+    a: &Agent,
+    image: &str,
+    name: &str,
+    args: &[&str],
+) -> (std::path::PathBuf, String) {
+    let lower = tmp.join(format!("{name}-lower"));
+    let (upper, work, merged) = (
+        tmp.join(format!("{name}-up")),
+        tmp.join(format!("{name}-work")),
+        tmp.join(format!("{name}-merged")),
+    );
+    for d in [&lower, &upper, &work, &merged] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let (ok, out, err) = a
+        .imgctl(&["mount", image, lower.to_str().unwrap()])
+        .unwrap();
+    assert!(ok, "mount: {out}{err}");
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    sh(
+        "mount",
+        &[
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            &opts,
+            merged.to_str().unwrap(),
+        ],
+    );
+    let b = tmp.join(format!("{name}-bundle"));
+    bundle(&b, &merged, args);
+    let id = format!("imgd-{name}-{}", std::process::id());
+    let run = Command::new("runc")
+        .args(["run", "--bundle", b.to_str().unwrap(), &id])
+        .output()
+        .unwrap();
+    let _ = Command::new("runc")
+        .args(["delete", "--force", &id])
+        .output();
+    sh("umount", &[merged.to_str().unwrap()]);
+    assert!(
+        run.status.success(),
+        "runc: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    (lower, String::from_utf8_lossy(&run.stdout).into_owned())
+}
+
+#[test]
+fn the_first_start_is_learned_and_later_mounts_prefetch_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start().unwrap();
+    let layout = image::build_layout(&tmp.path().join("img"), &[runnable_image()]).unwrap();
+    skopeo::push_layout(
+        &layout.dir,
+        "run",
+        &reg.docker_ref("run:1"),
+        Format::OciExact,
+        false,
+    )
+    .unwrap();
+    let img = layout.image("run").unwrap();
+    let image_size: u64 = img.referenced_blobs().iter().map(|b| b.size).sum();
+    let proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
+
+    // First start: recorded, and stored at the proxy when the mount goes away.
+    let first = agent(&tmp.path().join("first"), &proxy.url(), "");
+    let (lower, out) = run_container(
+        tmp.path(),
+        &first,
+        "local/run:1",
+        "first",
+        &["/bin/sh", "-c", "cat /etc/hello.txt"],
+    );
+    assert_eq!(out, "hello from a lazy mount\n");
+    let (ok, o, e) = first.imgctl(&["umount", lower.to_str().unwrap()]).unwrap();
+    assert!(ok, "{o}{e}");
+    let trace: imgd_core::wire::StartupTrace = proxy
+        .get(&format!("/imgd/v1/traces/{}", img.manifest.digest), &[])
+        .unwrap()
+        .json_as()
+        .unwrap();
+    let paths: Vec<String> = trace
+        .paths
+        .iter()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect();
+    assert!(
+        paths.contains(&"bin/busybox".to_string()) && paths.contains(&"etc/hello.txt".to_string()),
+        "{paths:?}"
+    );
+    assert!(
+        !paths.iter().any(|p| p.starts_with("data/")),
+        "only what the start read: {paths:?}"
+    );
+
+    // Another host mounts the image: the startup files arrive before anything reads them.
+    let second = agent(&tmp.path().join("second"), &proxy.url(), "");
+    let lower2 = tmp.path().join("second-lower");
+    std::fs::create_dir_all(&lower2).unwrap();
+    let (ok, o, e) = second
+        .imgctl(&["mount", "local/run:1", lower2.to_str().unwrap()])
+        .unwrap();
+    assert!(ok, "{o}{e}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let warmed = loop {
+        let m = second.status().unwrap()["mounts"][0].clone();
+        if m["fetched_bytes"].as_u64().unwrap() > 0 {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no startup prefetch:\n{}",
+            second.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        warmed["reads"].as_u64().unwrap(),
+        0,
+        "fetched before any read: {warmed}"
+    );
+    assert!(std::fs::read(lower2.join("bin/busybox")).is_ok());
+    let after = second.status().unwrap()["mounts"][0]["fetched_bytes"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        after,
+        warmed["fetched_bytes"].as_u64().unwrap(),
+        "busybox was already there"
+    );
+    let (ok, o, e) = second
+        .imgctl(&["umount", lower2.to_str().unwrap()])
+        .unwrap();
+    assert!(ok, "{o}{e}");
+
+    // `imgctl prefetch --startup` warms just that set.
+    let third = agent(&tmp.path().join("third"), &proxy.url(), "");
+    let (ok, o, e) = third
+        .imgctl(&["prefetch", "--startup", "local/run:1"])
+        .unwrap();
+    assert!(ok, "{o}{e}");
+    let used = third.status().unwrap()["cache_used_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        used > 0 && used * 4 < image_size,
+        "only the startup set: {used} of {image_size}"
+    );
+}

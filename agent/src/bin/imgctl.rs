@@ -28,6 +28,9 @@ enum Command {
     Prefetch {
         /// REPO:TAG or REPO@sha256:DIGEST, as the proxy names it (e.g. local/app:1).
         image: String,
+        /// Only the files the image's first container start read (its learned trace).
+        #[arg(long)]
+        startup: bool,
     },
     /// Mount IMAGE read-only at DIR; files are fetched as they are read.
     Mount { image: String, dir: PathBuf },
@@ -96,9 +99,10 @@ fn mb(b: u64) -> String {
     format!("{:.1} MB", b as f64 / 1e6)
 }
 
-async fn prefetch(socket: &PathBuf, image: &str) -> Result<()> {
+async fn prefetch(socket: &PathBuf, image: &str, startup: bool) -> Result<()> {
     let req = serde_json::to_vec(&PrefetchRequest {
         image: image.to_string(),
+        startup,
     })?;
     let mut body = request(socket, "POST", "/v1/prefetch", Some(req))
         .await?
@@ -147,6 +151,18 @@ async fn prefetch(socket: &PathBuf, image: &str) -> Result<()> {
                     );
                     return Ok(());
                 }
+                PrefetchEvent::StartupDone {
+                    image,
+                    fetched_bytes,
+                } => {
+                    bar.finish_and_clear();
+                    println!(
+                        "{image}: startup files warmed, {} fetched in {:.1}s",
+                        mb(fetched_bytes),
+                        started.elapsed().as_secs_f64()
+                    );
+                    return Ok(());
+                }
                 PrefetchEvent::Error { message } => {
                     bar.abandon();
                     bail!("prefetch of {image} failed: {message}");
@@ -159,7 +175,7 @@ async fn prefetch(socket: &PathBuf, image: &str) -> Result<()> {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Prefetch { image } => prefetch(&cli.socket, &image).await,
+        Command::Prefetch { image, startup } => prefetch(&cli.socket, &image, startup).await,
         Command::Mount { image, dir } => {
             let dir = std::fs::canonicalize(&dir)
                 .with_context(|| format!("mount point {}", dir.display()))?;

@@ -121,12 +121,18 @@ fn base_layer() -> Vec<FileSpec> {
         // Devices and fifos.
         FileSpec::dir("dev"),
         FileSpec::char_device("dev/null", 1, 3),
-        FileSpec::char_device("dev/tty5", 4, 5).mode(0o620).owner(0, 5),
+        FileSpec::char_device("dev/tty5", 4, 5)
+            .mode(0o620)
+            .owner(0, 5),
         FileSpec::char_device("dev/bigminor", 10, 70_000),
-        FileSpec::block_device("dev/sda1", 8, 1).mode(0o660).owner(0, 6),
+        FileSpec::block_device("dev/sda1", 8, 1)
+            .mode(0o660)
+            .owner(0, 6),
         FileSpec::block_device("dev/nvme0n1p300", 259, 300),
         FileSpec::fifo("dev/fifo").mode(0o600),
-        FileSpec::fifo("dev/fifo-user").mode(0o640).owner(1000, 1000),
+        FileSpec::fifo("dev/fifo-user")
+            .mode(0o640)
+            .owner(1000, 1000),
         // Special bits (chown clears setuid/setgid: owners are set before modes).
         FileSpec::dir("modes"),
         FileSpec::file("modes/suid", "suid\n").mode(0o4755),
@@ -187,7 +193,8 @@ fn base_layer() -> Vec<FileSpec> {
         FileSpec::dir("many"),
     ];
     files.extend((0..MANY_ENTRIES).map(|i| {
-        FileSpec::file(format!("many/entry-{i:05}"), format!("{i}\n")).mtime(1_700_000_000 + i as u64)
+        FileSpec::file(format!("many/entry-{i:05}"), format!("{i}\n"))
+            .mtime(1_700_000_000 + i as u64)
     }));
     files
 }
@@ -197,7 +204,9 @@ fn third_layer() -> Vec<FileSpec> {
     vec![
         FileSpec::whiteout("wh/file"),
         FileSpec::whiteout("wh/tree"),
-        FileSpec::dir("opq").mode(0o750).xattr("user.layer", "upper"),
+        FileSpec::dir("opq")
+            .mode(0o750)
+            .xattr("user.layer", "upper"),
         FileSpec::opaque_whiteout("opq"),
         FileSpec::file("opq/new", "new in the opaque directory\n"),
         FileSpec::dir("opq/newdir"),
