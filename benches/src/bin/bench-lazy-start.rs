@@ -4,6 +4,11 @@
 //! shaped link, `umoci unpack`, then the same runc start), measured in this run. Also
 //! reports the bytes the lazy start fetched against the compressed image size.
 //!
+//! With learned prefetch in the agent, two more variants: a later start of the image (its
+//! startup trace, recorded by the first start, is warmed in the background at mount), and a
+//! start after `imgctl prefetch --startup` (timed apart). Every lazy run uses a fresh agent
+//! cache, and every first start its own image (same layers, own config, so no trace yet).
+//!
 //! One host in a network namespace, its link shaped to MBIT Mbit/s with tc tbf; the proxy
 //! listens on the LAN gateway (root namespace) and is warmed (every blob fetched through it
 //! once, untimed) so the measured path is proxy -> host. The agent runs in the namespace
@@ -16,7 +21,7 @@
 use anyhow::{bail, Context, Result};
 use imgd_benches::report;
 use imgd_tests::daemons::{workspace_bin, Agent, AgentOptions, Proxy};
-use imgd_tests::image::{self, FileSpec, ImageSpec, LayerSpec};
+use imgd_tests::image::{self, FileSpec, ImageSpec, LayerSpec, LayoutInfo};
 use imgd_tests::netns::{Host, Lan};
 use imgd_tests::registry::Registry;
 use imgd_tests::skopeo::{self, Format};
@@ -36,7 +41,6 @@ const BASELINE_RUNS: usize = 2;
 const STEP_TIMEOUT: Duration = Duration::from_secs(600);
 /// Bound on the container's first line and on its exit.
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
-const IMAGE: &str = "local/lazy:1";
 
 fn arg(i: usize, default: u64) -> Result<u64> {
     Ok(std::env::args()
@@ -84,7 +88,8 @@ fn lazy_image(mib: u64) -> Result<ImageSpec> {
     Ok(ImageSpec::new("lazy", layers))
 }
 
-/// Runs `cmd` to completion within `timeout` (killed by pid past it); fails on non-zero exit.
+/// Runs `cmd` to completion within `timeout` (killed by pid past it) and returns its
+/// stdout; fails on a non-zero exit. Both pipes are drained while it runs.
 fn run_bounded(cmd: &mut Command, what: &str, timeout: Duration) -> Result<String> {
     let child = cmd
         .stdin(Stdio::null())
@@ -92,28 +97,36 @@ fn run_bounded(cmd: &mut Command, what: &str, timeout: Duration) -> Result<Strin
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("spawning {what}"))?;
-    let mut child = KillOnDrop(Some(child));
+    let mut guard = KillOnDrop(Some(child));
+    let c = guard.0.as_mut().context("child")?;
+    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut s);
+            }
+            s
+        })
+    };
+    let out = drain(c.stdout.take().map(|r| Box::new(r) as _));
+    let err = drain(c.stderr.take().map(|r| Box::new(r) as _));
     let deadline = Instant::now() + timeout;
-    loop {
-        let c = child.0.as_mut().context("child")?;
-        if c.try_wait()?.is_some() {
-            break;
+    let status = loop {
+        if let Some(s) = guard.0.as_mut().context("child")?.try_wait()? {
+            break s;
         }
         if Instant::now() > deadline {
+            drop(guard); // kills; the pipes close and the readers end
             bail!("{what} did not finish within {timeout:?}");
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let out = String::from_utf8_lossy(&out.join().unwrap_or_default()).into_owned();
+    let err = String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned();
+    if !status.success() {
+        bail!("{what} failed ({status}): {out}{err}");
     }
-    let out = child.0.take().context("child")?.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(out)
 }
 
 /// A child killed (by its pid) and reaped on drop.
@@ -317,10 +330,28 @@ fn link_rx_bytes(host: &Host) -> Result<u64> {
         .sum())
 }
 
+/// One timed start.
 struct LazyRun {
+    /// From `imgctl mount` to the container's first line.
     took: Duration,
+    /// The mount's `fetched_bytes` (chunks fetched into the cache, learned prefetch included).
     fetched: u64,
+    /// Bytes received on the host's link from before the mount (or the prefetch) to the end.
     wire: u64,
+    /// Whether the agent logged a learned startup prefetch for this mount.
+    learned: bool,
+    /// The `imgctl prefetch --startup` run before the mount, if any.
+    prewarm: Option<Duration>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// A mount of an image without a startup trace (the start records one).
+    First,
+    /// A mount of an image with a trace: the agent warms the traced files in the background.
+    Learned,
+    /// `imgctl prefetch --startup` first (timed apart), then the mount.
+    Prewarmed,
 }
 
 struct Bench<'a> {
@@ -341,7 +372,7 @@ impl Bench<'_> {
     }
 
     /// mount -> overlay -> runc until the first line, with a fresh agent.
-    fn lazy(&mut self) -> Result<LazyRun> {
+    fn lazy(&mut self, image: &str, mode: Mode) -> Result<LazyRun> {
         let (dir, id) = self.next();
         let agent = Agent::start(AgentOptions {
             host: Some(self.host),
@@ -351,15 +382,41 @@ impl Bench<'_> {
             swarm: false,
         })?;
         let rx_before = link_rx_bytes(self.host)?;
+        let prewarm = if mode == Mode::Prewarmed {
+            let t = Instant::now();
+            let (ok, out, err) = agent.imgctl(&["prefetch", "--startup", image])?;
+            if !ok {
+                bail!("imgctl prefetch --startup {image}: {out}{err}");
+            }
+            Some(t.elapsed())
+        } else {
+            None
+        };
         let lower = dir.join("lower");
         let bundle = dir.join("bundle");
 
         let started = Instant::now();
-        let mount = ImgdMount::mount(&agent, IMAGE, &lower)?;
+        let mount = ImgdMount::mount(&agent, image, &lower)?;
         let overlay = Overlay::mount(&lower, &dir)?;
         write_bundle(&self.template, &bundle, &overlay.merged)?;
         let took = run_until_first_line(&bundle, &id, started)?;
 
+        // A learned prefetch runs in the background; let it finish before counting bytes.
+        let mut learned = false;
+        if mode == Mode::Learned {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                let log = agent.log();
+                if log.contains("startup prefetch failed") {
+                    bail!("learned prefetch failed:\n{log}");
+                }
+                if log.contains("startup files prefetched") {
+                    learned = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let wire = link_rx_bytes(self.host)? - rx_before;
         let status = agent.status()?;
         let m = &status["mounts"][0];
@@ -370,25 +427,27 @@ impl Bench<'_> {
             bail!("the mount answered EIO: {m}");
         }
         drop(overlay);
-        drop(mount);
+        drop(mount); // stores the startup trace of a first start
         drop(agent);
         let _ = std::fs::remove_dir_all(&dir);
         Ok(LazyRun {
             took,
             fetched,
             wire,
+            learned,
+            prewarm,
         })
     }
 
     /// skopeo copy (in the host's namespace, through the shaped link) -> umoci unpack ->
     /// runc until the first line. Returns the total and the three phases.
-    fn full_pull(&mut self, policy: &Path) -> Result<[Duration; 4]> {
+    fn full_pull(&mut self, image: &str, policy: &Path) -> Result<[Duration; 4]> {
         let (dir, id) = self.next();
         std::fs::create_dir_all(&dir)?;
         let layout = dir.join("layout");
         let unpacked = dir.join("unpacked");
         let bundle = dir.join("bundle");
-        let src = format!("docker://{}/{IMAGE}", self.proxy.addr());
+        let src = format!("docker://{}/{image}", self.proxy.addr());
         let dst = format!("oci:{}:lazy", path_str(&layout)?);
 
         let started = Instant::now();
@@ -415,6 +474,29 @@ impl Bench<'_> {
         let _ = std::fs::remove_dir_all(&dir);
         Ok([took, pulled, unpacked_at - pulled, took - unpacked_at])
     }
+
+    /// One run per image in `mode`; the fastest.
+    fn best_lazy(&mut self, images: &[String], mode: Mode, what: &str) -> Result<LazyRun> {
+        let mut best: Option<LazyRun> = None;
+        for (i, image) in images.iter().enumerate() {
+            eprintln!("{what} {} of {} ({image}) ...", i + 1, images.len());
+            let r = self.lazy(image, mode)?;
+            eprintln!(
+                "  {:.3}s, {:.2} MB fetched, {:.2} MB on the link{}",
+                r.took.as_secs_f64(),
+                r.fetched as f64 / 1e6,
+                r.wire as f64 / 1e6,
+                if r.learned { ", learned prefetch" } else { "" }
+            );
+            if mode == Mode::Learned && !r.learned {
+                bail!("the agent did not prefetch from a learned trace for {image}");
+            }
+            if best.as_ref().is_none_or(|b| r.took < b.took) {
+                best = Some(r);
+            }
+        }
+        best.context("no run")
+    }
 }
 
 /// Whether the agent has learned (trace-based) startup prefetch.
@@ -427,23 +509,63 @@ fn learned_prefetch_available() -> bool {
     help.contains("--startup")
 }
 
+/// Adds `n` images to the layout that share every layer of image `name` and differ only
+/// in their config's `Cmd` (so each has its own manifest digest, hence no startup trace
+/// yet); they are named `{name}1` .. `{name}n`.
+fn add_variants(layout: &LayoutInfo, name: &str, n: usize) -> Result<Vec<String>> {
+    const REF_NAME: &str = "org.opencontainers.image.ref.name";
+    let info = layout.image(name).context("image in layout")?;
+    let read_json = |d: &imgd_core::Digest| -> Result<serde_json::Value> {
+        Ok(serde_json::from_slice(&std::fs::read(
+            layout.blob_path(d),
+        )?)?)
+    };
+    let manifest = read_json(&info.manifest.digest)?;
+    let config = read_json(&info.config.digest)?;
+    let index_path = layout.dir.join("index.json");
+    let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path)?)?;
+    let write_blob = |bytes: &[u8]| -> Result<(String, u64)> {
+        let d = imgd_core::Digest::of(bytes);
+        std::fs::write(layout.blob_path(&d), bytes)?;
+        Ok((d.to_string(), bytes.len() as u64))
+    };
+    let mut names = Vec::new();
+    for i in 1..=n {
+        let mut c = config.clone();
+        c["config"]["Cmd"] =
+            serde_json::json!(["/bin/sh", "-c", format!("cat /etc/hello.txt # variant {i}")]);
+        let (digest, size) = write_blob(&serde_json::to_vec(&c)?)?;
+        let mut m = manifest.clone();
+        m["config"]["digest"] = digest.into();
+        m["config"]["size"] = size.into();
+        let (digest, size) = write_blob(&serde_json::to_vec(&m)?)?;
+        let ref_name = format!("{name}{i}");
+        index["manifests"]
+            .as_array_mut()
+            .context("index.json manifests")?
+            .push(serde_json::json!({
+                "mediaType": m["mediaType"],
+                "digest": digest,
+                "size": size,
+                "annotations": { REF_NAME: ref_name },
+            }));
+        names.push(ref_name);
+    }
+    std::fs::write(&index_path, serde_json::to_vec(&index)?)?;
+    Ok(names)
+}
+
 fn main() -> Result<()> {
     let mib = arg(1, 400)?;
     let mbit = arg(2, 1000)? as u32;
     if unsafe { libc::geteuid() } != 0 {
         bail!("bench-lazy-start needs root (namespaces, tc, FUSE, overlayfs, runc)");
     }
+    let learned_available = learned_prefetch_available();
     let tmp = tempfile::tempdir()?;
     eprintln!("building and pushing a {mib} MiB image ...");
     let reg = Registry::start()?;
     let layout = image::build_layout(&tmp.path().join("img"), &[lazy_image(mib)?])?;
-    skopeo::push_layout(
-        &layout.dir,
-        "lazy",
-        &reg.docker_ref("lazy:1"),
-        Format::OciExact,
-        false,
-    )?;
     let size: u64 = layout
         .image("lazy")
         .context("image in layout")?
@@ -451,6 +573,18 @@ fn main() -> Result<()> {
         .iter()
         .map(|b| b.size)
         .sum();
+    // One image per lazy run, each without a startup trace until its first start.
+    let variants = add_variants(&layout, "lazy", LAZY_RUNS)?;
+    let images: Vec<String> = (1..=LAZY_RUNS).map(|i| format!("local/lazy:{i}")).collect();
+    for (i, v) in variants.iter().enumerate() {
+        skopeo::push_layout(
+            &layout.dir,
+            v,
+            &reg.docker_ref(&format!("lazy:{}", i + 1)),
+            Format::OciExact,
+            false,
+        )?;
+    }
     let _ = std::fs::remove_dir_all(&layout.dir);
 
     let lan = Lan::new(1)?;
@@ -464,12 +598,19 @@ fn main() -> Result<()> {
     )?;
     eprintln!("warming the proxy ...");
     let warm = tmp.path().join("warm");
-    skopeo::copy(
-        &format!("docker://{}/{IMAGE}", proxy.addr()),
-        &format!("oci:{}:lazy", path_str(&warm)?),
-        &["--src-tls-verify=false"],
-    )
-    .context("warming the proxy")?;
+    for image in &images {
+        // Into one layout: blobs already there are not fetched again.
+        skopeo::copy(
+            &format!("docker://{}/{image}", proxy.addr()),
+            &format!(
+                "oci:{}:{}",
+                path_str(&warm)?,
+                image.replace(['/', ':'], "-")
+            ),
+            &["--src-tls-verify=false"],
+        )
+        .context("warming the proxy")?;
+    }
     let _ = std::fs::remove_dir_all(&warm);
 
     let policy = tmp.path().join("policy.json");
@@ -493,47 +634,44 @@ fn main() -> Result<()> {
         runs: 0,
     };
 
-    let mut lazy: Option<LazyRun> = None;
-    for i in 0..LAZY_RUNS {
-        eprintln!("lazy start {} of {LAZY_RUNS} ...", i + 1);
-        let r = bench.lazy()?;
-        eprintln!(
-            "  {:.3}s, {:.2} MB fetched",
-            r.took.as_secs_f64(),
-            r.fetched as f64 / 1e6
-        );
-        if lazy.as_ref().is_none_or(|b| r.took < b.took) {
-            lazy = Some(r);
-        }
-    }
-    let lazy = lazy.context("no lazy run")?;
+    let first = bench.best_lazy(&images, Mode::First, "lazy first start")?;
+    let (learned, prewarmed) = if learned_available {
+        (
+            Some(bench.best_lazy(&images, Mode::Learned, "learned start")?),
+            Some(bench.best_lazy(&images, Mode::Prewarmed, "start after prefetch --startup")?),
+        )
+    } else {
+        (None, None)
+    };
     let mut full: Option<[Duration; 4]> = None;
     for i in 0..BASELINE_RUNS {
         eprintln!("full pull + unpack {} of {BASELINE_RUNS} ...", i + 1);
-        let r = bench.full_pull(&policy)?;
+        let r = bench.full_pull(&images[0], &policy)?;
         eprintln!("  {:.3}s", r[0].as_secs_f64());
         if full.is_none_or(|b| r[0] < b[0]) {
             full = Some(r);
         }
     }
     let full = full.context("no baseline run")?;
+    let base = full[0].as_secs_f64();
+    let pct = |x: f64| 100.0 * x;
 
     println!(
         "image {:.1} MB compressed ({mib} MiB of content, 5 gzip layers), host link shaped to {mbit} Mbit/s",
         size as f64 / 1e6
     );
     println!(
-        "lazy: imgctl mount + overlayfs + runc until the first line (best of {LAZY_RUNS}, fresh agent cache each)"
+        "lazy: imgctl mount + overlayfs + runc until the first line, a fresh agent cache each run, best of {LAZY_RUNS}"
     );
     println!(
-        "baseline (the skopeo way): skopeo copy docker://PROXY oci:DIR through the same link + umoci unpack + runc until the first line (best of {BASELINE_RUNS})"
+        "baseline (the skopeo way): skopeo copy docker://PROXY oci:DIR through the same link + umoci unpack + runc until the first line, best of {BASELINE_RUNS}"
     );
-    report("lazy start", lazy.took.as_secs_f64(), "s");
     report(
-        "full pull + unpack + start (baseline)",
-        full[0].as_secs_f64(),
+        "lazy first start (no startup trace yet)",
+        first.took.as_secs_f64(),
         "s",
     );
+    report("full pull + unpack + start (baseline)", base, "s");
     report("  of which skopeo copy", full[1].as_secs_f64(), "s");
     report("  of which umoci unpack", full[2].as_secs_f64(), "s");
     report(
@@ -542,31 +680,61 @@ fn main() -> Result<()> {
         "s",
     );
     report(
-        "ratio lazy / baseline (target <= 0.10)",
-        lazy.took.as_secs_f64() / full[0].as_secs_f64(),
-        "x",
+        "lazy first start / baseline (target <= 10%)",
+        pct(first.took.as_secs_f64() / base),
+        "%",
     );
     report(
-        "chunk bytes fetched by the lazy start",
-        lazy.fetched as f64 / 1e6,
+        "chunk bytes fetched by the lazy first start",
+        first.fetched as f64 / 1e6,
         "MB",
     );
     report(
-        "fetched / compressed image size (target <= 0.10)",
-        lazy.fetched as f64 / size as f64,
-        "x",
+        "fetched / compressed image size (target <= 10%)",
+        pct(first.fetched as f64 / size as f64),
+        "%",
     );
     report(
         "  all bytes on the host's link / image size",
-        lazy.wire as f64 / size as f64,
-        "x",
+        pct(first.wire as f64 / size as f64),
+        "%",
     );
-    if learned_prefetch_available() {
-        println!(
-            "learned prefetch: the agent has it (imgctl prefetch --startup), not measured by this bench yet"
-        );
-    } else {
-        println!("learned prefetch: not available yet");
+    match (learned, prewarmed) {
+        (Some(l), Some(p)) => {
+            report(
+                "learned start (trace warmed at mount)",
+                l.took.as_secs_f64(),
+                "s",
+            );
+            report(
+                "  learned start / baseline",
+                pct(l.took.as_secs_f64() / base),
+                "%",
+            );
+            report(
+                "  chunk bytes fetched (warm included)",
+                l.fetched as f64 / 1e6,
+                "MB",
+            );
+            report(
+                "  all bytes on the host's link / image size",
+                pct(l.wire as f64 / size as f64),
+                "%",
+            );
+            let pre = p.prewarm.unwrap_or_default();
+            report(
+                "imgctl prefetch --startup (before the mount)",
+                pre.as_secs_f64(),
+                "s",
+            );
+            report("  then start", p.took.as_secs_f64(), "s");
+            report(
+                "  all bytes on the host's link / image size",
+                pct(p.wire as f64 / size as f64),
+                "%",
+            );
+        }
+        _ => println!("learned prefetch: not available yet"),
     }
     drop(bench);
     drop(proxy);
