@@ -35,6 +35,8 @@ pub struct Proxy {
     storage: PathBuf,
     _dir: Option<TempDir>,
     log: PathBuf,
+    upstreams: Vec<String>,
+    extra: Vec<String>,
 }
 
 impl Proxy {
@@ -61,7 +63,11 @@ impl Proxy {
         upstreams: &[String],
         extra: &[&str],
     ) -> Result<Proxy> {
-        let port = free_port()?;
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Proxy::spawn(ip, free_port()?, storage, upstreams, &extra)
+    }
+
+    fn spawn(ip: &str, port: u16, storage: &Path, upstreams: &[String], extra: &[String]) -> Result<Proxy> {
         std::fs::create_dir_all(storage)?;
         let log = storage.with_extension("log");
         let log_file = std::fs::File::create(&log)?;
@@ -90,7 +96,17 @@ impl Proxy {
             storage: storage.to_path_buf(),
             _dir: None,
             log,
+            upstreams: upstreams.to_vec(),
+            extra: extra.to_vec(),
         })
+    }
+
+    /// Starts the proxy again (after [`Proxy::kill`]) on the same address and storage.
+    pub fn restart(&mut self) -> Result<()> {
+        let _ = self.guard.kill();
+        let fresh = Proxy::spawn(&self.ip, self.port, &self.storage, &self.upstreams, &self.extra)?;
+        self.guard = fresh.guard;
+        Ok(())
     }
 
     /// `IP:PORT`.

@@ -177,7 +177,7 @@ fn runc_starts_a_container_on_a_lazy_mount_reading_a_small_part_of_the_image() {
 }
 
 #[test]
-fn an_uncached_read_with_the_proxy_down_fails_with_eio_within_the_bound() {
+fn an_uncached_read_with_the_proxy_down_fails_with_eio_within_the_bound_and_recovers() {
     let tmp = tempfile::tempdir().unwrap();
     let reg = Registry::start().unwrap();
     let layout = image::build_layout(&tmp.path().join("img"), &[runnable_image()]).unwrap();
@@ -217,6 +217,10 @@ fn an_uncached_read_with_the_proxy_down_fails_with_eio_within_the_bound() {
         std::fs::read_to_string(lower.join("etc/hello.txt")).unwrap(),
         "hello from a lazy mount\n"
     );
+    // The proxy returns: the same read succeeds, without a remount.
+    proxy.restart().unwrap();
+    let big = std::fs::read(lower.join("data/big-1.bin")).unwrap();
+    assert_eq!(big.len(), 24 << 20);
     let (ok, out, err) = a.imgctl(&["umount", lower.to_str().unwrap()]).unwrap();
     assert!(ok, "{out}{err}");
 }
