@@ -10,9 +10,9 @@
 use crate::span_cache::SpanCache;
 use crate::view::{ImageView, Ino, Node, NodeKind};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    KernelConfig, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen,
-    ReplyXattr, Request,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEntry,
+    ReplyOpen, ReplyXattr, Request,
 };
 use imgd_core::index::{read_file_via, read_stored, span_of, ReadError};
 use std::ffi::OsStr;
@@ -115,9 +115,40 @@ impl ImageFs {
     }
 }
 
+/// A directory's entries as readdir offers them: `.`, `..`, then the children in order.
+struct Listing<'a> {
+    dir: Ino,
+    parent: Ino,
+    children: &'a [(Box<[u8]>, Ino)],
+}
+
+impl<'a> Listing<'a> {
+    /// Entries from position `offset` on, with their positions.
+    fn skip_to(&self, offset: u64) -> impl Iterator<Item = (u64, (Ino, &'a [u8]))> + '_ {
+        let dots = [(self.dir, b".".as_slice()), (self.parent, b"..".as_slice())];
+        let rest = self.children.iter().map(|(name, i)| (*i, &name[..]));
+        (0u64..)
+            .zip(dots.into_iter().chain(rest))
+            .skip(offset as usize)
+    }
+}
+
+impl ImageFs {
+    fn dir_listing(&self, dir: Ino) -> Option<Listing<'_>> {
+        let node = self.view.node(dir)?;
+        Some(Listing {
+            dir,
+            parent: node.parent,
+            children: self.view.dir_entries(dir)?,
+        })
+    }
+}
+
 impl Filesystem for ImageFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(1 << 20);
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         Ok(())
     }
 
@@ -241,25 +272,47 @@ impl Filesystem for ImageFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(node) = self.view.node(ino.0) else {
+        let Some(entries) = self.dir_listing(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
-        let parent = node.parent;
-        let dots = [(ino.0, b".".as_slice()), (parent, b"..".as_slice())];
-        let entries = dots
-            .into_iter()
-            .chain(self.view.children(ino.0).map(|(name, i)| (i, name)));
-        for (i, (child, name)) in entries.enumerate().skip(offset as usize) {
+        for (pos, (child, name)) in entries.skip_to(offset) {
             let kind = self
                 .view
                 .node(child)
                 .map(|n| self.attr(child, n).kind)
                 .unwrap_or(FileType::RegularFile);
+            if reply.add(INodeNo(child), pos + 1, kind, OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    /// Like readdir, with each entry's attributes, so a walk that stats every file needs
+    /// no lookup per name.
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(entries) = self.dir_listing(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        for (pos, (child, name)) in entries.skip_to(offset) {
+            let Some(node) = self.view.node(child) else {
+                continue;
+            };
+            let attr = self.attr(child, node);
             if reply.add(
                 INodeNo(child),
-                (i + 1) as u64,
-                kind,
+                pos + 1,
                 OsStr::from_bytes(name),
+                &TTL,
+                &attr,
+                Generation(0),
             ) {
                 break;
             }

@@ -67,7 +67,13 @@ impl Proxy {
         Proxy::spawn(ip, free_port()?, storage, upstreams, &extra)
     }
 
-    fn spawn(ip: &str, port: u16, storage: &Path, upstreams: &[String], extra: &[String]) -> Result<Proxy> {
+    fn spawn(
+        ip: &str,
+        port: u16,
+        storage: &Path,
+        upstreams: &[String],
+        extra: &[String],
+    ) -> Result<Proxy> {
         std::fs::create_dir_all(storage)?;
         let log = storage.with_extension("log");
         let log_file = std::fs::File::create(&log)?;
@@ -104,7 +110,13 @@ impl Proxy {
     /// Starts the proxy again (after [`Proxy::kill`]) on the same address and storage.
     pub fn restart(&mut self) -> Result<()> {
         let _ = self.guard.kill();
-        let fresh = Proxy::spawn(&self.ip, self.port, &self.storage, &self.upstreams, &self.extra)?;
+        let fresh = Proxy::spawn(
+            &self.ip,
+            self.port,
+            &self.storage,
+            &self.upstreams,
+            &self.extra,
+        )?;
         self.guard = fresh.guard;
         Ok(())
     }
