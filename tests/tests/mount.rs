@@ -90,12 +90,22 @@ fn runc_starts_a_container_on_a_lazy_mount_reading_a_small_part_of_the_image() {
     let proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
     let a = agent(&tmp.path().join("agent"), &proxy.url(), "");
 
-    let lower = tmp.path().join("lower");
-    std::fs::create_dir_all(&lower).unwrap();
-    let (ok, out, err) = a
-        .imgctl(&["mount", "local/run:1", lower.to_str().unwrap()])
-        .unwrap();
-    assert!(ok, "mount: {out}{err}\n{}", a.log());
+    let (lower, stdout) = run_container(
+        tmp.path(),
+        &a,
+        "local/run:1",
+        "first",
+        &[
+            "/bin/sh",
+            "-c",
+            "cat /etc/hello.txt && echo written > /tmp/w && cat /tmp/w",
+        ],
+    );
+    assert_eq!(stdout, "hello from a lazy mount\nwritten\n");
+    assert!(
+        tmp.path().join("first-up/tmp/w").exists(),
+        "writes land in the overlay's upper dir"
+    );
     assert_eq!(
         std::fs::read_to_string(lower.join("etc/hello.txt")).unwrap(),
         "hello from a lazy mount\n"
@@ -103,62 +113,6 @@ fn runc_starts_a_container_on_a_lazy_mount_reading_a_small_part_of_the_image() {
     assert_eq!(
         std::fs::read_link(lower.join("bin/sh")).unwrap(),
         Path::new("busybox")
-    );
-
-    let (upper, work, merged) = (
-        tmp.path().join("upper"),
-        tmp.path().join("work"),
-        tmp.path().join("merged"),
-    );
-    for d in [&upper, &work, &merged] {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.display(),
-        upper.display(),
-        work.display()
-    );
-    sh(
-        "mount",
-        &[
-            "-t",
-            "overlay",
-            "overlay",
-            "-o",
-            &opts,
-            merged.to_str().unwrap(),
-        ],
-    );
-    let b = tmp.path().join("bundle");
-    bundle(
-        &b,
-        &merged,
-        &[
-            "/bin/sh",
-            "-c",
-            "cat /etc/hello.txt && echo written > /tmp/w && cat /tmp/w",
-        ],
-    );
-    let id = format!("imgd-test-{}", std::process::id());
-    let run = Command::new("runc")
-        .args(["run", "--bundle", b.to_str().unwrap(), &id])
-        .output()
-        .unwrap();
-    let _ = Command::new("runc")
-        .args(["delete", "--force", &id])
-        .output();
-    sh("umount", &[merged.to_str().unwrap()]);
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "runc: {stdout}{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    assert_eq!(stdout, "hello from a lazy mount\nwritten\n");
-    assert!(
-        upper.join("tmp/w").exists(),
-        "writes land in the overlay's upper dir"
     );
 
     let s = a.status().unwrap();
