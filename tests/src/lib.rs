@@ -14,6 +14,7 @@
 
 pub mod daemons;
 pub mod fault_relay;
+pub mod guards;
 pub mod image;
 pub mod media_types;
 pub mod netns;

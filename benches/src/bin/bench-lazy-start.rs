@@ -21,13 +21,14 @@
 use anyhow::{bail, Context, Result};
 use imgd_benches::report;
 use imgd_tests::daemons::{workspace_bin, Agent, AgentOptions, Proxy};
+use imgd_tests::guards::{path_str, run_capture, ImgdMount, KillOnDrop, Overlay};
 use imgd_tests::image::{self, FileSpec, ImageSpec, LayerSpec, LayoutInfo};
 use imgd_tests::netns::{Host, Lan};
 use imgd_tests::registry::Registry;
 use imgd_tests::skopeo::{self, Format};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -88,138 +89,6 @@ fn lazy_image(mib: u64) -> Result<ImageSpec> {
     Ok(ImageSpec::new("lazy", layers))
 }
 
-/// Runs `cmd` to completion within `timeout` (killed by pid past it) and returns its
-/// stdout; fails on a non-zero exit. Both pipes are drained while it runs.
-fn run_bounded(cmd: &mut Command, what: &str, timeout: Duration) -> Result<String> {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("spawning {what}"))?;
-    let mut guard = KillOnDrop(Some(child));
-    let c = guard.0.as_mut().context("child")?;
-    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut s = Vec::new();
-            if let Some(mut r) = r {
-                let _ = r.read_to_end(&mut s);
-            }
-            s
-        })
-    };
-    let out = drain(c.stdout.take().map(|r| Box::new(r) as _));
-    let err = drain(c.stderr.take().map(|r| Box::new(r) as _));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(s) = guard.0.as_mut().context("child")?.try_wait()? {
-            break s;
-        }
-        if Instant::now() > deadline {
-            drop(guard); // kills; the pipes close and the readers end
-            bail!("{what} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    };
-    let out = String::from_utf8_lossy(&out.join().unwrap_or_default()).into_owned();
-    let err = String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned();
-    if !status.success() {
-        bail!("{what} failed ({status}): {out}{err}");
-    }
-    Ok(out)
-}
-
-/// A child killed (by its pid) and reaped on drop.
-struct KillOnDrop(Option<Child>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// An overlayfs mount at `merged`, unmounted on drop.
-struct Overlay {
-    merged: PathBuf,
-}
-
-impl Overlay {
-    fn mount(lower: &Path, scratch: &Path) -> Result<Overlay> {
-        let (upper, work, merged) = (
-            scratch.join("upper"),
-            scratch.join("work"),
-            scratch.join("merged"),
-        );
-        for d in [&upper, &work, &merged] {
-            std::fs::create_dir_all(d)?;
-        }
-        let opts = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            lower.display(),
-            upper.display(),
-            work.display()
-        );
-        run_bounded(
-            Command::new("mount")
-                .args(["-t", "overlay", "overlay", "-o", &opts])
-                .arg(&merged),
-            "mount -t overlay",
-            RUN_TIMEOUT,
-        )?;
-        Ok(Overlay { merged })
-    }
-}
-
-impl Drop for Overlay {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.merged)
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.merged).status();
-        }
-    }
-}
-
-/// An `imgctl mount`, unmounted through the agent on drop (lazily by the kernel if the
-/// agent cannot).
-struct ImgdMount<'a> {
-    agent: &'a Agent,
-    dir: PathBuf,
-}
-
-impl<'a> ImgdMount<'a> {
-    fn mount(agent: &'a Agent, image: &str, dir: &Path) -> Result<ImgdMount<'a>> {
-        std::fs::create_dir_all(dir)?;
-        let (ok, out, err) = agent.imgctl(&["mount", image, path_str(dir)?])?;
-        if !ok {
-            bail!("imgctl mount: {out}{err}\n{}", agent.log());
-        }
-        Ok(ImgdMount {
-            agent,
-            dir: dir.to_path_buf(),
-        })
-    }
-}
-
-impl Drop for ImgdMount<'_> {
-    fn drop(&mut self) {
-        let ok = self
-            .dir
-            .to_str()
-            .and_then(|d| self.agent.imgctl(&["umount", d]).ok())
-            .is_some_and(|(ok, _, _)| ok);
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-        }
-    }
-}
-
 /// A runc container, force-deleted on drop.
 struct Container {
     id: String,
@@ -238,11 +107,6 @@ impl Drop for Container {
             .stderr(Stdio::null())
             .status();
     }
-}
-
-fn path_str(p: &Path) -> Result<&str> {
-    p.to_str()
-        .with_context(|| format!("path {} is not UTF-8", p.display()))
 }
 
 /// Writes a runc bundle at `dir` from `template` (a `runc spec` config) whose rootfs is
@@ -315,7 +179,7 @@ fn run_until_first_line(bundle: &Path, id: &str, started: Instant) -> Result<Dur
 
 /// Bytes received on the host's links (all but loopback), from `ip -s link` in its netns.
 fn link_rx_bytes(host: &Host) -> Result<u64> {
-    let out = run_bounded(
+    let out = run_capture(
         Command::new("ip").args(["-n", &host.ns, "-j", "-s", "link", "show"]),
         "ip -s link",
         RUN_TIMEOUT,
@@ -398,7 +262,7 @@ impl Bench<'_> {
         let started = Instant::now();
         let mount = ImgdMount::mount(&agent, image, &lower)?;
         let overlay = Overlay::mount(&lower, &dir)?;
-        write_bundle(&self.template, &bundle, &overlay.merged)?;
+        write_bundle(&self.template, &bundle, overlay.merged())?;
         let took = run_until_first_line(&bundle, &id, started)?;
 
         // A learned prefetch runs in the background; let it finish before counting bytes.
@@ -451,7 +315,7 @@ impl Bench<'_> {
         let dst = format!("oci:{}:lazy", path_str(&layout)?);
 
         let started = Instant::now();
-        run_bounded(
+        run_capture(
             self.host
                 .command("skopeo")
                 .arg("--policy")
@@ -461,7 +325,7 @@ impl Bench<'_> {
             STEP_TIMEOUT,
         )?;
         let pulled = started.elapsed();
-        run_bounded(
+        run_capture(
             Command::new("umoci")
                 .args(["unpack", "--image", &format!("{}:lazy", path_str(&layout)?)])
                 .arg(&unpacked),
@@ -620,7 +484,7 @@ fn main() -> Result<()> {
     )?;
     let spec_dir = tmp.path().join("spec");
     std::fs::create_dir_all(&spec_dir)?;
-    run_bounded(
+    run_capture(
         Command::new("runc").args(["spec", "--bundle", path_str(&spec_dir)?]),
         "runc spec",
         RUN_TIMEOUT,

@@ -18,13 +18,14 @@
 use anyhow::{bail, Context, Result};
 use imgd_benches::{mb_per_s, report};
 use imgd_tests::daemons::{Agent, AgentOptions, Proxy};
+use imgd_tests::guards::{run_bounded, ImgdMount};
 use imgd_tests::image::{self, FileSpec, ImageSpec, LayerSpec};
 use imgd_tests::registry::Registry;
 use imgd_tests::skopeo::{self, Format};
 use imgd_tests::umoci;
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
@@ -59,109 +60,6 @@ fn reads_image() -> ImageSpec {
         }
     }
     ImageSpec::new("reads", vec![LayerSpec::gzip(big), LayerSpec::gzip(small)])
-}
-
-/// A child killed (by its pid) and reaped on drop.
-struct KillOnDrop(Option<Child>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Runs `cmd` within `timeout` (killed by pid past it) and returns its stdout (`None`:
-/// sent to /dev/null) and how long it ran; fails on a non-zero exit.
-fn run_bounded(
-    cmd: &mut Command,
-    what: &str,
-    capture: bool,
-    timeout: Duration,
-) -> Result<(String, Duration)> {
-    let started = Instant::now();
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(if capture {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("spawning {what}"))?;
-    let mut guard = KillOnDrop(Some(child));
-    let c = guard.0.as_mut().context("child")?;
-    let drain = |r: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut s = Vec::new();
-            if let Some(mut r) = r {
-                let _ = r.read_to_end(&mut s);
-            }
-            s
-        })
-    };
-    let out = drain(c.stdout.take().map(|r| Box::new(r) as _));
-    let err = drain(c.stderr.take().map(|r| Box::new(r) as _));
-    let deadline = started + timeout;
-    let status = loop {
-        if let Some(s) = guard.0.as_mut().context("child")?.try_wait()? {
-            break s;
-        }
-        if Instant::now() > deadline {
-            drop(guard); // kills; the pipes close and the readers end
-            bail!("{what} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    };
-    let took = started.elapsed();
-    let out = String::from_utf8_lossy(&out.join().unwrap_or_default()).into_owned();
-    let err = String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned();
-    if !status.success() {
-        bail!("{what} failed ({status}): {err}");
-    }
-    Ok((out, took))
-}
-
-/// An `imgctl mount`, unmounted through the agent on drop (lazily by the kernel if the
-/// agent cannot).
-struct ImgdMount<'a> {
-    agent: &'a Agent,
-    dir: PathBuf,
-}
-
-impl<'a> ImgdMount<'a> {
-    fn mount(agent: &'a Agent, image: &str, dir: &Path) -> Result<ImgdMount<'a>> {
-        std::fs::create_dir_all(dir)?;
-        let (ok, out, err) = agent.imgctl(&["mount", image, path_str(dir)?])?;
-        if !ok {
-            bail!("imgctl mount: {out}{err}\n{}", agent.log());
-        }
-        Ok(ImgdMount {
-            agent,
-            dir: dir.to_path_buf(),
-        })
-    }
-}
-
-impl Drop for ImgdMount<'_> {
-    fn drop(&mut self) {
-        let ok = self
-            .dir
-            .to_str()
-            .and_then(|d| self.agent.imgctl(&["umount", d]).ok())
-            .is_some_and(|(ok, _, _)| ok);
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-        }
-    }
-}
-
-fn path_str(p: &Path) -> Result<&str> {
-    p.to_str()
-        .with_context(|| format!("path {} is not UTF-8", p.display()))
 }
 
 /// Writes dirty pages back and drops the page, dentry and inode caches.
