@@ -94,7 +94,7 @@ fn runc_starts_a_container_on_a_lazy_mount_reading_a_small_part_of_the_image() {
         tmp.path(),
         &a,
         "local/run:1",
-        "first",
+        "runc",
         &[
             "/bin/sh",
             "-c",
@@ -103,7 +103,7 @@ fn runc_starts_a_container_on_a_lazy_mount_reading_a_small_part_of_the_image() {
     );
     assert_eq!(stdout, "hello from a lazy mount\nwritten\n");
     assert!(
-        tmp.path().join("first-up/tmp/w").exists(),
+        tmp.path().join("runc-up/tmp/w").exists(),
         "writes land in the overlay's upper dir"
     );
     assert_eq!(
