@@ -51,6 +51,29 @@ impl Host {
         c
     }
 
+    /// Bytes received on this host's links (all but loopback), from `ip -s link`.
+    pub fn rx_bytes(&self) -> Result<u64> {
+        let out = Command::new("ip")
+            .args(["-n", &self.ns, "-j", "-s", "link", "show"])
+            .output()
+            .context("running ip")?;
+        if !out.status.success() {
+            bail!(
+                "ip -s link in {}: {}",
+                self.ns,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(links
+            .as_array()
+            .context("ip -j output")?
+            .iter()
+            .filter(|l| l["ifname"] != "lo")
+            .filter_map(|l| l["stats64"]["rx"]["bytes"].as_u64())
+            .sum())
+    }
+
     /// Limits this host's link to `mbit` Mbit/s in both directions (tc tbf).
     pub fn shape(&self, mbit: u32) -> Result<()> {
         let rate = format!("{mbit}mbit");

@@ -177,23 +177,6 @@ fn run_until_first_line(bundle: &Path, id: &str, started: Instant) -> Result<Dur
     Ok(took)
 }
 
-/// Bytes received on the host's links (all but loopback), from `ip -s link` in its netns.
-fn link_rx_bytes(host: &Host) -> Result<u64> {
-    let out = run_capture(
-        Command::new("ip").args(["-n", &host.ns, "-j", "-s", "link", "show"]),
-        "ip -s link",
-        RUN_TIMEOUT,
-    )?;
-    let links: serde_json::Value = serde_json::from_str(&out)?;
-    Ok(links
-        .as_array()
-        .context("ip -j output")?
-        .iter()
-        .filter(|l| l["ifname"] != "lo")
-        .filter_map(|l| l["stats64"]["rx"]["bytes"].as_u64())
-        .sum())
-}
-
 /// One timed start.
 struct LazyRun {
     /// From `imgctl mount` to the container's first line.
@@ -245,7 +228,7 @@ impl Bench<'_> {
             extra_toml: String::new(),
             swarm: false,
         })?;
-        let rx_before = link_rx_bytes(self.host)?;
+        let rx_before = self.host.rx_bytes()?;
         let prewarm = if mode == Mode::Prewarmed {
             let t = Instant::now();
             let (ok, out, err) = agent.imgctl(&["prefetch", "--startup", image])?;
@@ -281,7 +264,7 @@ impl Bench<'_> {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        let wire = link_rx_bytes(self.host)? - rx_before;
+        let wire = self.host.rx_bytes()? - rx_before;
         let status = agent.status()?;
         let m = &status["mounts"][0];
         let fetched = m["fetched_bytes"]
