@@ -244,7 +244,7 @@ fn a_peer_serving_corrupt_chunks_is_rejected_penalised_and_routed_around() {
     let (ok, text_b, err) = agents[1].imgctl(&["prefetch", "local/big:1"]).unwrap();
     assert!(ok, "{text_b}{err}\n{}", agents[1].log());
     println!("A: {text}B: {text_b}");
-    for a in &agents {
+    for (i, a) in agents.iter().enumerate() {
         assert_cache_clean(a);
         let s = a.status().unwrap();
         let liar = s["peers"]
@@ -253,12 +253,19 @@ fn a_peer_serving_corrupt_chunks_is_rejected_penalised_and_routed_around() {
             .iter()
             .find(|p| p["id"] == evil_id.as_str());
         let penalty = liar.map(|p| p["penalty"].as_u64().unwrap()).unwrap_or(0);
-        assert!(penalty >= 100, "the liar is banned: {s}");
-        assert!(
-            a.log().contains("corrupt bytes"),
-            "corruption was detected and logged:\n{}",
-            a.log()
-        );
+        let detected = a.log().contains("corrupt bytes");
+        // A had only the liar to ask, so it met the lie; B picks holders at random and
+        // may never have asked the liar, but if it did, it banned it.
+        if i == 0 {
+            assert!(
+                detected,
+                "A detected and logged the corruption:\n{}",
+                a.log()
+            );
+        }
+        if detected {
+            assert!(penalty >= 100, "the liar is banned: {s}");
+        }
     }
     let s = agents[1].status().unwrap();
     assert_eq!(
