@@ -102,19 +102,7 @@ impl ProxyClient {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| ProxyClientError::Unreachable {
-                url: url.clone(),
-                message: format!("{e:#}"),
-            })?;
-        if !resp.status().is_success() {
-            let status = resp.status().as_u16();
-            let body = resp.text().await.unwrap_or_default();
-            return Err(ProxyClientError::Status { status, url, body });
-        }
-        Ok(resp)
+        send(req, url).await
     }
 
     async fn body(resp: reqwest::Response, url: &str) -> Result<Bytes, ProxyClientError> {
@@ -248,22 +236,31 @@ impl ProxyClient {
     ) -> Result<(), ProxyClientError> {
         let url = format!("{}/imgd/v1/traces/{manifest}", self.base);
         let body = serde_json::to_vec(trace).unwrap_or_default();
-        let resp = self
+        let req = self
             .http
             .put(&url)
             .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| ProxyClientError::Unreachable {
-                url: url.clone(),
-                message: format!("{e:#}"),
-            })?;
-        if !resp.status().is_success() {
-            let status = resp.status().as_u16();
-            let body = resp.text().await.unwrap_or_default();
-            return Err(ProxyClientError::Status { status, url, body });
-        }
-        Ok(())
+            .body(body);
+        send(req, url).await.map(|_| ())
     }
+}
+
+/// Sends a request; a transport failure or a non-2xx answer becomes an error naming `url`.
+async fn send(
+    req: reqwest::RequestBuilder,
+    url: String,
+) -> Result<reqwest::Response, ProxyClientError> {
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| ProxyClientError::Unreachable {
+            url: url.clone(),
+            message: format!("{e:#}"),
+        })?;
+    if !resp.status().is_success() {
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap_or_default();
+        return Err(ProxyClientError::Status { status, url, body });
+    }
+    Ok(resp)
 }

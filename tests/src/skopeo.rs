@@ -152,3 +152,25 @@ fn path_str(path: &Path) -> Result<&str> {
     path.to_str()
         .with_context(|| format!("path {} is not UTF-8", path.display()))
 }
+
+/// Builds `spec` as an OCI layout under `dir` and pushes it to `registry` as `repo_tag`
+/// byte for byte (digests preserved). Returns the image and the sum of its blob sizes.
+pub fn push_image(
+    registry: &crate::registry::Registry,
+    dir: &Path,
+    spec: crate::image::ImageSpec,
+    repo_tag: &str,
+) -> Result<(crate::image::ImageInfo, u64)> {
+    let name = spec.name.clone();
+    let layout = crate::image::build_layout(dir, &[spec])?;
+    push_layout(
+        &layout.dir,
+        &name,
+        &registry.docker_ref(repo_tag),
+        Format::OciExact,
+        false,
+    )?;
+    let image = layout.image(&name).context("built image")?.clone();
+    let size = image.referenced_blobs().iter().map(|b| b.size).sum();
+    Ok((image, size))
+}

@@ -2,10 +2,10 @@
 //! clear errors.
 
 use imgd_tests::daemons::{Agent, AgentOptions, Proxy};
-use imgd_tests::image::{self, presets};
+use imgd_tests::image::presets;
 use imgd_tests::process::free_port;
 use imgd_tests::registry::Registry;
-use imgd_tests::skopeo::{self, Format};
+use imgd_tests::skopeo;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -24,22 +24,13 @@ fn agent(dir: &Path, proxy_url: &str) -> Agent {
 fn kill_9_during_prefetch_then_restart_completes_with_a_consistent_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let reg = Registry::start().unwrap();
-    let layout = image::build_layout(&tmp.path().join("big"), &[presets::big_gzip(160)]).unwrap();
-    skopeo::push_layout(
-        &layout.dir,
-        "big",
-        &reg.docker_ref("big:1"),
-        Format::OciExact,
-        false,
+    let (_, size) = skopeo::push_image(
+        &reg,
+        &tmp.path().join("big"),
+        presets::big_gzip(160),
+        "big:1",
     )
     .unwrap();
-    let size: u64 = layout
-        .image("big")
-        .unwrap()
-        .referenced_blobs()
-        .iter()
-        .map(|b| b.size)
-        .sum();
     let proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
     let data = tmp.path().join("agent");
 

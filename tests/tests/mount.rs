@@ -3,9 +3,9 @@
 //! that no source can serve fails with EIO within the configured bound.
 
 use imgd_tests::daemons::{Agent, AgentOptions, Proxy};
-use imgd_tests::image::{self, FileSpec, ImageSpec, LayerSpec};
+use imgd_tests::image::{FileSpec, ImageSpec, LayerSpec};
 use imgd_tests::registry::Registry;
-use imgd_tests::skopeo::{self, Format};
+use imgd_tests::skopeo;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -71,22 +71,8 @@ fn bundle(dir: &Path, rootfs: &Path, args: &[&str]) {
 fn runc_starts_a_container_on_a_lazy_mount_reading_a_small_part_of_the_image() {
     let tmp = tempfile::tempdir().unwrap();
     let reg = Registry::start().unwrap();
-    let layout = image::build_layout(&tmp.path().join("img"), &[runnable_image()]).unwrap();
-    skopeo::push_layout(
-        &layout.dir,
-        "run",
-        &reg.docker_ref("run:1"),
-        Format::OciExact,
-        false,
-    )
-    .unwrap();
-    let image_size: u64 = layout
-        .image("run")
-        .unwrap()
-        .referenced_blobs()
-        .iter()
-        .map(|b| b.size)
-        .sum();
+    let (_, image_size) =
+        skopeo::push_image(&reg, &tmp.path().join("img"), runnable_image(), "run:1").unwrap();
     let proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
     let a = agent(&tmp.path().join("agent"), &proxy.url(), "");
 
@@ -134,15 +120,7 @@ fn runc_starts_a_container_on_a_lazy_mount_reading_a_small_part_of_the_image() {
 fn an_uncached_read_with_the_proxy_down_fails_with_eio_within_the_bound_and_recovers() {
     let tmp = tempfile::tempdir().unwrap();
     let reg = Registry::start().unwrap();
-    let layout = image::build_layout(&tmp.path().join("img"), &[runnable_image()]).unwrap();
-    skopeo::push_layout(
-        &layout.dir,
-        "run",
-        &reg.docker_ref("run:1"),
-        Format::OciExact,
-        false,
-    )
-    .unwrap();
+    let _ = skopeo::push_image(&reg, &tmp.path().join("img"), runnable_image(), "run:1").unwrap();
     let mut proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
     let a = agent(
         &tmp.path().join("agent"),
@@ -245,17 +223,8 @@ fn run_container(
 fn the_first_start_is_learned_and_later_mounts_prefetch_it() {
     let tmp = tempfile::tempdir().unwrap();
     let reg = Registry::start().unwrap();
-    let layout = image::build_layout(&tmp.path().join("img"), &[runnable_image()]).unwrap();
-    skopeo::push_layout(
-        &layout.dir,
-        "run",
-        &reg.docker_ref("run:1"),
-        Format::OciExact,
-        false,
-    )
-    .unwrap();
-    let img = layout.image("run").unwrap();
-    let image_size: u64 = img.referenced_blobs().iter().map(|b| b.size).sum();
+    let (img, image_size) =
+        skopeo::push_image(&reg, &tmp.path().join("img"), runnable_image(), "run:1").unwrap();
     let proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
 
     // First start: recorded, and stored at the proxy when the mount goes away.

@@ -4,27 +4,18 @@
 
 use imgd_core::Digest;
 use imgd_tests::daemons::{Agent, AgentOptions, Proxy};
-use imgd_tests::image::{self, presets};
+use imgd_tests::image::presets;
 use imgd_tests::netns::{Host, Lan};
 use imgd_tests::registry::Registry;
-use imgd_tests::skopeo::{self, Format};
+use imgd_tests::skopeo;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// A registry holding `big:1` (about `mib` MiB of content) and its total blob size.
 fn registry_with_big(dir: &Path, mib: u64) -> (Registry, u64, Digest) {
     let reg = Registry::start().unwrap();
-    let layout = image::build_layout(&dir.join("big"), &[presets::big_gzip(mib)]).unwrap();
-    skopeo::push_layout(
-        &layout.dir,
-        "big",
-        &reg.docker_ref("big:1"),
-        Format::OciExact,
-        false,
-    )
-    .unwrap();
-    let img = layout.image("big").unwrap();
-    let size = img.referenced_blobs().iter().map(|b| b.size).sum();
+    let (img, size) =
+        skopeo::push_image(&reg, &dir.join("big"), presets::big_gzip(mib), "big:1").unwrap();
     (reg, size, img.manifest.digest)
 }
 
