@@ -122,11 +122,14 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EngineConfig
     }
 }
 
+/// Makes a file's new content from its current content (`None`: no file).
+pub type Render<'a> = Box<dyn Fn(Option<&str>) -> Result<String, EngineConfigError> + 'a>;
+
 /// One file an engine configuration consists of: its path relative to the configuration
 /// directory and how to make its content from what is there now (`None`: no file).
 pub struct DesiredFile<'a> {
     pub rel_path: PathBuf,
-    pub render: Box<dyn Fn(Option<&str>) -> Result<String, EngineConfigError> + 'a>,
+    pub render: Render<'a>,
 }
 
 /// Writes `engine`'s mirror configuration for `registries` into `dir`, the mirror being
