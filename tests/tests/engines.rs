@@ -281,3 +281,31 @@ fn podman_pulls_through_the_agent_and_runs_the_image() {
     );
     assert!(podman.dir().exists());
 }
+
+#[test]
+fn imgctl_prints_completions_naming_its_subcommands() {
+    let imgctl = imgd_tests::daemons::workspace_bin("imgctl").unwrap();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = std::process::Command::new(&imgctl)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        for word in [
+            "prefetch",
+            "mount",
+            "configure",
+            "containerd",
+            "podman",
+            "--undo",
+        ] {
+            assert!(text.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    let out = std::process::Command::new(&imgctl)
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "an unknown shell is refused");
+}
