@@ -309,3 +309,32 @@ fn imgctl_prints_completions_naming_its_subcommands() {
         .unwrap();
     assert!(!out.status.success(), "an unknown shell is refused");
 }
+
+/// The systemd units load without a warning (`systemd-analyze verify`, with `ExecStart`
+/// pointed at the built binaries, as it checks that they exist).
+#[test]
+fn the_systemd_units_verify_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin_dir = imgd_tests::daemons::workspace_bin("imgd")
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/systemd");
+    let mut paths = Vec::new();
+    for name in ["imgd.service", "imgd-proxy.service"] {
+        let text = std::fs::read_to_string(units.join(name)).unwrap();
+        assert!(text.contains("ExecStart=/usr/bin/"), "{name}");
+        let text = text.replace("/usr/bin/", &format!("{}/", bin_dir.display()));
+        let path = tmp.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        paths.push(path);
+    }
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .args(&paths)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+}
