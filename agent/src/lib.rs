@@ -14,6 +14,7 @@ pub mod cache;
 pub mod chunk_source;
 pub mod config;
 pub mod dataplane;
+pub mod engine_config;
 pub mod fetch;
 pub mod identity;
 pub mod image;

@@ -11,13 +11,16 @@
 //! - [`pull`]: pulling an image over `/v2/` and verifying every manifest, blob and diff_id.
 //! - [`umoci`]: unpacking layouts with `umoci`, a reference for layer application.
 //! - [`media_types`]: the OCI and Docker media type strings.
+//! - [`containerd`], [`podman`]: private instances of the container engines.
 
+pub mod containerd;
 pub mod daemons;
 pub mod fault_relay;
 pub mod guards;
 pub mod image;
 pub mod media_types;
 pub mod netns;
+pub mod podman;
 pub mod process;
 pub mod pull;
 pub mod registry;

@@ -11,6 +11,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::time::Instant;
 
+#[path = "imgctl/configure.rs"]
+mod configure;
+
 /// Control the imgd agent.
 #[derive(Parser)]
 #[command(version, about)]
@@ -44,6 +47,13 @@ enum Command {
     Gc,
     /// Re-hash every cached chunk and cross-check the metadata (changes nothing).
     Verify,
+    /// Point a container engine at the agent's registry mirror (undoable).
+    Configure {
+        #[command(subcommand)]
+        engine: configure::EngineCommand,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
 }
 
 /// Sends one request over the unix socket; returns the status and the response body.
@@ -256,6 +266,12 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Gc => {
             let report: serde_json::Value = get_json(&cli.socket, "POST", "/v1/gc").await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Configure { engine } => configure::run(engine),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "imgctl", &mut std::io::stdout());
             Ok(())
         }
         Command::Verify => {
