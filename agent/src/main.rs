@@ -11,7 +11,7 @@ use std::path::PathBuf;
 /// Precedence: flags, then their environment variables, then the config file, then the
 /// defaults.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "imgd", version, about)]
 struct Cli {
     /// TOML configuration file (see --print-default-config).
     #[arg(long, short, env = "IMGD_CONFIG")]

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 /// Control the imgd agent.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "imgctl", version, about)]
 struct Cli {
     /// The agent's local API socket.
     #[arg(long, env = "IMGD_SOCKET", default_value = "/run/imgd/imgd.sock")]
