@@ -116,11 +116,14 @@ pub fn is_quic_listening() -> bool {
     EVENTS.quic_listening.load(Ordering::Relaxed)
 }
 
+/// One metric read at scrape time: name, help, and a value per label set.
+type Series = (&'static str, &'static str, Vec<(Labels, u64)>);
+
 /// Values read from the agent at scrape time.
 #[derive(Debug)]
 struct Snapshot {
-    counters: Vec<(&'static str, &'static str, Vec<(Labels, u64)>)>,
-    gauges: Vec<(&'static str, &'static str, Vec<(Labels, u64)>)>,
+    counters: Vec<Series>,
+    gauges: Vec<Series>,
 }
 
 fn gauge_value(v: u64) -> i64 {
