@@ -237,6 +237,34 @@ fn metrics_health_and_readiness_of_proxy_and_agent_count_what_a_pull_and_a_read_
         0.0
     );
 
+    // Blobs served by the proxy's registry API and by the agent's mirror, and an
+    // upstream error, are counted.
+    let config = &info.config;
+    let path = format!("/v2/local/obs/blobs/{}", config.digest);
+    assert_eq!(
+        proxy.get(&path, &[]).unwrap().body.len() as u64,
+        config.size
+    );
+    let r = registry_client::get(&format!("{agent_url}{path}"), &[]).unwrap();
+    assert_eq!((r.status, r.body.len() as u64), (200, config.size));
+    let missing = proxy.get("/v2/local/obs/manifests/nope", &[]).unwrap();
+    assert_eq!(missing.status, 404);
+    let p3 = Scrape::get(&proxy.url());
+    let a3 = Scrape::get(&agent_url);
+    assert_eq!(
+        p3.delta(&p2, "imgd_proxy_served_bytes_total{api=\"registry\"}"),
+        config.size as f64
+    );
+    assert_eq!(
+        p3.v("imgd_proxy_upstream_errors_total{status=\"404\"}"),
+        1.0
+    );
+    assert_eq!(
+        a3.delta(&a2, "imgd_agent_served_bytes_total{to=\"mirror\"}"),
+        config.size as f64
+    );
+    assert_eq!(a3.v("imgd_agent_served_bytes_total{to=\"peer\"}"), 0.0);
+
     // A read through a lazy mount is counted on that mount's series.
     let dir = tmp.path().join("mnt");
     let mount = ImgdMount::mount(&agent, "local/obs:1", &dir).unwrap();
@@ -246,37 +274,69 @@ fn metrics_health_and_readiness_of_proxy_and_agent_count_what_a_pull_and_a_read_
             mount.dir().display()
         )
     };
-    let a3 = Scrape::get(&agent_url);
-    assert_eq!(a3.v(&series("imgd_agent_fuse_reads_total")), 0.0);
+    let a4 = Scrape::get(&agent_url);
+    assert_eq!(a4.v(&series("imgd_agent_fuse_reads_total")), 0.0);
     assert!(
-        a3.0.contains_key(&series("imgd_agent_fuse_reads_total")),
+        a4.0.contains_key(&series("imgd_agent_fuse_reads_total")),
         "the mount has its series: {:?}",
-        a3.0.keys()
+        a4.0.keys()
             .filter(|k| k.contains("fuse"))
             .collect::<Vec<_>>()
     );
     let read = std::fs::read(mount.dir().join("data/a.bin")).unwrap();
     assert_eq!(read.len() as u64, 5 * MIB);
-    let a4 = Scrape::get(&agent_url);
-    let reads = a4.delta(&a3, &series("imgd_agent_fuse_reads_total"));
+    let a5 = Scrape::get(&agent_url);
+    let reads = a5.delta(&a4, &series("imgd_agent_fuse_reads_total"));
     println!("reading 5 MiB took {reads} FUSE reads");
     // A FUSE read request is at most 1 MiB (256 pages) and at least a page.
     assert!((5.0..=5.0 * 256.0).contains(&reads), "{reads}");
     assert_eq!(
-        a4.delta(&a3, &series("imgd_agent_fuse_read_bytes_total")),
+        a5.delta(&a4, &series("imgd_agent_fuse_read_bytes_total")),
         (5 * MIB) as f64
     );
-    assert_eq!(a4.v(&series("imgd_agent_fuse_eio_total")), 0.0);
+    assert_eq!(a5.v(&series("imgd_agent_fuse_eio_total")), 0.0);
     // Everything was cached: the read fetched nothing.
-    assert_eq!(a4.v(&series("imgd_agent_mount_fetched_bytes_total")), 0.0);
+    assert_eq!(a5.v(&series("imgd_agent_mount_fetched_bytes_total")), 0.0);
     assert_eq!(
-        a4.delta(&a3, "imgd_agent_received_bytes_total{source=\"proxy\"}"),
+        a5.delta(&a4, "imgd_agent_received_bytes_total{source=\"proxy\"}"),
         0.0
     );
+
+    // A cached chunk damaged on disk is caught when read, counted, and fetched again.
+    let b = &info.layers[2].blob;
+    assert!(b.size < CHUNK, "one chunk, whose digest is the blob's");
+    let hex = b.digest.hex();
+    let file = agent
+        .data_dir
+        .join("data/cache/chunks")
+        .join(&hex[..2])
+        .join(&hex);
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&file, bytes).unwrap();
+    let read = std::fs::read(mount.dir().join("data/b.bin")).unwrap();
+    assert_eq!(read.len(), 300 * 1024);
+    let a6 = Scrape::get(&agent_url);
+    assert_eq!(
+        a6.delta(
+            &a5,
+            "imgd_agent_verification_failures_total{where=\"cache\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        a6.delta(&a5, "imgd_agent_received_bytes_total{source=\"proxy\"}"),
+        b.size as f64
+    );
+    assert_eq!(
+        a6.v(&series("imgd_agent_mount_fetched_bytes_total")),
+        b.size as f64
+    );
+    assert_eq!(a6.v("imgd_agent_cache_size_bytes"), image);
     drop(mount);
-    let a5 = Scrape::get(&agent_url);
+    let a7 = Scrape::get(&agent_url);
     assert!(
-        !a5.0
+        !a7.0
             .keys()
             .any(|k| k.starts_with("imgd_agent_fuse_reads_total")),
         "an unmounted mount has no series"
