@@ -13,7 +13,7 @@
 //! | `imgd_proxy_upstream_blob_fetches_total` | counter | |
 //! | `imgd_proxy_upstream_errors_total` | counter | `status` = HTTP code or `timeout`, `unreachable`, ... |
 //! | `imgd_proxy_verification_failures_total` | counter | `where` = `upstream` |
-//! | `imgd_proxy_storage_bytes` | gauge | `kind` = `chunks` or `indexes` |
+//! | `imgd_proxy_storage_bytes` | gauge | `kind` = `chunks` or `indexes` (walked when a blob was stored since the last scrape) |
 //! | `imgd_proxy_storage_files` | gauge | `kind` |
 
 use crate::server::AppState;
@@ -24,8 +24,8 @@ use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
-use std::path::Path;
-use std::sync::LazyLock;
+use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, Mutex};
 
 /// Content type of the OpenMetrics text exposition.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -105,8 +105,7 @@ fn dir_usage(dir: &Path) -> (u64, u64) {
 #[derive(Debug)]
 struct Snapshot {
     stats: imgd_core::wire::ProxyStats,
-    /// `(kind, bytes, files)` of each content store.
-    storage: Vec<(&'static str, u64, u64)>,
+    storage: Usage,
 }
 
 fn encode_counters(
@@ -206,17 +205,38 @@ impl Collector for Snapshot {
     }
 }
 
-/// Renders every metric of the proxy as OpenMetrics text. Walks the storage directories
-/// (blocking: call it off the async threads).
-pub fn render(state: &AppState) -> Result<String, std::fmt::Error> {
+/// `(kind, bytes, files)` of each content store.
+type Usage = Vec<(&'static str, u64, u64)>;
+
+/// The last storage walk: storage dir and blob count it was made at, and its result.
+static LAST_WALK: Mutex<Option<(PathBuf, u64, Usage)>> = Mutex::new(None);
+
+/// Storage use. Files are only added by ingests, so the directories are walked again
+/// only when a blob has been stored since the last walk.
+fn storage_usage(state: &AppState) -> Usage {
     let dir = &state.config.storage_dir;
-    let storage = ["chunks", "indexes"]
+    let stored = state.stats.snapshot().upstream_blob_fetches;
+    let mut last = LAST_WALK.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((d, n, usage)) = last.as_ref() {
+        if d == dir && *n == stored {
+            return usage.clone();
+        }
+    }
+    let usage: Usage = ["chunks", "indexes"]
         .into_iter()
         .map(|k| {
             let (bytes, files) = dir_usage(&dir.join(k));
             (k, bytes, files)
         })
         .collect();
+    *last = Some((dir.clone(), stored, usage.clone()));
+    usage
+}
+
+/// Renders every metric of the proxy as OpenMetrics text. May walk the storage
+/// directories (blocking: call it off the async threads).
+pub fn render(state: &AppState) -> Result<String, std::fmt::Error> {
+    let storage = storage_usage(state);
     let mut registry = Registry::with_prefix("imgd_proxy");
     registry.register(
         "upstream_errors",
