@@ -342,3 +342,121 @@ fn metrics_health_and_readiness_of_proxy_and_agent_count_what_a_pull_and_a_read_
         "an unmounted mount has no series"
     );
 }
+
+/// The multiaddr agent `a` listens on for the swarm on loopback, from its log.
+fn loopback_multiaddr(a: &Agent) -> String {
+    let id = a.status().unwrap()["node_id"].as_str().unwrap().to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let log = a.log();
+        if let Some(at) = log.find("/ip4/127.0.0.1/udp/") {
+            let addr: String = log[at..]
+                .chars()
+                .take_while(|c| !c.is_whitespace())
+                .collect();
+            return format!("{addr}/p2p/{id}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no swarm address in\n{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn chunks_a_peer_serves_are_counted_by_both_agents_and_not_by_the_proxy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start().unwrap();
+    let (info, image_bytes) =
+        skopeo::push_image(&reg, &tmp.path().join("img"), image(), "obs:1").unwrap();
+    let chunks: u64 = info
+        .referenced_blobs()
+        .iter()
+        .map(|b| b.size.div_ceil(CHUNK))
+        .sum();
+    let proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
+    // Generous peer timeouts: on a loaded machine a slow peer must not send B to the proxy.
+    let fetch = "[fetch]\npeer_timeout_ms = 30000\nowner_wait_ms = 30000\n";
+    let a = Agent::start(AgentOptions {
+        host: None,
+        proxy_url: proxy.url(),
+        data_dir: tmp.path().join("a"),
+        extra_toml: format!("mdns = false\n{fetch}"),
+        swarm: true,
+    })
+    .unwrap();
+    let (ok, out, err) = a.imgctl(&["prefetch", "local/obs:1"]).unwrap();
+    assert!(ok, "prefetch: {out}{err}");
+    // B finds A through a bootstrap address only (no mDNS: no peer of another test).
+    let b = Agent::start(AgentOptions {
+        host: None,
+        proxy_url: proxy.url(),
+        data_dir: tmp.path().join("b"),
+        extra_toml: format!(
+            "mdns = false\nbootstrap = [{:?}]\n{fetch}",
+            loopback_multiaddr(&a)
+        ),
+        swarm: true,
+    })
+    .unwrap();
+    let (a_url, b_url) = (
+        format!("http://{}", a.mirror),
+        format!("http://{}", b.mirror),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while Scrape::get(&a_url).v("imgd_agent_peers") < 1.0
+        || Scrape::get(&b_url).v("imgd_agent_peers") < 1.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agents did not meet:\n{}\n{}",
+            a.log(),
+            b.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    let (p0, a0, b0) = (
+        Scrape::get(&proxy.url()),
+        Scrape::get(&a_url),
+        Scrape::get(&b_url),
+    );
+    let (ok, out, err) = b.imgctl(&["prefetch", "local/obs:1"]).unwrap();
+    assert!(ok, "prefetch: {out}{err}");
+    let (p1, a1, b1) = (
+        Scrape::get(&proxy.url()),
+        Scrape::get(&a_url),
+        Scrape::get(&b_url),
+    );
+    let image = image_bytes as f64;
+    assert_eq!(
+        b1.delta(&b0, "imgd_agent_received_bytes_total{source=\"peer\"}"),
+        image
+    );
+    assert_eq!(
+        b1.delta(&b0, "imgd_agent_received_bytes_total{source=\"proxy\"}"),
+        0.0
+    );
+    assert_eq!(
+        b1.delta(&b0, "imgd_agent_chunk_fetch_seconds_count{source=\"peer\"}"),
+        chunks as f64
+    );
+    assert_eq!(
+        a1.delta(&a0, "imgd_agent_served_bytes_total{to=\"peer\"}"),
+        image
+    );
+    assert_eq!(
+        p1.delta(&p0, "imgd_proxy_served_bytes_total{api=\"chunk\"}"),
+        0.0
+    );
+    assert_eq!(b1.v("imgd_agent_peers"), 1.0);
+    assert_eq!(b1.v("imgd_agent_peers_usable"), 1.0);
+    assert_eq!(b1.v("imgd_agent_cache_size_bytes"), image);
+    assert!(
+        !b1.0
+            .keys()
+            .any(|k| k.starts_with("imgd_agent_verification_failures_total")),
+        "no verification failure"
+    );
+}
