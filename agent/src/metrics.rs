@@ -302,3 +302,42 @@ pub fn readiness(agent: &Agent) -> (bool, String) {
     let head = if ready { "ready" } else { "not ready" };
     (ready, format!("{head}\n{}\n", lines.join("\n")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::ChunkCache;
+    use imgd_core::Digest;
+
+    #[test]
+    fn evictions_and_cache_verification_failures_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path(), 1 << 30).unwrap();
+        let chunks: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 1000]).collect();
+        for c in &chunks {
+            cache.put_chunk(&Digest::of(c), c).unwrap();
+        }
+        let (evictions, bytes) = (EVENTS.evictions.get(), EVENTS.evicted_bytes.get());
+        let report = cache.evict_to(0).unwrap();
+        assert_eq!(report.evicted_chunks, 3);
+        // Other tests of this process may evict at the same time: at least ours counted.
+        assert!(EVENTS.evictions.get() >= evictions + 3);
+        assert!(EVENTS.evicted_bytes.get() >= bytes + 3000);
+
+        let failures = || {
+            EVENTS
+                .verification_failures
+                .get_or_create(&label("where", "cache"))
+                .get()
+        };
+        let before = failures();
+        let c = vec![7u8; 1000];
+        let d = Digest::of(&c);
+        cache.put_chunk(&d, &c).unwrap();
+        let hex = d.hex();
+        let file = dir.path().join("chunks").join(&hex[..2]).join(&hex);
+        std::fs::write(&file, vec![8u8; 1000]).unwrap();
+        assert!(cache.get_chunk(&d).unwrap().is_none(), "damaged: dropped");
+        assert!(failures() > before);
+    }
+}
