@@ -92,7 +92,8 @@ async fn manifest(
             &accept,
             state.config.max_manifest_bytes,
         )
-        .await;
+        .await
+        .inspect_err(crate::metrics::upstream_error);
     match fetched {
         Ok(m) => {
             let stored = StoredManifest {

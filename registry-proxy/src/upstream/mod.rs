@@ -103,11 +103,11 @@ impl Upstream {
         max_bytes: usize,
     ) -> Result<Manifest, UpstreamError> {
         let m = match self {
-            Upstream::Registry(r) => r.manifest(repo, reference, accept, max_bytes).await,
-            Upstream::Layout(l) => l.manifest(reference, max_bytes).await,
+            Upstream::Registry(r) => r.manifest(repo, reference, accept, max_bytes).await?,
+            Upstream::Layout(l) => l.manifest(reference, max_bytes).await?,
         };
-        let m = m.and_then(|m| check_manifest(&m, reference).map(|()| m));
-        m.inspect_err(crate::metrics::upstream_error)
+        check_manifest(&m, reference)?;
+        Ok(m)
     }
 
     /// Opens the stream of a blob.
