@@ -51,6 +51,7 @@ impl Agent {
     }
 
     /// Brings every blob of `image` into the cache.
+    #[tracing::instrument(name = "prefetch", skip_all, fields(image = %r))]
     pub async fn prefetch(
         &self,
         r: &ImageRef,

@@ -12,7 +12,9 @@ pub struct CacheSource(pub Arc<Fetcher>);
 
 impl ChunkSource for CacheSource {
     fn chunk(&self, digest: &Digest) -> Option<Bytes> {
-        self.0.cache.get_chunk(digest).ok().flatten()
+        let bytes = self.0.cache.get_chunk(digest).ok().flatten();
+        crate::metrics::served("peer", bytes.as_ref().map_or(0, |b| b.len() as u64));
+        bytes
     }
 
     fn have(&self, blob: &Digest) -> Option<HaveMap> {

@@ -9,25 +9,34 @@ use std::time::Duration;
 /// The documented default configuration.
 pub const DEFAULT_CONFIG: &str = r#"# imgd agent configuration. Every key is optional; the value shown is the default.
 
-# Cache and metadata directory (chunk files + RocksDB).
+# Environment variables (IMGD_*) override the keys they name; flags override both.
+
+# Cache and metadata directory (chunk files + RocksDB). Env: IMGD_DATA_DIR.
 data_dir = "/var/lib/imgd"
 
 # Largest size of the chunk cache, in bytes. Least recently used chunks are evicted
-# beyond it; chunks of pinned or mounted images never are.
+# beyond it; chunks of pinned or mounted images never are. Env: IMGD_CACHE_QUOTA.
 cache_quota_bytes = 21474836480
 
-# Base URL of imgd-proxy (its registry API and chunk API).
+# Base URL of imgd-proxy (its registry API and chunk API). Env: IMGD_PROXY_URL.
 proxy_url = "http://127.0.0.1:5000"
 
-# Unix socket of the local API that imgctl talks to.
+# Unix socket of the local API that imgctl talks to. Env: IMGD_SOCKET (imgctl too).
 socket = "/run/imgd/imgd.sock"
 
 # Registry mirror endpoint for containerd (hosts.toml) and podman (registries.conf).
-# Loopback only by default.
+# The operations endpoints are served here too: GET /metrics (Prometheus), /healthz
+# (the process answers) and /readyz (storage open, swarm listening). Loopback only by
+# default; binding it wider exposes them as well. Env: IMGD_MIRROR_LISTEN.
 mirror_listen = "127.0.0.1:5050"
 
+# Log format on stderr: "text" (human-readable) or "json" (one JSON object a line).
+# The level filter comes from RUST_LOG (default "info"). Env: IMGD_LOG_FORMAT.
+log_format = "text"
+
 [swarm]
-# Set false to run without peers (cache and proxy only).
+# Set false to run without peers (cache and proxy only). Flag: --no-swarm
+# (env IMGD_NO_SWARM=true).
 enabled = true
 # libp2p QUIC listen address (UDP), used for discovery and membership.
 quic_listen = "0.0.0.0:7400"
@@ -68,6 +77,7 @@ owner_wait_ms = 4000
 "#;
 
 pub use imgd_core::config_file::ConfigError;
+pub use imgd_core::logging::LogFormat;
 
 /// The whole agent configuration.
 #[derive(Clone, Debug, Deserialize)]
@@ -78,6 +88,7 @@ pub struct AgentConfig {
     pub proxy_url: String,
     pub socket: PathBuf,
     pub mirror_listen: SocketAddr,
+    pub log_format: LogFormat,
     pub swarm: SwarmConfig,
     pub fetch: FetchConfig,
     pub mount: MountConfig,
@@ -145,6 +156,7 @@ impl Default for AgentConfig {
             proxy_url: "http://127.0.0.1:5000".into(),
             socket: "/run/imgd/imgd.sock".into(),
             mirror_listen: SocketAddr::from(([127, 0, 0, 1], 5050)),
+            log_format: LogFormat::Text,
             swarm: SwarmConfig::default(),
             fetch: FetchConfig::default(),
             mount: MountConfig::default(),
@@ -256,6 +268,7 @@ mod tests {
         let d = AgentConfig::default();
         assert_eq!(parsed.cache_quota_bytes, d.cache_quota_bytes);
         assert_eq!(parsed.mirror_listen, d.mirror_listen);
+        assert_eq!(parsed.log_format, d.log_format);
         assert_eq!(parsed.swarm.data_listen, d.swarm.data_listen);
         assert_eq!(parsed.fetch.owner_wait_ms, d.fetch.owner_wait_ms);
         let err = toml::from_str::<AgentConfig>("[swarm]\nmdsn = true").unwrap_err();

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 /// Where a chunk came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -416,8 +417,23 @@ impl Fetcher {
             .or(if pending.is_empty() { None } else { Some(0) })
     }
 
-    /// One chunk from peers that hold it (hedged), else from the proxy.
+    /// One chunk from peers that hold it (hedged), else from the proxy; in a span, timed.
     async fn fetch_chunk(
+        &self,
+        blob: &Digest,
+        digest: &Digest,
+        holders: Vec<Peer>,
+    ) -> Result<(Bytes, Source), FetchError> {
+        let (started, span) = (Instant::now(), tracing::info_span!("chunk_fetch", %digest));
+        let result = self
+            .fetch_chunk_from(blob, digest, holders)
+            .instrument(span)
+            .await;
+        crate::metrics::chunk_fetched(&result, started);
+        result
+    }
+
+    async fn fetch_chunk_from(
         &self,
         blob: &Digest,
         digest: &Digest,
@@ -469,6 +485,7 @@ impl Fetcher {
                     Some((p, Ok(None))) => last = format!("peer {} no longer has it", p.id),
                     Some((p, Err(e))) => {
                         let corrupt = matches!(e, crate::dataplane::DataPlaneError::Corrupt { .. });
+                        if corrupt { crate::metrics::verification_failed("peer"); }
                         let penalty = if corrupt { CORRUPT_PENALTY } else { FAILURE_PENALTY };
                         self.peers.penalise(&p.id, penalty, &e.to_string());
                         last = format!("peer {}: {e}", p.id);

@@ -6,7 +6,8 @@
 //! - [`peers`]: known peers and their penalties.
 //! - [`fetch`]: the fetch policy: cache, then peers, then the proxy.
 //! - [`proxy_client`], [`image`]: talking to imgd-proxy and resolving images.
-//! - [`api`]: the local API for `imgctl`; [`mirror`]: the registry mirror endpoint.
+//! - [`api`]: the local API for `imgctl`; [`mirror`]: the registry mirror endpoint,
+//!   which also serves [`metrics`], `/healthz` and `/readyz`.
 
 pub mod agent;
 pub mod api;
@@ -18,6 +19,7 @@ pub mod engine_config;
 pub mod fetch;
 pub mod identity;
 pub mod image;
+pub mod metrics;
 pub mod mirror;
 pub mod mounts;
 pub mod peers;

@@ -2,39 +2,45 @@
 
 use anyhow::Context;
 use clap::Parser;
-use imgd_agent::config::{AgentConfig, DEFAULT_CONFIG};
+use imgd_agent::config::{AgentConfig, LogFormat, DEFAULT_CONFIG};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 /// imgd node agent: verified chunk cache, peer-to-peer chunk sharing, registry mirror.
+///
+/// Precedence: flags, then their environment variables, then the config file, then the
+/// defaults.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "imgd", version, about)]
 struct Cli {
     /// TOML configuration file (see --print-default-config).
     #[arg(long, short, env = "IMGD_CONFIG")]
     config: Option<PathBuf>,
     /// Data directory (overrides `data_dir`).
-    #[arg(long)]
+    #[arg(long, env = "IMGD_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// imgd-proxy URL (overrides `proxy_url`).
-    #[arg(long)]
+    #[arg(long, env = "IMGD_PROXY_URL")]
     proxy: Option<String>,
     /// Local API socket (overrides `socket`).
-    #[arg(long)]
+    #[arg(long, env = "IMGD_SOCKET")]
     socket: Option<PathBuf>,
-    /// Registry mirror listen address (overrides `mirror_listen`).
-    #[arg(long)]
+    /// Registry mirror and /metrics listen address (overrides `mirror_listen`).
+    #[arg(long, env = "IMGD_MIRROR_LISTEN")]
     mirror_listen: Option<SocketAddr>,
     /// Cache quota in bytes (overrides `cache_quota_bytes`).
-    #[arg(long)]
+    #[arg(long, env = "IMGD_CACHE_QUOTA")]
     cache_quota: Option<u64>,
     /// Run without peers.
-    #[arg(long)]
+    #[arg(long, env = "IMGD_NO_SWARM")]
     no_swarm: bool,
     /// Print the documented default configuration and exit.
     #[arg(long)]
     print_default_config: bool,
-    /// Log as JSON lines.
+    /// Log format: text or json (overrides `log_format`).
+    #[arg(long, env = "IMGD_LOG_FORMAT", value_name = "text|json")]
+    log_format: Option<LogFormat>,
+    /// Log as JSON lines (same as --log-format json).
     #[arg(long)]
     log_json: bool,
 }
@@ -45,11 +51,17 @@ fn main() -> anyhow::Result<()> {
         print!("{DEFAULT_CONFIG}");
         return Ok(());
     }
-    imgd_core::logging::init(cli.log_json);
     let mut config = match &cli.config {
         Some(p) => AgentConfig::load(p)?,
         None => AgentConfig::default(),
     };
+    if let Some(f) = cli.log_format {
+        config.log_format = f;
+    }
+    if cli.log_json {
+        config.log_format = LogFormat::Json;
+    }
+    imgd_core::logging::init(config.log_format);
     if let Some(d) = cli.data_dir {
         config.data_dir = d;
     }

@@ -18,15 +18,35 @@ use imgd_core::{ChunkList, Digest, CHUNK_SIZE};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// The mirror's routes.
+/// The mirror's routes: the OCI pull API, and the operations endpoints `/metrics`,
+/// `/healthz` (the process answers) and `/readyz` (storage and swarm up).
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route(
             "/v2/",
             get(|| async { ([("Docker-Distribution-API-Version", "registry/2.0")], "{}") }),
         )
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .fallback(dispatch)
         .with_state(agent)
+}
+
+/// `GET /metrics`: every metric as OpenMetrics text.
+async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
+    match crate::metrics::render(&agent) {
+        Ok(text) => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// `GET /readyz`: 200 with `ready` and a line per check, else 503 with `not ready`.
+async fn readyz(State(agent): State<Arc<Agent>>) -> Response {
+    match crate::metrics::readiness(&agent) {
+        (true, body) => body.into_response(),
+        (false, body) => (StatusCode::SERVICE_UNAVAILABLE, body).into_response(),
+    }
 }
 
 fn oci_error(status: StatusCode, code: &str, message: &str) -> Response {
@@ -218,6 +238,7 @@ fn chunks_body(
                 })?;
             let from = range.start.saturating_sub(start) as usize;
             let to = (range.end - start).min(bytes.len() as u64) as usize;
+            crate::metrics::served("mirror", (to - from.min(to)) as u64);
             Ok::<_, std::io::Error>(bytes.slice(from.min(to)..to))
         }
     });

@@ -192,6 +192,7 @@ impl ProxyClient {
         let path = format!("/imgd/v1/chunks/{digest}");
         let bytes = Self::body(self.get(&path, &[]).await?, &path).await?;
         if Digest::of(&bytes) != *digest {
+            crate::metrics::verification_failed("proxy");
             return Err(ProxyClientError::Corrupt {
                 what: "a chunk",
                 digest: *digest,

@@ -217,7 +217,10 @@ pub fn start(
                             }
                         }
                     }
-                    SwarmEvent::NewListenAddr { address, .. } => tracing::info!(%address, "swarm listening"),
+                    SwarmEvent::NewListenAddr { address, .. } => {
+                        crate::metrics::quic_listening();
+                        tracing::info!(%address, "swarm listening")
+                    }
                     _ => {}
                 },
             }

@@ -11,11 +11,17 @@ use std::time::Duration;
 /// The documented default configuration file.
 pub const DEFAULT_CONFIG: &str = r#"# imgd-proxy configuration. Every key is optional; the value shown is the default.
 
-# Address the OCI registry API and the chunk API listen on.
+# Address the OCI registry API, the chunk API and the operations endpoints (/metrics,
+# /healthz, /readyz) listen on. Env: IMGD_PROXY_LISTEN.
 listen = "127.0.0.1:5000"
 
 # Directory for chunks, indexes and metadata (RocksDB). Created if missing.
+# Env: IMGD_PROXY_STORAGE_DIR.
 storage_dir = "/var/lib/imgd-proxy"
+
+# Log format on stderr: "text" (human-readable) or "json" (one JSON object a line).
+# The level filter comes from RUST_LOG (default "info"). Env: IMGD_LOG_FORMAT.
+log_format = "text"
 
 # Time limit for connecting to an upstream and for each read from it, in seconds.
 upstream_timeout_secs = 60
@@ -42,6 +48,7 @@ max_manifest_bytes = 4194304
 "#;
 
 pub use imgd_core::config_file::ConfigError;
+pub use imgd_core::logging::LogFormat;
 
 /// The whole proxy configuration.
 #[derive(Clone, Debug, Deserialize)]
@@ -51,6 +58,7 @@ pub struct ProxyConfig {
     pub storage_dir: PathBuf,
     pub upstream_timeout_secs: u64,
     pub max_manifest_bytes: usize,
+    pub log_format: LogFormat,
     #[serde(rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
 }
@@ -78,6 +86,7 @@ impl Default for ProxyConfig {
             storage_dir: PathBuf::from("/var/lib/imgd-proxy"),
             upstream_timeout_secs: 60,
             max_manifest_bytes: 4 << 20,
+            log_format: LogFormat::Text,
             upstreams: Vec::new(),
         }
     }
@@ -145,6 +154,7 @@ mod tests {
         assert_eq!(parsed.storage_dir, d.storage_dir);
         assert_eq!(parsed.upstream_timeout_secs, d.upstream_timeout_secs);
         assert_eq!(parsed.max_manifest_bytes, d.max_manifest_bytes);
+        assert_eq!(parsed.log_format, d.log_format);
     }
 
     #[test]

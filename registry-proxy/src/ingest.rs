@@ -93,7 +93,9 @@ impl Ingestor {
                     .instrument(span),
                 );
                 match task.await {
-                    Ok(r) => r.map_err(Arc::new),
+                    Ok(r) => r
+                        .inspect_err(crate::metrics::ingest_failed)
+                        .map_err(Arc::new),
                     Err(e) => Err(Arc::new(IngestError::Worker(e.to_string()))),
                 }
             }

@@ -6,6 +6,7 @@ pub mod chunk_api;
 pub mod config;
 pub mod errors;
 pub mod ingest;
+pub mod metrics;
 pub mod registry_api;
 pub mod routing;
 pub mod server;

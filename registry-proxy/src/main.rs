@@ -2,13 +2,16 @@
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use imgd_proxy::config::{ProxyConfig, UpstreamConfig, DEFAULT_CONFIG};
+use imgd_proxy::config::{LogFormat, ProxyConfig, UpstreamConfig, DEFAULT_CONFIG};
 use imgd_proxy::server::{serve, AppState};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 /// OCI pull-through proxy that chunks and indexes every layer.
+///
+/// Precedence: flags, then their environment variables, then the config file, then the
+/// defaults.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
@@ -16,18 +19,27 @@ struct Cli {
     #[arg(long, short, env = "IMGD_PROXY_CONFIG")]
     config: Option<PathBuf>,
     /// Listen address (overrides `listen`).
-    #[arg(long)]
+    #[arg(long, env = "IMGD_PROXY_LISTEN")]
     listen: Option<SocketAddr>,
     /// Storage directory (overrides `storage_dir`).
-    #[arg(long)]
+    #[arg(long, env = "IMGD_PROXY_STORAGE_DIR")]
     storage_dir: Option<PathBuf>,
-    /// Add an upstream: NAME=URL (a registry) or NAME=oci:DIR (an OCI layout).
-    #[arg(long = "upstream", value_name = "NAME=URL")]
+    /// Add an upstream: NAME=URL (a registry) or NAME=oci:DIR (an OCI layout). In the
+    /// environment variable, several are separated by commas.
+    #[arg(
+        long = "upstream",
+        value_name = "NAME=URL",
+        env = "IMGD_PROXY_UPSTREAMS",
+        value_delimiter = ','
+    )]
     upstreams: Vec<String>,
     /// Print the documented default configuration and exit.
     #[arg(long)]
     print_default_config: bool,
-    /// Log as JSON lines instead of human-readable text.
+    /// Log format: text or json (overrides `log_format`).
+    #[arg(long, env = "IMGD_LOG_FORMAT", value_name = "text|json")]
+    log_format: Option<LogFormat>,
+    /// Log as JSON lines (same as --log-format json).
     #[arg(long)]
     log_json: bool,
 }
@@ -54,13 +66,18 @@ fn main() -> anyhow::Result<()> {
         print!("{DEFAULT_CONFIG}");
         return Ok(());
     }
-    imgd_core::logging::init(cli.log_json);
-    let _ = rustls::crypto::ring::default_provider().install_default();
-
     let mut config = match &cli.config {
         Some(path) => ProxyConfig::load(path)?,
         None => ProxyConfig::default(),
     };
+    if let Some(f) = cli.log_format {
+        config.log_format = f;
+    }
+    if cli.log_json {
+        config.log_format = LogFormat::Json;
+    }
+    imgd_core::logging::init(config.log_format);
+    let _ = rustls::crypto::ring::default_provider().install_default();
     if let Some(l) = cli.listen {
         config.listen = l;
     }

@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use imgd_core::Digest;
 use std::collections::HashMap;
 use std::sync::Arc;
+use tracing::Instrument;
 
 const DIGEST_HEADER: &str = "Docker-Content-Digest";
 
@@ -40,13 +41,19 @@ pub async fn dispatch(
     match parse_registry_path(uri.path()) {
         Some(RegistryPath::Manifest { name, reference }) => {
             let route = state.upstreams.route(name, ns)?;
-            manifest(&state, &route, reference, &headers, head).await
+            let span = tracing::info_span!("pull_manifest", repo = name, reference);
+            manifest(&state, &route, reference, &headers, head)
+                .instrument(span)
+                .await
         }
         Some(RegistryPath::Blob { name, reference }) => {
             let digest: Digest = reference
                 .parse()
                 .map_err(|e| ProxyError::BadRequest(format!("blob reference: {e}")))?;
-            blob(&state, name, ns, digest, &headers, head).await
+            let span = tracing::info_span!("pull_blob", repo = name, %digest);
+            blob(&state, name, ns, digest, &headers, head)
+                .instrument(span)
+                .await
         }
         None => Err(ProxyError::NameUnknown(uri.path().to_string())),
     }
@@ -85,7 +92,8 @@ async fn manifest(
             &accept,
             state.config.max_manifest_bytes,
         )
-        .await;
+        .await
+        .inspect_err(crate::metrics::upstream_error);
     match fetched {
         Ok(m) => {
             let stored = StoredManifest {

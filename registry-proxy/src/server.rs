@@ -3,9 +3,13 @@
 use crate::config::{ConfigError, ProxyConfig};
 use crate::ingest::Ingestor;
 use crate::routing::Upstreams;
+use crate::storage::Tags;
 use crate::storage::{Storage, StorageError};
 use crate::upstream::Upstream;
 use crate::{chunk_api, registry_api, Stats};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use std::future::Future;
@@ -69,8 +73,33 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(chunk_api::get_trace).put(chunk_api::put_trace),
         )
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(registry_api::dispatch)
         .with_state(state)
+}
+
+/// `GET /metrics`: every metric as OpenMetrics text.
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let rendered = tokio::task::spawn_blocking(move || crate::metrics::render(&state)).await;
+    match rendered {
+        Ok(Ok(text)) => {
+            ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
+        }
+        _ => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// `GET /readyz`: 200 `ready` once storage answers a read, else 503 naming what failed.
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    match state.storage.meta.get::<Tags>(&String::new()) {
+        Ok(_) => "ready\nstorage: ok\n".into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready\nstorage: {e}\n"),
+        )
+            .into_response(),
+    }
 }
 
 /// Serves on `listener` until `shutdown` completes.

@@ -16,7 +16,7 @@ mod configure;
 
 /// Control the imgd agent.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "imgctl", version, about)]
 struct Cli {
     /// The agent's local API socket.
     #[arg(long, env = "IMGD_SOCKET", default_value = "/run/imgd/imgd.sock")]

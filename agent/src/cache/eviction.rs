@@ -69,6 +69,7 @@ impl ChunkCache {
                     break;
                 }
                 let (chunks, bytes) = self.evict_batch(&batch)?;
+                crate::metrics::evicted(chunks, bytes);
                 report.evicted_chunks += chunks;
                 report.freed_bytes += bytes;
             }

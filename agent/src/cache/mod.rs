@@ -232,6 +232,9 @@ impl ChunkCache {
         match self.store.read_verified(digest) {
             Ok(_) => Ok(false),
             Err(e @ (StoreError::Missing(_) | StoreError::Corrupt { .. })) => {
+                if matches!(e, StoreError::Corrupt { .. }) {
+                    crate::metrics::verification_failed("cache");
+                }
                 tracing::warn!(%digest, error = %e, "removing damaged chunk from the cache");
                 self.forget(digest)?;
                 Ok(true)
