@@ -40,7 +40,8 @@ max_manifest_bytes = 4194304
 # name = "local"
 # layout = "/srv/images"
 
-# Retries of upstream requests answered 429, 500, 502, 503 or 504, or failing to connect.
+# Retries of upstream requests answered 429, 500, 502, 503 or 504 (a failed connection or
+# a timeout is not retried).
 # Waits double from `initial_backoff_ms` up to `max_backoff_ms`; a `Retry-After` of at most
 # `max_retry_after_secs` is honoured instead (a longer one is passed to the client at once).
 # A retry whose wait would bring the total past `max_total_wait_secs` is not made.

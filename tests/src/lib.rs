@@ -11,6 +11,8 @@
 //! - [`pull`]: pulling an image over `/v2/` and verifying every manifest, blob and diff_id.
 //! - [`umoci`]: unpacking layouts with `umoci`, a reference for layer application.
 //! - [`media_types`]: the OCI and Docker media type strings.
+//! - [`fault_relay`]: a fault-injecting, request-recording relay (and static server).
+//! - [`token_auth`]: a registry token-auth front with expiring tokens.
 
 pub mod daemons;
 pub mod fault_relay;
@@ -23,4 +25,5 @@ pub mod pull;
 pub mod registry;
 pub mod registry_client;
 pub mod skopeo;
+pub mod token_auth;
 pub mod umoci;

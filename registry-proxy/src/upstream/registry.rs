@@ -7,7 +7,8 @@
 //! not buffered. Tokens are cached per repository and renewed when upstream answers 401
 //! (an expired token), once per request.
 //!
-//! Transient failures (429, 5xx, no connection) are retried as [`super::retry`] decides.
+//! Transient statuses (429, 500, 502, 503, 504) are retried as [`super::retry`] decides;
+//! a failure to connect or a timeout is not (a dead upstream fails fast).
 //! Redirects (e.g. a blob answered with 307 to blob storage) are followed here, and the
 //! registry's `Authorization` goes only to the registry's own origin, never to the host a
 //! redirect names.
@@ -37,7 +38,7 @@ pub struct RegistryUpstream {
     auth: RegistryAuth,
     oci: oci_client::Client,
     http: reqwest::Client,
-    retry: RetryConfig,
+    retry: std::sync::Arc<RetryConfig>,
     /// `Authorization` value per repository (`None`: anonymous access works).
     tokens: Mutex<HashMap<String, Option<HeaderValue>>>,
 }
@@ -84,7 +85,7 @@ impl RegistryUpstream {
             auth,
             oci,
             http,
-            retry: retry.clone(),
+            retry: std::sync::Arc::new(retry.clone()),
             tokens: Mutex::new(HashMap::new()),
         })
     }
@@ -157,7 +158,6 @@ impl RegistryUpstream {
                     retry_after,
                     ..
                 } => (retryable_status(*status), retry_after.as_deref()),
-                UpstreamError::Unreachable(_) | UpstreamError::Timeout(_) => (true, None),
                 _ => (false, None),
             };
             let wait = if retryable {
