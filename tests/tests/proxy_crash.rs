@@ -3,11 +3,12 @@
 //! (`GET /imgd/v1/verify`) finds nothing wrong -- and does find a corrupted chunk.
 
 use imgd_core::Digest;
-use imgd_tests::daemons::Proxy;
+use imgd_tests::daemons::{workspace_bin, Proxy};
 use imgd_tests::fault_relay::{Fault, FaultRelay};
 use imgd_tests::image::{FileSpec, ImageSpec, LayerSpec};
 use imgd_tests::registry::Registry;
 use imgd_tests::skopeo;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
@@ -123,4 +124,34 @@ fn kill_9_mid_ingest_leaves_nothing_partial_and_storage_verifies() {
     let found = problems(&verify(&proxy));
     assert_eq!(found.len(), 1, "{found:?}");
     assert!(found[0].contains(&layer.to_string()), "{found:?}");
+
+    // The same pass from the command line, on the stopped proxy's storage.
+    proxy.kill().unwrap();
+    let out = Command::new(workspace_bin("imgd-proxy").unwrap())
+        .args(["verify", "--storage-dir"])
+        .arg(&storage)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains(&format!("blob {layer}")), "{stdout}");
+    assert!(stderr.contains("1 problem(s)"), "{stderr}");
+    std::fs::write(&file, {
+        bytes[100] ^= 1;
+        &bytes
+    })
+    .unwrap();
+    let out = Command::new(workspace_bin("imgd-proxy").unwrap())
+        .args(["verify", "--storage-dir"])
+        .arg(&storage)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
