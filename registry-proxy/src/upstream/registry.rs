@@ -140,7 +140,6 @@ impl RegistryUpstream {
         let mut renewed = false;
         let mut renew = false;
         loop {
-            retries.attempt();
             let err = match self.exchange(&method, repo, url, accept, renew).await {
                 Ok(resp) if resp.status().is_success() => return Ok(resp),
                 Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED && !renewed => {
@@ -161,7 +160,7 @@ impl RegistryUpstream {
                 _ => (false, None),
             };
             let wait = if retryable {
-                retries.next_wait(retry_after)
+                retries.failed(retry_after)
             } else {
                 None
             };

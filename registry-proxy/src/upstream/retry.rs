@@ -18,7 +18,7 @@ pub struct Retries<'a> {
 }
 
 impl<'a> Retries<'a> {
-    /// A fresh budget; count the first attempt with [`Retries::attempt`].
+    /// A fresh budget.
     pub fn new(cfg: &'a RetryConfig) -> Self {
         Retries {
             cfg,
@@ -27,19 +27,16 @@ impl<'a> Retries<'a> {
         }
     }
 
-    /// Records that an attempt is being made.
-    pub fn attempt(&mut self) {
-        self.attempts += 1;
-    }
-
-    /// Attempts made so far.
+    /// Failed attempts so far.
     pub fn attempts(&self) -> u32 {
         self.attempts
     }
 
-    /// How long to wait before the next attempt after a retryable failure, or `None` to
-    /// give up: attempts or total wait exhausted, or a `Retry-After` beyond the cap.
-    pub fn next_wait(&mut self, retry_after: Option<&str>) -> Option<Duration> {
+    /// Records a failed attempt (a retryable one, with the `Retry-After` it carried) and
+    /// says how long to wait before the next, or `None` to give up: attempts or total
+    /// wait exhausted, or a `Retry-After` beyond the cap.
+    pub fn failed(&mut self, retry_after: Option<&str>) -> Option<Duration> {
+        self.attempts += 1;
         if self.attempts >= self.cfg.max_attempts {
             return None;
         }
@@ -94,12 +91,8 @@ mod tests {
         let c = cfg();
         let mut r = Retries::new(&c);
         let mut waits = Vec::new();
-        loop {
-            r.attempt();
-            match r.next_wait(None) {
-                Some(w) => waits.push(w.as_millis()),
-                None => break,
-            }
+        while let Some(w) = r.failed(None) {
+            waits.push(w.as_millis());
         }
         assert_eq!(waits, vec![100, 200, 250]);
         assert_eq!(r.attempts(), 4);
@@ -109,16 +102,13 @@ mod tests {
     fn retry_after_is_honoured_up_to_the_cap_and_the_total_budget() {
         let c = cfg();
         let mut r = Retries::new(&c);
-        r.attempt();
-        assert_eq!(r.next_wait(Some("3")), Some(Duration::from_secs(3)));
-        r.attempt();
+        assert_eq!(r.failed(Some("3")), Some(Duration::from_secs(3)));
         // 3 + 5 > 7: the total budget says no.
-        assert_eq!(r.next_wait(Some("5")), None);
+        assert_eq!(r.failed(Some("5")), None);
         let mut r = Retries::new(&c);
-        r.attempt();
-        assert_eq!(r.next_wait(Some("3600")), None, "beyond the cap");
+        assert_eq!(r.failed(Some("3600")), None, "beyond the cap");
         let past = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(60));
-        assert_eq!(r.next_wait(Some(&past)), Some(Duration::ZERO));
+        assert_eq!(r.failed(Some(&past)), Some(Duration::ZERO));
     }
 
     #[test]
