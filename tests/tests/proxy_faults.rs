@@ -288,6 +288,10 @@ fn transient_statuses_are_retried_within_limits_then_passed_through() {
         started.elapsed() >= Duration::from_secs(2),
         "Retry-After honoured"
     );
+    println!(
+        "two 429s with Retry-After: 1 answered in {:?}",
+        started.elapsed()
+    );
 
     // A 503 burst on a blob: retried with backoff, then the blob is verified and stored.
     let layer = img.layers[0].blob.digest;
@@ -452,5 +456,9 @@ fn a_bearer_token_expiring_mid_pull_is_renewed() {
         front.tokens_issued()
     );
     let refused = front.refused() - refused_before;
+    println!(
+        "tokens issued: {}, registry requests refused: {refused}",
+        front.tokens_issued()
+    );
     assert!(refused >= 2, "a challenge and an expiry: {refused}");
 }
