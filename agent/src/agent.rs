@@ -86,7 +86,12 @@ pub async fn start(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         config.cache_quota_bytes,
     )?);
     let proxy = ProxyClient::new(&config.proxy_url, config.fetch.proxy_timeout())
-        .map_err(|e| start_err("proxy client", &e))?;
+        .map_err(|e| start_err("proxy client", &e))?
+        .with_token(
+            config
+                .proxy_token()
+                .map_err(|e| start_err("proxy token", &e))?,
+        );
     let keypair = crate::identity::load_or_create(&config.data_dir.join("node.key"))
         .map_err(|e| start_err("node key", &e))?;
     let node_id = keypair.public().to_peer_id().to_string();

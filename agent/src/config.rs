@@ -21,6 +21,11 @@ cache_quota_bytes = 21474836480
 # Base URL of imgd-proxy (its registry API and chunk API). Env: IMGD_PROXY_URL.
 proxy_url = "http://127.0.0.1:5000"
 
+# Token for a proxy whose chunk API requires one (its `[chunk_api] token`), or a file
+# holding it. Sent as `Authorization: Bearer` with every chunk API request.
+# proxy_token = ""
+# proxy_token_file = "/etc/imgd/proxy-token"
+
 # Unix socket of the local API that imgctl talks to. Env: IMGD_SOCKET (imgctl too).
 socket = "/run/imgd/imgd.sock"
 
@@ -86,6 +91,8 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     pub cache_quota_bytes: u64,
     pub proxy_url: String,
+    pub proxy_token: Option<String>,
+    pub proxy_token_file: Option<PathBuf>,
     pub socket: PathBuf,
     pub mirror_listen: SocketAddr,
     pub log_format: LogFormat,
@@ -154,6 +161,8 @@ impl Default for AgentConfig {
             data_dir: "/var/lib/imgd".into(),
             cache_quota_bytes: 20 << 30,
             proxy_url: "http://127.0.0.1:5000".into(),
+            proxy_token: None,
+            proxy_token_file: None,
             socket: "/run/imgd/imgd.sock".into(),
             mirror_listen: SocketAddr::from(([127, 0, 0, 1], 5050)),
             log_format: LogFormat::Text,
@@ -229,6 +238,23 @@ impl AgentConfig {
             return bad("fetch.parallel_chunks must be at least 1");
         }
         Ok(())
+    }
+
+    /// The chunk API token for the proxy: `proxy_token`, or read from `proxy_token_file`.
+    pub fn proxy_token(&self) -> Result<Option<String>, ConfigError> {
+        match (&self.proxy_token, &self.proxy_token_file) {
+            (Some(_), Some(_)) => Err(ConfigError::Invalid(
+                "proxy_token excludes proxy_token_file".into(),
+            )),
+            (Some(t), None) => Ok(Some(t.trim().to_string())),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map(|t| Some(t.trim().to_string()))
+                .map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                }),
+            (None, None) => Ok(None),
+        }
     }
 
     /// The swarm key: from `swarm.key_file` (64 hex digits), else the development key.

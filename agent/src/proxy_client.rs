@@ -68,6 +68,8 @@ pub struct FetchedManifest {
 pub struct ProxyClient {
     base: String,
     http: reqwest::Client,
+    /// `Authorization` for the chunk API, if the proxy requires a token.
+    token: Option<String>,
 }
 
 impl ProxyClient {
@@ -84,7 +86,23 @@ impl ProxyClient {
         Ok(ProxyClient {
             base: base.trim_end_matches('/').to_string(),
             http,
+            token: None,
         })
+    }
+
+    /// Sends `token` as `Authorization: Bearer` with every chunk API request (`None`: no
+    /// token). The registry API (`/v2/`) never gets it.
+    pub fn with_token(mut self, token: Option<String>) -> ProxyClient {
+        self.token = token.map(|t| format!("Bearer {t}"));
+        self
+    }
+
+    /// Adds the chunk API token to a request for `path`, if one is set.
+    fn authorize(&self, req: reqwest::RequestBuilder, path: &str) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(t) if path.starts_with("/imgd/") => req.header("authorization", t),
+            _ => req,
+        }
     }
 
     /// The proxy's base URL.
@@ -98,7 +116,7 @@ impl ProxyClient {
         headers: &[(&str, &str)],
     ) -> Result<reqwest::Response, ProxyClientError> {
         let url = format!("{}{path}", self.base);
-        let mut req = self.http.get(&url);
+        let mut req = self.authorize(self.http.get(&url), path);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
@@ -235,11 +253,11 @@ impl ProxyClient {
         manifest: &Digest,
         trace: &StartupTrace,
     ) -> Result<(), ProxyClientError> {
-        let url = format!("{}/imgd/v1/traces/{manifest}", self.base);
+        let path = format!("/imgd/v1/traces/{manifest}");
+        let url = format!("{}{path}", self.base);
         let body = serde_json::to_vec(trace).unwrap_or_default();
         let req = self
-            .http
-            .put(&url)
+            .authorize(self.http.put(&url), &path)
             .header("content-type", "application/json")
             .body(body);
         send(req, url).await.map(|_| ())

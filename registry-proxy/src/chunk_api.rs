@@ -1,11 +1,16 @@
 //! The chunk API for agents: chunk lists, chunks by digest, layer indexes, counters.
 //! Routes and answers are listed in [`imgd_core::wire`].
+//!
+//! With `[chunk_api] token` set, every route but `stats` requires
+//! `Authorization: Bearer TOKEN` ([`Authorized`]); the token is compared in constant time.
 
+use crate::access::{self, Kind};
 use crate::errors::ProxyError;
 use crate::server::AppState;
 use crate::storage::{BlobIndexes, StorageError, Traces};
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::header;
+use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use imgd_core::wire::{BlobInfo, IndexState, StartupTrace, INDEX_DIGEST_HEADER, MAX_TRACE_PATHS};
@@ -13,6 +18,36 @@ use imgd_core::{ChunkList, Digest};
 use serde::Deserialize;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+
+/// Proof that a request carries the chunk API token (or that none is configured).
+pub struct Authorized;
+
+impl FromRequestParts<Arc<AppState>> for Authorized {
+    type Rejection = ProxyError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        use subtle::ConstantTimeEq as _;
+        let Some(want) = &state.chunk_api_token else {
+            return Ok(Authorized);
+        };
+        let sent = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        // Comparing digests keeps the time independent of the token's length too.
+        let sent = Digest::of(sent.trim().as_bytes());
+        if bool::from(sent.as_bytes().ct_eq(want.as_bytes())) {
+            Ok(Authorized)
+        } else {
+            Err(ProxyError::Unauthorized)
+        }
+    }
+}
 
 /// Query of the blob and index routes: the repository to fetch from if not stored.
 #[derive(Deserialize)]
@@ -26,18 +61,23 @@ fn parse_digest(s: &str) -> Result<Digest, ProxyError> {
         .map_err(|e| ProxyError::BadRequest(format!("{e}")))
 }
 
+/// The chunk list of `digest`. With `?repo=`, the blob is fetched if not stored and the
+/// repository must be allowed to see it ([`crate::access`]); without, only a stored blob
+/// is answered (the chunk API's clients are trusted with everything cached).
 async fn ensure(state: &AppState, digest: Digest, q: &RepoQuery) -> Result<ChunkList, ProxyError> {
-    if let Some(list) = state.storage.blob(&digest)? {
-        return Ok(list);
-    }
-    let repo = q.repo.as_deref().ok_or_else(|| {
-        ProxyError::BlobUnknown(format!("{digest} (not stored; pass ?repo= to fetch it)"))
-    })?;
+    let stored = state.storage.blob(&digest)?;
+    let Some(repo) = q.repo.as_deref() else {
+        return stored.ok_or_else(|| {
+            ProxyError::BlobUnknown(format!("{digest} (not stored; pass ?repo= to fetch it)"))
+        });
+    };
     let route = state.upstreams.route(repo, q.ns.as_deref())?;
-    Ok(state
-        .ingestor
-        .ensure(route.upstream, &route.repo, digest)
-        .await?)
+    let list = match stored {
+        Some(list) => list,
+        None => state.ingestor.ensure(&route, digest).await?,
+    };
+    access::authorize(&state.storage, &route, &digest, Kind::Blob).await?;
+    Ok(list)
 }
 
 fn index_state(state: &AppState, digest: &Digest) -> Result<IndexState, ProxyError> {
@@ -53,6 +93,7 @@ fn index_state(state: &AppState, digest: &Digest) -> Result<IndexState, ProxyErr
 
 /// `GET /imgd/v1/blobs/{digest}?repo=`: the blob's chunk list and index state.
 pub async fn blob_info(
+    _: Authorized,
     State(state): State<Arc<AppState>>,
     Path(digest): Path<String>,
     Query(q): Query<RepoQuery>,
@@ -65,6 +106,7 @@ pub async fn blob_info(
 
 /// `GET /imgd/v1/chunks/{digest}`: a stored chunk's bytes.
 pub async fn chunk(
+    _: Authorized,
     State(state): State<Arc<AppState>>,
     Path(digest): Path<String>,
 ) -> Result<Response, ProxyError> {
@@ -89,6 +131,7 @@ pub async fn chunk(
 
 /// `GET /imgd/v1/indexes/{layer digest}?repo=`: the encoded layer index.
 pub async fn index(
+    _: Authorized,
     State(state): State<Arc<AppState>>,
     Path(digest): Path<String>,
     Query(q): Query<RepoQuery>,
@@ -127,6 +170,7 @@ pub async fn stats(State(state): State<Arc<AppState>>) -> Json<imgd_core::wire::
 
 /// `GET /imgd/v1/traces/{manifest digest}`: the image's learned startup trace.
 pub async fn get_trace(
+    _: Authorized,
     State(state): State<Arc<AppState>>,
     Path(digest): Path<String>,
 ) -> Result<Json<StartupTrace>, ProxyError> {
@@ -146,6 +190,7 @@ pub async fn get_trace(
 
 /// `PUT /imgd/v1/traces/{manifest digest}`: stores a startup trace unless one exists.
 pub async fn put_trace(
+    _: Authorized,
     State(state): State<Arc<AppState>>,
     Path(digest): Path<String>,
     Json(trace): Json<StartupTrace>,
@@ -164,4 +209,17 @@ pub async fn put_trace(
             .map_err(StorageError::from)?;
     }
     Ok(axum::http::StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET /imgd/v1/verify`: a full verification pass over storage
+/// ([`crate::verify::VerifyReport`]; `problems` is empty when storage is sound).
+pub async fn verify(
+    _: Authorized,
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<crate::verify::VerifyReport>, ProxyError> {
+    let storage = state.storage.clone();
+    let report = tokio::task::spawn_blocking(move || crate::verify::verify(&storage))
+        .await
+        .map_err(|e| ProxyError::BadRequest(e.to_string()))??;
+    Ok(Json(report))
 }

@@ -45,6 +45,24 @@ max_manifest_bytes = 4194304
 # [[upstream]]
 # name = "local"
 # layout = "/srv/images"
+
+# Retries of upstream requests answered 429, 500, 502, 503 or 504 (a failed connection or
+# a timeout is not retried).
+# Waits double from `initial_backoff_ms` up to `max_backoff_ms`; a `Retry-After` of at most
+# `max_retry_after_secs` is honoured instead (a longer one is passed to the client at once).
+# A retry whose wait would bring the total past `max_total_wait_secs` is not made.
+[retry]
+max_attempts = 4
+initial_backoff_ms = 250
+max_backoff_ms = 4000
+max_retry_after_secs = 10
+max_total_wait_secs = 20
+
+# The chunk API (/imgd/v1/*, except stats) can require `Authorization: Bearer TOKEN`.
+# Set `token` or `token_file` (a file holding the token); neither: the API is open.
+[chunk_api]
+# token = ""
+# token_file = "/etc/imgd/proxy-token"
 "#;
 
 pub use imgd_core::config_file::ConfigError;
@@ -61,6 +79,69 @@ pub struct ProxyConfig {
     pub log_format: LogFormat,
     #[serde(rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
+    pub retry: RetryConfig,
+    pub chunk_api: ChunkApiConfig,
+}
+
+/// Retries of failed upstream requests (`[retry]`).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Attempts in all, the first included (1: no retry).
+    pub max_attempts: u32,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    /// Largest `Retry-After` waited for; a longer one is passed to the client.
+    pub max_retry_after_secs: u64,
+    /// Largest sum of the waits of one request.
+    pub max_total_wait_secs: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: 4,
+            initial_backoff_ms: 250,
+            max_backoff_ms: 4000,
+            max_retry_after_secs: 10,
+            max_total_wait_secs: 20,
+        }
+    }
+}
+
+/// Access to the chunk API (`[chunk_api]`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChunkApiConfig {
+    /// Bearer token clients must send.
+    pub token: Option<String>,
+    /// A file holding the token (surrounding whitespace ignored).
+    pub token_file: Option<PathBuf>,
+}
+
+impl ChunkApiConfig {
+    /// The required token, read from `token_file` if set; `None`: the API is open.
+    pub fn required_token(&self) -> Result<Option<String>, ConfigError> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "chunk_api: `token` excludes `token_file`".into(),
+                ))
+            }
+            (Some(t), None) => t.clone(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| {
+                    ConfigError::Invalid(format!("chunk_api.token_file {}: {e}", path.display()))
+                })?
+                .trim()
+                .to_string(),
+            (None, None) => return Ok(None),
+        };
+        if token.is_empty() {
+            return Err(ConfigError::Invalid("chunk_api token is empty".into()));
+        }
+        Ok(Some(token))
+    }
 }
 
 /// One upstream registry (or OCI layout directory).
@@ -88,6 +169,8 @@ impl Default for ProxyConfig {
             max_manifest_bytes: 4 << 20,
             log_format: LogFormat::Text,
             upstreams: Vec::new(),
+            retry: RetryConfig::default(),
+            chunk_api: ChunkApiConfig::default(),
         }
     }
 }
@@ -135,6 +218,9 @@ impl ProxyConfig {
                 return bad(format!("{key}.name {:?} is used twice", u.name));
             }
         }
+        if self.retry.max_attempts == 0 {
+            return bad("retry.max_attempts must be at least 1".into());
+        }
         if self.upstreams.iter().filter(|u| u.default).count() > 1 {
             return bad("more than one upstream has `default = true`".into());
         }
@@ -155,6 +241,8 @@ mod tests {
         assert_eq!(parsed.upstream_timeout_secs, d.upstream_timeout_secs);
         assert_eq!(parsed.max_manifest_bytes, d.max_manifest_bytes);
         assert_eq!(parsed.log_format, d.log_format);
+        assert_eq!(parsed.retry, d.retry);
+        assert!(parsed.chunk_api.token.is_none() && parsed.chunk_api.token_file.is_none());
     }
 
     #[test]

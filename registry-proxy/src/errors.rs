@@ -14,6 +14,8 @@ pub enum ProxyError {
     NameUnknown(String),
     #[error("{0} is not known")]
     BlobUnknown(String),
+    #[error("this route needs the chunk API token (Authorization: Bearer)")]
+    Unauthorized,
     #[error("malformed request: {0}")]
     BadRequest(String),
     #[error("requested range not satisfiable for a blob of {0} bytes")]
@@ -121,6 +123,14 @@ impl IntoResponse for ProxyError {
             ProxyError::NameUnknown(_) => respond(StatusCode::NOT_FOUND, "NAME_UNKNOWN", &msg),
             ProxyError::BlobUnknown(_) => respond(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", &msg),
             ProxyError::BadRequest(_) => respond(StatusCode::BAD_REQUEST, "UNSUPPORTED", &msg),
+            ProxyError::Unauthorized => {
+                let mut r = respond(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", &msg);
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"imgd-proxy chunk API\""),
+                );
+                r
+            }
             ProxyError::Range(size) => {
                 let mut r = respond(StatusCode::RANGE_NOT_SATISFIABLE, "UNSUPPORTED", &msg);
                 if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {

@@ -9,7 +9,8 @@
 //! Requests for a blob already being ingested wait for that ingest (single flight); the
 //! ingest runs in its own task, so a client that disconnects does not cancel it.
 
-use crate::storage::{BlobIndexes, Blobs, Storage, StorageError};
+use crate::routing::Route;
+use crate::storage::{Access, BlobIndexes, Blobs, Storage, StorageError};
 use crate::upstream::{Upstream, UpstreamError};
 use crate::Stats;
 use bytes::Bytes;
@@ -62,11 +63,12 @@ impl Ingestor {
         }
     }
 
-    /// The chunk list of `digest`, ingesting it from `upstream` first if it is not stored.
+    /// The chunk list of `digest`, ingesting it from the route's upstream first if it is
+    /// not stored. An ingest records the route in [`Access`]; a caller served a blob that
+    /// was already stored (or that another route's ingest stored) authorizes it itself.
     pub async fn ensure(
         &self,
-        upstream: Arc<Upstream>,
-        repo: &str,
+        route: &Route,
         digest: Digest,
     ) -> Result<ChunkList, Arc<IngestError>> {
         let wrap = |e: StorageError| Arc::new(IngestError::Storage(e));
@@ -81,11 +83,12 @@ impl Ingestor {
         let result = match self.storage.blob(&digest).map_err(wrap)? {
             Some(list) => Ok(list),
             None => {
-                let span = tracing::info_span!("ingest", %digest, repo);
+                let span = tracing::info_span!("ingest", %digest, repo = route.repo);
                 let task = tokio::spawn(
                     ingest(
-                        upstream,
-                        repo.to_string(),
+                        route.upstream.clone(),
+                        route.repo.clone(),
+                        crate::access::key(route, &digest),
                         digest,
                         self.storage.clone(),
                         self.stats.clone(),
@@ -111,6 +114,7 @@ impl Ingestor {
 async fn ingest(
     upstream: Arc<Upstream>,
     repo: String,
+    access_key: String,
     digest: Digest,
     storage: Arc<Storage>,
     stats: Arc<Stats>,
@@ -178,6 +182,9 @@ async fn ingest(
         .map_err(StorageError::from)?;
     batch
         .put::<BlobIndexes>(&digest, &index_state)
+        .map_err(StorageError::from)?;
+    batch
+        .put::<Access>(&access_key, &true)
         .map_err(StorageError::from)?;
     storage.meta.write(batch).map_err(StorageError::from)?;
     stats.upstream_blob_fetches.fetch_add(1, Ordering::Relaxed);

@@ -1,6 +1,7 @@
 //! imgd-proxy: an OCI Distribution pull-through proxy that stores every blob as 4 MiB
 //! content-addressed chunks and builds a seekable index of every layer as it streams.
 
+pub mod access;
 pub mod blob_body;
 pub mod chunk_api;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod routing;
 pub mod server;
 pub mod storage;
 pub mod upstream;
+pub mod verify;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -1,7 +1,7 @@
 //! `imgd-proxy`: run the chunking pull-through proxy.
 
 use anyhow::{bail, Context};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use imgd_proxy::config::{LogFormat, ProxyConfig, UpstreamConfig, DEFAULT_CONFIG};
 use imgd_proxy::server::{serve, AppState};
 use std::net::SocketAddr;
@@ -22,7 +22,7 @@ struct Cli {
     #[arg(long, env = "IMGD_PROXY_LISTEN")]
     listen: Option<SocketAddr>,
     /// Storage directory (overrides `storage_dir`).
-    #[arg(long, env = "IMGD_PROXY_STORAGE_DIR")]
+    #[arg(long, global = true, env = "IMGD_PROXY_STORAGE_DIR")]
     storage_dir: Option<PathBuf>,
     /// Add an upstream: NAME=URL (a registry) or NAME=oci:DIR (an OCI layout). In the
     /// environment variable, several are separated by commas.
@@ -42,6 +42,15 @@ struct Cli {
     /// Log as JSON lines (same as --log-format json).
     #[arg(long)]
     log_json: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Verify the storage of a stopped proxy: re-hash every blob and chunk, check every
+    /// chunk list, index and manifest. Prints a JSON report; exits 1 if anything is wrong.
+    Verify,
 }
 
 fn parse_upstream(s: &str, first: bool) -> anyhow::Result<UpstreamConfig> {
@@ -84,6 +93,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(d) = cli.storage_dir {
         config.storage_dir = d;
     }
+    if let Some(Command::Verify) = cli.command {
+        return verify(&config.storage_dir);
+    }
     let no_default = !config.upstreams.iter().any(|u| u.default);
     for (i, s) in cli.upstreams.iter().enumerate() {
         config
@@ -103,4 +115,19 @@ fn main() -> anyhow::Result<()> {
         serve(state, listener, shutdown).await?;
         Ok(())
     })
+}
+
+fn verify(dir: &std::path::Path) -> anyhow::Result<()> {
+    let storage = imgd_proxy::storage::Storage::open(dir)
+        .with_context(|| format!("opening {} (is the proxy still running?)", dir.display()))?;
+    let report = imgd_proxy::verify::verify(&storage)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if !report.problems.is_empty() {
+        bail!(
+            "{} problem(s) found in {}",
+            report.problems.len(),
+            dir.display()
+        );
+    }
+    Ok(())
 }

@@ -1,10 +1,11 @@
 //! The OCI Distribution pull API: `/v2/`, manifests and blobs, with HEAD and `Range`.
 
+use crate::access::{self, Kind};
 use crate::blob_body::{blob_body, parse_range};
 use crate::errors::ProxyError;
 use crate::routing::{parse_registry_path, RegistryPath, Route};
 use crate::server::AppState;
-use crate::storage::{Manifests, StoredManifest, Tags};
+use crate::storage::{Access, Manifests, StoredManifest, Tags};
 use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
@@ -50,8 +51,9 @@ pub async fn dispatch(
             let digest: Digest = reference
                 .parse()
                 .map_err(|e| ProxyError::BadRequest(format!("blob reference: {e}")))?;
+            let route = state.upstreams.route(name, ns)?;
             let span = tracing::info_span!("pull_blob", repo = name, %digest);
-            blob(&state, name, ns, digest, &headers, head)
+            blob(&state, &route, digest, &headers, head)
                 .instrument(span)
                 .await
         }
@@ -74,6 +76,7 @@ async fn manifest(
             .get::<Manifests>(&d)
             .map_err(crate::storage::StorageError::from)?
         {
+            access::authorize(&state.storage, route, &d, Kind::Manifest).await?;
             return Ok(manifest_response(&m, &d, head));
         }
     }
@@ -109,6 +112,9 @@ async fn manifest(
                     .put::<Tags>(&tag_key, &m.digest)
                     .map_err(crate::storage::StorageError::from)?;
             }
+            batch
+                .put::<Access>(&access::key(route, &m.digest), &true)
+                .map_err(crate::storage::StorageError::from)?;
             state
                 .storage
                 .meta
@@ -163,22 +169,16 @@ fn manifest_response(m: &StoredManifest, digest: &Digest, head: bool) -> Respons
 
 async fn blob(
     state: &AppState,
-    name: &str,
-    ns: Option<&str>,
+    route: &Route,
     digest: Digest,
     headers: &HeaderMap,
     head: bool,
 ) -> Result<Response, ProxyError> {
     let list = match state.storage.blob(&digest)? {
         Some(list) => list,
-        None => {
-            let route = state.upstreams.route(name, ns)?;
-            state
-                .ingestor
-                .ensure(route.upstream, &route.repo, digest)
-                .await?
-        }
+        None => state.ingestor.ensure(route, digest).await?,
     };
+    access::authorize(&state.storage, route, &digest, Kind::Blob).await?;
     let size = list.size;
     let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let range = parse_range(range_header, size)?;

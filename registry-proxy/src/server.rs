@@ -34,6 +34,8 @@ pub struct AppState {
     pub storage: Arc<Storage>,
     pub ingestor: Ingestor,
     pub stats: Arc<Stats>,
+    /// sha256 of the token the chunk API requires (`None`: open).
+    pub chunk_api_token: Option<imgd_core::Digest>,
 }
 
 impl AppState {
@@ -45,12 +47,18 @@ impl AppState {
         for u in &config.upstreams {
             entries.push((
                 u.name.clone(),
-                Arc::new(Upstream::from_config(u, config.upstream_timeout())?),
+                Arc::new(Upstream::from_config(
+                    u,
+                    config.upstream_timeout(),
+                    &config.retry,
+                )?),
             ));
         }
         let default = config.upstreams.iter().position(|u| u.default);
         let stats = Arc::new(Stats::default());
+        let chunk_api_token = config.chunk_api.required_token()?;
         Ok(AppState {
+            chunk_api_token: chunk_api_token.map(|t| imgd_core::Digest::of(t.as_bytes())),
             upstreams: Upstreams::new(entries, default),
             ingestor: Ingestor::new(storage.clone(), stats.clone()),
             storage,
@@ -68,6 +76,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/imgd/v1/chunks/{digest}", get(chunk_api::chunk))
         .route("/imgd/v1/indexes/{digest}", get(chunk_api::index))
         .route("/imgd/v1/stats", get(chunk_api::stats))
+        .route("/imgd/v1/verify", get(chunk_api::verify))
         .route(
             "/imgd/v1/traces/{digest}",
             get(chunk_api::get_trace).put(chunk_api::put_trace),

@@ -4,7 +4,7 @@ use imgd_core::store::{ContentStore, MetaDb, MetaError, StoreError, Table};
 use imgd_core::wire::IndexState;
 use imgd_core::{ChunkList, Digest};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Chunk list of each stored blob, by blob digest. Present only when every chunk is.
 pub struct Blobs;
@@ -53,6 +53,15 @@ impl Table for Traces {
     type Value = imgd_core::wire::StartupTrace;
 }
 
+/// Which `UPSTREAM/REPO` each blob and manifest is known to belong to, keyed
+/// `DIGEST@UPSTREAM/REPO` (see [`crate::access`]).
+pub struct Access;
+impl Table for Access {
+    const NAME: &'static str = "access";
+    type Key = String;
+    type Value = bool;
+}
+
 /// Errors of the proxy's storage.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -64,6 +73,8 @@ pub enum StorageError {
 
 /// Everything the proxy keeps on disk.
 pub struct Storage {
+    /// The storage directory.
+    pub dir: PathBuf,
     pub chunks: ContentStore,
     pub indexes: ContentStore,
     pub meta: MetaDb,
@@ -73,6 +84,7 @@ impl Storage {
     /// Opens (creating) the storage under `dir`.
     pub fn open(dir: &Path) -> Result<Storage, StorageError> {
         Ok(Storage {
+            dir: dir.to_path_buf(),
             chunks: ContentStore::open(dir, "chunks")?,
             indexes: ContentStore::open(dir, "indexes")?,
             meta: MetaDb::open(
@@ -83,6 +95,7 @@ impl Storage {
                     Manifests::NAME,
                     Tags::NAME,
                     Traces::NAME,
+                    Access::NAME,
                 ],
             )?,
         })

@@ -196,7 +196,8 @@ pub struct AgentOptions<'a> {
     pub proxy_url: String,
     /// Data directory (kept across restarts by the caller).
     pub data_dir: PathBuf,
-    /// Extra TOML appended to the generated config (e.g. `[fetch]` settings).
+    /// Extra TOML for the generated config, placed before its `[swarm]` table: root keys
+    /// (e.g. `proxy_token`) and other tables (e.g. `[fetch]` settings).
     pub extra_toml: String,
     pub swarm: bool,
 }
@@ -224,12 +225,12 @@ impl Agent {
         let mirror = format!("127.0.0.1:{mirror_port}");
         let config = format!(
             "data_dir = {:?}\nproxy_url = {:?}\nsocket = {:?}\nmirror_listen = {mirror:?}\ncache_quota_bytes = 4294967296\n\
-             [swarm]\nenabled = {}\nquic_listen = \"0.0.0.0:{quic}\"\ndata_listen = \"0.0.0.0:{data}\"\n{}",
+             {}\n[swarm]\nenabled = {}\nquic_listen = \"0.0.0.0:{quic}\"\ndata_listen = \"0.0.0.0:{data}\"\n",
             opts.data_dir.join("data"),
             opts.proxy_url,
             socket,
+            opts.extra_toml,
             opts.swarm,
-            opts.extra_toml
         );
         let config_path = opts.data_dir.join("imgd.toml");
         std::fs::write(&config_path, config)?;

@@ -12,6 +12,8 @@
 //! - [`umoci`]: unpacking layouts with `umoci`, a reference for layer application.
 //! - [`media_types`]: the OCI and Docker media type strings.
 //! - [`containerd`], [`podman`]: private instances of the container engines.
+//! - [`fault_relay`]: a fault-injecting, request-recording relay (and static server).
+//! - [`token_auth`]: a registry token-auth front with expiring tokens.
 
 pub mod containerd;
 pub mod daemons;
@@ -26,4 +28,5 @@ pub mod pull;
 pub mod registry;
 pub mod registry_client;
 pub mod skopeo;
+pub mod token_auth;
 pub mod umoci;

@@ -79,6 +79,14 @@ impl LayoutUpstream {
         })
     }
 
+    /// Succeeds if the layout holds the blob (or manifest) `digest`.
+    pub(super) async fn check_blob(&self, digest: &Digest) -> Result<(), UpstreamError> {
+        match tokio::fs::metadata(self.blob_path(digest)).await {
+            Ok(m) if m.is_file() => Ok(()),
+            _ => Err(UpstreamError::NotFound(format!("blob {digest}"))),
+        }
+    }
+
     pub(super) async fn blob(&self, digest: &Digest) -> Result<BlobStream, UpstreamError> {
         let path = self.blob_path(digest);
         let file = match tokio::fs::File::open(&path).await {

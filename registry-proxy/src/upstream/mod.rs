@@ -3,11 +3,12 @@
 
 mod layout;
 mod registry;
+pub mod retry;
 
 pub use layout::LayoutUpstream;
 pub use registry::RegistryUpstream;
 
-use crate::config::{ConfigError, UpstreamConfig};
+use crate::config::{ConfigError, RetryConfig, UpstreamConfig};
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use imgd_core::Digest;
@@ -80,10 +81,14 @@ pub enum Upstream {
 
 impl Upstream {
     /// Builds an upstream from its validated configuration.
-    pub fn from_config(cfg: &UpstreamConfig, timeout: Duration) -> Result<Upstream, ConfigError> {
+    pub fn from_config(
+        cfg: &UpstreamConfig,
+        timeout: Duration,
+        retry: &RetryConfig,
+    ) -> Result<Upstream, ConfigError> {
         match (&cfg.url, &cfg.layout) {
             (Some(url), None) => Ok(Upstream::Registry(RegistryUpstream::new(
-                cfg, url, timeout,
+                cfg, url, timeout, retry,
             )?)),
             (None, Some(dir)) => Ok(Upstream::Layout(LayoutUpstream::new(dir.clone()))),
             _ => Err(ConfigError::Invalid(format!(
@@ -115,6 +120,25 @@ impl Upstream {
         match self {
             Upstream::Registry(r) => r.blob(repo, digest).await,
             Upstream::Layout(l) => l.blob(digest).await,
+        }
+    }
+}
+
+impl Upstream {
+    /// Confirms that `repo` holds the blob, asking upstream with this upstream's
+    /// credentials (`HEAD`). An upstream error status is the answer when it does not.
+    pub async fn check_blob(&self, repo: &str, digest: &Digest) -> Result<(), UpstreamError> {
+        match self {
+            Upstream::Registry(r) => r.check_blob(repo, digest).await,
+            Upstream::Layout(l) => l.check_blob(digest).await,
+        }
+    }
+
+    /// Confirms that `repo` holds the manifest `digest`, like [`Upstream::check_blob`].
+    pub async fn check_manifest(&self, repo: &str, digest: &Digest) -> Result<(), UpstreamError> {
+        match self {
+            Upstream::Registry(r) => r.check_manifest(repo, digest).await,
+            Upstream::Layout(l) => l.check_blob(digest).await,
         }
     }
 }

@@ -6,19 +6,30 @@
 //! code, `Content-Type`, `Retry-After` and the OCI error body, and a blob stream that is
 //! not buffered. Tokens are cached per repository and renewed when upstream answers 401
 //! (an expired token), once per request.
+//!
+//! Transient statuses (429, 500, 502, 503, 504) are retried as [`super::retry`] decides;
+//! a failure to connect or a timeout is not (a dead upstream fails fast).
+//! Redirects (e.g. a blob answered with 307 to blob storage) are followed here, and the
+//! registry's `Authorization` goes only to the registry's own origin, never to the host a
+//! redirect names.
 
+use super::retry::{retryable_status, Retries};
 use super::{sniff_media_type, BlobStream, Manifest, UpstreamError, MANIFEST_MEDIA_TYPES};
-use crate::config::{ConfigError, UpstreamConfig};
+use crate::config::{ConfigError, RetryConfig, UpstreamConfig};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use imgd_core::Digest;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Reference, RegistryOperation};
-use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, RETRY_AFTER};
+use reqwest::{Method, StatusCode, Url};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
+
+/// Redirects followed for one request.
+const MAX_REDIRECTS: usize = 5;
 
 /// A registry reached over http(s).
 pub struct RegistryUpstream {
@@ -27,13 +38,19 @@ pub struct RegistryUpstream {
     auth: RegistryAuth,
     oci: oci_client::Client,
     http: reqwest::Client,
+    retry: std::sync::Arc<RetryConfig>,
     /// `Authorization` value per repository (`None`: anonymous access works).
     tokens: Mutex<HashMap<String, Option<HeaderValue>>>,
 }
 
 impl RegistryUpstream {
     /// A registry upstream at `url` (`http://` or `https://`).
-    pub fn new(cfg: &UpstreamConfig, url: &str, timeout: Duration) -> Result<Self, ConfigError> {
+    pub fn new(
+        cfg: &UpstreamConfig,
+        url: &str,
+        timeout: Duration,
+        retry: &RetryConfig,
+    ) -> Result<Self, ConfigError> {
         let base = url.trim_end_matches('/').to_string();
         let host = base
             .split_once("://")
@@ -53,6 +70,7 @@ impl RegistryUpstream {
         let http = reqwest::Client::builder()
             .connect_timeout(timeout)
             .read_timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("imgd-proxy/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ConfigError::Invalid(format!("http client: {e}")))?;
@@ -67,6 +85,7 @@ impl RegistryUpstream {
             auth,
             oci,
             http,
+            retry: std::sync::Arc::new(retry.clone()),
             tokens: Mutex::new(HashMap::new()),
         })
     }
@@ -107,46 +126,117 @@ impl RegistryUpstream {
         Ok(value)
     }
 
-    /// GETs `url` with auth, renewing the token once on 401. Error statuses become
-    /// [`UpstreamError::Status`] with the upstream body.
-    async fn get(
+    /// Sends `method` to `url` with auth: renews the token once on 401, retries transient
+    /// failures, follows redirects. Error statuses become [`UpstreamError::Status`] with
+    /// the upstream body.
+    async fn send(
         &self,
+        method: Method,
         repo: &str,
         url: &str,
         accept: &str,
     ) -> Result<reqwest::Response, UpstreamError> {
+        let mut retries = Retries::new(&self.retry);
+        let mut renewed = false;
         let mut renew = false;
         loop {
-            let mut req = self.http.get(url).header(ACCEPT, accept);
-            if let Some(auth) = self.authorization(repo, renew).await? {
-                req = req.header(AUTHORIZATION, auth);
+            let err = match self.exchange(&method, repo, url, accept, renew).await {
+                Ok(resp) if resp.status().is_success() => return Ok(resp),
+                Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED && !renewed => {
+                    tracing::debug!(url, "upstream 401, renewing token");
+                    (renewed, renew) = (true, true);
+                    continue;
+                }
+                Ok(resp) => status_error(resp).await,
+                Err(e) => e,
+            };
+            renew = false;
+            let (retryable, retry_after) = match &err {
+                UpstreamError::Status {
+                    status,
+                    retry_after,
+                    ..
+                } => (retryable_status(*status), retry_after.as_deref()),
+                _ => (false, None),
+            };
+            let wait = if retryable {
+                retries.failed(retry_after)
+            } else {
+                None
+            };
+            match wait {
+                Some(wait) => {
+                    tracing::info!(url, error = %err, attempt = retries.attempts(), ?wait, "upstream failed, retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                None => {
+                    if retryable && retries.attempts() > 1 {
+                        tracing::warn!(url, error = %err, attempts = retries.attempts(), "upstream still failing, giving up");
+                    }
+                    return Err(err);
+                }
+            }
+        }
+    }
+
+    /// One request and the redirects it leads to. The `Authorization` header is sent only
+    /// to the registry's own origin.
+    async fn exchange(
+        &self,
+        method: &Method,
+        repo: &str,
+        url: &str,
+        accept: &str,
+        renew: bool,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let auth = self.authorization(repo, renew).await?;
+        let mut current =
+            Url::parse(url).map_err(|e| UpstreamError::Unreachable(format!("{url}: {e}")))?;
+        let origin = current.origin();
+        for _ in 0..=MAX_REDIRECTS {
+            let mut req = self
+                .http
+                .request(method.clone(), current.clone())
+                .header(ACCEPT, accept);
+            if let (Some(auth), true) = (&auth, current.origin() == origin) {
+                req = req.header(AUTHORIZATION, auth.clone());
             }
             let resp = req.send().await.map_err(transport)?;
-            let status = resp.status();
-            if status.is_success() {
+            if !resp.status().is_redirection() {
                 return Ok(resp);
             }
-            if status == reqwest::StatusCode::UNAUTHORIZED && !renew {
-                tracing::debug!(url, "upstream 401, renewing token");
-                renew = true;
-                continue;
-            }
-            let header_str = |name| {
-                resp.headers()
-                    .get(name)
-                    .and_then(|v: &HeaderValue| v.to_str().ok())
-                    .map(str::to_string)
+            let Some(location) = resp.headers().get(LOCATION).and_then(|v| v.to_str().ok()) else {
+                return Ok(resp);
             };
-            let content_type = header_str(CONTENT_TYPE);
-            let retry_after = header_str(RETRY_AFTER);
-            let body = read_limited(resp, 64 << 10).await.unwrap_or_default();
-            return Err(UpstreamError::Status {
-                status: status.as_u16(),
-                body,
-                content_type,
-                retry_after,
-            });
+            current = current.join(location).map_err(|e| {
+                UpstreamError::Unreachable(format!("redirect to unusable {location:?}: {e}"))
+            })?;
+            tracing::debug!(from = url, to_host = ?current.host_str(), "following upstream redirect");
         }
+        Err(UpstreamError::Unreachable(format!(
+            "{url}: more than {MAX_REDIRECTS} redirects"
+        )))
+    }
+
+    /// Asks upstream whether `repo` holds the blob (`HEAD`), with this upstream's credentials.
+    pub(super) async fn check_blob(
+        &self,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<(), UpstreamError> {
+        let url = format!("{}/v2/{repo}/blobs/{digest}", self.base);
+        self.send(Method::HEAD, repo, &url, "*/*").await.map(drop)
+    }
+
+    /// Asks upstream whether `repo` holds the manifest `digest` (`HEAD`).
+    pub(super) async fn check_manifest(
+        &self,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<(), UpstreamError> {
+        let url = format!("{}/v2/{repo}/manifests/{digest}", self.base);
+        let accept = MANIFEST_MEDIA_TYPES.join(", ");
+        self.send(Method::HEAD, repo, &url, &accept).await.map(drop)
     }
 
     pub(super) async fn manifest(
@@ -162,7 +252,7 @@ impl RegistryUpstream {
             accept.join(", ")
         };
         let url = format!("{}/v2/{repo}/manifests/{reference}", self.base);
-        let resp = self.get(repo, &url, &accept).await?;
+        let resp = self.send(Method::GET, repo, &url, &accept).await?;
         let content_type = resp
             .headers()
             .get(CONTENT_TYPE)
@@ -200,10 +290,30 @@ impl RegistryUpstream {
         digest: &Digest,
     ) -> Result<BlobStream, UpstreamError> {
         let url = format!("{}/v2/{repo}/blobs/{digest}", self.base);
-        let resp = self.get(repo, &url, "*/*").await?;
+        let resp = self.send(Method::GET, repo, &url, "*/*").await?;
         let size = resp.content_length();
         let body = resp.bytes_stream().map(|r| r.map_err(transport)).boxed();
         Ok(BlobStream { size, body })
+    }
+}
+
+/// The error for a response with an error status, keeping what the client must see.
+async fn status_error(resp: reqwest::Response) -> UpstreamError {
+    let header_str = |name| {
+        resp.headers()
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let content_type = header_str(CONTENT_TYPE);
+    let retry_after = header_str(RETRY_AFTER);
+    let status = resp.status().as_u16();
+    let body = read_limited(resp, 64 << 10).await.unwrap_or_default();
+    UpstreamError::Status {
+        status,
+        body,
+        content_type,
+        retry_after,
     }
 }
 
