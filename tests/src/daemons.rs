@@ -196,10 +196,55 @@ pub struct AgentOptions<'a> {
     pub proxy_url: String,
     /// Data directory (kept across restarts by the caller).
     pub data_dir: PathBuf,
-    /// Extra TOML for the generated config, placed before its `[swarm]` table: root keys
-    /// (e.g. `proxy_token`) and other tables (e.g. `[fetch]` settings).
+    /// Extra TOML merged over the generated config (see [`agent_config`]): tables such as
+    /// `[fetch]`, root keys such as `proxy_token`, and bare swarm keys such as
+    /// `mdns = false`.
     pub extra_toml: String,
     pub swarm: bool,
+}
+
+/// Root keys of the agent's config; other bare keys of `extra_toml` belong to `[swarm]`.
+const AGENT_ROOT_KEYS: &[&str] = &[
+    "data_dir",
+    "cache_quota_bytes",
+    "proxy_url",
+    "proxy_token",
+    "proxy_token_file",
+    "socket",
+    "mirror_listen",
+    "log_format",
+];
+
+/// Merges `extra` over the generated agent config `base`: a table merges key by key into
+/// the table of that name, a root key ([`AGENT_ROOT_KEYS`]) replaces it, and any other bare
+/// key goes into `[swarm]` (so `mdns = false` or `allow_list = [...]` need no header).
+pub fn agent_config(base: &str, extra: &str) -> Result<String> {
+    let mut config: toml::Table = base.parse().context("generated agent config")?;
+    let extra: toml::Table = extra.parse().context("extra_toml")?;
+    for (key, value) in extra {
+        let into = match value {
+            toml::Value::Table(_) => config
+                .entry(key.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new())),
+            _ if AGENT_ROOT_KEYS.contains(&key.as_str()) => {
+                config.insert(key, value);
+                continue;
+            }
+            _ => config
+                .get_mut("swarm")
+                .context("generated config has [swarm]")?,
+        };
+        let toml::Value::Table(into) = into else {
+            bail!("extra_toml: {key} is a table over a plain key");
+        };
+        match value {
+            toml::Value::Table(t) => into.extend(t),
+            v => {
+                into.insert(key, v);
+            }
+        }
+    }
+    Ok(toml::to_string(&config)?)
 }
 
 /// A running `imgd` agent.
@@ -223,15 +268,15 @@ impl Agent {
             None => (free_port()?, free_port()?, free_port()?),
         };
         let mirror = format!("127.0.0.1:{mirror_port}");
-        let config = format!(
+        let base = format!(
             "data_dir = {:?}\nproxy_url = {:?}\nsocket = {:?}\nmirror_listen = {mirror:?}\ncache_quota_bytes = 4294967296\n\
-             {}\n[swarm]\nenabled = {}\nquic_listen = \"0.0.0.0:{quic}\"\ndata_listen = \"0.0.0.0:{data}\"\n",
+             [swarm]\nenabled = {}\nquic_listen = \"0.0.0.0:{quic}\"\ndata_listen = \"0.0.0.0:{data}\"\n",
             opts.data_dir.join("data"),
             opts.proxy_url,
             socket,
-            opts.extra_toml,
             opts.swarm,
         );
+        let config = agent_config(&base, &opts.extra_toml)?;
         let config_path = opts.data_dir.join("imgd.toml");
         std::fs::write(&config_path, config)?;
         let log = opts.data_dir.join(format!(
@@ -320,5 +365,25 @@ impl Agent {
     /// Kills the agent with SIGKILL.
     pub fn kill(&mut self) -> Result<()> {
         self.guard.kill().map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::agent_config;
+
+    #[test]
+    fn extra_toml_merges_tables_root_keys_and_bare_swarm_keys() {
+        let base = "proxy_url = \"http://a\"\n[swarm]\nenabled = true\n";
+        let extra = "mdns = false\nproxy_token = \"t\"\n[fetch]\npeer_timeout_ms = 5\n[swarm]\nbootstrap = []\n";
+        let merged: toml::Table = agent_config(base, extra).unwrap().parse().unwrap();
+        assert_eq!(merged["proxy_token"].as_str(), Some("t"));
+        assert_eq!(merged["proxy_url"].as_str(), Some("http://a"));
+        let swarm = merged["swarm"].as_table().unwrap();
+        assert_eq!(swarm["mdns"].as_bool(), Some(false));
+        assert_eq!(swarm["enabled"].as_bool(), Some(true));
+        assert!(swarm["bootstrap"].as_array().unwrap().is_empty());
+        assert_eq!(merged["fetch"]["peer_timeout_ms"].as_integer(), Some(5));
+        assert!(merged.get("mdns").is_none());
     }
 }
