@@ -466,12 +466,17 @@ impl Fetcher {
                 r = futures::StreamExt::next(&mut tries) => match r {
                     None => return Err(last),
                     Some((_, Ok(Some(bytes)))) => return Ok(bytes),
-                    Some((p, Ok(None))) => last = format!("peer {} no longer has it", p.id),
-                    Some((p, Err(e))) => {
-                        let corrupt = matches!(e, crate::dataplane::DataPlaneError::Corrupt { .. });
-                        let penalty = if corrupt { CORRUPT_PENALTY } else { FAILURE_PENALTY };
-                        self.peers.penalise(&p.id, penalty, &e.to_string());
-                        last = format!("peer {}: {e}", p.id);
+                    Some((p, r)) => {
+                        // It advertised the chunk: not having it is a failure too.
+                        let (penalty, why) = match r {
+                            Ok(_) => (FAILURE_PENALTY, "advertised a chunk it does not have".to_string()),
+                            Err(e @ crate::dataplane::DataPlaneError::Corrupt { .. }) => {
+                                (CORRUPT_PENALTY, e.to_string())
+                            }
+                            Err(e) => (FAILURE_PENALTY, e.to_string()),
+                        };
+                        self.peers.penalise(&p.id, penalty, &why);
+                        last = format!("peer {}: {why}", p.id);
                         if !hedged {
                             // The first source failed outright: ask the second now.
                             hedged = true;

@@ -311,6 +311,30 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits (at most `timeout`) until the agent knows at least `n` peers.
+    pub fn wait_for_peers(&self, n: usize, timeout: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let known = self.status()?["peers"].as_array().map_or(0, Vec::len);
+            if known >= n {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("agent found {known} of {n} peers:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `imgctl verify`: fails unless every cached chunk re-hashes to its digest.
+    pub fn verify_clean(&self) -> Result<()> {
+        let (ok, out, err) = self.imgctl(&["verify"])?;
+        if !ok {
+            bail!("imgctl verify: {out}{err}");
+        }
+        Ok(())
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.guard.id()
