@@ -1,13 +1,17 @@
 //! Lazy mounts: runc starts a container on an image mounted through imgd (overlayfs with
-//! the FUSE mount as lower layer), reading only a small part of the image; and a read
-//! that no source can serve fails with EIO within the configured bound.
+//! the FUSE mount as lower layer), reading only a small part of the image; a running
+//! container keeps its cached files while the proxy is down, and a read no source can
+//! serve fails with EIO within the configured bound; a reader gets an error, not a hang,
+//! when the agent is killed, and a restarted agent serves the file whole.
 
 use imgd_tests::daemons::{Agent, AgentOptions, Proxy};
+use imgd_tests::guards::{path_str, run_capture, ImgdMount, KillOnDrop, Overlay};
 use imgd_tests::image::{FileSpec, ImageSpec, LayerSpec};
 use imgd_tests::registry::Registry;
 use imgd_tests::skopeo;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// An image with a static busybox, a greeting, and 48 MiB of data nobody reads at start.
@@ -114,51 +118,6 @@ fn runc_starts_a_container_on_a_lazy_mount_reading_a_small_part_of_the_image() {
     let (ok, out, err) = a.imgctl(&["umount", lower.to_str().unwrap()]).unwrap();
     assert!(ok, "{out}{err}");
     assert!(!lower.join("etc").exists(), "unmounted");
-}
-
-#[test]
-fn an_uncached_read_with_the_proxy_down_fails_with_eio_within_the_bound_and_recovers() {
-    let tmp = tempfile::tempdir().unwrap();
-    let reg = Registry::start().unwrap();
-    let _ = skopeo::push_image(&reg, &tmp.path().join("img"), runnable_image(), "run:1").unwrap();
-    let mut proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
-    let a = agent(
-        &tmp.path().join("agent"),
-        &proxy.url(),
-        "[mount]\nread_timeout_ms = 2000\n",
-    );
-    let lower = tmp.path().join("lower");
-    std::fs::create_dir_all(&lower).unwrap();
-    let (ok, out, err) = a
-        .imgctl(&["mount", "local/run:1", lower.to_str().unwrap()])
-        .unwrap();
-    assert!(ok, "mount: {out}{err}");
-    assert!(std::fs::read(lower.join("etc/hello.txt")).is_ok());
-
-    proxy.kill().unwrap();
-    let started = Instant::now();
-    let err = std::fs::read(lower.join("data/big-1.bin")).unwrap_err();
-    let took = started.elapsed();
-    assert_eq!(err.raw_os_error(), Some(libc_eio()), "{err}");
-    assert!(
-        took < Duration::from_secs(8),
-        "EIO within the bound, took {took:?}"
-    );
-    // What was read before is still served from the cache.
-    assert_eq!(
-        std::fs::read_to_string(lower.join("etc/hello.txt")).unwrap(),
-        "hello from a lazy mount\n"
-    );
-    // The proxy returns: the same read succeeds, without a remount.
-    proxy.restart().unwrap();
-    let big = std::fs::read(lower.join("data/big-1.bin")).unwrap();
-    assert_eq!(big.len(), 24 << 20);
-    let (ok, out, err) = a.imgctl(&["umount", lower.to_str().unwrap()]).unwrap();
-    assert!(ok, "{out}{err}");
-}
-
-fn libc_eio() -> i32 {
-    5
 }
 
 /// Mounts `image` at a new dir under `tmp`, runs `args` in a runc container on an
@@ -311,4 +270,234 @@ fn the_first_start_is_learned_and_later_mounts_prefetch_it() {
         used > 0 && used * 4 < image_size,
         "only the startup set: {used} of {image_size}"
     );
+}
+
+/// The sha256 (hex) of the image's `data/big-N.bin` (seeds as in [`runnable_image`]).
+fn big_sha(n: u64) -> String {
+    let content = imgd_tests::image::Content::Random {
+        seed: 7 + n,
+        len: 24 << 20,
+    };
+    imgd_core::Digest::of(&content.to_vec()).hex()
+}
+
+/// Detaches a FUSE mount on drop (after its daemon died, or if a test fails early).
+struct LazyUnmount(PathBuf);
+
+impl Drop for LazyUnmount {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&self.0)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn kill_9_of_the_agent_during_mount_reads_fails_the_reader_and_a_restart_reads_correctly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start().unwrap();
+    let _ = skopeo::push_image(&reg, &tmp.path().join("img"), runnable_image(), "run:1").unwrap();
+    let proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
+    let data = tmp.path().join("agent");
+    let mut a = agent(&data, &proxy.url(), "");
+    let lower = tmp.path().join("lower");
+    std::fs::create_dir_all(&lower).unwrap();
+    let _unmount = LazyUnmount(lower.clone());
+    let (ok, out, err) = a
+        .imgctl(&["mount", "local/run:1", path_str(&lower).unwrap()])
+        .unwrap();
+    assert!(ok, "mount: {out}{err}");
+
+    // A reader paced to take several seconds over the 24 MiB file.
+    let file = lower.join("data/big-1.bin");
+    let script = format!(
+        "set -o pipefail; for i in $(seq 0 47); do dd if={} bs=512k skip=$i count=1 status=none || exit 1; sleep 0.1; done | sha256sum",
+        file.display()
+    );
+    let reader = Command::new("bash")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = KillOnDrop(Some(reader));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.status().unwrap()["mounts"][0]["fetched_bytes"]
+        .as_u64()
+        .unwrap()
+        < 8 << 20
+    {
+        assert!(Instant::now() < deadline, "the reader made no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    a.kill().unwrap();
+    let killed = Instant::now();
+
+    // The reader fails, within a bound, instead of hanging.
+    let child = reader.0.as_mut().unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "the reader hangs after the agent died"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = killed.elapsed();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    println!("reader ended {took:?} after kill -9: {status}, {stderr}");
+    assert!(!status.success(), "the reader got an error");
+    assert!(
+        stderr.contains("Transport endpoint is not connected")
+            || stderr.contains("Input/output error"),
+        "ENOTCONN or EIO: {stderr}"
+    );
+    let stale = std::fs::metadata(&lower).unwrap_err();
+    assert_eq!(stale.raw_os_error(), Some(107), "ENOTCONN: {stale}");
+    sh("fusermount3", &["-u", "-z", path_str(&lower).unwrap()]);
+    assert!(std::fs::read_dir(&lower).unwrap().next().is_none(), "cleaned");
+
+    // Restarted: no partial chunk in the cache, and a new mount reads the whole file.
+    let a = agent(&data, &proxy.url(), "");
+    a.verify_clean().unwrap();
+    let (ok, out, err) = a
+        .imgctl(&["mount", "local/run:1", path_str(&lower).unwrap()])
+        .unwrap();
+    assert!(ok, "mount again: {out}{err}");
+    let sum = run_capture(
+        Command::new("sha256sum").arg(&file),
+        "sha256sum",
+        Duration::from_secs(120),
+    )
+    .unwrap();
+    assert_eq!(sum.split_whitespace().next(), Some(big_sha(1).as_str()));
+    let (ok, out, err) = a.imgctl(&["umount", path_str(&lower).unwrap()]).unwrap();
+    assert!(ok, "{out}{err}");
+    a.verify_clean().unwrap();
+}
+
+/// A running `runc` container, killed and deleted on drop.
+struct Container {
+    id: String,
+    child: KillOnDrop,
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = Command::new("runc").args(["kill", &self.id, "KILL"]).output();
+        self.child = KillOnDrop(None);
+        let _ = Command::new("runc")
+            .args(["delete", "--force", &self.id])
+            .output();
+    }
+}
+
+/// The container's script: runs the commands the test drops into `/ctl/cmd`, one at a
+/// time (`stop`, or a path to sha256sum), printing one line per command. Bounded.
+const CONTAINER_LOOP: &str = r#"n=0
+while [ $n -lt 6000 ]; do
+  n=$((n+1))
+  if [ -e /ctl/cmd ]; then
+    c=$(cat /ctl/cmd); busybox rm -f /ctl/cmd
+    if [ "$c" = stop ]; then echo stopped; exit 0; fi
+    if s=$(busybox sha256sum "/$c" 2>&1); then echo "ok $s"; else echo "err $s"; fi
+  fi
+  busybox usleep 50000
+done
+echo "no stop command"; exit 1"#;
+
+/// Asks the container to run `cmd` and returns its answer line and how long it took.
+fn ask(ctl: &Path, lines: &mpsc::Receiver<String>, cmd: &str) -> (String, Duration) {
+    let started = Instant::now();
+    std::fs::write(ctl.join("cmd.tmp"), cmd).unwrap();
+    std::fs::rename(ctl.join("cmd.tmp"), ctl.join("cmd")).unwrap();
+    let line = lines
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("no answer to {cmd}: {e}"));
+    (line, started.elapsed())
+}
+
+#[test]
+fn a_running_container_keeps_its_cached_files_gets_eio_while_the_proxy_is_down_and_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start().unwrap();
+    let _ = skopeo::push_image(&reg, &tmp.path().join("img"), runnable_image(), "run:1").unwrap();
+    let mut proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
+    let a = agent(
+        &tmp.path().join("agent"),
+        &proxy.url(),
+        "[mount]\nread_timeout_ms = 2000\n",
+    );
+    let mount = ImgdMount::mount(&a, "local/run:1", &tmp.path().join("lower")).unwrap();
+    let overlay = Overlay::mount(mount.dir(), &tmp.path().join("ovl")).unwrap();
+    let ctl = tmp.path().join("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let b = tmp.path().join("bundle");
+    bundle(&b, overlay.merged(), &["/bin/sh", "-c", CONTAINER_LOOP]);
+    let spec_path = b.join("config.json");
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&spec_path).unwrap()).unwrap();
+    spec["mounts"].as_array_mut().unwrap().push(serde_json::json!(
+        {"destination": "/ctl", "type": "bind", "source": ctl, "options": ["rbind", "rw"]}
+    ));
+    std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
+    let id = format!("imgd-down-{}", std::process::id());
+    let mut child = Command::new("runc")
+        .args(["run", "--bundle", path_str(&b).unwrap(), &id])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut container = Container {
+        id,
+        child: KillOnDrop(Some(child)),
+    };
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    let (line, _) = ask(&ctl, &lines, "etc/hello.txt");
+    assert!(line.starts_with("ok "), "{line}");
+    let (line, _) = ask(&ctl, &lines, "data/big-0.bin");
+    assert!(line.starts_with(&format!("ok {}", big_sha(0))), "{line}");
+
+    // The proxy goes away, and the page cache with it: the container reads through the
+    // mount, and the agent serves what it cached.
+    proxy.kill().unwrap();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    let (line, _) = ask(&ctl, &lines, "data/big-0.bin");
+    assert!(line.starts_with(&format!("ok {}", big_sha(0))), "{line}");
+    let (line, took) = ask(&ctl, &lines, "data/big-1.bin");
+    let eio = line.contains("I/O error") || line.contains("Input/output error");
+    assert!(line.starts_with("err ") && eio, "{line}");
+    assert!(took < Duration::from_secs(10), "EIO within the bound: {took:?}");
+    println!("uncached read with the proxy down: EIO after {took:?}");
+    let (line, _) = ask(&ctl, &lines, "etc/hello.txt");
+    assert!(line.starts_with("ok "), "{line}");
+
+    // The proxy returns: the same container reads the file, without a remount.
+    proxy.restart().unwrap();
+    let (line, _) = ask(&ctl, &lines, "data/big-1.bin");
+    assert!(line.starts_with(&format!("ok {}", big_sha(1))), "{line}");
+    let (line, _) = ask(&ctl, &lines, "stop");
+    assert_eq!(line, "stopped");
+    let exited = container.child.0.as_mut().unwrap().wait().unwrap();
+    assert!(exited.success(), "container exit: {exited}");
+    let m = &a.status().unwrap()["mounts"][0];
+    assert!(m["eio"].as_u64().unwrap() > 0, "{m}");
+    drop(container);
+    drop(overlay);
 }
