@@ -213,6 +213,11 @@ pub struct Agent {
 impl Agent {
     /// Starts an agent and waits until its local API answers.
     pub fn start(opts: AgentOptions<'_>) -> Result<Agent> {
+        Agent::start_with_args(opts, &[])
+    }
+
+    /// [`Agent::start`] with extra `imgd` flags (e.g. `--cache-quota BYTES`).
+    pub fn start_with_args(opts: AgentOptions<'_>, args: &[&str]) -> Result<Agent> {
         std::fs::create_dir_all(&opts.data_dir)?;
         let socket = opts.data_dir.join("imgd.sock");
         // In a namespace the host has its own loopback and ports; in the root namespace
@@ -246,6 +251,7 @@ impl Agent {
         };
         cmd.arg("--config")
             .arg(&config_path)
+            .args(args)
             .env("RUST_LOG", "info,libp2p_mdns=warn")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?);

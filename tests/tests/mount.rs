@@ -474,6 +474,19 @@ fn a_running_container_keeps_its_cached_files_gets_eio_while_the_proxy_is_down_a
     let (line, _) = ask(&ctl, &lines, "data/big-0.bin");
     assert!(line.starts_with(&format!("ok {}", big_sha(0))), "{line}");
 
+    // The proxy hangs: an uncached read fails once the read bound (2 s) has passed.
+    let signal = |sig: &str| sh("kill", &[sig, &proxy.pid().to_string()]);
+    signal("-STOP");
+    let (line, took) = ask(&ctl, &lines, "data/big-1.bin");
+    signal("-CONT");
+    let eio = line.contains("I/O error") || line.contains("Input/output error");
+    assert!(line.starts_with("err ") && eio, "{line}");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        "EIO at the bound: {took:?}"
+    );
+    println!("uncached read with the proxy hanging: EIO after {took:?}");
+
     // The proxy goes away, and the page cache with it: the container reads through the
     // mount, and the agent serves what it cached.
     proxy.kill().unwrap();
