@@ -59,7 +59,9 @@ fn push(reg: &Registry, dir: &Path, name: &str, seed: u64, mib: u64) -> u64 {
     }));
     let spec = ImageSpec::new(name, vec![LayerSpec::gzip(files)]);
     let tag = format!("{name}:1");
-    skopeo::push_image(reg, &dir.join(name), spec, &tag).unwrap().1
+    skopeo::push_image(reg, &dir.join(name), spec, &tag)
+        .unwrap()
+        .1
 }
 
 /// An agent whose cache directory is `disk` (already mounted by the caller).
@@ -151,7 +153,10 @@ fn beyond_the_quota_lru_eviction_spares_pinned_and_mounted_images() {
     ];
     let mut proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
     let quota = pinned + mounted + 12 * MIB;
-    assert!(big[0] > quota - pinned - mounted, "{big:?} vs quota {quota}");
+    assert!(
+        big[0] > quota - pinned - mounted,
+        "{big:?} vs quota {quota}"
+    );
     let data = tmp.path().join("agent");
     let _disk = Tmpfs::mount(&data.join("data"), 64 * MIB);
     let a = agent(&data, &proxy, &["--cache-quota", &quota.to_string()]);
@@ -182,7 +187,10 @@ fn beyond_the_quota_lru_eviction_spares_pinned_and_mounted_images() {
     assert_eq!(got, total, "the pinned image is whole");
     // The mounted image's layers are protected (its small config blob is not).
     let (got, total) = cached(&a, "local/mounted:1");
-    assert!(got + 64 * 1024 >= total, "the mounted image: {got} of {total}");
+    assert!(
+        got + 64 * 1024 >= total,
+        "the mounted image: {got} of {total}"
+    );
     a.verify_clean().unwrap();
 
     // Without the proxy, and without the page cache, the mount still reads every file.

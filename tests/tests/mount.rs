@@ -361,7 +361,10 @@ fn kill_9_of_the_agent_during_mount_reads_fails_the_reader_and_a_restart_reads_c
     let stale = std::fs::metadata(&lower).unwrap_err();
     assert_eq!(stale.raw_os_error(), Some(107), "ENOTCONN: {stale}");
     sh("fusermount3", &["-u", "-z", path_str(&lower).unwrap()]);
-    assert!(std::fs::read_dir(&lower).unwrap().next().is_none(), "cleaned");
+    assert!(
+        std::fs::read_dir(&lower).unwrap().next().is_none(),
+        "cleaned"
+    );
 
     // Restarted: no partial chunk in the cache, and a new mount reads the whole file.
     let a = agent(&data, &proxy.url(), "");
@@ -390,7 +393,9 @@ struct Container {
 
 impl Drop for Container {
     fn drop(&mut self) {
-        let _ = Command::new("runc").args(["kill", &self.id, "KILL"]).output();
+        let _ = Command::new("runc")
+            .args(["kill", &self.id, "KILL"])
+            .output();
         self.child = KillOnDrop(None);
         let _ = Command::new("runc")
             .args(["delete", "--force", &self.id])
@@ -443,9 +448,12 @@ fn a_running_container_keeps_its_cached_files_gets_eio_while_the_proxy_is_down_a
     let spec_path = b.join("config.json");
     let mut spec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&spec_path).unwrap()).unwrap();
-    spec["mounts"].as_array_mut().unwrap().push(serde_json::json!(
-        {"destination": "/ctl", "type": "bind", "source": ctl, "options": ["rbind", "rw"]}
-    ));
+    spec["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!(
+            {"destination": "/ctl", "type": "bind", "source": ctl, "options": ["rbind", "rw"]}
+        ));
     std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
     let id = format!("imgd-down-{}", std::process::id());
     let mut child = Command::new("runc")
@@ -461,8 +469,7 @@ fn a_running_container_keeps_its_cached_files_gets_eio_while_the_proxy_is_down_a
     };
     let (tx, lines) = mpsc::channel();
     std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok)
-        {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
             if tx.send(line).is_err() {
                 break;
             }
@@ -496,7 +503,10 @@ fn a_running_container_keeps_its_cached_files_gets_eio_while_the_proxy_is_down_a
     let (line, took) = ask(&ctl, &lines, "data/big-1.bin");
     let eio = line.contains("I/O error") || line.contains("Input/output error");
     assert!(line.starts_with("err ") && eio, "{line}");
-    assert!(took < Duration::from_secs(10), "EIO within the bound: {took:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "EIO within the bound: {took:?}"
+    );
     println!("uncached read with the proxy down: EIO after {took:?}");
     let (line, _) = ask(&ctl, &lines, "etc/hello.txt");
     assert!(line.starts_with("ok "), "{line}");

@@ -53,7 +53,9 @@ fn start_liar(host: &Host, proxy: &Proxy, dir: &Path, mode: &str) -> (ChildGuard
     let mut evil = ChildGuard::spawn(&mut cmd, "imgd-evil-peer").unwrap();
     let mut line = String::new();
     let stdout = evil.child_mut().stdout.take().unwrap();
-    std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap();
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(line.contains("ready"), "evil peer: {line}{log_text}");
     let id = line.split_whitespace().nth(2).unwrap().to_string();
@@ -117,7 +119,11 @@ fn lying_peers_are_detected_penalised_and_routed_around() {
         // Host A: only the liar claims the chunks; A must get them all from the proxy.
         let took_a = prefetch(&a);
         a.verify_clean().unwrap();
-        assert_eq!(bytes_from(&a, "peers"), 0, "{mode}: nothing of the liar's kept");
+        assert_eq!(
+            bytes_from(&a, "peers"),
+            0,
+            "{mode}: nothing of the liar's kept"
+        );
         assert_eq!(bytes_from(&a, "proxy"), image_size, "{mode}");
         let penalty = penalty_of(&a, &liar);
         assert!(

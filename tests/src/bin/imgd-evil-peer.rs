@@ -152,7 +152,9 @@ async fn main() -> Result<()> {
 fn rand_key() -> [u8; 32] {
     let mut k = [0u8; 32];
     for (i, b) in k.iter_mut().enumerate() {
-        *b = (std::process::id() as u8).wrapping_add(i as u8).wrapping_mul(31);
+        *b = (std::process::id() as u8)
+            .wrapping_add(i as u8)
+            .wrapping_mul(31);
     }
     k
 }
@@ -237,9 +239,12 @@ async fn probe(target: std::net::SocketAddr, cfg: &DataPlaneConfig, img: &Image)
         let mut sent = Vec::new();
         for (id, m) in [
             (1, Message::GetChunk { digest: chunk }),
-            (2, Message::Have {
-                blob: img.first_layer,
-            }),
+            (
+                2,
+                Message::Have {
+                    blob: img.first_layer,
+                },
+            ),
         ] {
             let (h, b) = wire::encode_frame(id, &m, &limits)?;
             sent.extend_from_slice(&h);
