@@ -197,7 +197,7 @@ async fn lie(mut s: TcpStream, cfg: &DataPlaneConfig, img: &Image, mode: Mode) -
                         v[mid] ^= 0x5a;
                         Message::Chunk(Bytes::from(v))
                     }
-                    Mode::Phantom if served % 2 == 0 => Message::NotFound,
+                    Mode::Phantom if served.is_multiple_of(2) => Message::NotFound,
                     Mode::Phantom => Message::Error("chunk vanished".into()),
                     Mode::Truncate | Mode::Drip => {
                         let head = wire::encode_header(wire::kind::CHUNK, id, bytes.len() as u32);
