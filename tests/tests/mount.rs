@@ -489,7 +489,8 @@ fn a_running_container_keeps_its_cached_files_gets_eio_while_the_proxy_is_down_a
     let eio = line.contains("I/O error") || line.contains("Input/output error");
     assert!(line.starts_with("err ") && eio, "{line}");
     assert!(
-        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        // Not a multiple of it: the kernel's immediate retries of the page fail at once.
+        took >= Duration::from_secs(2) && took < Duration::from_millis(4500),
         "EIO at the bound: {took:?}"
     );
     println!("uncached read with the proxy hanging: EIO after {took:?}");
@@ -511,8 +512,10 @@ fn a_running_container_keeps_its_cached_files_gets_eio_while_the_proxy_is_down_a
     let (line, _) = ask(&ctl, &lines, "etc/hello.txt");
     assert!(line.starts_with("ok "), "{line}");
 
-    // The proxy returns: the same container reads the file, without a remount.
+    // The proxy returns: the same container reads the file, without a remount (once
+    // the moment in which reads of a just-failed chunk fail at once has passed).
     proxy.restart().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
     let (line, _) = ask(&ctl, &lines, "data/big-1.bin");
     assert!(line.starts_with(&format!("ok {}", big_sha(1))), "{line}");
     let (line, _) = ask(&ctl, &lines, "stop");
