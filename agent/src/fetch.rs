@@ -12,7 +12,7 @@
 
 use crate::cache::ChunkCache;
 use crate::dataplane::{HaveMap, PeerPool};
-use crate::peers::{Peer, PeerSet, CORRUPT_PENALTY, FAILURE_PENALTY};
+use crate::peers::{Peer, PeerSet, CORRUPT_PENALTY, FAILURE_PENALTY, SLOW_PENALTY};
 use crate::proxy_client::{ProxyClient, ProxyClientError, Repo};
 use bytes::Bytes;
 use imgd_core::{ChunkList, Digest};
@@ -457,6 +457,7 @@ impl Fetcher {
         tokio::pin!(hedge);
         let mut hedged = holders.len() < 2;
         let mut last = String::new();
+        let mut first_failed = false;
         loop {
             tokio::select! {
                 _ = &mut hedge, if !hedged => {
@@ -465,17 +466,28 @@ impl Fetcher {
                 }
                 r = futures::StreamExt::next(&mut tries) => match r {
                     None => return Err(last),
-                    Some((_, Ok(Some(bytes)))) => return Ok(bytes),
+                    Some((p, Ok(Some(bytes)))) => {
+                        if p.id != holders[0].id && !first_failed {
+                            // Out-raced by the hedge: a slow first holder drifts back.
+                            let slow = &holders[0].id;
+                            self.peers.penalise(slow, SLOW_PENALTY, "slower than the hedge");
+                        }
+                        return Ok(bytes);
+                    }
                     Some((p, r)) => {
                         // It advertised the chunk: not having it is a failure too.
                         let (penalty, why) = match r {
-                            Ok(_) => (FAILURE_PENALTY, "advertised a chunk it does not have".to_string()),
+                            Ok(_) => {
+                                let why = "advertised a chunk it does not have";
+                                (FAILURE_PENALTY, why.to_string())
+                            }
                             Err(e @ crate::dataplane::DataPlaneError::Corrupt { .. }) => {
                                 (CORRUPT_PENALTY, e.to_string())
                             }
                             Err(e) => (FAILURE_PENALTY, e.to_string()),
                         };
                         self.peers.penalise(&p.id, penalty, &why);
+                        first_failed |= p.id == holders[0].id;
                         last = format!("peer {}: {why}", p.id);
                         if !hedged {
                             // The first source failed outright: ask the second now.

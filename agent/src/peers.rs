@@ -1,7 +1,8 @@
 //! The peers this agent knows: their data-plane address and a penalty score.
 //!
 //! Discovery (mDNS, Kademlia, bootstrap) adds peers; the fetcher penalises a peer that
-//! serves corrupt chunks or times out, and prefers peers with lower penalties. A peer
+//! serves corrupt chunks, times out, lacks a chunk it advertised or is out-raced by a
+//! hedged request, and prefers peers with lower penalties. A peer
 //! whose penalty reaches [`BAN_PENALTY`] is not asked again until it decays.
 
 use std::collections::HashMap;
@@ -15,6 +16,8 @@ pub const BAN_PENALTY: u32 = 100;
 pub const CORRUPT_PENALTY: u32 = 100;
 /// Penalty for a timeout or a failed connection.
 pub const FAILURE_PENALTY: u32 = 20;
+/// Penalty for being out-raced by the hedged request to another holder (a slow peer).
+pub const SLOW_PENALTY: u32 = 5;
 /// Penalties halve after this long without new ones.
 const DECAY: Duration = Duration::from_secs(60);
 
