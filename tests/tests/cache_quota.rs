@@ -239,7 +239,20 @@ fn a_full_disk_fails_the_prefetch_clearly_corrupts_nothing_and_recovers_with_spa
     let (got, total) = cached(&a, "local/second:1");
     assert!(got < total, "{got} of {total}");
 
+    // Another process takes the last byte: now even metadata writes fail.
+    let filler = data.join("data/filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    let (ok, out, _) = prefetch_sampled(&a, "local/second:1");
+    println!("with the disk filled by another process: {out}");
+    assert!(!ok && out.contains("no space left"), "{out}");
+    a.verify_clean().unwrap();
+
     // Space again: the same prefetch completes, on the same running agent.
+    std::fs::remove_file(&filler).unwrap();
     disk.resize(size + second + 32 * MIB);
     let (ok, out, _) = prefetch_sampled(&a, "local/second:1");
     assert!(ok, "after freeing space: {out}\n{}", a.log());
