@@ -12,7 +12,7 @@
 
 use crate::cache::ChunkCache;
 use crate::dataplane::{HaveMap, PeerPool};
-use crate::peers::{Peer, PeerSet, CORRUPT_PENALTY, FAILURE_PENALTY, SLOW_PENALTY};
+use crate::peers::{Peer, PeerSet, FAILURE_PENALTY, SLOW_PENALTY};
 use crate::proxy_client::{ProxyClient, ProxyClientError, Repo};
 use bytes::Bytes;
 use imgd_core::{ChunkList, Digest};
@@ -475,17 +475,7 @@ impl Fetcher {
                         return Ok(bytes);
                     }
                     Some((p, r)) => {
-                        // It advertised the chunk: not having it is a failure too.
-                        let (penalty, why) = match r {
-                            Ok(_) => {
-                                let why = "advertised a chunk it does not have";
-                                (FAILURE_PENALTY, why.to_string())
-                            }
-                            Err(e @ crate::dataplane::DataPlaneError::Corrupt { .. }) => {
-                                (CORRUPT_PENALTY, e.to_string())
-                            }
-                            Err(e) => (FAILURE_PENALTY, e.to_string()),
-                        };
+                        let (penalty, why) = crate::peers::penalty_for(r.err().as_ref());
                         self.peers.penalise(&p.id, penalty, &why);
                         first_failed |= p.id == holders[0].id;
                         last = format!("peer {}: {why}", p.id);
