@@ -8,6 +8,7 @@
 //! | `POST /v1/gc` | the cache's GC report |
 //! | `POST /v1/mount` `{"image": REF, "dir": PATH}` | the new mount's [`MountStatus`] |
 //! | `POST /v1/umount` `{"dir": PATH}` | empty |
+//! | `POST /v1/pin` `{"image": REF, "pinned": BOOL}` | empty; the image must be cached |
 //! | `GET /v1/verify` | a full re-verification of every cached chunk (changes nothing) |
 
 use crate::agent::{Agent, PrefetchSummary};
@@ -101,6 +102,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/verify", get(verify))
         .route("/v1/mount", post(mount))
         .route("/v1/umount", post(umount))
+        .route("/v1/pin", post(pin))
         .with_state(agent)
 }
 
@@ -265,6 +267,39 @@ async fn umount(State(agent): State<Arc<Agent>>, Json(req): Json<UmountRequest>)
     match tokio::task::spawn_blocking(move || a.mounts.umount(&a, &req.dir)).await {
         Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
         Ok(Err(e)) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Body of `POST /v1/pin`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PinRequest {
+    pub image: String,
+    /// True to pin (its chunks are never evicted), false to unpin.
+    pub pinned: bool,
+}
+
+async fn pin(State(agent): State<Arc<Agent>>, Json(req): Json<PinRequest>) -> Response {
+    let reference = match crate::image::ImageRef::parse(&req.image) {
+        Ok(r) => r.to_string(),
+        Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    };
+    let cache = agent.fetcher.cache.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        if cache.image(&reference)?.is_none() {
+            return Ok(Err(format!("{reference} is not cached: prefetch it first")));
+        }
+        if req.pinned {
+            cache.pin(&reference, "imgctl pin").map(Ok)
+        } else {
+            cache.unpin(&reference).map(|_| Ok(()))
+        }
+    })
+    .await;
+    match result {
+        Ok(Ok(Ok(()))) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Ok(Err(msg))) => (StatusCode::BAD_REQUEST, msg).into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }

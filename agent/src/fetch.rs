@@ -12,7 +12,7 @@
 
 use crate::cache::ChunkCache;
 use crate::dataplane::{HaveMap, PeerPool};
-use crate::peers::{Peer, PeerSet, CORRUPT_PENALTY, FAILURE_PENALTY};
+use crate::peers::{Peer, PeerSet, FAILURE_PENALTY, SLOW_PENALTY};
 use crate::proxy_client::{ProxyClient, ProxyClientError, Repo};
 use bytes::Bytes;
 use imgd_core::{ChunkList, Digest};
@@ -473,6 +473,7 @@ impl Fetcher {
         tokio::pin!(hedge);
         let mut hedged = holders.len() < 2;
         let mut last = String::new();
+        let mut first_failed = false;
         loop {
             tokio::select! {
                 _ = &mut hedge, if !hedged => {
@@ -481,14 +482,22 @@ impl Fetcher {
                 }
                 r = futures::StreamExt::next(&mut tries) => match r {
                     None => return Err(last),
-                    Some((_, Ok(Some(bytes)))) => return Ok(bytes),
-                    Some((p, Ok(None))) => last = format!("peer {} no longer has it", p.id),
-                    Some((p, Err(e))) => {
-                        let corrupt = matches!(e, crate::dataplane::DataPlaneError::Corrupt { .. });
-                        if corrupt { crate::metrics::verification_failed("peer"); }
-                        let penalty = if corrupt { CORRUPT_PENALTY } else { FAILURE_PENALTY };
-                        self.peers.penalise(&p.id, penalty, &e.to_string());
-                        last = format!("peer {}: {e}", p.id);
+                    Some((p, Ok(Some(bytes)))) => {
+                        if p.id != holders[0].id && !first_failed {
+                            // Out-raced by the hedge: a slow first holder drifts back.
+                            let slow = &holders[0].id;
+                            self.peers.penalise(slow, SLOW_PENALTY, "slower than the hedge");
+                        }
+                        return Ok(bytes);
+                    }
+                    Some((p, r)) => {
+                        if matches!(r, Err(crate::dataplane::DataPlaneError::Corrupt { .. })) {
+                            crate::metrics::verification_failed("peer");
+                        }
+                        let (penalty, why) = crate::peers::penalty_for(r.err().as_ref());
+                        self.peers.penalise(&p.id, penalty, &why);
+                        first_failed |= p.id == holders[0].id;
+                        last = format!("peer {}: {why}", p.id);
                         if !hedged {
                             // The first source failed outright: ask the second now.
                             hedged = true;

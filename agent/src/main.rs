@@ -96,6 +96,9 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     let api = tokio::net::UnixListener::bind(&socket)
         .with_context(|| format!("binding {}", socket.display()))?;
+    // Owner and group only: the local API mounts images and fills the cache.
+    std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o660))
+        .with_context(|| format!("restricting {}", socket.display()))?;
     let mirror = tokio::net::TcpListener::bind(mirror_listen)
         .await
         .with_context(|| format!("binding mirror {mirror_listen}"))?;

@@ -16,7 +16,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// One live mount.
 pub struct Mount {
@@ -79,11 +79,50 @@ struct ChunkReader {
     rt: tokio::runtime::Handle,
     timeout: Duration,
     fetched: Arc<FetchedStats>,
+    /// Chunks no source delivered, and when: reads of them fail at once for
+    /// [`FAIL_FAST`].
+    failed: Mutex<HashMap<Digest, Instant>>,
+}
+
+/// How long after a chunk could not be had reads needing it fail at once. The kernel
+/// retries a failed page read right away (twice, with readahead); without this each
+/// retry would wait the whole read bound again. Later reads try the sources again.
+const FAIL_FAST: Duration = Duration::from_millis(300);
+
+impl ChunkReader {
+    /// The first chunk of `range` that failed within [`FAIL_FAST`], if any.
+    fn recently_failed(&self, list: &ChunkList, range: &Range<u64>) -> Option<Digest> {
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        failed.retain(|_, at| at.elapsed() < FAIL_FAST);
+        list.chunks_covering(range.clone())
+            .map(|i| list.chunks[i].digest)
+            .find(|d| failed.contains_key(d))
+    }
 }
 
 impl BlobSource for ChunkReader {
     fn read(&self, layer: usize, range: Range<u64>) -> Result<Vec<u8>, String> {
         let list = self.lists.get(layer).ok_or("no such layer")?;
+        if let Some(d) = self.recently_failed(list, &range) {
+            return Err(format!("chunk {d} could not be fetched just now"));
+        }
+        let result = self.read_chunks(list, range.clone());
+        if result.is_err() {
+            let missing = list
+                .chunks_covering(range)
+                .map(|i| list.chunks[i].digest)
+                .filter(|d| !self.fetcher.cache.has_chunk(d));
+            let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            failed.extend(missing.map(|d| (d, now)));
+        }
+        result
+    }
+}
+
+impl ChunkReader {
+    /// The bytes of `range` of a layer blob, fetching its chunks within the read bound.
+    fn read_chunks(&self, list: &ChunkList, range: Range<u64>) -> Result<Vec<u8>, String> {
         let work = async {
             let mut out = Vec::with_capacity((range.end - range.start) as usize);
             for i in list.chunks_covering(range.clone()) {
@@ -203,6 +242,7 @@ impl Mounts {
             rt: tokio::runtime::Handle::current(),
             timeout: agent.config.mount.read_timeout(),
             fetched: fetched.clone(),
+            failed: Mutex::new(HashMap::new()),
         };
         let mut fs = ImageFs::new(view.clone(), Arc::new(reader), stats.clone());
         let trace = fetcher

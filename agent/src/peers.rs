@@ -1,9 +1,11 @@
 //! The peers this agent knows: their data-plane address and a penalty score.
 //!
 //! Discovery (mDNS, Kademlia, bootstrap) adds peers; the fetcher penalises a peer that
-//! serves corrupt chunks or times out, and prefers peers with lower penalties. A peer
+//! serves corrupt chunks, times out, lacks a chunk it advertised or is out-raced by a
+//! hedged request, and prefers peers with lower penalties. A peer
 //! whose penalty reaches [`BAN_PENALTY`] is not asked again until it decays.
 
+use crate::dataplane::DataPlaneError;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::RwLock;
@@ -15,8 +17,24 @@ pub const BAN_PENALTY: u32 = 100;
 pub const CORRUPT_PENALTY: u32 = 100;
 /// Penalty for a timeout or a failed connection.
 pub const FAILURE_PENALTY: u32 = 20;
+/// Penalty for being out-raced by the hedged request to another holder (a slow peer).
+pub const SLOW_PENALTY: u32 = 5;
 /// Penalties halve after this long without new ones.
 const DECAY: Duration = Duration::from_secs(60);
+
+/// The penalty, and why, for a holder whose chunk request did not deliver: `None` when it
+/// answered that it lacks a chunk it advertised, else the error (corrupt bytes, timeout,
+/// I/O, an error frame).
+pub fn penalty_for(failure: Option<&DataPlaneError>) -> (u32, String) {
+    match failure {
+        None => (
+            FAILURE_PENALTY,
+            "advertised a chunk it does not have".into(),
+        ),
+        Some(e @ DataPlaneError::Corrupt { .. }) => (CORRUPT_PENALTY, e.to_string()),
+        Some(e) => (FAILURE_PENALTY, e.to_string()),
+    }
+}
 
 /// One known peer.
 #[derive(Clone, Debug)]
@@ -115,5 +133,17 @@ mod tests {
         s.penalise("a", CORRUPT_PENALTY, "test");
         assert_eq!(s.usable().len(), 1);
         assert_eq!(s.all().len(), 2);
+    }
+
+    #[test]
+    fn failures_are_penalised_by_kind() {
+        assert_eq!(penalty_for(None).0, FAILURE_PENALTY);
+        let corrupt = DataPlaneError::Corrupt {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            digest: imgd_core::Digest::of(b"x"),
+        };
+        assert_eq!(penalty_for(Some(&corrupt)).0, CORRUPT_PENALTY);
+        let slow = DataPlaneError::Timeout("request");
+        assert_eq!(penalty_for(Some(&slow)).0, FAILURE_PENALTY);
     }
 }

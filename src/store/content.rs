@@ -39,7 +39,9 @@ impl StoreError {
 
     /// True when the underlying error is "no space left on device".
     pub fn is_disk_full(&self) -> bool {
-        matches!(self, StoreError::Io { source, .. } if source.raw_os_error() == Some(28))
+        // Errors wrapped with their path (tempfile's) keep only the kind.
+        matches!(self, StoreError::Io { source, .. }
+            if source.raw_os_error() == Some(28) || source.kind() == std::io::ErrorKind::StorageFull)
     }
 }
 

@@ -259,6 +259,11 @@ pub struct Agent {
 impl Agent {
     /// Starts an agent and waits until its local API answers.
     pub fn start(opts: AgentOptions<'_>) -> Result<Agent> {
+        Agent::start_with_args(opts, &[])
+    }
+
+    /// [`Agent::start`] with extra `imgd` flags (e.g. `--cache-quota BYTES`).
+    pub fn start_with_args(opts: AgentOptions<'_>, args: &[&str]) -> Result<Agent> {
         std::fs::create_dir_all(&opts.data_dir)?;
         let socket = opts.data_dir.join("imgd.sock");
         // In a namespace the host has its own loopback and ports; in the root namespace
@@ -292,6 +297,7 @@ impl Agent {
         };
         cmd.arg("--config")
             .arg(&config_path)
+            .args(args)
             .env("RUST_LOG", "info,libp2p_mdns=warn")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?);
@@ -355,6 +361,30 @@ impl Agent {
     /// The agent's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (at most `timeout`) until the agent knows at least `n` peers.
+    pub fn wait_for_peers(&self, n: usize, timeout: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let known = self.status()?["peers"].as_array().map_or(0, Vec::len);
+            if known >= n {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("agent found {known} of {n} peers:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `imgctl verify`: fails unless every cached chunk re-hashes to its digest.
+    pub fn verify_clean(&self) -> Result<()> {
+        let (ok, out, err) = self.imgctl(&["verify"])?;
+        if !ok {
+            bail!("imgctl verify: {out}{err}");
+        }
+        Ok(())
     }
 
     /// The process id.

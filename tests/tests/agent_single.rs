@@ -111,3 +111,46 @@ fn imgctl_reports_clear_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("agent is not running"));
 }
+
+#[test]
+fn the_local_api_and_the_mirror_listen_only_where_configured() {
+    // The documented default and the built-in default put the mirror on loopback.
+    let out = std::process::Command::new(imgd_tests::daemons::workspace_bin("imgd").unwrap())
+        .arg("--print-default-config")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("mirror_listen"))
+        .unwrap_or_else(|| panic!("no mirror_listen in:\n{text}"));
+    let addr: std::net::SocketAddr = line
+        .split('"')
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(addr.ip().is_loopback(), "{line}");
+    let built_in = imgd_agent::config::AgentConfig::default().mirror_listen;
+    assert!(built_in.ip().is_loopback(), "{built_in}");
+
+    // A running agent: the API socket is for its owner and group only, and the mirror
+    // listens on the configured loopback address and nowhere else.
+    let tmp = tempfile::tempdir().unwrap();
+    let a = agent(
+        &tmp.path().join("a"),
+        &format!("http://127.0.0.1:{}", free_port().unwrap()),
+    );
+    let meta = std::fs::metadata(&a.socket).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()));
+    let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
+    assert_eq!(mode, 0o660, "socket mode {mode:o}");
+    let port = a.mirror.rsplit(':').next().unwrap();
+    let (ok, listening, err) = imgd_tests::process::run_ok("ss", &["-Hltn"]);
+    assert!(ok, "{err}");
+    let locals: Vec<&str> = listening
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .filter(|local| local.ends_with(&format!(":{port}")))
+        .collect();
+    assert_eq!(locals, [a.mirror.as_str()], "{listening}");
+}

@@ -1,71 +1,16 @@
 //! Lazy mounts: runc starts a container on an image mounted through imgd (overlayfs with
-//! the FUSE mount as lower layer), reading only a small part of the image; and a read
-//! that no source can serve fails with EIO within the configured bound.
+//! the FUSE mount as lower layer), reading only a small part of the image, and the first
+//! start is learned and prefetched by later mounts.
 
-use imgd_tests::daemons::{Agent, AgentOptions, Proxy};
-use imgd_tests::image::{FileSpec, ImageSpec, LayerSpec};
+mod common;
+
+use common::{agent, bundle, runnable_image, sh};
+use imgd_tests::daemons::{Agent, Proxy};
 use imgd_tests::registry::Registry;
 use imgd_tests::skopeo;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// An image with a static busybox, a greeting, and 48 MiB of data nobody reads at start.
-fn runnable_image() -> ImageSpec {
-    let busybox =
-        std::fs::read("/bin/busybox").expect("busybox-static is installed (see .ci/setup)");
-    let base = LayerSpec::gzip(vec![
-        FileSpec::dir("bin"),
-        FileSpec::file("bin/busybox", busybox).mode(0o755),
-        FileSpec::symlink("bin/sh", "busybox"),
-        FileSpec::symlink("bin/cat", "busybox"),
-        FileSpec::dir("etc"),
-        FileSpec::file("etc/hello.txt", "hello from a lazy mount\n"),
-        FileSpec::dir("tmp").mode(0o1777),
-        FileSpec::dir("proc"),
-        FileSpec::dir("dev"),
-        FileSpec::dir("sys"),
-    ]);
-    let data = LayerSpec::gzip(vec![
-        FileSpec::dir("data"),
-        FileSpec::random("data/big-0.bin", 7, 24 << 20),
-        FileSpec::random("data/big-1.bin", 8, 24 << 20),
-    ]);
-    ImageSpec::new("run", vec![base, data])
-}
-
-fn sh(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn agent(dir: &Path, proxy_url: &str, extra: &str) -> Agent {
-    Agent::start(AgentOptions {
-        host: None,
-        proxy_url: proxy_url.to_string(),
-        data_dir: dir.to_path_buf(),
-        extra_toml: extra.to_string(),
-        swarm: false,
-    })
-    .unwrap()
-}
-
-/// A runc bundle whose rootfs is `rootfs`, running `args`.
-fn bundle(dir: &Path, rootfs: &Path, args: &[&str]) {
-    std::fs::create_dir_all(dir).unwrap();
-    sh("runc", &["spec", "--bundle", dir.to_str().unwrap()]);
-    let path = dir.join("config.json");
-    let mut spec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    spec["root"] = serde_json::json!({"path": rootfs, "readonly": false});
-    spec["process"]["terminal"] = false.into();
-    spec["process"]["args"] = serde_json::json!(args);
-    std::fs::write(&path, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
-}
 
 #[test]
 fn runc_starts_a_container_on_a_lazy_mount_reading_a_small_part_of_the_image() {
@@ -114,51 +59,6 @@ fn runc_starts_a_container_on_a_lazy_mount_reading_a_small_part_of_the_image() {
     let (ok, out, err) = a.imgctl(&["umount", lower.to_str().unwrap()]).unwrap();
     assert!(ok, "{out}{err}");
     assert!(!lower.join("etc").exists(), "unmounted");
-}
-
-#[test]
-fn an_uncached_read_with_the_proxy_down_fails_with_eio_within_the_bound_and_recovers() {
-    let tmp = tempfile::tempdir().unwrap();
-    let reg = Registry::start().unwrap();
-    let _ = skopeo::push_image(&reg, &tmp.path().join("img"), runnable_image(), "run:1").unwrap();
-    let mut proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
-    let a = agent(
-        &tmp.path().join("agent"),
-        &proxy.url(),
-        "[mount]\nread_timeout_ms = 2000\n",
-    );
-    let lower = tmp.path().join("lower");
-    std::fs::create_dir_all(&lower).unwrap();
-    let (ok, out, err) = a
-        .imgctl(&["mount", "local/run:1", lower.to_str().unwrap()])
-        .unwrap();
-    assert!(ok, "mount: {out}{err}");
-    assert!(std::fs::read(lower.join("etc/hello.txt")).is_ok());
-
-    proxy.kill().unwrap();
-    let started = Instant::now();
-    let err = std::fs::read(lower.join("data/big-1.bin")).unwrap_err();
-    let took = started.elapsed();
-    assert_eq!(err.raw_os_error(), Some(libc_eio()), "{err}");
-    assert!(
-        took < Duration::from_secs(8),
-        "EIO within the bound, took {took:?}"
-    );
-    // What was read before is still served from the cache.
-    assert_eq!(
-        std::fs::read_to_string(lower.join("etc/hello.txt")).unwrap(),
-        "hello from a lazy mount\n"
-    );
-    // The proxy returns: the same read succeeds, without a remount.
-    proxy.restart().unwrap();
-    let big = std::fs::read(lower.join("data/big-1.bin")).unwrap();
-    assert_eq!(big.len(), 24 << 20);
-    let (ok, out, err) = a.imgctl(&["umount", lower.to_str().unwrap()]).unwrap();
-    assert!(ok, "{out}{err}");
-}
-
-fn libc_eio() -> i32 {
-    5
 }
 
 /// Mounts `image` at a new dir under `tmp`, runs `args` in a runc container on an

@@ -39,6 +39,10 @@ enum Command {
     Mount { image: String, dir: PathBuf },
     /// Unmount an imgd mount.
     Umount { dir: PathBuf },
+    /// Keep a cached IMAGE's chunks from eviction.
+    Pin { image: String },
+    /// Let a pinned IMAGE's chunks be evicted again.
+    Unpin { image: String },
     /// Cached images with their size and how much is cached.
     Images,
     /// Cache use, peers and traffic by source.
@@ -183,6 +187,12 @@ async fn prefetch(socket: &PathBuf, image: &str, startup: bool) -> Result<()> {
     bail!("the agent closed the prefetch of {image} without a result")
 }
 
+async fn pin(socket: &PathBuf, image: String, pinned: bool) -> Result<()> {
+    let req = serde_json::to_vec(&imgd_agent::api::PinRequest { image, pinned })?;
+    request(socket, "POST", "/v1/pin", Some(req)).await?;
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Prefetch { image, startup } => prefetch(&cli.socket, &image, startup).await,
@@ -206,6 +216,8 @@ async fn run(cli: Cli) -> Result<()> {
             request(&cli.socket, "POST", "/v1/umount", Some(req)).await?;
             Ok(())
         }
+        Command::Pin { image } => pin(&cli.socket, image, true).await,
+        Command::Unpin { image } => pin(&cli.socket, image, false).await,
         Command::Images => {
             let images: Vec<ImageSummary> = get_json(&cli.socket, "GET", "/v1/images").await?;
             println!(

@@ -1,13 +1,32 @@
-//! `imgd-evil-peer`: a swarm member that lies, for fault tests. It joins the swarm like an
-//! agent (libp2p discovery, the data plane with the swarm key), claims to hold every chunk
-//! of an image, and serves each chunk with one byte flipped.
+//! `imgd-evil-peer`: a misbehaving data-plane peer, for fault tests.
 //!
-//! `imgd-evil-peer --proxy URL --image REPO:TAG --dir DIR`
+//! As a **liar** it joins the swarm like an agent (libp2p discovery, the data plane with the
+//! swarm key), claims in its have-maps to hold every chunk of an image, and answers chunk
+//! requests according to `--mode`:
+//! - `flip`: the chunk with one byte flipped;
+//! - `truncate`: a chunk frame announcing the whole chunk, half the bytes, then a hang-up;
+//! - `drip`: a chunk frame announcing the whole chunk, then a few bytes per second;
+//! - `phantom`: it does not hold the chunks it advertises: `NotFound` or an error frame.
+//!
+//! It prints `evil peer <ID> ready` once it serves.
+//!
+//! As a **probe** (`--probe IP:PORT`) it is an outsider trying to read an agent's data
+//! plane: it runs the client handshake (with `--wrong-key`, a random key instead of the
+//! development swarm key), then sends `GetChunk` and `Have` for the image's first layer
+//! whatever the handshake said, and prints one JSON line: the handshake outcome and the
+//! bytes, chunk and have-map it got back. `--print-id` prints the node id of `--dir`'s key.
+//!
+//! ```text
+//! imgd-evil-peer --proxy URL --image REPO:TAG --dir DIR [--mode flip|truncate|drip|phantom]
+//! imgd-evil-peer --proxy URL --image REPO:TAG --dir DIR --probe IP:PORT [--wrong-key]
+//! imgd-evil-peer --dir DIR --print-id
+//! ```
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use imgd_agent::config::DEV_SWARM_KEY;
-use imgd_agent::dataplane::{self, ChunkSource, DataPlaneConfig, HaveMap};
+use imgd_agent::dataplane::wire::{self, FrameLimits, Message, HEADER_LEN};
+use imgd_agent::dataplane::{handshake, DataPlaneConfig, HaveMap, Limits};
 use imgd_agent::image::{self, ImageRef};
 use imgd_agent::peers::PeerSet;
 use imgd_agent::proxy_client::ProxyClient;
@@ -15,62 +34,97 @@ use imgd_core::{ChunkList, Digest};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
-struct Liar {
+/// How the liar answers chunk requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Flip,
+    Truncate,
+    Drip,
+    Phantom,
+}
+
+impl Mode {
+    fn parse(s: &str) -> Result<Mode> {
+        Ok(match s {
+            "flip" => Mode::Flip,
+            "truncate" => Mode::Truncate,
+            "drip" => Mode::Drip,
+            "phantom" => Mode::Phantom,
+            other => bail!("unknown --mode {other} (flip, truncate, drip, phantom)"),
+        })
+    }
+}
+
+/// The image's chunk lists and the true bytes of its chunks.
+struct Image {
     lists: HashMap<Digest, ChunkList>,
     chunks: HashMap<Digest, Bytes>,
+    first_layer: Digest,
 }
 
-impl ChunkSource for Liar {
-    fn chunk(&self, digest: &Digest) -> Option<Bytes> {
-        self.chunks.get(digest).cloned()
-    }
-
-    fn have(&self, blob: &Digest) -> Option<HaveMap> {
-        let list = self.lists.get(blob)?;
-        let mut map = HaveMap::new(list.chunks.len() as u32);
-        for i in 0..list.chunks.len() as u32 {
-            map.set_present(i, true);
-        }
-        Some(map)
-    }
-}
-
-fn arg(name: &str) -> Result<String> {
+fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
-    let i = args
-        .iter()
-        .position(|a| a == name)
-        .with_context(|| format!("missing {name}"))?;
-    args.get(i + 1)
-        .cloned()
-        .with_context(|| format!("missing value of {name}"))
+    let i = args.iter().position(|a| a == name)?;
+    args.get(i + 1).cloned()
+}
+
+fn required(name: &str) -> Result<String> {
+    arg(name).with_context(|| format!("missing {name}"))
+}
+
+fn flag(name: &str) -> bool {
+    std::env::args().any(|a| a == name)
+}
+
+/// Resolves the image through the proxy and downloads its chunks.
+async fn load_image(with_bytes: bool) -> Result<Image> {
+    let proxy = ProxyClient::new(&required("--proxy")?, Duration::from_secs(30))?;
+    let r = ImageRef::parse(&required("--image")?)?;
+    let record = image::resolve(&proxy, &r).await?;
+    let first_layer = *record.layers.first().context("image without layers")?;
+    let mut img = Image {
+        lists: HashMap::new(),
+        chunks: HashMap::new(),
+        first_layer,
+    };
+    for blob in record.blobs() {
+        let info = proxy.blob_info(&r.proxy_repo(), &blob).await?;
+        if with_bytes || blob == first_layer {
+            for c in &info.chunks.chunks {
+                img.chunks.insert(c.digest, proxy.chunk(&c.digest).await?);
+            }
+        }
+        img.lists.insert(blob, info.chunks);
+    }
+    Ok(img)
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let proxy = ProxyClient::new(&arg("--proxy")?, Duration::from_secs(30))?;
-    let dir = std::path::PathBuf::from(arg("--dir")?);
+    let dir = std::path::PathBuf::from(required("--dir")?);
     std::fs::create_dir_all(&dir)?;
-    let r = ImageRef::parse(&arg("--image")?)?;
-    let record = image::resolve(&proxy, &r).await?;
-    let mut liar = Liar {
-        lists: HashMap::new(),
-        chunks: HashMap::new(),
-    };
-    for blob in record.blobs() {
-        let info = proxy.blob_info(&r.proxy_repo(), &blob).await?;
-        for c in &info.chunks.chunks {
-            let mut bytes = proxy.chunk(&c.digest).await?.to_vec();
-            let mid = bytes.len() / 2;
-            bytes[mid] ^= 0x5a;
-            liar.chunks.insert(c.digest, Bytes::from(bytes));
-        }
-        liar.lists.insert(blob, info.chunks);
-    }
     let keypair = imgd_agent::identity::load_or_create(&dir.join("node.key"))?;
     let node_id = keypair.public().to_peer_id().to_string();
+    if flag("--print-id") {
+        println!("{node_id}");
+        return Ok(());
+    }
+    let mut cfg = DataPlaneConfig::new(DEV_SWARM_KEY, node_id.clone().into_bytes());
+    if let Some(target) = arg("--probe") {
+        if flag("--wrong-key") {
+            cfg.key.0 = rand_key();
+        }
+        let img = load_image(false).await?;
+        let report = probe(target.parse()?, &cfg, &img).await;
+        println!("{report}");
+        return Ok(());
+    }
+    let mode = Mode::parse(&arg("--mode").unwrap_or_else(|| "flip".into()))?;
+    let img = Arc::new(load_image(true).await?);
     let listener = tokio::net::TcpListener::bind("0.0.0.0:7401").await?;
     let settings = imgd_agent::swarm::SwarmSettings {
         keypair,
@@ -82,12 +136,162 @@ async fn main() -> Result<()> {
         mdns: true,
     };
     let _swarm = imgd_agent::swarm::start(settings, Arc::new(PeerSet::default()))?;
-    println!("evil peer {node_id} ready");
-    dataplane::serve(
-        listener,
-        DataPlaneConfig::new(DEV_SWARM_KEY, node_id.into_bytes()),
-        Arc::new(liar),
-    )
-    .await?;
+    println!("evil peer {node_id} ready ({mode:?})");
+    let cfg = Arc::new(cfg);
+    loop {
+        let (stream, addr) = listener.accept().await?;
+        let (img, cfg) = (img.clone(), cfg.clone());
+        tokio::spawn(async move {
+            if let Err(e) = lie(stream, &cfg, &img, mode).await {
+                eprintln!("evil peer: connection from {addr} ended: {e:#}");
+            }
+        });
+    }
+}
+
+fn rand_key() -> [u8; 32] {
+    let mut k = [0u8; 32];
+    for (i, b) in k.iter_mut().enumerate() {
+        *b = (std::process::id() as u8)
+            .wrapping_add(i as u8)
+            .wrapping_mul(31);
+    }
+    k
+}
+
+/// Serves one connection as a liar: handshake, then requests until the peer hangs up.
+async fn lie(mut s: TcpStream, cfg: &DataPlaneConfig, img: &Image, mode: Mode) -> Result<()> {
+    s.set_nodelay(true)?;
+    handshake::server(&mut s, cfg).await?;
+    let limits = FrameLimits::from(&Limits::default());
+    let mut served = 0u32;
+    loop {
+        let mut head = [0u8; HEADER_LEN];
+        if s.read_exact(&mut head).await.is_err() {
+            return Ok(());
+        }
+        let header = wire::decode_header(&head, &limits)?;
+        let mut body = vec![0u8; header.len];
+        s.read_exact(&mut body).await?;
+        let id = header.request_id;
+        let reply = match wire::decode_body(&header, &body)? {
+            Message::Have { blob } => match img.lists.get(&blob) {
+                Some(list) => {
+                    let n = list.chunks.len() as u32;
+                    let mut map = HaveMap::new(n);
+                    (0..n).for_each(|i| map.set_present(i, true));
+                    Message::HaveMap(map)
+                }
+                None => Message::Unknown,
+            },
+            Message::GetChunk { digest } => {
+                let Some(bytes) = img.chunks.get(&digest) else {
+                    send(&mut s, id, &Message::NotFound).await?;
+                    continue;
+                };
+                served += 1;
+                match mode {
+                    Mode::Flip => {
+                        let mut v = bytes.to_vec();
+                        let mid = v.len() / 2;
+                        v[mid] ^= 0x5a;
+                        Message::Chunk(Bytes::from(v))
+                    }
+                    Mode::Phantom if served.is_multiple_of(2) => Message::NotFound,
+                    Mode::Phantom => Message::Error("chunk vanished".into()),
+                    Mode::Truncate | Mode::Drip => {
+                        let head = wire::encode_header(wire::kind::CHUNK, id, bytes.len() as u32);
+                        s.write_all(&head).await?;
+                        if mode == Mode::Truncate {
+                            s.write_all(&bytes[..bytes.len() / 2]).await?;
+                            return Ok(()); // hang up mid-chunk
+                        }
+                        for piece in bytes.chunks(4) {
+                            s.write_all(piece).await?;
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        continue;
+                    }
+                }
+            }
+            other => bail!("unexpected request {other:?}"),
+        };
+        send(&mut s, id, &reply).await?;
+    }
+}
+
+async fn send(s: &mut TcpStream, id: u32, msg: &Message) -> Result<()> {
+    let (head, body) = wire::encode_frame(id, msg, &FrameLimits::from(&Limits::default()))?;
+    s.write_all(&head).await?;
+    s.write_all(&body).await?;
     Ok(())
+}
+
+/// Tries to read the image's first layer from `target` as an outsider; returns a JSON
+/// report of what came back.
+async fn probe(target: std::net::SocketAddr, cfg: &DataPlaneConfig, img: &Image) -> String {
+    let outcome = async {
+        let mut s = TcpStream::connect(target).await?;
+        let hs = handshake::client(&mut s, cfg).await;
+        let list = img.lists.get(&img.first_layer).context("first layer")?;
+        let chunk = list.chunks.first().context("no chunk")?.digest;
+        let limits = FrameLimits::from(&Limits::default());
+        let mut sent = Vec::new();
+        for (id, m) in [
+            (1, Message::GetChunk { digest: chunk }),
+            (
+                2,
+                Message::Have {
+                    blob: img.first_layer,
+                },
+            ),
+        ] {
+            let (h, b) = wire::encode_frame(id, &m, &limits)?;
+            sent.extend_from_slice(&h);
+            sent.extend_from_slice(&b);
+        }
+        // Whatever the handshake said, ask, as an attacker would.
+        let _ = s.write_all(&sent).await;
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(3), async {
+            let mut buf = [0u8; 65536];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 || got.len() > (8 << 20) {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+                if decoded(&got, &limits).len() >= 2 {
+                    break;
+                }
+            }
+        })
+        .await;
+        let replies = decoded(&got, &limits);
+        let chunk_ok = replies
+            .iter()
+            .any(|m| matches!(m, Message::Chunk(b) if Digest::of(b) == chunk));
+        let have = replies.iter().any(|m| matches!(m, Message::HaveMap(_)));
+        anyhow::Ok(serde_json::json!({
+            "handshake": match hs { Ok(_) => "ok".to_string(), Err(e) => format!("refused: {e}") },
+            "bytes_after_handshake": got.len(),
+            "chunk": chunk_ok,
+            "have_map": have,
+        }))
+    }
+    .await;
+    match outcome {
+        Ok(v) => v.to_string(),
+        Err(e) => serde_json::json!({ "error": format!("{e:#}") }).to_string(),
+    }
+}
+
+/// The whole frames at the start of `buf`.
+fn decoded(buf: &[u8], limits: &FrameLimits) -> Vec<Message> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Ok(Some((_, m, used))) = wire::decode_frame(&buf[at..], limits) {
+        out.push(m);
+        at += used;
+    }
+    out
 }
