@@ -249,9 +249,9 @@ impl AgentConfig {
             (Some(t), None) => Ok(Some(t.trim().to_string())),
             (None, Some(path)) => std::fs::read_to_string(path)
                 .map(|t| Some(t.trim().to_string()))
-                .map_err(|source| ConfigError::Read {
+                .map_err(|error| ConfigError::Read {
                     path: path.clone(),
-                    source,
+                    error,
                 }),
             (None, None) => Ok(None),
         }
@@ -262,9 +262,9 @@ impl AgentConfig {
         let Some(path) = &self.swarm.key_file else {
             return Ok(DEV_SWARM_KEY);
         };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.clone(),
-            source,
+            error,
         })?;
         let hex = text.trim();
         let mut key = [0u8; 32];
