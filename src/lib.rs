@@ -9,11 +9,14 @@
 pub mod chunk;
 pub mod config_file;
 pub mod digest;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod index;
 #[cfg(feature = "logging")]
 pub mod logging;
 pub mod range;
 pub mod registry_path;
+#[cfg(feature = "store")]
 pub mod store;
 pub mod wire;
 

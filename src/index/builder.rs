@@ -9,28 +9,75 @@
 //!   `uncompressed_size` of 0 (unknown).
 
 use crate::digest::Digest;
-use crate::index::format::{Compression, LayerIndex};
-use crate::index::gzip::{CheckpointingInflater, GzipError, DEFAULT_SPAN};
-use crate::index::tar::{TarError, TarOptions, TarScanner};
+use crate::index::format::{Checkpoint, Compression, Entry, LayerIndex};
+use crate::index::gzip::{CheckpointingInflater, GzipError, RatioLimit, DEFAULT_SPAN};
+use crate::index::tar::{
+    TarError, TarOptions, TarScanner, DEFAULT_MAX_ENTRIES, DEFAULT_MAX_META_SIZE,
+    DEFAULT_MAX_PATH_LEN,
+};
+use serde::Deserialize;
 
 /// Bytes needed to tell the compression apart.
 const DETECT_LEN: usize = 4;
 
-/// Options of an [`IndexBuilder`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Options of an [`IndexBuilder`]: the checkpoint spacing and the limits that bound the
+/// work and memory a hostile layer can cost. Deserialisable (every field optional) so
+/// that daemons can expose them in their configuration files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct IndexOptions {
-    /// Uncompressed distance between gzip checkpoints (default 1 MiB). A checkpoint is
+    /// Uncompressed distance between gzip checkpoints (default 4 MiB). A checkpoint is
     /// also placed after every crossing of a chunk boundary in the compressed blob.
     pub checkpoint_span: u64,
-    /// Limits of the tar scanner.
-    pub tar: TarOptions,
+    /// Maximum number of tar entries in one layer (default 500 000).
+    pub max_entries: usize,
+    /// Maximum length of an entry path or link target in bytes (default 4096).
+    pub max_path_len: usize,
+    /// Maximum size of one PAX header, GNU long name or sparse map (default 1 MiB).
+    pub max_meta_size: usize,
+    /// Whether device nodes are accepted (default true).
+    pub allow_devices: bool,
+    /// Maximum size of the encoded index in bytes (default 256 MiB).
+    pub max_index_bytes: u64,
+    /// Maximum uncompressed / compressed size ratio of a gzip layer (default 500; deflate
+    /// cannot exceed about 1032), checked as the stream inflates...
+    pub max_inflate_ratio: u64,
+    /// ...once more than this many bytes came out (default 256 MiB), so that small
+    /// layers of zeros pass.
+    pub inflate_ratio_slack: u64,
 }
 
 impl Default for IndexOptions {
     fn default() -> Self {
         IndexOptions {
             checkpoint_span: DEFAULT_SPAN,
-            tar: TarOptions::default(),
+            max_entries: DEFAULT_MAX_ENTRIES,
+            max_path_len: DEFAULT_MAX_PATH_LEN,
+            max_meta_size: DEFAULT_MAX_META_SIZE,
+            allow_devices: true,
+            max_index_bytes: 256 << 20,
+            max_inflate_ratio: 500,
+            inflate_ratio_slack: 256 << 20,
+        }
+    }
+}
+
+impl IndexOptions {
+    /// The tar scanner's part of the options.
+    pub fn tar(&self) -> TarOptions {
+        TarOptions {
+            max_entries: self.max_entries,
+            max_meta_size: self.max_meta_size,
+            max_path_len: self.max_path_len,
+            allow_devices: self.allow_devices,
+        }
+    }
+
+    /// The inflater's ratio limit.
+    pub fn ratio_limit(&self) -> RatioLimit {
+        RatioLimit {
+            max_ratio: self.max_inflate_ratio,
+            slack: self.inflate_ratio_slack,
         }
     }
 }
@@ -44,6 +91,53 @@ pub enum IndexError {
     /// The tar stream is invalid.
     #[error("layer is not a valid tar archive: {0}")]
     Tar(#[from] TarError),
+    /// The index would exceed [`IndexOptions::max_index_bytes`].
+    #[error("layer index of {size} bytes (or more) exceeds the limit of {limit} bytes")]
+    TooLarge { size: u64, limit: u64 },
+}
+
+impl IndexError {
+    /// Whether the layer broke a limit or a safety rule (a hostile layer, to be refused),
+    /// rather than being no tar layer at all (a config blob, an unsupported format).
+    pub fn is_hostile(&self) -> bool {
+        match self {
+            IndexError::Gzip(g) => matches!(g, GzipError::RatioExceeded { .. }),
+            IndexError::Tar(t) => matches!(
+                t,
+                TarError::UnsafePath { .. }
+                    | TarError::TooManyEntries { .. }
+                    | TarError::MetaTooLarge { .. }
+                    | TarError::PathTooLong { .. }
+                    | TarError::BadHardlink { .. }
+                    | TarError::DeviceNode { .. }
+            ),
+            IndexError::TooLarge { .. } => true,
+        }
+    }
+}
+
+/// A lower bound of the encoded size of what was indexed so far, kept as entries and
+/// checkpoints arrive so that [`IndexOptions::max_index_bytes`] is enforced early.
+#[derive(Default)]
+struct SizeFloor {
+    bytes: u64,
+    entries: usize,
+    checkpoints: usize,
+}
+
+impl SizeFloor {
+    fn add(&mut self, entries: &[Entry], checkpoints: &[Checkpoint]) {
+        for e in entries.get(self.entries..).unwrap_or_default() {
+            let link = e.link_target.as_ref().map_or(0, Vec::len);
+            let xattrs: usize = e.xattrs.iter().map(|(k, v)| k.len() + v.len()).sum();
+            self.bytes += (e.path.len() + link + xattrs) as u64 + 13;
+        }
+        for c in checkpoints.get(self.checkpoints..).unwrap_or_default() {
+            self.bytes += c.window.len() as u64 + 4;
+        }
+        self.entries = entries.len();
+        self.checkpoints = checkpoints.len();
+    }
 }
 
 enum Mode {
@@ -65,6 +159,7 @@ pub struct IndexBuilder {
     opts: IndexOptions,
     mode: Mode,
     size: u64,
+    floor: SizeFloor,
     failed: Option<IndexError>,
 }
 
@@ -75,6 +170,7 @@ impl IndexBuilder {
             opts,
             mode: Mode::Detect(Vec::with_capacity(DETECT_LEN)),
             size: 0,
+            floor: SizeFloor::default(),
             failed: None,
         }
     }
@@ -125,10 +221,13 @@ impl IndexBuilder {
     fn start(&mut self, head: &[u8]) -> Result<(), IndexError> {
         self.mode = match Compression::detect(head) {
             Compression::Gzip => Mode::Gzip {
-                inflater: Box::new(CheckpointingInflater::new(self.opts.checkpoint_span)?),
-                tar: Box::new(TarScanner::new(self.opts.tar)),
+                inflater: Box::new(
+                    CheckpointingInflater::new(self.opts.checkpoint_span)?
+                        .with_ratio_limit(self.opts.ratio_limit()),
+                ),
+                tar: Box::new(TarScanner::new(self.opts.tar())),
             },
-            Compression::None => Mode::Plain(Box::new(TarScanner::new(self.opts.tar))),
+            Compression::None => Mode::Plain(Box::new(TarScanner::new(self.opts.tar()))),
             Compression::Zstd => Mode::Zstd,
         };
         self.feed(head)
@@ -139,12 +238,19 @@ impl IndexBuilder {
             return Ok(());
         }
         match &mut self.mode {
-            Mode::Gzip { inflater, tar } => inflater.feed(data, &mut |out: &[u8]| {
-                tar.feed(out).map_err(IndexError::Tar)
-            }),
-            Mode::Plain(tar) => Ok(tar.feed(data)?),
-            Mode::Zstd | Mode::Detect(_) => Ok(()),
+            Mode::Gzip { inflater, tar } => {
+                inflater.feed(data, &mut |out: &[u8]| {
+                    tar.feed(out).map_err(IndexError::Tar)
+                })?;
+                self.floor.add(tar.entries(), inflater.checkpoints());
+            }
+            Mode::Plain(tar) => {
+                tar.feed(data)?;
+                self.floor.add(tar.entries(), &[]);
+            }
+            Mode::Zstd | Mode::Detect(_) => {}
         }
+        check_size(self.floor.bytes, self.opts.max_index_bytes)
     }
 
     /// Checks the blob ended properly (complete gzip stream, tar end marker or end at a
@@ -191,6 +297,7 @@ impl IndexBuilder {
                 checkpoints: Vec::new(),
             },
         };
+        check_size(index.encoded_len(), self.opts.max_index_bytes)?;
         tracing::debug!(
             layer = %index.layer,
             compression = ?index.compression,
@@ -200,6 +307,13 @@ impl IndexBuilder {
         );
         Ok(index)
     }
+}
+
+fn check_size(size: u64, limit: u64) -> Result<(), IndexError> {
+    if size > limit {
+        return Err(IndexError::TooLarge { size, limit });
+    }
+    Ok(())
 }
 
 /// Builds the index of a whole in-memory blob (convenience for tests and small blobs).

@@ -64,6 +64,14 @@ pub enum GzipError {
     /// A checkpoint or input slice that cannot be used.
     #[error("invalid checkpoint or input: {0}")]
     BadCheckpoint(String),
+    /// The stream inflates to more than the allowed multiple of its compressed size (a
+    /// decompression bomb).
+    #[error("gzip stream inflates {uncompressed} bytes from {compressed}: more than {limit} times its compressed size")]
+    RatioExceeded {
+        compressed: u64,
+        uncompressed: u64,
+        limit: u64,
+    },
     /// zlib failed for a reason other than bad data (allocation, internal state).
     #[error("zlib error {code}: {message}")]
     Zlib { code: i32, message: String },
@@ -221,10 +229,20 @@ pub struct InflateSummary {
     pub checkpoints: Vec<Checkpoint>,
 }
 
+/// A bound on the inflate ratio, checked as the stream goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RatioLimit {
+    /// Largest allowed uncompressed / compressed ratio.
+    pub max_ratio: u64,
+    /// Uncompressed bytes allowed whatever the ratio (small layers of zeros are fine).
+    pub slack: u64,
+}
+
 /// Push-based gzip inflater that records restart [`Checkpoint`]s as it goes.
 pub struct CheckpointingInflater {
     z: Inflate,
     span: u64,
+    limit: Option<RatioLimit>,
     phase: Phase,
     /// Compressed / uncompressed bytes of the members before the current one (zlib's
     /// counters restart with each member).
@@ -242,6 +260,7 @@ impl CheckpointingInflater {
         Ok(CheckpointingInflater {
             z: Inflate::new(GZIP_BITS)?,
             span: span.max(1),
+            limit: None,
             phase: Phase::InMember,
             base_in: 0,
             base_out: 0,
@@ -254,6 +273,28 @@ impl CheckpointingInflater {
                 window: Vec::new(),
             }],
         })
+    }
+
+    /// Fails the inflation ([`GzipError::RatioExceeded`]) once more than `limit.slack`
+    /// bytes came out and they are more than `limit.max_ratio` times the bytes consumed.
+    pub fn with_ratio_limit(mut self, limit: RatioLimit) -> Self {
+        self.limit = Some(limit);
+        self
+    }
+
+    fn check_ratio(&self) -> Result<(), GzipError> {
+        let Some(limit) = self.limit else {
+            return Ok(());
+        };
+        let (cin, cout) = (self.total_in(), self.total_out());
+        if cout > limit.slack && cout > cin.max(1).saturating_mul(limit.max_ratio) {
+            return Err(GzipError::RatioExceeded {
+                compressed: cin,
+                uncompressed: cout,
+                limit: limit.max_ratio,
+            });
+        }
+        Ok(())
     }
 
     /// Compressed bytes consumed so far.
@@ -348,6 +389,7 @@ impl CheckpointingInflater {
                         magic: [0; 2],
                         have: 0,
                     };
+                    self.check_ratio()?;
                     return Ok(pos);
                 }
                 // No progress possible: all input is consumed (the output buffer always
@@ -355,6 +397,7 @@ impl CheckpointingInflater {
                 z::Z_BUF_ERROR if pos == input.len() => return Ok(pos),
                 _ => return Err(self.corrupt().into()),
             }
+            self.check_ratio()?;
             self.maybe_checkpoint();
             if pos == input.len() && self.out_len < self.out.len() {
                 return Ok(pos);
@@ -413,6 +456,47 @@ impl CheckpointingInflater {
             }),
         }
     }
+}
+
+/// gzip-compresses `data` at `level` in one call (zlib's deflate with a gzip wrapper);
+/// for tests and fuzzing.
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn compress(data: &[u8], level: i32) -> Result<Vec<u8>, GzipError> {
+    let mut strm = Box::new(z::z_stream::default());
+    let zerr = |code: c_int| GzipError::Zlib {
+        code,
+        message: "deflate failed".into(),
+    };
+    let mut out = vec![0u8; data.len() + data.len() / 100 + 1024];
+    let avail = u32::try_from(data.len()).map_err(|_| zerr(z::Z_BUF_ERROR))?;
+    // SAFETY: the stream is boxed, initialised before use and ended once; the input and
+    // output pointers are live slices of the stated lengths.
+    unsafe {
+        let ret = z::deflateInit2_(
+            &mut *strm,
+            level,
+            z::Z_DEFLATED,
+            GZIP_BITS,
+            8,
+            z::Z_DEFAULT_STRATEGY,
+            z::zlibVersion(),
+            std::mem::size_of::<z::z_stream>() as c_int,
+        );
+        if ret != z::Z_OK {
+            return Err(zerr(ret));
+        }
+        strm.next_in = data.as_ptr();
+        strm.avail_in = avail;
+        strm.next_out = out.as_mut_ptr();
+        strm.avail_out = out.len() as u32;
+        let ret = z::deflate(&mut *strm, z::Z_FINISH);
+        out.truncate(strm.total_out as usize);
+        z::deflateEnd(&mut *strm);
+        if ret != z::Z_STREAM_END {
+            return Err(zerr(ret));
+        }
+    }
+    Ok(out)
 }
 
 /// Offset in the blob where the input for restarting at `cp` begins: one byte before

@@ -17,29 +17,56 @@
 //! - Volume labels (`V`) are skipped; GNU dump directories (`D`) are directories; other
 //!   unknown type flags are an error.
 //! - A regular-file entry whose name ends in `/` is a directory (old tar convention).
+//!
+//! Hostile input (see [`TarOptions`] for the limits):
+//! - Paths are normalised: a leading `/` (absolute path) and `.` components are stripped;
+//!   a `..` component is an error ([`TarError::UnsafePath`]), in paths and hard link
+//!   targets. Symlink targets are kept verbatim (the image view resolves them inside its
+//!   root).
+//! - A hard link must not name a directory or an entry that only comes later in the same
+//!   archive ([`TarError::BadHardlink`]). A target absent from the archive is kept: it may
+//!   name a file of a lower layer (the image view skips it when it names nothing).
+//! - Duplicate paths are kept in archive order; the later entry wins (as when extracting).
+//! - Device nodes are kept unless [`TarOptions::allow_devices`] is off.
 
 mod header;
 
 use crate::index::format::{Entry, EntryKind};
 use header::{self as th, Header, Meta, SparseMapParser};
+use std::collections::HashMap;
 
 /// Size of a tar block.
 pub const BLOCK: usize = 512;
 
-/// Limits that keep the scanner's memory bounded.
+/// Limits that keep the scanner's memory bounded, and what it accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TarOptions {
-    /// Maximum number of entries in one archive.
+    /// Maximum number of entries in one archive (default 500 000).
     pub max_entries: usize,
-    /// Maximum size of one PAX header, GNU long name/link or sparse map.
+    /// Maximum size of one PAX header, GNU long name/link or sparse map (default 1 MiB).
     pub max_meta_size: usize,
+    /// Maximum length in bytes of an entry path or link target, after normalisation
+    /// (default 4096, Linux's `PATH_MAX`).
+    pub max_path_len: usize,
+    /// Whether character and block device entries are accepted (default true: OCI
+    /// layers may carry them and runtimes create them when unpacking as root).
+    pub allow_devices: bool,
 }
+
+/// Default of [`TarOptions::max_entries`].
+pub const DEFAULT_MAX_ENTRIES: usize = 500_000;
+/// Default of [`TarOptions::max_meta_size`].
+pub const DEFAULT_MAX_META_SIZE: usize = 1 << 20;
+/// Default of [`TarOptions::max_path_len`].
+pub const DEFAULT_MAX_PATH_LEN: usize = 4096;
 
 impl Default for TarOptions {
     fn default() -> Self {
         TarOptions {
-            max_entries: 4 << 20,
-            max_meta_size: 1 << 20,
+            max_entries: DEFAULT_MAX_ENTRIES,
+            max_meta_size: DEFAULT_MAX_META_SIZE,
+            max_path_len: DEFAULT_MAX_PATH_LEN,
+            allow_devices: true,
         }
     }
 }
@@ -61,6 +88,27 @@ pub enum TarError {
     /// Too many entries.
     #[error("tar archive has more than {limit} entries")]
     TooManyEntries { limit: usize },
+    /// A path or link target longer than the limit.
+    #[error(
+        "{what} of {len} bytes in tar entry at offset {offset} exceeds the limit of {limit} bytes"
+    )]
+    PathTooLong {
+        offset: u64,
+        what: &'static str,
+        len: usize,
+        limit: usize,
+    },
+    /// A hard link to a directory, or to an entry that only comes later in the archive.
+    #[error("hard link {path:?} at offset {offset} names {target:?}, {reason}")]
+    BadHardlink {
+        offset: u64,
+        path: String,
+        target: String,
+        reason: &'static str,
+    },
+    /// A device node while [`TarOptions::allow_devices`] is off.
+    #[error("device node {path:?} at offset {offset} is not allowed")]
+    DeviceNode { offset: u64, path: String },
     /// An extended header, long name or sparse map exceeds the limit.
     #[error("tar metadata of {size} bytes at offset {offset} exceeds the limit of {limit} bytes")]
     MetaTooLarge {
@@ -131,6 +179,10 @@ pub struct TarScanner {
     pending: Meta,
     global: Meta,
     entries: Vec<Entry>,
+    /// Paths seen so far, and whether the latest entry of each is a directory.
+    seen: HashMap<Vec<u8>, bool>,
+    /// Hard links whose target was not seen before them: (entry index, header offset).
+    unresolved_links: Vec<(usize, u64)>,
 }
 
 impl TarScanner {
@@ -145,6 +197,8 @@ impl TarScanner {
             pending: Meta::default(),
             global: Meta::default(),
             entries: Vec::new(),
+            seen: HashMap::new(),
+            unresolved_links: Vec::new(),
         }
     }
 
@@ -212,9 +266,9 @@ impl TarScanner {
     /// Checks the stream ended properly and returns the entries.
     pub fn finish(self) -> Result<Vec<Entry>, TarError> {
         let what = match &self.state {
-            State::End => return Ok(self.entries),
+            State::End => return self.check_links(),
             State::Header if self.block_len == 0 && self.pending.is_empty() => {
-                return Ok(self.entries)
+                return self.check_links()
             }
             State::Header if self.block_len == 0 => "an extended header's entry",
             State::Header => "a header block",
@@ -227,6 +281,22 @@ impl TarScanner {
             offset: self.pos,
             what,
         })
+    }
+
+    /// Rejects hard links whose target only came after them; returns the entries.
+    fn check_links(self) -> Result<Vec<Entry>, TarError> {
+        for &(i, offset) in &self.unresolved_links {
+            let link = &self.entries[i];
+            let target = link.link_target.as_deref().unwrap_or_default();
+            if self.seen.contains_key(target) {
+                return Err(bad_link(
+                    offset,
+                    link,
+                    "which only comes later in the archive",
+                ));
+            }
+        }
+        Ok(self.entries)
     }
 
     /// Handles a complete 512-byte block (it ended at `self.pos`).
@@ -375,9 +445,31 @@ impl TarScanner {
             }
             _ => None,
         };
+        let path = normalize(&raw_path, offset)?;
+        let limit = self.opts.max_path_len;
+        let too_long = |what, len| TarError::PathTooLong {
+            offset,
+            what,
+            len,
+            limit,
+        };
+        if path.len() > limit {
+            return Err(too_long("path", path.len()));
+        }
+        if let Some(t) = link_target.as_ref().filter(|t| t.len() > limit) {
+            return Err(too_long("link target", t.len()));
+        }
+        if matches!(kind, EntryKind::CharDevice | EntryKind::BlockDevice)
+            && !self.opts.allow_devices
+        {
+            return Err(TarError::DeviceNode {
+                offset,
+                path: String::from_utf8_lossy(&path).into_owned(),
+            });
+        }
         let (mtime, mtime_nsec) = meta.mtime.or(self.global.mtime).unwrap_or((h.mtime, 0));
         let mut entry = Entry {
-            path: normalize(&raw_path, offset)?,
+            path,
             kind,
             mode: (h.mode & 0o7777) as u32,
             uid: meta.uid.or(self.global.uid).unwrap_or(h.uid),
@@ -467,6 +559,17 @@ impl TarScanner {
                     limit: self.opts.max_entries,
                 });
             }
+            if let Some(target) = entry.link_target.as_deref() {
+                if entry.kind == EntryKind::Hardlink {
+                    match self.seen.get(target) {
+                        Some(true) => return Err(bad_link(offset, &entry, "a directory")),
+                        Some(false) => {}
+                        None => self.unresolved_links.push((self.entries.len(), offset)),
+                    }
+                }
+            }
+            self.seen
+                .insert(entry.path.clone(), entry.kind == EntryKind::Dir);
             self.entries.push(entry);
         }
         self.skip_raw(skip);
@@ -540,6 +643,16 @@ pub fn normalize(raw: &[u8], offset: u64) -> Result<Vec<u8>, TarError> {
         }
     }
     Ok(out)
+}
+
+fn bad_link(offset: u64, link: &Entry, reason: &'static str) -> TarError {
+    TarError::BadHardlink {
+        offset,
+        path: link.path_lossy().into_owned(),
+        target: String::from_utf8_lossy(link.link_target.as_deref().unwrap_or_default())
+            .into_owned(),
+        reason,
+    }
 }
 
 pub(crate) fn sparse_err(offset: u64, reason: &str) -> TarError {

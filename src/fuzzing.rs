@@ -1,0 +1,163 @@
+//! Fuzz entry points: each runs one parser on arbitrary bytes and panics only on a bug
+//! (a crash, or a broken invariant). The `fuzz/` crate's targets call them, and the unit
+//! test below replays every saved input under `fuzz/regressions/<target>/`.
+
+use crate::index::{
+    gzip, index_blob, read_file, EntryKind, IndexBuilder, IndexOptions, LayerIndex,
+};
+use crate::Digest;
+use std::convert::Infallible;
+
+/// Small limits, so that inputs reach them quickly.
+fn options() -> IndexOptions {
+    IndexOptions {
+        checkpoint_span: 64 << 10,
+        max_entries: 10_000,
+        max_meta_size: 64 << 10,
+        max_index_bytes: 16 << 20,
+        inflate_ratio_slack: 8 << 20,
+        ..IndexOptions::default()
+    }
+}
+
+/// Reads (part of) every regular file through the index, as the mount does.
+fn read_files(index: &LayerIndex, blob: &[u8]) {
+    let fetch = |r: std::ops::Range<u64>| -> Result<&[u8], Infallible> {
+        Ok(blob
+            .get(r.start as usize..r.end as usize)
+            .unwrap_or_default())
+    };
+    for e in index.entries.iter().take(64) {
+        if matches!(e.kind, EntryKind::File | EntryKind::Hardlink) {
+            let got = read_file(index, e, 0, 1 << 16, fetch);
+            if let (Ok(bytes), EntryKind::File) = (&got, e.kind) {
+                assert_eq!(bytes.len() as u64, e.size.min(1 << 16), "short read");
+            }
+        }
+    }
+}
+
+/// `index_builder`: `data[0]` picks how the rest is fed: as the blob itself in slices
+/// of a size picked by `data[1]` (must index as when fed at once), or as a tar stream
+/// gzip-compressed first (must index to the same entries as the plain tar).
+pub fn index_builder(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    if mode & 1 == 0 {
+        let Some((&step, blob)) = rest.split_first() else {
+            return;
+        };
+        let whole = index_blob(blob, options());
+        let mut b = IndexBuilder::new(options());
+        let sliced = blob
+            .chunks(usize::from(step) * 37 + 1)
+            .try_for_each(|piece| b.push(piece))
+            .and_then(|()| b.finish(Digest::of(blob)));
+        assert_eq!(whole, sliced, "slicing changed the outcome");
+        if let Ok(index) = whole {
+            check_built(&index, blob);
+        }
+    } else {
+        let plain = index_blob(rest, options());
+        let Ok(gz) = gzip::compress(rest, 1) else {
+            return;
+        };
+        let packed = index_blob(&gz, options());
+        if let Ok(index) = &packed {
+            check_built(index, &gz);
+        }
+        // A tar that starts like gzip or zstd is not read as a plain tar.
+        if rest.len() >= 4
+            && !rest.starts_with(&[0x1f, 0x8b])
+            && !rest.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
+        {
+            match (&plain, &packed) {
+                (Ok(p), Ok(g)) => assert_eq!(p.entries, g.entries, "gzip changed the entries"),
+                (Ok(_), Err(e)) => assert!(e.is_hostile(), "only gzip failed: {e}"),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn check_built(index: &LayerIndex, blob: &[u8]) {
+    index
+        .validate()
+        .unwrap_or_else(|e| panic!("built index fails validation: {e}"));
+    let encoded = index.encode();
+    assert_eq!(encoded.len() as u64, index.encoded_len());
+    let decoded = LayerIndex::decode(&encoded).expect("round trip");
+    assert_eq!(&decoded, index);
+    read_files(index, blob);
+}
+
+/// `index_decode`: decodes `data` as an encoded index, and again with a valid trailing
+/// digest (so the body parser is reached); a decoded index must be readable safely.
+pub fn index_decode(data: &[u8]) {
+    let _ = LayerIndex::decode(data);
+    let mut signed = data.to_vec();
+    signed.extend_from_slice(Digest::of(data).as_bytes());
+    if let Ok(index) = LayerIndex::decode(&signed) {
+        let blob = vec![0u8; index.compressed_size.min(1 << 20) as usize];
+        read_files(&index, &blob);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    /// Replays the saved inputs of `target`: the seed corpus (`fuzz/seeds/<target>`) and
+    /// the crashes found and fixed (`fuzz/regressions/<target>`).
+    fn replay(target: &str, run: fn(&[u8])) {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+        let mut n = 0;
+        for dir in ["seeds", "regressions"] {
+            let Ok(files) = std::fs::read_dir(root.join(dir).join(target)) else {
+                continue;
+            };
+            for f in files {
+                let path = f.expect("dir entry").path();
+                let data = std::fs::read(&path).expect("read saved input");
+                eprintln!("replaying {}", path.display());
+                run(&data);
+                n += 1;
+            }
+        }
+        assert!(n > 0, "no saved inputs for {target}");
+    }
+
+    /// Writes `fuzz/seeds/index_decode` from the real layers of the `index_builder` seeds:
+    /// `cargo test -p imgd-core --lib write_index_decode_seeds -- --ignored`.
+    #[test]
+    #[ignore = "regenerates seed files"]
+    fn write_index_decode_seeds() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+        let out = root.join("index_decode");
+        std::fs::create_dir_all(&out).unwrap();
+        for f in std::fs::read_dir(root.join("index_builder")).unwrap() {
+            let path = f.unwrap().path();
+            let data = std::fs::read(&path).unwrap();
+            if data.first() != Some(&0) {
+                continue;
+            }
+            let index = crate::index::index_blob(&data[2..], super::options()).unwrap();
+            let enc = index.encode();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            // The target appends the digest itself; keep one seed signed as well.
+            std::fs::write(out.join(format!("{name}.idx")), &enc[..enc.len() - 32]).unwrap();
+            std::fs::write(out.join(format!("{name}.signed.idx")), &enc).unwrap();
+        }
+    }
+
+    #[test]
+    fn index_builder_regressions() {
+        replay("index_builder", super::index_builder);
+    }
+
+    #[test]
+    fn index_decode_regressions() {
+        replay("index_decode", super::index_decode);
+    }
+}
