@@ -4,6 +4,7 @@
 //! - [`chunk`]: fixed 4 MiB chunking of layer blobs and the per-blob chunk list.
 //! - [`index`]: the seekable layer index (file table + inflate checkpoints) and its reader.
 //! - [`store`]: the content-addressed chunk store on disk and the RocksDB metadata.
+//! - [`manifest`]: the manifest parser with size, count and nesting limits.
 //! - [`wire`]: JSON types of the proxy's chunk API.
 
 pub mod chunk;
@@ -14,6 +15,7 @@ pub mod fuzzing;
 pub mod index;
 #[cfg(feature = "logging")]
 pub mod logging;
+pub mod manifest;
 pub mod range;
 pub mod registry_path;
 #[cfg(feature = "store")]

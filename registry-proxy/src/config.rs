@@ -23,6 +23,18 @@ upstream_timeout_secs = 60
 # Largest manifest accepted from an upstream, in bytes.
 max_manifest_bytes = 4194304
 
+# Limits on the layers the proxy indexes. A layer that breaks one (or has a '..' path,
+# a hard link to a directory or to a later entry) is refused with 422 and not stored.
+[index]
+max_entries = 500000               # tar entries per layer
+max_path_len = 4096                # bytes of an entry path or link target
+max_meta_size = 1048576            # bytes of one PAX header or GNU long name
+allow_devices = true               # accept device nodes
+max_index_bytes = 268435456        # encoded index size
+max_inflate_ratio = 500            # uncompressed / compressed size of a gzip layer...
+inflate_ratio_slack = 268435456    # ...checked once this many bytes came out
+checkpoint_span = 4194304          # uncompressed bytes between gzip checkpoints
+
 # Upstream registries. A client picks one with a path prefix equal to its `name`
 # (GET /v2/NAME/library/alpine/manifests/3), or with containerd's `?ns=NAME`; requests
 # with neither go to the upstream marked `default` (or the only one).
@@ -51,6 +63,8 @@ pub struct ProxyConfig {
     pub storage_dir: PathBuf,
     pub upstream_timeout_secs: u64,
     pub max_manifest_bytes: usize,
+    /// Limits of the layer index builder (`[index]`).
+    pub index: imgd_core::index::IndexOptions,
     #[serde(rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
 }
@@ -78,6 +92,7 @@ impl Default for ProxyConfig {
             storage_dir: PathBuf::from("/var/lib/imgd-proxy"),
             upstream_timeout_secs: 60,
             max_manifest_bytes: 4 << 20,
+            index: imgd_core::index::IndexOptions::default(),
             upstreams: Vec::new(),
         }
     }
@@ -145,6 +160,10 @@ mod tests {
         assert_eq!(parsed.storage_dir, d.storage_dir);
         assert_eq!(parsed.upstream_timeout_secs, d.upstream_timeout_secs);
         assert_eq!(parsed.max_manifest_bytes, d.max_manifest_bytes);
+        assert_eq!(parsed.index, d.index);
+        let custom: ProxyConfig = toml::from_str("[index]\nmax_entries = 7").unwrap();
+        assert_eq!(custom.index.max_entries, 7);
+        assert!(toml::from_str::<ProxyConfig>("[index]\nmax_entrys = 7").is_err());
     }
 
     #[test]

@@ -48,7 +48,7 @@ impl AppState {
         let stats = Arc::new(Stats::default());
         Ok(AppState {
             upstreams: Upstreams::new(entries, default),
-            ingestor: Ingestor::new(storage.clone(), stats.clone()),
+            ingestor: Ingestor::new(storage.clone(), stats.clone(), config.index),
             storage,
             stats,
             config,

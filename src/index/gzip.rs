@@ -389,15 +389,27 @@ impl CheckpointingInflater {
                         magic: [0; 2],
                         have: 0,
                     };
-                    self.check_ratio()?;
+                    if let Err(e) = self.check_ratio() {
+                        self.flush(out)?;
+                        return Err(e.into());
+                    }
                     return Ok(pos);
                 }
                 // No progress possible: all input is consumed (the output buffer always
                 // has room here), so wait for more.
                 z::Z_BUF_ERROR if pos == input.len() => return Ok(pos),
-                _ => return Err(self.corrupt().into()),
+                _ => {
+                    // Output decoded before the bad data goes out first, so that errors
+                    // come in stream order whatever the input slicing.
+                    let e = self.corrupt();
+                    self.flush(out)?;
+                    return Err(e.into());
+                }
             }
-            self.check_ratio()?;
+            if let Err(e) = self.check_ratio() {
+                self.flush(out)?;
+                return Err(e.into());
+            }
             self.maybe_checkpoint();
             if pos == input.len() && self.out_len < self.out.len() {
                 return Ok(pos);
