@@ -4,8 +4,9 @@
 //! [`parse`] checks the size before reading any JSON, then the structure: `schemaVersion`
 //! 2, a known document media type (OCI or Docker v2 image manifest or index), well-formed
 //! descriptors (sha256 digests, sizes) and at most [`ManifestLimits::max_descriptors`] of
-//! them. JSON nesting is bounded by serde_json's recursion limit (128), so a deeply
-//! nested document is an error, not a stack overflow. An index's child must be an image
+//! them. Deep JSON nesting cannot overflow the stack: ignored fields are skipped without
+//! recursion and parsed ones stop at serde_json's recursion limit (128). An index's child
+//! must be an image
 //! manifest ([`parse_child`]): nesting stops at one level, so no chain of indexes (and no
 //! cycle, which digests already make impossible) is followed.
 

@@ -167,14 +167,29 @@ fn huge_manifests_are_refused_before_parsing() {
 
 #[test]
 fn deep_nesting_and_nested_indexes_are_refused() {
-    // 100 000 nested arrays inside an ignored field: serde_json's recursion limit.
+    // 100 000 nested arrays: skipped without recursion in an ignored field, a type
+    // error where a descriptor is expected; never a stack overflow.
+    let nest = |field: &str| {
+        format!(
+            r#"{{"schemaVersion":2,"{field}":{}{}}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        )
+    };
+    let err = parse(nest("annotations").as_bytes(), None, &limits()).unwrap_err();
+    assert_eq!(
+        err,
+        ManifestError::Malformed("image manifest without `config`")
+    );
+    let err = parse(nest("layers").as_bytes(), None, &limits()).unwrap_err();
+    assert!(err.to_string().contains("invalid type: sequence"), "{err}");
+    // Nested objects in a parsed position hit serde_json's recursion limit.
     let deep = format!(
-        r#"{{"schemaVersion":2,"annotations":{}{}}}"#,
-        "[".repeat(100_000),
-        "]".repeat(100_000)
+        r#"{{"schemaVersion":2,"config":{}}}"#,
+        r#"{"platform":"#.repeat(100_000)
     );
     let err = parse(deep.as_bytes(), None, &limits()).unwrap_err();
-    assert!(err.to_string().contains("recursion limit"), "{err}");
+    assert!(matches!(err, ManifestError::Json(_)), "{err}");
     // An index whose platform child is an index again: not followed.
     let inner = index(&[("amd64", &d(1))]);
     let child = Digest::of(inner.as_bytes());
