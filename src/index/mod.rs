@@ -4,6 +4,7 @@
 pub mod builder;
 pub mod format;
 pub mod gzip;
+pub mod options;
 pub mod reader;
 pub mod tar;
 mod validate;
