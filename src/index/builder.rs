@@ -215,10 +215,10 @@ pub(crate) fn test_options() -> IndexOptions {
 mod tests {
     use super::*;
     use crate::index::format::EntryKind;
-    use crate::index::gzip::GzipError;
-    use crate::index::tar::TarError;
     use crate::index::gzip::tests::{gzip_compress, test_data};
+    use crate::index::gzip::GzipError;
     use crate::index::tar::tests::TestTar;
+    use crate::index::tar::TarError;
 
     fn sample_tar() -> (Vec<u8>, Vec<Vec<u8>>) {
         let mut t = TestTar::default();

@@ -276,7 +276,8 @@ impl CheckpointingInflater {
     }
 
     /// Fails the inflation ([`GzipError::RatioExceeded`]) once more than `limit.slack`
-    /// bytes came out and they are more than `limit.max_ratio` times the bytes consumed.
+    /// bytes came out and they are more than `limit.max_ratio` times the bytes consumed;
+    /// checked at every 256 KiB of output and at the end of each gzip member.
     pub fn with_ratio_limit(mut self, limit: RatioLimit) -> Self {
         self.limit = Some(limit);
         self
@@ -374,9 +375,13 @@ impl CheckpointingInflater {
             if self.out_len == self.out.len() {
                 self.flush(out)?;
             }
+            // Output stops at every multiple of OUT_BUF, where the ratio is checked: the
+            // same points whatever the input slicing, so the verdict does not depend on it.
+            let to_mark = OUT_BUF - (self.total_out() % OUT_BUF as u64) as usize;
+            let end = self.out.len().min(self.out_len + to_mark);
             let step = self
                 .z
-                .run(&input[pos..], &mut self.out[self.out_len..], z::Z_BLOCK);
+                .run(&input[pos..], &mut self.out[self.out_len..end], z::Z_BLOCK);
             pos += step.consumed;
             self.out_len += step.produced;
             match step.ret {
@@ -406,9 +411,11 @@ impl CheckpointingInflater {
                     return Err(e.into());
                 }
             }
-            if let Err(e) = self.check_ratio() {
-                self.flush(out)?;
-                return Err(e.into());
+            if step.produced > 0 && self.total_out() % OUT_BUF as u64 == 0 {
+                if let Err(e) = self.check_ratio() {
+                    self.flush(out)?;
+                    return Err(e.into());
+                }
             }
             self.maybe_checkpoint();
             if pos == input.len() && self.out_len < self.out.len() {
