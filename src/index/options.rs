@@ -28,7 +28,7 @@ pub struct IndexOptions {
     /// Maximum size of the encoded index in bytes (default 256 MiB).
     pub max_index_bytes: u64,
     /// Maximum uncompressed / compressed size ratio of a gzip layer (default 500; deflate
-    /// cannot exceed about 1032), checked as the stream inflates...
+    /// cannot exceed about 1032), checked at every 256 KiB of output...
     pub max_inflate_ratio: u64,
     /// ...once more than this many bytes came out (default 256 MiB), so that small
     /// layers of zeros pass.
