@@ -23,18 +23,6 @@ upstream_timeout_secs = 60
 # Largest manifest accepted from an upstream, in bytes.
 max_manifest_bytes = 4194304
 
-# Limits on the layers the proxy indexes. A layer that breaks one (or has a '..' path,
-# a hard link to a directory or to a later entry) is refused with 422 and not stored.
-[index]
-max_entries = 500000               # tar entries per layer
-max_path_len = 4096                # bytes of an entry path or link target
-max_meta_size = 1048576            # bytes of one PAX header or GNU long name
-allow_devices = true               # accept device nodes
-max_index_bytes = 268435456        # encoded index size
-max_inflate_ratio = 500            # uncompressed / compressed size of a gzip layer...
-inflate_ratio_slack = 268435456    # ...checked once this many bytes came out
-checkpoint_span = 4194304          # uncompressed bytes between gzip checkpoints
-
 # Upstream registries. A client picks one with a path prefix equal to its `name`
 # (GET /v2/NAME/library/alpine/manifests/3), or with containerd's `?ns=NAME`; requests
 # with neither go to the upstream marked `default` (or the only one).
@@ -51,6 +39,18 @@ checkpoint_span = 4194304          # uncompressed bytes between gzip checkpoints
 # [[upstream]]
 # name = "local"
 # layout = "/srv/images"
+
+# Limits on the layers the proxy indexes. A layer that breaks one (or has a '..' path,
+# a hard link to a directory or to a later entry) is refused with 422 and not stored.
+[index]
+max_entries = 500000               # tar entries per layer
+max_path_len = 4096                # bytes of an entry path or link target
+max_meta_size = 1048576            # bytes of one PAX header or GNU long name
+allow_devices = true               # accept device nodes
+max_index_bytes = 268435456        # encoded index size
+max_inflate_ratio = 500            # uncompressed / compressed size of a gzip layer...
+inflate_ratio_slack = 268435456    # ...checked once this many bytes came out
+checkpoint_span = 4194304          # uncompressed bytes between gzip checkpoints
 "#;
 
 pub use imgd_core::config_file::ConfigError;
