@@ -4,16 +4,23 @@
 //! - [`chunk`]: fixed 4 MiB chunking of layer blobs and the per-blob chunk list.
 //! - [`index`]: the seekable layer index (file table + inflate checkpoints) and its reader.
 //! - [`store`]: the content-addressed chunk store on disk and the RocksDB metadata.
+//! - [`manifest`]: the manifest parser with size, count and nesting limits.
+//! - [`peer_wire`]: the frame codec of the agents' peer-to-peer data plane.
 //! - [`wire`]: JSON types of the proxy's chunk API.
 
 pub mod chunk;
 pub mod config_file;
 pub mod digest;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod index;
 #[cfg(feature = "logging")]
 pub mod logging;
+pub mod manifest;
+pub mod peer_wire;
 pub mod range;
 pub mod registry_path;
+#[cfg(feature = "store")]
 pub mod store;
 pub mod wire;
 

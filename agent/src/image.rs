@@ -1,7 +1,8 @@
 //! Image references and their resolution through the proxy into an [`ImageRecord`].
 
 use crate::cache::ImageRecord;
-use crate::proxy_client::{FetchedManifest, ProxyClient, ProxyClientError, Repo};
+use crate::proxy_client::{ProxyClient, ProxyClientError, Repo};
+use imgd_core::manifest::{self, Manifest, ManifestError, ManifestLimits};
 use imgd_core::Digest;
 
 /// A parsed image reference: `REPO:TAG` or `REPO@sha256:...`, where `REPO` is the name
@@ -84,14 +85,6 @@ fn malformed(image: &ImageRef, message: impl Into<String>) -> ImageError {
     }
 }
 
-fn digest_field(v: &serde_json::Value, image: &ImageRef) -> Result<(Digest, u64), ImageError> {
-    let d = v["digest"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| malformed(image, "descriptor without a valid digest"))?;
-    Ok((d, v["size"].as_u64().unwrap_or(0)))
-}
-
 /// Resolves `image` through the proxy: follows an index to the host's platform and
 /// returns the image's manifest and blobs.
 pub async fn resolve(proxy: &ProxyClient, image: &ImageRef) -> Result<ImageRecord, ImageError> {
@@ -105,27 +98,35 @@ pub async fn resolve(proxy: &ProxyClient, image: &ImageRef) -> Result<ImageRecor
                 e.into()
             }
         })?;
-    let manifest = match platform_child(&top, image)? {
-        Some(child) => {
-            proxy
-                .manifest(&image.proxy_repo(), &child.to_string(), &[])
-                .await?
-        }
-        None => top,
-    };
-    let json: serde_json::Value =
-        serde_json::from_slice(&manifest.bytes).map_err(|e| malformed(image, e.to_string()))?;
-    let (config, config_size) = digest_field(&json["config"], image)?;
-    let mut layers = Vec::new();
-    let mut total = config_size;
-    for l in json["layers"]
-        .as_array()
-        .ok_or_else(|| malformed(image, "no layers"))?
-    {
-        let (d, size) = digest_field(l, image)?;
-        layers.push(d);
-        total += size;
-    }
+    let limits = ManifestLimits::default();
+    let bad = |e: ManifestError| malformed(image, e.to_string());
+    let (manifest, parsed) =
+        match manifest::parse(&top.bytes, Some(&top.media_type), &limits).map_err(bad)? {
+            Manifest::Index(index) => {
+                let arch = host_arch();
+                let child = index
+                    .pick("linux", arch)
+                    .ok_or_else(|| ImageError::NoPlatform {
+                        image: image.to_string(),
+                        arch: arch.to_string(),
+                    })?
+                    .digest;
+                let m = proxy
+                    .manifest(&image.proxy_repo(), &child.to_string(), &[])
+                    .await?;
+                let parsed = manifest::parse_child(child, &m.bytes, Some(&m.media_type), &limits)
+                    .map_err(bad)?;
+                (m, parsed)
+            }
+            Manifest::Image(parsed) => (top, parsed),
+        };
+    parsed.check_layers_mountable().map_err(bad)?;
+    let config = parsed.config.digest;
+    let layers = parsed.layers.iter().map(|l| l.digest).collect();
+    let total = parsed
+        .layers
+        .iter()
+        .fold(parsed.config.size, |t, l| t.saturating_add(l.size));
     let pulled_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -139,26 +140,6 @@ pub async fn resolve(proxy: &ProxyClient, image: &ImageRef) -> Result<ImageRecor
         total_size: total,
         pulled_at,
     })
-}
-
-/// For an index or manifest list, the digest of the host platform's manifest.
-fn platform_child(m: &FetchedManifest, image: &ImageRef) -> Result<Option<Digest>, ImageError> {
-    let json: serde_json::Value =
-        serde_json::from_slice(&m.bytes).map_err(|e| malformed(image, e.to_string()))?;
-    let Some(list) = json["manifests"].as_array() else {
-        return Ok(None);
-    };
-    let arch = host_arch();
-    let pick = list
-        .iter()
-        .find(|e| e["platform"]["os"] == "linux" && e["platform"]["architecture"] == arch);
-    match pick {
-        Some(e) => digest_field(e, image).map(|(d, _)| Some(d)),
-        None => Err(ImageError::NoPlatform {
-            image: image.to_string(),
-            arch: arch.to_string(),
-        }),
-    }
 }
 
 #[cfg(test)]

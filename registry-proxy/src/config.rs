@@ -63,6 +63,18 @@ max_total_wait_secs = 20
 [chunk_api]
 # token = ""
 # token_file = "/etc/imgd/proxy-token"
+
+# Limits on the layers the proxy indexes. A layer that breaks one (or has a '..' path,
+# a hard link to a directory or to a later entry) is refused with 422 and not stored.
+[index]
+max_entries = 500000               # tar entries per layer
+max_path_len = 4096                # bytes of an entry path or link target
+max_meta_size = 1048576            # bytes of one PAX header or GNU long name
+allow_devices = true               # accept device nodes
+max_index_bytes = 268435456        # encoded index size
+max_inflate_ratio = 500            # uncompressed / compressed size of a gzip layer...
+inflate_ratio_slack = 268435456    # ...checked once this many bytes came out
+checkpoint_span = 4194304          # uncompressed bytes between gzip checkpoints
 "#;
 
 pub use imgd_core::config_file::ConfigError;
@@ -77,6 +89,8 @@ pub struct ProxyConfig {
     pub upstream_timeout_secs: u64,
     pub max_manifest_bytes: usize,
     pub log_format: LogFormat,
+    /// Limits of the layer index builder (`[index]`).
+    pub index: imgd_core::index::IndexOptions,
     #[serde(rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
     pub retry: RetryConfig,
@@ -168,6 +182,7 @@ impl Default for ProxyConfig {
             upstream_timeout_secs: 60,
             max_manifest_bytes: 4 << 20,
             log_format: LogFormat::Text,
+            index: imgd_core::index::IndexOptions::default(),
             upstreams: Vec::new(),
             retry: RetryConfig::default(),
             chunk_api: ChunkApiConfig::default(),
@@ -243,6 +258,10 @@ mod tests {
         assert_eq!(parsed.log_format, d.log_format);
         assert_eq!(parsed.retry, d.retry);
         assert!(parsed.chunk_api.token.is_none() && parsed.chunk_api.token_file.is_none());
+        assert_eq!(parsed.index, d.index);
+        let custom: ProxyConfig = toml::from_str("[index]\nmax_entries = 7").unwrap();
+        assert_eq!(custom.index.max_entries, 7);
+        assert!(toml::from_str::<ProxyConfig>("[index]\nmax_entrys = 7").is_err());
     }
 
     #[test]

@@ -146,6 +146,9 @@ impl IntoResponse for ProxyError {
                 IngestError::Worker(_) => {
                     respond(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", &msg)
                 }
+                IngestError::Refused { .. } => {
+                    respond(StatusCode::UNPROCESSABLE_ENTITY, "BLOB_INVALID", &msg)
+                }
             },
         }
     }

@@ -15,7 +15,7 @@ use crate::upstream::{Upstream, UpstreamError};
 use crate::Stats;
 use bytes::Bytes;
 use futures::StreamExt;
-use imgd_core::index::{IndexBuilder, IndexOptions, LayerIndex};
+use imgd_core::index::{IndexBuilder, IndexError, IndexOptions, LayerIndex};
 use imgd_core::store::StoreError;
 use imgd_core::wire::IndexState;
 use imgd_core::{ChunkList, Chunker, Digest};
@@ -34,6 +34,9 @@ pub enum IngestError {
     Storage(#[from] StorageError),
     #[error("ingest worker failed: {0}")]
     Worker(String),
+    /// The layer broke an index limit or safety rule (see `IndexOptions`).
+    #[error("layer {digest} refused: {error}")]
+    Refused { digest: Digest, error: IndexError },
 }
 
 impl From<StoreError> for IngestError {
@@ -50,15 +53,17 @@ type Feed = mpsc::Receiver<Option<Bytes>>;
 pub struct Ingestor {
     storage: Arc<Storage>,
     stats: Arc<Stats>,
+    index_options: IndexOptions,
     inflight: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Ingestor {
-    /// An ingestor writing into `storage`.
-    pub fn new(storage: Arc<Storage>, stats: Arc<Stats>) -> Self {
+    /// An ingestor writing into `storage`, indexing layers with `index_options`.
+    pub fn new(storage: Arc<Storage>, stats: Arc<Stats>, index_options: IndexOptions) -> Self {
         Ingestor {
             storage,
             stats,
+            index_options,
             inflight: Mutex::new(HashMap::new()),
         }
     }
@@ -92,6 +97,7 @@ impl Ingestor {
                         digest,
                         self.storage.clone(),
                         self.stats.clone(),
+                        self.index_options,
                     )
                     .instrument(span),
                 );
@@ -118,13 +124,14 @@ async fn ingest(
     digest: Digest,
     storage: Arc<Storage>,
     stats: Arc<Stats>,
+    index_options: IndexOptions,
 ) -> Result<ChunkList, IngestError> {
     let mut blob = upstream.blob(&repo, &digest).await?;
     let (chunk_tx, chunk_rx) = mpsc::channel(16);
     let (index_tx, index_rx) = mpsc::channel(16);
     let chunk_storage = storage.clone();
     let chunker = tokio::task::spawn_blocking(move || chunk_blob(chunk_rx, &chunk_storage, digest));
-    let indexer = tokio::task::spawn_blocking(move || index_blob(index_rx, digest));
+    let indexer = tokio::task::spawn_blocking(move || index_blob(index_rx, digest, index_options));
 
     let mut received = 0u64;
     let mut failure = None;
@@ -135,7 +142,9 @@ async fn ingest(
                 stats
                     .upstream_blob_bytes
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                let _ = index_tx.send(Some(bytes.clone())).await;
+                if index_tx.send(Some(bytes.clone())).await.is_err() {
+                    break; // the indexer refused the layer; its error is reported below
+                }
                 if chunk_tx.send(Some(bytes)).await.is_err() {
                     break; // the chunker failed; its error is reported below
                 }
@@ -155,16 +164,29 @@ async fn ingest(
                 })
             }
             _ => {
-                let _ = chunk_tx.send(None).await;
                 let _ = index_tx.send(None).await;
             }
         }
     }
-    drop((chunk_tx, index_tx));
-    let chunked = chunker
-        .await
-        .map_err(|e| IngestError::Worker(e.to_string()));
+    drop(index_tx);
+    // The chunker commits only after the index's verdict: a refused layer leaves nothing.
     let indexed = indexer
+        .await
+        .map_err(|e| IngestError::Worker(e.to_string()))?;
+    let refused = match &indexed {
+        Some(Err(error)) if error.is_hostile() && failure.is_none() => Some(error.clone()),
+        _ => None,
+    };
+    if failure.is_none() && refused.is_none() {
+        let _ = chunk_tx.send(None).await;
+    }
+    drop(chunk_tx);
+    if let Some(error) = refused {
+        let _ = chunker.await; // the feed ended without `None`: it discards its work
+        tracing::warn!(%digest, %error, "layer refused, nothing stored");
+        return Err(IngestError::Refused { digest, error });
+    }
+    let chunked = chunker
         .await
         .map_err(|e| IngestError::Worker(e.to_string()));
     if let Some(e) = failure {
@@ -172,9 +194,14 @@ async fn ingest(
         return Err(e.into());
     }
     let list = chunked??;
-    let index_state = match indexed? {
-        Ok(index) => store_index(&storage, &index)?,
-        Err(reason) => IndexState::Unavailable { reason },
+    let index_state = match indexed {
+        Some(Ok(index)) => store_index(&storage, &index)?,
+        Some(Err(e)) => IndexState::Unavailable {
+            reason: e.to_string(),
+        },
+        None => IndexState::Unavailable {
+            reason: "blob stream aborted".into(),
+        },
     };
     let mut batch = storage.meta.batch();
     batch
@@ -216,25 +243,34 @@ fn chunk_blob(mut feed: Feed, storage: &Storage, digest: Digest) -> Result<Chunk
     Ok(list)
 }
 
-/// Builds the layer index in the same pass; a blob that is not a tar layer gets a reason.
-fn index_blob(mut feed: Feed, digest: Digest) -> Result<LayerIndex, String> {
-    let mut builder = IndexBuilder::new(IndexOptions::default());
+/// Builds the layer index in the same pass. A blob that is not a tar layer gets an
+/// error, and the blob is still stored; a hostile layer's error ends the feed at once
+/// (the receiver is dropped), which aborts the ingest. `None` if the feed was aborted.
+fn index_blob(
+    mut feed: Feed,
+    digest: Digest,
+    opts: IndexOptions,
+) -> Option<Result<LayerIndex, IndexError>> {
+    let mut builder = IndexBuilder::new(opts);
     let mut error = None;
     loop {
         match feed.blocking_recv() {
             Some(Some(bytes)) => {
                 if error.is_none() {
                     error = builder.push(&bytes).err();
+                    if let Some(e) = error.as_ref().filter(|e| e.is_hostile()) {
+                        return Some(Err(e.clone()));
+                    }
                 }
             }
             Some(None) => break,
-            None => return Err("blob stream aborted".into()),
+            None => return None,
         }
     }
-    match error {
-        Some(e) => Err(e.to_string()),
-        None => builder.finish(digest).map_err(|e| e.to_string()),
-    }
+    Some(match error {
+        Some(e) => Err(e),
+        None => builder.finish(digest),
+    })
 }
 
 fn store_index(storage: &Storage, index: &LayerIndex) -> Result<IndexState, IngestError> {

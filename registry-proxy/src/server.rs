@@ -60,7 +60,7 @@ impl AppState {
         Ok(AppState {
             chunk_api_token: chunk_api_token.map(|t| imgd_core::Digest::of(t.as_bytes())),
             upstreams: Upstreams::new(entries, default),
-            ingestor: Ingestor::new(storage.clone(), stats.clone()),
+            ingestor: Ingestor::new(storage.clone(), stats.clone(), config.index),
             storage,
             stats,
             config,

@@ -10,41 +10,13 @@
 
 use crate::digest::Digest;
 use crate::index::format::{Compression, LayerIndex};
-use crate::index::gzip::{CheckpointingInflater, GzipError, DEFAULT_SPAN};
-use crate::index::tar::{TarError, TarOptions, TarScanner};
+use crate::index::gzip::CheckpointingInflater;
+use crate::index::options::SizeFloor;
+pub use crate::index::options::{IndexError, IndexOptions};
+use crate::index::tar::TarScanner;
 
 /// Bytes needed to tell the compression apart.
 const DETECT_LEN: usize = 4;
-
-/// Options of an [`IndexBuilder`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct IndexOptions {
-    /// Uncompressed distance between gzip checkpoints (default 1 MiB). A checkpoint is
-    /// also placed after every crossing of a chunk boundary in the compressed blob.
-    pub checkpoint_span: u64,
-    /// Limits of the tar scanner.
-    pub tar: TarOptions,
-}
-
-impl Default for IndexOptions {
-    fn default() -> Self {
-        IndexOptions {
-            checkpoint_span: DEFAULT_SPAN,
-            tar: TarOptions::default(),
-        }
-    }
-}
-
-/// Error building an index.
-#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
-pub enum IndexError {
-    /// The gzip stream is invalid.
-    #[error("layer is not valid gzip: {0}")]
-    Gzip(#[from] GzipError),
-    /// The tar stream is invalid.
-    #[error("layer is not a valid tar archive: {0}")]
-    Tar(#[from] TarError),
-}
 
 enum Mode {
     /// Fewer than [`DETECT_LEN`] bytes seen so far.
@@ -65,6 +37,7 @@ pub struct IndexBuilder {
     opts: IndexOptions,
     mode: Mode,
     size: u64,
+    floor: SizeFloor,
     failed: Option<IndexError>,
 }
 
@@ -75,6 +48,7 @@ impl IndexBuilder {
             opts,
             mode: Mode::Detect(Vec::with_capacity(DETECT_LEN)),
             size: 0,
+            floor: SizeFloor::default(),
             failed: None,
         }
     }
@@ -125,10 +99,13 @@ impl IndexBuilder {
     fn start(&mut self, head: &[u8]) -> Result<(), IndexError> {
         self.mode = match Compression::detect(head) {
             Compression::Gzip => Mode::Gzip {
-                inflater: Box::new(CheckpointingInflater::new(self.opts.checkpoint_span)?),
-                tar: Box::new(TarScanner::new(self.opts.tar)),
+                inflater: Box::new(
+                    CheckpointingInflater::new(self.opts.checkpoint_span)?
+                        .with_ratio_limit(self.opts.ratio_limit()),
+                ),
+                tar: Box::new(TarScanner::new(self.opts.tar())),
             },
-            Compression::None => Mode::Plain(Box::new(TarScanner::new(self.opts.tar))),
+            Compression::None => Mode::Plain(Box::new(TarScanner::new(self.opts.tar()))),
             Compression::Zstd => Mode::Zstd,
         };
         self.feed(head)
@@ -139,12 +116,19 @@ impl IndexBuilder {
             return Ok(());
         }
         match &mut self.mode {
-            Mode::Gzip { inflater, tar } => inflater.feed(data, &mut |out: &[u8]| {
-                tar.feed(out).map_err(IndexError::Tar)
-            }),
-            Mode::Plain(tar) => Ok(tar.feed(data)?),
-            Mode::Zstd | Mode::Detect(_) => Ok(()),
+            Mode::Gzip { inflater, tar } => {
+                inflater.feed(data, &mut |out: &[u8]| {
+                    tar.feed(out).map_err(IndexError::Tar)
+                })?;
+                self.floor.add(tar.entries(), inflater.checkpoints());
+            }
+            Mode::Plain(tar) => {
+                tar.feed(data)?;
+                self.floor.add(tar.entries(), &[]);
+            }
+            Mode::Zstd | Mode::Detect(_) => {}
         }
+        check_size(self.floor.bytes, self.opts.max_index_bytes)
     }
 
     /// Checks the blob ended properly (complete gzip stream, tar end marker or end at a
@@ -191,6 +175,7 @@ impl IndexBuilder {
                 checkpoints: Vec::new(),
             },
         };
+        check_size(index.encoded_len(), self.opts.max_index_bytes)?;
         tracing::debug!(
             layer = %index.layer,
             compression = ?index.compression,
@@ -200,6 +185,13 @@ impl IndexBuilder {
         );
         Ok(index)
     }
+}
+
+fn check_size(size: u64, limit: u64) -> Result<(), IndexError> {
+    if size > limit {
+        return Err(IndexError::TooLarge { size, limit });
+    }
+    Ok(())
 }
 
 /// Builds the index of a whole in-memory blob (convenience for tests and small blobs).
@@ -224,7 +216,9 @@ mod tests {
     use super::*;
     use crate::index::format::EntryKind;
     use crate::index::gzip::tests::{gzip_compress, test_data};
+    use crate::index::gzip::GzipError;
     use crate::index::tar::tests::TestTar;
+    use crate::index::tar::TarError;
 
     fn sample_tar() -> (Vec<u8>, Vec<Vec<u8>>) {
         let mut t = TestTar::default();

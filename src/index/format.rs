@@ -153,6 +153,8 @@ pub enum IndexDecodeError {
     Corrupt,
     #[error("malformed index body: {0}")]
     Body(#[from] postcard::Error),
+    #[error("inconsistent index: {0}")]
+    Invalid(String),
 }
 
 impl LayerIndex {
@@ -167,6 +169,13 @@ impl LayerIndex {
         h.update(&out);
         out.extend_from_slice(h.finish().as_bytes());
         out
+    }
+
+    /// Length in bytes of [`LayerIndex::encode`]'s output, without encoding.
+    pub fn encoded_len(&self) -> u64 {
+        let size = postcard::ser_flavors::Size::default();
+        let body = postcard::serialize_with_flavor(self, size).unwrap_or(usize::MAX);
+        (MAGIC.len() + 2 + 32).saturating_add(body) as u64
     }
 
     /// Decodes and verifies an encoded index.
@@ -188,10 +197,11 @@ impl LayerIndex {
         if Digest::of(signed).as_bytes() != trailer {
             return Err(IndexDecodeError::Corrupt);
         }
-        let (index, rest) = postcard::take_from_bytes(&signed[10..])?;
+        let (index, rest) = postcard::take_from_bytes::<LayerIndex>(&signed[10..])?;
         if !rest.is_empty() {
             return Err(IndexDecodeError::Corrupt);
         }
+        index.validate().map_err(IndexDecodeError::Invalid)?;
         Ok(index)
     }
 
@@ -267,7 +277,7 @@ mod tests {
                 sparse: vec![],
             }],
             checkpoints: vec![Checkpoint {
-                compressed_offset: 10,
+                compressed_offset: 0,
                 bits: 0,
                 uncompressed_offset: 0,
                 window: vec![],

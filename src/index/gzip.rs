@@ -64,6 +64,14 @@ pub enum GzipError {
     /// A checkpoint or input slice that cannot be used.
     #[error("invalid checkpoint or input: {0}")]
     BadCheckpoint(String),
+    /// The stream inflates to more than the allowed multiple of its compressed size (a
+    /// decompression bomb).
+    #[error("gzip stream inflates {uncompressed} bytes from {compressed}: more than {limit} times its compressed size")]
+    RatioExceeded {
+        compressed: u64,
+        uncompressed: u64,
+        limit: u64,
+    },
     /// zlib failed for a reason other than bad data (allocation, internal state).
     #[error("zlib error {code}: {message}")]
     Zlib { code: i32, message: String },
@@ -221,10 +229,20 @@ pub struct InflateSummary {
     pub checkpoints: Vec<Checkpoint>,
 }
 
+/// A bound on the inflate ratio, checked as the stream goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RatioLimit {
+    /// Largest allowed uncompressed / compressed ratio.
+    pub max_ratio: u64,
+    /// Uncompressed bytes allowed whatever the ratio (small layers of zeros are fine).
+    pub slack: u64,
+}
+
 /// Push-based gzip inflater that records restart [`Checkpoint`]s as it goes.
 pub struct CheckpointingInflater {
     z: Inflate,
     span: u64,
+    limit: Option<RatioLimit>,
     phase: Phase,
     /// Compressed / uncompressed bytes of the members before the current one (zlib's
     /// counters restart with each member).
@@ -242,6 +260,7 @@ impl CheckpointingInflater {
         Ok(CheckpointingInflater {
             z: Inflate::new(GZIP_BITS)?,
             span: span.max(1),
+            limit: None,
             phase: Phase::InMember,
             base_in: 0,
             base_out: 0,
@@ -254,6 +273,29 @@ impl CheckpointingInflater {
                 window: Vec::new(),
             }],
         })
+    }
+
+    /// Fails the inflation ([`GzipError::RatioExceeded`]) once more than `limit.slack`
+    /// bytes came out and they are more than `limit.max_ratio` times the bytes consumed;
+    /// checked at every 256 KiB of output and at the end of each gzip member.
+    pub fn with_ratio_limit(mut self, limit: RatioLimit) -> Self {
+        self.limit = Some(limit);
+        self
+    }
+
+    fn check_ratio(&self) -> Result<(), GzipError> {
+        let Some(limit) = self.limit else {
+            return Ok(());
+        };
+        let (cin, cout) = (self.total_in(), self.total_out());
+        if cout > limit.slack && cout > cin.max(1).saturating_mul(limit.max_ratio) {
+            return Err(GzipError::RatioExceeded {
+                compressed: cin,
+                uncompressed: cout,
+                limit: limit.max_ratio,
+            });
+        }
+        Ok(())
     }
 
     /// Compressed bytes consumed so far.
@@ -333,9 +375,13 @@ impl CheckpointingInflater {
             if self.out_len == self.out.len() {
                 self.flush(out)?;
             }
+            // Output stops at every multiple of OUT_BUF, where the ratio is checked: the
+            // same points whatever the input slicing, so the verdict does not depend on it.
+            let to_mark = OUT_BUF - (self.total_out() % OUT_BUF as u64) as usize;
+            let end = self.out.len().min(self.out_len + to_mark);
             let step = self
                 .z
-                .run(&input[pos..], &mut self.out[self.out_len..], z::Z_BLOCK);
+                .run(&input[pos..], &mut self.out[self.out_len..end], z::Z_BLOCK);
             pos += step.consumed;
             self.out_len += step.produced;
             match step.ret {
@@ -348,12 +394,28 @@ impl CheckpointingInflater {
                         magic: [0; 2],
                         have: 0,
                     };
+                    if let Err(e) = self.check_ratio() {
+                        self.flush(out)?;
+                        return Err(e.into());
+                    }
                     return Ok(pos);
                 }
                 // No progress possible: all input is consumed (the output buffer always
                 // has room here), so wait for more.
                 z::Z_BUF_ERROR if pos == input.len() => return Ok(pos),
-                _ => return Err(self.corrupt().into()),
+                _ => {
+                    // Output decoded before the bad data goes out first, so that errors
+                    // come in stream order whatever the input slicing.
+                    let e = self.corrupt();
+                    self.flush(out)?;
+                    return Err(e.into());
+                }
+            }
+            if step.produced > 0 && self.total_out() % OUT_BUF as u64 == 0 {
+                if let Err(e) = self.check_ratio() {
+                    self.flush(out)?;
+                    return Err(e.into());
+                }
             }
             self.maybe_checkpoint();
             if pos == input.len() && self.out_len < self.out.len() {
@@ -415,120 +477,13 @@ impl CheckpointingInflater {
     }
 }
 
-/// Offset in the blob where the input for restarting at `cp` begins: one byte before
-/// `cp.compressed_offset` when `cp.bits > 0` (that byte's top bits start the block).
-pub fn input_start(cp: &Checkpoint) -> u64 {
-    if cp.bits > 0 {
-        cp.compressed_offset.saturating_sub(1)
-    } else {
-        cp.compressed_offset
-    }
-}
+#[cfg(any(test, feature = "fuzzing"))]
+mod deflate;
+mod restart;
 
-/// Whether `cp` is the start-of-blob checkpoint (restart by parsing the gzip header).
-pub fn is_blob_start(cp: &Checkpoint) -> bool {
-    cp.compressed_offset == 0
-}
-
-/// Inflates from checkpoint `cp`, discards `skip` output bytes and returns the next `len`.
-///
-/// `compressed` must hold the blob bytes starting at [`input_start`]`(cp)`; it may end
-/// early or late. Reaching the end of the blob (after the last member) before `len` bytes
-/// returns what was produced; running out of `compressed` inside a member returns
-/// [`GzipError::NeedMoreInput`].
-pub fn inflate_from_checkpoint(
-    cp: &Checkpoint,
-    compressed: &[u8],
-    skip: u64,
-    len: usize,
-) -> Result<Vec<u8>, GzipError> {
-    if cp.bits > 7 || cp.window.len() > WINDOW_SIZE || (cp.bits > 0 && cp.compressed_offset == 0) {
-        return Err(GzipError::BadCheckpoint(format!(
-            "bits {} with window of {} bytes at offset {}",
-            cp.bits,
-            cp.window.len(),
-            cp.compressed_offset
-        )));
-    }
-    let mut input = compressed;
-    let mut z;
-    if is_blob_start(cp) {
-        z = Inflate::new(GZIP_BITS)?;
-    } else {
-        z = Inflate::new(RAW_BITS)?;
-        if cp.bits > 0 {
-            let Some((&byte, rest)) = input.split_first() else {
-                return Err(GzipError::NeedMoreInput {
-                    produced: 0,
-                    wanted: len,
-                });
-            };
-            let bits = c_int::from(cp.bits);
-            z.prime(bits, c_int::from(byte) >> (8 - bits))?;
-            input = rest;
-        }
-        z.set_dictionary(&cp.window)?;
-    }
-    let mut raw = !is_blob_start(cp);
-    let mut result = Vec::with_capacity(len.min(64 << 20));
-    let mut skip = skip;
-    let want = usize::try_from(skip)
-        .unwrap_or(usize::MAX)
-        .saturating_add(len);
-    let mut scratch = vec![0u8; OUT_BUF.min(want).max(1024)];
-    let mut offset = input_start(cp) + u64::from(cp.bits > 0);
-    while result.len() < len {
-        let step = z.run(input, &mut scratch, z::Z_NO_FLUSH);
-        input = &input[step.consumed..];
-        offset += step.consumed as u64;
-        let mut produced = &scratch[..step.produced];
-        let drop = (skip.min(produced.len() as u64)) as usize;
-        skip -= drop as u64;
-        produced = &produced[drop..];
-        let take = produced.len().min(len - result.len());
-        result.extend_from_slice(&produced[..take]);
-        match step.ret {
-            z::Z_OK => {}
-            z::Z_STREAM_END => {
-                if raw {
-                    // Skip the member's 8-byte trailer (CRC32, ISIZE).
-                    let t = input.len().min(8);
-                    input = &input[t..];
-                    offset += t as u64;
-                    raw = false;
-                }
-                if input.is_empty() {
-                    // End of the supplied bytes at a member end: the blob end, or the
-                    // caller's range ended here. Return what was produced.
-                    break;
-                }
-                if input.len() >= 2 && input[..2] != GZIP_MAGIC {
-                    return Err(GzipError::TrailingGarbage { offset });
-                }
-                z.reset(GZIP_BITS)?;
-            }
-            z::Z_BUF_ERROR if step.consumed == 0 && step.produced == 0 => {
-                if input.is_empty() {
-                    return Err(GzipError::NeedMoreInput {
-                        produced: result.len(),
-                        wanted: len,
-                    });
-                }
-                return Err(GzipError::Corrupt {
-                    offset,
-                    message: z.message(),
-                });
-            }
-            _ => {
-                return Err(GzipError::Corrupt {
-                    offset,
-                    message: z.message(),
-                })
-            }
-        }
-    }
-    Ok(result)
-}
+#[cfg(any(test, feature = "fuzzing"))]
+pub use deflate::compress;
+pub use restart::{inflate_from_checkpoint, input_start, is_blob_start};
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -4,9 +4,13 @@
 pub mod builder;
 pub mod format;
 pub mod gzip;
+pub mod options;
 pub mod reader;
 pub mod tar;
+mod validate;
 
+#[cfg(test)]
+mod hostile_tests;
 #[cfg(test)]
 mod proptests;
 
@@ -15,7 +19,7 @@ pub use format::{
     Checkpoint, Compression, Entry, EntryKind, IndexDecodeError, LayerIndex, SparseExtent,
     INDEX_VERSION,
 };
-pub use gzip::{CheckpointingInflater, GzipError};
+pub use gzip::{CheckpointingInflater, GzipError, RatioLimit};
 pub use reader::{
     plan_read, read_file, read_file_via, read_range, read_stored, span_of, ReadError, ReadPlan,
 };

@@ -17,73 +17,33 @@
 //! - Volume labels (`V`) are skipped; GNU dump directories (`D`) are directories; other
 //!   unknown type flags are an error.
 //! - A regular-file entry whose name ends in `/` is a directory (old tar convention).
+//!
+//! Hostile input (see [`TarOptions`] for the limits):
+//! - Paths are normalised: a leading `/` (absolute path) and `.` components are stripped;
+//!   a `..` component is an error ([`TarError::UnsafePath`]), in paths and hard link
+//!   targets. Symlink targets are kept verbatim (the image view resolves them inside its
+//!   root).
+//! - A hard link must not name a directory or an entry that only comes later in the same
+//!   archive ([`TarError::BadHardlink`]). A target absent from the archive is kept: it may
+//!   name a file of a lower layer (the image view skips it when it names nothing).
+//! - Duplicate paths are kept in archive order; the later entry wins (as when extracting).
+//! - Device nodes are kept unless [`TarOptions::allow_devices`] is off.
 
 mod header;
+mod options;
+mod paths;
 
 use crate::index::format::{Entry, EntryKind};
 use header::{self as th, Header, Meta, SparseMapParser};
+pub use options::{
+    TarError, TarOptions, DEFAULT_MAX_ENTRIES, DEFAULT_MAX_META_SIZE, DEFAULT_MAX_PATH_LEN,
+};
+use paths::bad_link;
+pub use paths::normalize;
+use std::collections::HashMap;
 
 /// Size of a tar block.
 pub const BLOCK: usize = 512;
-
-/// Limits that keep the scanner's memory bounded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TarOptions {
-    /// Maximum number of entries in one archive.
-    pub max_entries: usize,
-    /// Maximum size of one PAX header, GNU long name/link or sparse map.
-    pub max_meta_size: usize,
-}
-
-impl Default for TarOptions {
-    fn default() -> Self {
-        TarOptions {
-            max_entries: 4 << 20,
-            max_meta_size: 1 << 20,
-        }
-    }
-}
-
-/// Errors of tar parsing; offsets are in the uncompressed tar stream.
-#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
-pub enum TarError {
-    /// A header's checksum does not match.
-    #[error("tar header checksum mismatch at offset {offset}")]
-    BadChecksum { offset: u64 },
-    /// A numeric field could not be parsed.
-    #[error("invalid {field} field in tar header at offset {offset}")]
-    BadNumber { offset: u64, field: &'static str },
-    /// A path escapes the root with a `..` component.
-    #[error(
-        "unsafe path {path:?} in tar entry at offset {offset}: '..' components are not allowed"
-    )]
-    UnsafePath { offset: u64, path: String },
-    /// Too many entries.
-    #[error("tar archive has more than {limit} entries")]
-    TooManyEntries { limit: usize },
-    /// An extended header, long name or sparse map exceeds the limit.
-    #[error("tar metadata of {size} bytes at offset {offset} exceeds the limit of {limit} bytes")]
-    MetaTooLarge {
-        offset: u64,
-        size: u64,
-        limit: usize,
-    },
-    /// A malformed PAX extended header.
-    #[error("malformed PAX header at offset {offset}: {reason}")]
-    BadPax { offset: u64, reason: String },
-    /// A malformed or inconsistent sparse map.
-    #[error("malformed sparse map at offset {offset}: {reason}")]
-    BadSparse { offset: u64, reason: String },
-    /// An entry type this scanner does not handle.
-    #[error("unsupported tar entry type {typeflag:?} at offset {offset}")]
-    UnsupportedType { offset: u64, typeflag: char },
-    /// Some other malformed header.
-    #[error("malformed tar header at offset {offset}: {reason}")]
-    Malformed { offset: u64, reason: String },
-    /// The stream ended in the middle of something.
-    #[error("tar stream truncated at offset {offset}: ended inside {what}")]
-    Truncated { offset: u64, what: &'static str },
-}
 
 /// Kind of metadata whose content is being collected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,6 +91,10 @@ pub struct TarScanner {
     pending: Meta,
     global: Meta,
     entries: Vec<Entry>,
+    /// Paths seen so far, and whether the latest entry of each is a directory.
+    seen: HashMap<Vec<u8>, bool>,
+    /// Hard links whose target was not seen before them: (entry index, header offset).
+    unresolved_links: Vec<(usize, u64)>,
 }
 
 impl TarScanner {
@@ -145,6 +109,8 @@ impl TarScanner {
             pending: Meta::default(),
             global: Meta::default(),
             entries: Vec::new(),
+            seen: HashMap::new(),
+            unresolved_links: Vec::new(),
         }
     }
 
@@ -212,9 +178,9 @@ impl TarScanner {
     /// Checks the stream ended properly and returns the entries.
     pub fn finish(self) -> Result<Vec<Entry>, TarError> {
         let what = match &self.state {
-            State::End => return Ok(self.entries),
+            State::End => return self.check_links(),
             State::Header if self.block_len == 0 && self.pending.is_empty() => {
-                return Ok(self.entries)
+                return self.check_links()
             }
             State::Header if self.block_len == 0 => "an extended header's entry",
             State::Header => "a header block",
@@ -227,6 +193,22 @@ impl TarScanner {
             offset: self.pos,
             what,
         })
+    }
+
+    /// Rejects hard links whose target only came after them; returns the entries.
+    fn check_links(self) -> Result<Vec<Entry>, TarError> {
+        for &(i, offset) in &self.unresolved_links {
+            let link = &self.entries[i];
+            let target = link.link_target.as_deref().unwrap_or_default();
+            if self.seen.contains_key(target) {
+                return Err(bad_link(
+                    offset,
+                    link,
+                    "which only comes later in the archive",
+                ));
+            }
+        }
+        Ok(self.entries)
     }
 
     /// Handles a complete 512-byte block (it ended at `self.pos`).
@@ -375,9 +357,31 @@ impl TarScanner {
             }
             _ => None,
         };
+        let path = normalize(&raw_path, offset)?;
+        let limit = self.opts.max_path_len;
+        let too_long = |what, len| TarError::PathTooLong {
+            offset,
+            what,
+            len,
+            limit,
+        };
+        if path.len() > limit {
+            return Err(too_long("path", path.len()));
+        }
+        if let Some(t) = link_target.as_ref().filter(|t| t.len() > limit) {
+            return Err(too_long("link target", t.len()));
+        }
+        if matches!(kind, EntryKind::CharDevice | EntryKind::BlockDevice)
+            && !self.opts.allow_devices
+        {
+            return Err(TarError::DeviceNode {
+                offset,
+                path: String::from_utf8_lossy(&path).into_owned(),
+            });
+        }
         let (mtime, mtime_nsec) = meta.mtime.or(self.global.mtime).unwrap_or((h.mtime, 0));
         let mut entry = Entry {
-            path: normalize(&raw_path, offset)?,
+            path,
             kind,
             mode: (h.mode & 0o7777) as u32,
             uid: meta.uid.or(self.global.uid).unwrap_or(h.uid),
@@ -467,6 +471,17 @@ impl TarScanner {
                     limit: self.opts.max_entries,
                 });
             }
+            if let Some(target) = entry.link_target.as_deref() {
+                if entry.kind == EntryKind::Hardlink {
+                    match self.seen.get(target) {
+                        Some(true) => return Err(bad_link(offset, &entry, "a directory")),
+                        Some(false) => {}
+                        None => self.unresolved_links.push((self.entries.len(), offset)),
+                    }
+                }
+            }
+            self.seen
+                .insert(entry.path.clone(), entry.kind == EntryKind::Dir);
             self.entries.push(entry);
         }
         self.skip_raw(skip);
@@ -516,30 +531,6 @@ impl TarScanner {
 /// Padding after `size` bytes of content up to the next block boundary.
 pub fn padding(size: u64) -> u64 {
     (BLOCK as u64 - size % BLOCK as u64) % BLOCK as u64
-}
-
-/// Normalises a tar path: strips leading `/` and `./`, collapses `//` and `.` components,
-/// strips a trailing `/`. A `..` component is an [`TarError::UnsafePath`].
-pub fn normalize(raw: &[u8], offset: u64) -> Result<Vec<u8>, TarError> {
-    let mut out = Vec::with_capacity(raw.len());
-    for comp in raw.split(|&b| b == b'/') {
-        match comp {
-            b"" | b"." => {}
-            b".." => {
-                return Err(TarError::UnsafePath {
-                    offset,
-                    path: String::from_utf8_lossy(raw).into_owned(),
-                })
-            }
-            c => {
-                if !out.is_empty() {
-                    out.push(b'/');
-                }
-                out.extend_from_slice(c);
-            }
-        }
-    }
-    Ok(out)
 }
 
 pub(crate) fn sparse_err(offset: u64, reason: &str) -> TarError {

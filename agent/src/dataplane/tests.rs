@@ -322,3 +322,5 @@ async fn a_cancelled_request_leaves_the_connection_unusable() {
     ));
     assert!(!c.is_usable());
 }
+
+mod hostile;

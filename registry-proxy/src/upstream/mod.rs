@@ -111,7 +111,7 @@ impl Upstream {
             Upstream::Registry(r) => r.manifest(repo, reference, accept, max_bytes).await?,
             Upstream::Layout(l) => l.manifest(reference, max_bytes).await?,
         };
-        check_manifest(&m, reference)?;
+        check_manifest(&m, reference, max_bytes)?;
         Ok(m)
     }
 
@@ -143,9 +143,10 @@ impl Upstream {
     }
 }
 
-/// Verifies a fetched manifest: digest against a digest reference, and well-formed JSON
-/// with `schemaVersion` 2.
-fn check_manifest(m: &Manifest, reference: &str) -> Result<(), UpstreamError> {
+/// Verifies a fetched manifest: digest against a digest reference, then the shared
+/// parser's checks (`imgd_core::manifest`: size, `schemaVersion` 2, known media type,
+/// well-formed descriptors within the count limit).
+fn check_manifest(m: &Manifest, reference: &str, max_bytes: usize) -> Result<(), UpstreamError> {
     if let Ok(expected) = reference.parse::<Digest>() {
         if expected != m.digest {
             return Err(UpstreamError::DigestMismatch {
@@ -154,15 +155,13 @@ fn check_manifest(m: &Manifest, reference: &str) -> Result<(), UpstreamError> {
             });
         }
     }
-    let v: serde_json::Value = serde_json::from_slice(&m.bytes)
-        .map_err(|e| UpstreamError::MalformedManifest(format!("not JSON: {e}")))?;
-    match v.get("schemaVersion").and_then(|s| s.as_u64()) {
-        Some(2) => Ok(()),
-        Some(n) => Err(UpstreamError::MalformedManifest(format!(
-            "unsupported schemaVersion {n}"
-        ))),
-        None => Err(UpstreamError::MalformedManifest("no schemaVersion".into())),
-    }
+    let limits = imgd_core::manifest::ManifestLimits {
+        max_bytes,
+        ..Default::default()
+    };
+    imgd_core::manifest::parse(&m.bytes, Some(&m.media_type), &limits)
+        .map(|_| ())
+        .map_err(|e| UpstreamError::MalformedManifest(e.to_string()))
 }
 
 /// The media type of manifest bytes when no usable `Content-Type` came with them.

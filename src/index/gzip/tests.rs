@@ -2,33 +2,9 @@
 
 use super::*;
 
-/// gzip compression for tests (zlib's deflate with a gzip wrapper).
+/// gzip compression for tests.
 pub(crate) fn gzip_compress(data: &[u8], level: i32) -> Vec<u8> {
-    let mut strm = Box::new(z::z_stream::default());
-    // SAFETY: test helper; the stream is boxed, initialised before use and ended once;
-    // the input and output pointers are live slices of the stated lengths.
-    unsafe {
-        let ret = z::deflateInit2_(
-            &mut *strm,
-            level,
-            z::Z_DEFLATED,
-            GZIP_BITS,
-            8,
-            z::Z_DEFAULT_STRATEGY,
-            z::zlibVersion(),
-            std::mem::size_of::<z::z_stream>() as c_int,
-        );
-        assert_eq!(ret, z::Z_OK);
-        let mut out = vec![0u8; data.len() + data.len() / 100 + 1024];
-        strm.next_in = data.as_ptr();
-        strm.avail_in = data.len() as u32;
-        strm.next_out = out.as_mut_ptr();
-        strm.avail_out = out.len() as u32;
-        assert_eq!(z::deflate(&mut *strm, z::Z_FINISH), z::Z_STREAM_END);
-        out.truncate(strm.total_out as usize);
-        z::deflateEnd(&mut *strm);
-        out
-    }
+    compress(data, level).expect("deflate")
 }
 
 /// Deterministic test data: runs of pseudo-random bytes, text-like and zero runs.

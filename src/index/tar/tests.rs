@@ -512,6 +512,7 @@ fn limits_are_enforced() {
     let opts = TarOptions {
         max_entries: 4,
         max_meta_size: 1000,
+        ..TarOptions::default()
     };
     assert_eq!(
         scan_with(&data, 512, opts),

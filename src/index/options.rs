@@ -1,0 +1,129 @@
+//! [`IndexOptions`]: the limits that bound what a hostile layer can cost, and
+//! [`IndexError`], which tells a hostile layer (refused) from a malformed one.
+
+use crate::index::format::{Checkpoint, Entry};
+use crate::index::gzip::{GzipError, RatioLimit, DEFAULT_SPAN};
+use crate::index::tar::{
+    TarError, TarOptions, DEFAULT_MAX_ENTRIES, DEFAULT_MAX_META_SIZE, DEFAULT_MAX_PATH_LEN,
+};
+use serde::Deserialize;
+
+/// Options of an [`IndexBuilder`](crate::index::IndexBuilder): the checkpoint spacing and the limits that bound the
+/// work and memory a hostile layer can cost. Deserialisable (every field optional) so
+/// that daemons can expose them in their configuration files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IndexOptions {
+    /// Uncompressed distance between gzip checkpoints (default 4 MiB). A checkpoint is
+    /// also placed after every crossing of a chunk boundary in the compressed blob.
+    pub checkpoint_span: u64,
+    /// Maximum number of tar entries in one layer (default 500 000).
+    pub max_entries: usize,
+    /// Maximum length of an entry path or link target in bytes (default 4096).
+    pub max_path_len: usize,
+    /// Maximum size of one PAX header, GNU long name or sparse map (default 1 MiB).
+    pub max_meta_size: usize,
+    /// Whether device nodes are accepted (default true).
+    pub allow_devices: bool,
+    /// Maximum size of the encoded index in bytes (default 256 MiB).
+    pub max_index_bytes: u64,
+    /// Maximum uncompressed / compressed size ratio of a gzip layer (default 500; deflate
+    /// cannot exceed about 1032), checked at every 256 KiB of output...
+    pub max_inflate_ratio: u64,
+    /// ...once more than this many bytes came out (default 256 MiB), so that small
+    /// layers of zeros pass.
+    pub inflate_ratio_slack: u64,
+}
+
+impl Default for IndexOptions {
+    fn default() -> Self {
+        IndexOptions {
+            checkpoint_span: DEFAULT_SPAN,
+            max_entries: DEFAULT_MAX_ENTRIES,
+            max_path_len: DEFAULT_MAX_PATH_LEN,
+            max_meta_size: DEFAULT_MAX_META_SIZE,
+            allow_devices: true,
+            max_index_bytes: 256 << 20,
+            max_inflate_ratio: 500,
+            inflate_ratio_slack: 256 << 20,
+        }
+    }
+}
+
+impl IndexOptions {
+    /// The tar scanner's part of the options.
+    pub fn tar(&self) -> TarOptions {
+        TarOptions {
+            max_entries: self.max_entries,
+            max_meta_size: self.max_meta_size,
+            max_path_len: self.max_path_len,
+            allow_devices: self.allow_devices,
+        }
+    }
+
+    /// The inflater's ratio limit.
+    pub fn ratio_limit(&self) -> RatioLimit {
+        RatioLimit {
+            max_ratio: self.max_inflate_ratio,
+            slack: self.inflate_ratio_slack,
+        }
+    }
+}
+
+/// Error building an index.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IndexError {
+    /// The gzip stream is invalid.
+    #[error("layer is not valid gzip: {0}")]
+    Gzip(#[from] GzipError),
+    /// The tar stream is invalid.
+    #[error("layer is not a valid tar archive: {0}")]
+    Tar(#[from] TarError),
+    /// The index would exceed [`IndexOptions::max_index_bytes`].
+    #[error("layer index of {size} bytes (or more) exceeds the limit of {limit} bytes")]
+    TooLarge { size: u64, limit: u64 },
+}
+
+impl IndexError {
+    /// Whether the layer broke a limit or a safety rule (a hostile layer, to be refused),
+    /// rather than being no tar layer at all (a config blob, an unsupported format).
+    pub fn is_hostile(&self) -> bool {
+        match self {
+            IndexError::Gzip(g) => matches!(g, GzipError::RatioExceeded { .. }),
+            IndexError::Tar(t) => matches!(
+                t,
+                TarError::UnsafePath { .. }
+                    | TarError::TooManyEntries { .. }
+                    | TarError::MetaTooLarge { .. }
+                    | TarError::PathTooLong { .. }
+                    | TarError::BadHardlink { .. }
+                    | TarError::DeviceNode { .. }
+            ),
+            IndexError::TooLarge { .. } => true,
+        }
+    }
+}
+
+/// A lower bound of the encoded size of what was indexed so far, kept as entries and
+/// checkpoints arrive so that [`IndexOptions::max_index_bytes`] is enforced early.
+#[derive(Default)]
+pub(crate) struct SizeFloor {
+    pub bytes: u64,
+    entries: usize,
+    checkpoints: usize,
+}
+
+impl SizeFloor {
+    pub fn add(&mut self, entries: &[Entry], checkpoints: &[Checkpoint]) {
+        for e in entries.get(self.entries..).unwrap_or_default() {
+            let link = e.link_target.as_ref().map_or(0, Vec::len);
+            let xattrs: usize = e.xattrs.iter().map(|(k, v)| k.len() + v.len()).sum();
+            self.bytes += (e.path.len() + link + xattrs) as u64 + 13;
+        }
+        for c in checkpoints.get(self.checkpoints..).unwrap_or_default() {
+            self.bytes += c.window.len() as u64 + 4;
+        }
+        self.entries = entries.len();
+        self.checkpoints = checkpoints.len();
+    }
+}

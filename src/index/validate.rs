@@ -1,0 +1,79 @@
+//! Consistency checks of a decoded [`LayerIndex`], so that an index from the network
+//! (a proxy, a peer) cannot make a reader index out of bounds or overflow.
+
+use crate::index::format::{Compression, LayerIndex};
+use crate::index::gzip::WINDOW_SIZE;
+
+impl LayerIndex {
+    /// Checks what readers rely on: checkpoints ordered and inside the streams, their
+    /// windows at most 32 KiB; every entry's stored bytes inside the uncompressed
+    /// stream; sparse extents ordered, non-overlapping and inside the file. Every index
+    /// the builder produces passes.
+    pub fn validate(&self) -> Result<(), String> {
+        match self.compression {
+            Compression::Gzip => self.validate_checkpoints()?,
+            Compression::None | Compression::Zstd if !self.checkpoints.is_empty() => {
+                return Err("checkpoints in an index of a layer that is not gzip".into())
+            }
+            Compression::None if self.uncompressed_size != self.compressed_size => {
+                return Err("plain tar layer whose sizes differ".into())
+            }
+            _ => {}
+        }
+        for (i, e) in self.entries.iter().enumerate() {
+            let bad = |what: &str| Err(format!("entry {i} ({}): {what}", e.path_lossy()));
+            let mut end = 0u64;
+            let mut stored = 0u64;
+            for x in &e.sparse {
+                if x.offset < end {
+                    return bad("sparse extents overlap or are out of order");
+                }
+                end = match x.offset.checked_add(x.length) {
+                    Some(v) if v <= e.size => v,
+                    _ => return bad("sparse extent ends past the file's size"),
+                };
+                stored += x.length;
+            }
+            if e.sparse.is_empty() {
+                stored = e.stored_size();
+            }
+            match e.content_offset.checked_add(stored) {
+                Some(v) if v <= self.uncompressed_size => {}
+                _ => return bad("content ends past the uncompressed stream"),
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_checkpoints(&self) -> Result<(), String> {
+        let Some(first) = self.checkpoints.first() else {
+            return Err("gzip index without checkpoints".into());
+        };
+        if first.compressed_offset != 0 || first.uncompressed_offset != 0 || first.bits != 0 {
+            return Err("first checkpoint is not the start of the blob".into());
+        }
+        let mut prev = first;
+        for (i, cp) in self.checkpoints.iter().enumerate() {
+            let bad = |what: &str| Err(format!("checkpoint {i}: {what}"));
+            if cp.bits > 7 || cp.window.len() > WINDOW_SIZE {
+                return bad("bad bit count or window size");
+            }
+            if cp.compressed_offset > self.compressed_size
+                || cp.uncompressed_offset > self.uncompressed_size
+            {
+                return bad("past the end of the layer");
+            }
+            if i > 0
+                && (cp.compressed_offset <= prev.compressed_offset
+                    || cp.uncompressed_offset < prev.uncompressed_offset)
+            {
+                return bad("out of order");
+            }
+            if cp.bits > 0 && cp.compressed_offset == 0 {
+                return bad("bits set at offset 0");
+            }
+            prev = cp;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,293 @@
+//! Frames of the data plane: a 9-byte header and a size-limited body.
+//!
+//! ```text
+//! header: len: u32 BE (body bytes) | kind: u8 | request_id: u32 BE
+//! GetChunk  0x01  digest[32]                       -> Chunk | NotFound | Error
+//! Have      0x02  blob digest[32]                  -> HaveMap | Unknown | Error
+//! Chunk     0x81  the chunk's bytes (<= max_chunk)
+//! NotFound  0x82  (empty)
+//! HaveMap   0x83  chunk_count: u32 BE | present bitmap | in-flight bitmap
+//! Unknown   0x84  (empty)
+//! Error     0xee  UTF-8 message
+//! ```
+//!
+//! Bitmaps are `ceil(chunk_count / 8)` bytes, chunk `i` is bit `i % 8` (LSB first) of
+//! byte `i / 8`, and padding bits must be zero. A response echoes its request's id.
+//!
+//! Decoding is pure and checks every length against [`FrameLimits`] from the header
+//! alone, before anything is allocated; [`decode_frame`] is the entry point for fuzzing
+//! (`imgd_core::fuzzing::peer_wire`). The agent's data plane (`imgd::dataplane`) does the
+//! I/O, the handshake and the limits of connections and requests.
+
+mod have_map;
+
+use crate::digest::Digest;
+use bytes::Bytes;
+pub use have_map::HaveMap;
+use have_map::{bitmap_len, malformed};
+
+/// Size of a frame header.
+pub const HEADER_LEN: usize = 9;
+/// Longest message an encoded [`Message::Error`] carries; longer ones are truncated.
+pub const MAX_ERROR_MESSAGE: usize = 1024;
+
+/// Frame kind bytes.
+pub mod kind {
+    /// Request: send me the chunk with this digest.
+    pub const GET_CHUNK: u8 = 0x01;
+    /// Request: which chunks of this blob do you hold?
+    pub const HAVE: u8 = 0x02;
+    /// Response: the chunk's bytes.
+    pub const CHUNK: u8 = 0x81;
+    /// Response: I do not hold that chunk.
+    pub const NOT_FOUND: u8 = 0x82;
+    /// Response: the chunks of the blob I hold or am fetching.
+    pub const HAVE_MAP: u8 = 0x83;
+    /// Response: I know nothing of that blob.
+    pub const UNKNOWN: u8 = 0x84;
+    /// Response: the request failed; the body is a UTF-8 message.
+    pub const ERROR: u8 = 0xee;
+}
+
+/// Largest bodies a decoder accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameLimits {
+    /// Largest `Chunk` body.
+    pub max_chunk: usize,
+    /// Largest body of every other frame.
+    pub max_control: usize,
+}
+
+/// A decoded frame header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Body length in bytes, already checked against the limits.
+    pub len: usize,
+    /// One of the [`kind`] constants.
+    pub kind: u8,
+    /// The request id (echoed by responses).
+    pub request_id: u32,
+}
+
+/// A malformed, unknown or oversized frame. The connection is closed after one.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("unknown frame kind {0:#04x}")]
+    UnknownKind(u8),
+    #[error("{kind} frame body of {len} bytes exceeds the limit of {limit} bytes")]
+    Oversized {
+        kind: &'static str,
+        len: usize,
+        limit: usize,
+    },
+    #[error("{kind} frame body must be {expected} bytes, got {len}")]
+    BadLength {
+        kind: &'static str,
+        len: usize,
+        expected: usize,
+    },
+    #[error("malformed {kind} frame: {reason}")]
+    Malformed {
+        kind: &'static str,
+        reason: &'static str,
+    },
+}
+
+/// One data plane message (request or response).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    GetChunk { digest: Digest },
+    Have { blob: Digest },
+    Chunk(Bytes),
+    NotFound,
+    HaveMap(HaveMap),
+    Unknown,
+    Error(String),
+}
+
+impl Message {
+    /// The frame kind byte of this message.
+    pub fn kind(&self) -> u8 {
+        match self {
+            Message::GetChunk { .. } => kind::GET_CHUNK,
+            Message::Have { .. } => kind::HAVE,
+            Message::Chunk(_) => kind::CHUNK,
+            Message::NotFound => kind::NOT_FOUND,
+            Message::HaveMap(_) => kind::HAVE_MAP,
+            Message::Unknown => kind::UNKNOWN,
+            Message::Error(_) => kind::ERROR,
+        }
+    }
+}
+
+fn kind_name(k: u8) -> &'static str {
+    match k {
+        kind::GET_CHUNK => "GetChunk",
+        kind::HAVE => "Have",
+        kind::CHUNK => "Chunk",
+        kind::NOT_FOUND => "NotFound",
+        kind::HAVE_MAP => "HaveMap",
+        kind::UNKNOWN => "Unknown",
+        kind::ERROR => "Error",
+        _ => "unknown",
+    }
+}
+
+/// Checks a body length for frame kind `k` against the limits.
+fn check_len(k: u8, len: usize, limits: &FrameLimits) -> Result<(), WireError> {
+    let name = kind_name(k);
+    let exact = |expected: usize| {
+        if len == expected {
+            Ok(())
+        } else {
+            Err(WireError::BadLength {
+                kind: name,
+                len,
+                expected,
+            })
+        }
+    };
+    let at_most = |limit: usize| {
+        if len <= limit {
+            Ok(())
+        } else {
+            Err(WireError::Oversized {
+                kind: name,
+                len,
+                limit,
+            })
+        }
+    };
+    match k {
+        kind::GET_CHUNK | kind::HAVE => exact(32),
+        kind::NOT_FOUND | kind::UNKNOWN => exact(0),
+        kind::CHUNK => at_most(limits.max_chunk),
+        kind::HAVE_MAP | kind::ERROR => at_most(limits.max_control),
+        other => Err(WireError::UnknownKind(other)),
+    }
+}
+
+/// Encodes a frame header.
+pub fn encode_header(k: u8, request_id: u32, len: u32) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..4].copy_from_slice(&len.to_be_bytes());
+    h[4] = k;
+    h[5..].copy_from_slice(&request_id.to_be_bytes());
+    h
+}
+
+/// Decodes a header and checks its length against `limits`; nothing is allocated.
+pub fn decode_header(buf: &[u8; HEADER_LEN], limits: &FrameLimits) -> Result<Header, WireError> {
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    let k = buf[4];
+    let request_id = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]);
+    check_len(k, len, limits)?;
+    Ok(Header {
+        len,
+        kind: k,
+        request_id,
+    })
+}
+
+/// Decodes the body of a frame whose header [`decode_header`] accepted.
+pub fn decode_body(header: &Header, body: &[u8]) -> Result<Message, WireError> {
+    if body.len() != header.len {
+        return Err(WireError::BadLength {
+            kind: kind_name(header.kind),
+            len: body.len(),
+            expected: header.len,
+        });
+    }
+    let digest = || -> Result<Digest, WireError> {
+        let bytes: [u8; 32] = body.try_into().map_err(|_| WireError::BadLength {
+            kind: kind_name(header.kind),
+            len: body.len(),
+            expected: 32,
+        })?;
+        Ok(Digest::from_bytes(bytes))
+    };
+    Ok(match header.kind {
+        kind::GET_CHUNK => Message::GetChunk { digest: digest()? },
+        kind::HAVE => Message::Have { blob: digest()? },
+        kind::CHUNK => Message::Chunk(Bytes::copy_from_slice(body)),
+        kind::NOT_FOUND => Message::NotFound,
+        kind::UNKNOWN => Message::Unknown,
+        kind::ERROR => Message::Error(String::from_utf8_lossy(body).into_owned()),
+        kind::HAVE_MAP => {
+            let (count, maps) = body
+                .split_first_chunk::<4>()
+                .ok_or_else(|| malformed("shorter than its chunk count"))?;
+            let count = u32::from_be_bytes(*count);
+            let n = bitmap_len(count);
+            if maps.len() != n.saturating_mul(2) {
+                return Err(malformed("bitmap length does not match the chunk count"));
+            }
+            let (present, in_flight) = maps.split_at(n);
+            Message::HaveMap(HaveMap::from_bitmaps(
+                count,
+                present.to_vec(),
+                in_flight.to_vec(),
+            )?)
+        }
+        other => return Err(WireError::UnknownKind(other)),
+    })
+}
+
+/// Decodes one frame from the start of `buf`: `Ok(None)` if `buf` does not yet hold a
+/// whole frame, else the request id, the message and the bytes consumed. Pure; never
+/// allocates more than the limit allows.
+pub fn decode_frame(
+    buf: &[u8],
+    limits: &FrameLimits,
+) -> Result<Option<(u32, Message, usize)>, WireError> {
+    let Some((head, rest)) = buf.split_first_chunk::<HEADER_LEN>() else {
+        return Ok(None);
+    };
+    let header = decode_header(head, limits)?;
+    let Some(body) = rest.get(..header.len) else {
+        return Ok(None);
+    };
+    let msg = decode_body(&header, body)?;
+    Ok(Some((header.request_id, msg, HEADER_LEN + header.len)))
+}
+
+/// Encodes a frame as a header and a body. A `Chunk` body is the same `Bytes` (no
+/// copy), so the caller can send both with one vectored write. Fails if the body would
+/// exceed `limits`, which the peer would refuse.
+pub fn encode_frame(
+    request_id: u32,
+    msg: &Message,
+    limits: &FrameLimits,
+) -> Result<([u8; HEADER_LEN], Bytes), WireError> {
+    let body = match msg {
+        Message::GetChunk { digest } => Bytes::copy_from_slice(digest.as_bytes()),
+        Message::Have { blob } => Bytes::copy_from_slice(blob.as_bytes()),
+        Message::Chunk(b) => b.clone(),
+        Message::NotFound | Message::Unknown => Bytes::new(),
+        Message::HaveMap(m) => {
+            let mut v = Vec::with_capacity(m.encoded_len());
+            v.extend_from_slice(&m.chunk_count().to_be_bytes());
+            v.extend_from_slice(m.present_bitmap());
+            v.extend_from_slice(m.in_flight_bitmap());
+            Bytes::from(v)
+        }
+        Message::Error(text) => {
+            let mut end = text.len().min(MAX_ERROR_MESSAGE).min(limits.max_control);
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            Bytes::copy_from_slice(&text.as_bytes()[..end])
+        }
+    };
+    let k = msg.kind();
+    check_len(k, body.len(), limits)?;
+    let len = u32::try_from(body.len()).map_err(|_| WireError::Oversized {
+        kind: kind_name(k),
+        len: body.len(),
+        limit: u32::MAX as usize,
+    })?;
+    Ok((encode_header(k, request_id, len), body))
+}
+
+#[cfg(test)]
+mod tests;

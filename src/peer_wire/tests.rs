@@ -1,0 +1,100 @@
+//! Round trips and malformed frames of the codec.
+
+use super::*;
+
+const LIMITS: FrameLimits = FrameLimits {
+    max_chunk: 4 << 20,
+    max_control: 64 << 10,
+};
+
+fn encode(id: u32, msg: &Message) -> Vec<u8> {
+    let (h, b) = encode_frame(id, msg, &LIMITS).unwrap();
+    [&h[..], &b[..]].concat()
+}
+
+#[test]
+fn every_message_round_trips() {
+    let mut map = HaveMap::new(13);
+    map.set_present(0, true);
+    map.set_present(12, true);
+    map.set_in_flight(5, true);
+    map.set_present(99, true); // out of range: ignored
+    assert!(map.is_present(12) && !map.is_present(11) && map.is_in_flight(5));
+    let msgs = [
+        Message::GetChunk {
+            digest: Digest::of(b"a"),
+        },
+        Message::Have {
+            blob: Digest::of(b"b"),
+        },
+        Message::Chunk(Bytes::from_static(b"chunk bytes")),
+        Message::Chunk(Bytes::new()),
+        Message::NotFound,
+        Message::HaveMap(map),
+        Message::HaveMap(HaveMap::new(0)),
+        Message::Unknown,
+        Message::Error("no such thing".into()),
+    ];
+    for (i, msg) in msgs.iter().enumerate() {
+        let bytes = encode(i as u32 + 7, msg);
+        let (id, got, used) = decode_frame(&bytes, &LIMITS).unwrap().unwrap();
+        assert_eq!((id, &got, used), (i as u32 + 7, msg, bytes.len()));
+        // Every strict prefix is incomplete, not an error.
+        for cut in 0..bytes.len() {
+            assert_eq!(decode_frame(&bytes[..cut], &LIMITS), Ok(None));
+        }
+    }
+}
+
+#[test]
+fn oversized_and_malformed_frames_are_rejected_from_the_header() {
+    let huge = encode_header(kind::CHUNK, 1, (4 << 20) + 1);
+    assert!(matches!(
+        decode_frame(&huge, &LIMITS),
+        Err(WireError::Oversized { .. })
+    ));
+    let big_map = encode_header(kind::HAVE_MAP, 1, u32::MAX);
+    assert!(matches!(
+        decode_frame(&big_map, &LIMITS),
+        Err(WireError::Oversized { .. })
+    ));
+    let short = encode_header(kind::GET_CHUNK, 1, 31);
+    assert!(matches!(
+        decode_frame(&short, &LIMITS),
+        Err(WireError::BadLength { .. })
+    ));
+    let unknown = encode_header(0x42, 1, 0);
+    assert_eq!(
+        decode_frame(&unknown, &LIMITS),
+        Err(WireError::UnknownKind(0x42))
+    );
+    // A have-map whose bitmaps disagree with its count, or with padding bits set.
+    let mut bad = encode_header(kind::HAVE_MAP, 1, 6).to_vec();
+    bad.extend_from_slice(&[0, 0, 0, 9, 0, 0]);
+    assert!(decode_frame(&bad, &LIMITS).is_err());
+    let mut pad = encode_header(kind::HAVE_MAP, 1, 6).to_vec();
+    pad.extend_from_slice(&[0, 0, 0, 3, 0b1000, 0]);
+    assert!(decode_frame(&pad, &LIMITS).is_err());
+    // A have-map too big to encode within the control limit.
+    let too_big = Message::HaveMap(HaveMap::new(1 << 20));
+    assert!(encode_frame(1, &too_big, &LIMITS).is_err());
+}
+
+#[test]
+fn random_bytes_never_panic() {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut buf = vec![0u8; 256];
+    for round in 0..20_000 {
+        for b in buf.iter_mut() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *b = state as u8;
+        }
+        // Make small valid-looking lengths and kinds common.
+        buf[0..3].fill(0);
+        buf[4] = [0x01, 0x02, 0x81, 0x82, 0x83, 0x84, 0xee][round % 7];
+        let len = (state >> 8) as usize % buf.len();
+        let _ = decode_frame(&buf[..len], &LIMITS);
+    }
+}
