@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use imgd_core::wire::{BlobInfo, StartupTrace};
-use imgd_core::Digest;
+use imgd_core::{Digest, CHUNK_SIZE};
 use std::time::Duration;
 
 /// Errors talking to the proxy.
@@ -29,6 +29,13 @@ impl ProxyClientError {
         matches!(self, ProxyClientError::Status { status: 404, .. })
     }
 }
+
+/// Largest manifest the agent reads (the shared parser's limit).
+const MAX_MANIFEST_BYTES: usize = 4 << 20;
+/// Largest chunk list or startup trace (JSON) the agent reads.
+const MAX_JSON_BYTES: usize = 16 << 20;
+/// Largest encoded layer index the agent reads (the index builder's default limit).
+const MAX_INDEX_BYTES: usize = 256 << 20;
 
 /// A repository as the proxy routes it: a name (e.g. `local/app`) and, as containerd
 /// sends it, an optional `ns` naming the upstream registry.
@@ -123,13 +130,35 @@ impl ProxyClient {
         send(req, url).await
     }
 
-    async fn body(resp: reqwest::Response, url: &str) -> Result<Bytes, ProxyClientError> {
-        resp.bytes()
+    /// Reads a response body of at most `limit` bytes; a longer one is refused as soon as
+    /// it passes the limit, so a hostile or broken proxy cannot make the agent buffer it.
+    async fn body(
+        mut resp: reqwest::Response,
+        url: &str,
+        limit: usize,
+    ) -> Result<Bytes, ProxyClientError> {
+        let too_big = || ProxyClientError::Malformed {
+            what: "response",
+            message: format!("{url}: body over the {limit}-byte limit"),
+        };
+        if resp.content_length().is_some_and(|n| n > limit as u64) {
+            return Err(too_big());
+        }
+        let mut body = bytes::BytesMut::new();
+        while let Some(part) = resp
+            .chunk()
             .await
             .map_err(|e| ProxyClientError::Unreachable {
                 url: url.to_string(),
                 message: format!("reading body: {e:#}"),
-            })
+            })?
+        {
+            if body.len() + part.len() > limit {
+                return Err(too_big());
+            }
+            body.extend_from_slice(&part);
+        }
+        Ok(body.freeze())
     }
 
     /// A manifest by tag or digest (`repo` as the proxy routes it, e.g. `local/app`).
@@ -156,7 +185,7 @@ impl ProxyClient {
             .and_then(|v| v.to_str().ok())
             .unwrap_or(imgd_core::wire::MANIFEST_MEDIA_TYPES[0])
             .to_string();
-        let bytes = Self::body(resp, &path).await?;
+        let bytes = Self::body(resp, &path, MAX_MANIFEST_BYTES).await?;
         let digest = Digest::of(&bytes);
         if let Ok(want) = reference.parse::<Digest>() {
             if want != digest {
@@ -184,7 +213,7 @@ impl ProxyClient {
             repo.name,
             repo.ns_query('&')
         );
-        let body = Self::body(self.get(&path, &[]).await?, &path).await?;
+        let body = Self::body(self.get(&path, &[]).await?, &path, MAX_JSON_BYTES).await?;
         let info: BlobInfo =
             serde_json::from_slice(&body).map_err(|e| ProxyClientError::Malformed {
                 what: "chunk list",
@@ -208,7 +237,7 @@ impl ProxyClient {
     /// A chunk, verified against its digest.
     pub async fn chunk(&self, digest: &Digest) -> Result<Bytes, ProxyClientError> {
         let path = format!("/imgd/v1/chunks/{digest}");
-        let bytes = Self::body(self.get(&path, &[]).await?, &path).await?;
+        let bytes = Self::body(self.get(&path, &[]).await?, &path, CHUNK_SIZE).await?;
         if Digest::of(&bytes) != *digest {
             crate::metrics::verification_failed("proxy");
             return Err(ProxyClientError::Corrupt {
@@ -226,7 +255,7 @@ impl ProxyClient {
             repo.name,
             repo.ns_query('&')
         );
-        Self::body(self.get(&path, &[]).await?, &path).await
+        Self::body(self.get(&path, &[]).await?, &path, MAX_INDEX_BYTES).await
     }
 
     /// The learned startup trace of an image, if one was stored.
@@ -234,7 +263,7 @@ impl ProxyClient {
         let path = format!("/imgd/v1/traces/{manifest}");
         match self.get(&path, &[]).await {
             Ok(resp) => {
-                let body = Self::body(resp, &path).await?;
+                let body = Self::body(resp, &path, MAX_JSON_BYTES).await?;
                 serde_json::from_slice(&body)
                     .map(Some)
                     .map_err(|e| ProxyClientError::Malformed {
@@ -282,4 +311,45 @@ async fn send(
         return Err(ProxyClientError::Status { status, url, body });
     }
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A proxy stand-in whose every answer is `len` bytes, with or without a length.
+    async fn oversized_server(len: usize, chunked: bool) -> String {
+        let app = axum::Router::new().fallback(move || async move {
+            let body = vec![b'x'; len];
+            if chunked {
+                let parts = body
+                    .chunks(64 << 10)
+                    .map(|c| Ok::<_, std::io::Error>(Bytes::copy_from_slice(c)))
+                    .collect::<Vec<_>>();
+                axum::body::Body::from_stream(futures::stream::iter(parts))
+            } else {
+                axum::body::Body::from(body)
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn bodies_over_their_limit_are_refused() {
+        for chunked in [false, true] {
+            let url = oversized_server(MAX_MANIFEST_BYTES + 1, chunked).await;
+            let client = ProxyClient::new(&url, Duration::from_secs(5)).unwrap();
+            let err = client
+                .manifest(&Repo::new("a/b"), "latest", &[])
+                .await
+                .err()
+                .expect("an oversized manifest is refused");
+            assert!(err.to_string().contains("limit"), "{err}");
+            let err = client.chunk(&Digest::of(b"x")).await.err().unwrap();
+            assert!(err.to_string().contains("limit"), "{err}");
+        }
+    }
 }
