@@ -342,13 +342,13 @@ mod tests {
         for chunked in [false, true] {
             let url = oversized_server(MAX_MANIFEST_BYTES + 1, chunked).await;
             let client = ProxyClient::new(&url, Duration::from_secs(5)).unwrap();
-            let err = client
-                .manifest(&Repo::new("a/b"), "latest", &[])
-                .await
-                .err()
-                .expect("an oversized manifest is refused");
+            let Err(err) = client.manifest(&Repo::new("a/b"), "latest", &[]).await else {
+                panic!("an oversized manifest was accepted");
+            };
             assert!(err.to_string().contains("limit"), "{err}");
-            let err = client.chunk(&Digest::of(b"x")).await.err().unwrap();
+            let Err(err) = client.chunk(&Digest::of(b"x")).await else {
+                panic!("an oversized chunk was accepted");
+            };
             assert!(err.to_string().contains("limit"), "{err}");
         }
     }
