@@ -339,6 +339,8 @@ mod tests {
 
     #[tokio::test]
     async fn bodies_over_their_limit_are_refused() {
+        // As the binaries do: reqwest's rustls needs a process-wide crypto provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         for chunked in [false, true] {
             let url = oversized_server(MAX_MANIFEST_BYTES + 1, chunked).await;
             let client = ProxyClient::new(&url, Duration::from_secs(5)).unwrap();
