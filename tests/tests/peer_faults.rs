@@ -3,7 +3,7 @@
 //! costs time, never correctness; an outsider without the swarm key, or off the
 //! allow-list, gets no chunk and no have-map.
 
-use imgd_tests::daemons::{workspace_bin, Agent, AgentOptions, Proxy};
+use imgd_tests::daemons::{workspace_bin, Agent, Proxy};
 use imgd_tests::guards::{path_str, run_capture};
 use imgd_tests::image::presets;
 use imgd_tests::netns::{Host, Lan};
@@ -27,17 +27,6 @@ fn registry_with(dir: &Path, mib: u64) -> (Registry, u64) {
     let (_, size) =
         skopeo::push_image(&reg, &dir.join("img"), presets::big_gzip(mib), "big:1").unwrap();
     (reg, size)
-}
-
-fn start_agent(host: &Host, proxy: &Proxy, dir: &Path, extra: &str) -> Agent {
-    Agent::start(AgentOptions {
-        host: Some(host),
-        proxy_url: proxy.url(),
-        data_dir: dir.join(&host.ns),
-        extra_toml: extra.to_string(),
-        swarm: true,
-    })
-    .unwrap()
 }
 
 /// `imgd-evil-peer` lying in `mode` on `host`; returns its guard and node id.
@@ -94,11 +83,10 @@ fn lying_peers_are_detected_penalised_and_routed_around() {
     let tmp = tempfile::tempdir().unwrap();
     let (reg, image_size) = registry_with(tmp.path(), 24);
     let lan = Lan::new(3).unwrap();
-    let proxy = Proxy::start_with(
-        &lan.gateway,
+    let proxy = Proxy::start_on_lan(
+        &lan,
         &tmp.path().join("proxy"),
         &[format!("local={}", reg.url())],
-        &[],
     )
     .unwrap();
     let extra = format!("[fetch]\npeer_timeout_ms = {PEER_TIMEOUT_MS}\n");
@@ -113,7 +101,7 @@ fn lying_peers_are_detected_penalised_and_routed_around() {
         let dir = tmp.path().join(mode);
         std::fs::create_dir_all(&dir).unwrap();
         let (_evil, liar) = start_liar(&lan.hosts[0], &proxy, &dir, mode);
-        let a = start_agent(&lan.hosts[1], &proxy, &dir, &extra);
+        let a = Agent::start_on_host(&lan.hosts[1], &proxy, &dir, &extra).unwrap();
         a.wait_for_peers(1, Duration::from_secs(30)).unwrap();
 
         // Host A: only the liar claims the chunks; A must get them all from the proxy.
@@ -133,7 +121,7 @@ fn lying_peers_are_detected_penalised_and_routed_around() {
         );
 
         // Host B: A and the liar both claim every chunk; B ends up with A's.
-        let b = start_agent(&lan.hosts[2], &proxy, &dir, &extra);
+        let b = Agent::start_on_host(&lan.hosts[2], &proxy, &dir, &extra).unwrap();
         b.wait_for_peers(2, Duration::from_secs(30)).unwrap();
         let took_b = prefetch(&b);
         b.verify_clean().unwrap();
@@ -171,11 +159,10 @@ fn outsiders_without_the_key_or_off_the_allow_list_get_no_chunk_and_no_chunk_lis
     let tmp = tempfile::tempdir().unwrap();
     let (reg, _) = registry_with(tmp.path(), 8);
     let lan = Lan::new(2).unwrap();
-    let proxy = Proxy::start_with(
-        &lan.gateway,
+    let proxy = Proxy::start_on_lan(
+        &lan,
         &tmp.path().join("proxy"),
         &[format!("local={}", reg.url())],
-        &[],
     )
     .unwrap();
     let bin = workspace_bin("imgd-evil-peer").unwrap();
@@ -185,7 +172,7 @@ fn outsiders_without_the_key_or_off_the_allow_list_get_no_chunk_and_no_chunk_lis
     let member_id = run_capture(&mut id_cmd, "--print-id", Duration::from_secs(30)).unwrap();
     // Extra TOML lands in the agent's [swarm] table.
     let allow = format!("allow_list = [{:?}]\n", member_id.trim());
-    let a = start_agent(&lan.hosts[1], &proxy, tmp.path(), &allow);
+    let a = Agent::start_on_host(&lan.hosts[1], &proxy, tmp.path(), &allow).unwrap();
     let (ok, out, err) = a.imgctl(&["prefetch", "local/big:1"]).unwrap();
     assert!(ok, "{out}{err}");
     let target = format!("{}:7401", lan.hosts[1].addr);

@@ -3,9 +3,9 @@
 //! from its peer.
 
 use imgd_core::Digest;
-use imgd_tests::daemons::{Agent, AgentOptions, Proxy};
+use imgd_tests::daemons::{Agent, Proxy};
 use imgd_tests::image::presets;
-use imgd_tests::netns::{Host, Lan};
+use imgd_tests::netns::Lan;
 use imgd_tests::registry::Registry;
 use imgd_tests::skopeo;
 use std::path::Path;
@@ -17,17 +17,6 @@ fn registry_with_big(dir: &Path, mib: u64) -> (Registry, u64, Digest) {
     let (img, size) =
         skopeo::push_image(&reg, &dir.join("big"), presets::big_gzip(mib), "big:1").unwrap();
     (reg, size, img.manifest.digest)
-}
-
-fn start_agent(host: &Host, proxy: &Proxy, dir: &Path, extra: &str) -> Agent {
-    Agent::start(AgentOptions {
-        host: Some(host),
-        proxy_url: proxy.url(),
-        data_dir: dir.join(&host.ns),
-        extra_toml: extra.to_string(),
-        swarm: true,
-    })
-    .unwrap()
 }
 
 /// Waits until every agent knows `n` peers.
@@ -47,11 +36,10 @@ fn four_hosts_prefetching_at_once_get_each_chunk_from_the_proxy_about_once() {
     let (reg, image_size, _) = registry_with_big(tmp.path(), 320);
     assert!(image_size >= 100_000_000, "image of {image_size} bytes");
     let lan = Lan::new(4).unwrap();
-    let proxy = Proxy::start_with(
-        &lan.gateway,
+    let proxy = Proxy::start_on_lan(
+        &lan,
         &tmp.path().join("proxy"),
         &[format!("local={}", reg.url())],
-        &[],
     )
     .unwrap();
     // Warm the proxy from upstream first: its chunk egress to the LAN is what is measured.
@@ -63,7 +51,7 @@ fn four_hosts_prefetching_at_once_get_each_chunk_from_the_proxy_about_once() {
     let agents: Vec<Agent> = lan
         .hosts
         .iter()
-        .map(|h| start_agent(h, &proxy, tmp.path(), ""))
+        .map(|h| Agent::start_on_host(h, &proxy, tmp.path(), "").unwrap())
         .collect();
     wait_for_peers(&agents, 3);
 
@@ -113,17 +101,16 @@ fn skopeo_pulls_through_an_agent_mirror_and_a_second_host_gets_the_image_from_it
     let tmp = tempfile::tempdir().unwrap();
     let (reg, image_size, manifest) = registry_with_big(tmp.path(), 40);
     let lan = Lan::new(2).unwrap();
-    let proxy = Proxy::start_with(
-        &lan.gateway,
+    let proxy = Proxy::start_on_lan(
+        &lan,
         &tmp.path().join("proxy"),
         &[format!("local={}", reg.url())],
-        &[],
     )
     .unwrap();
     let agents: Vec<Agent> = lan
         .hosts
         .iter()
-        .map(|h| start_agent(h, &proxy, tmp.path(), ""))
+        .map(|h| Agent::start_on_host(h, &proxy, tmp.path(), "").unwrap())
         .collect();
     wait_for_peers(&agents, 1);
 
