@@ -5,11 +5,9 @@
 
 use imgd_tests::daemons::{workspace_bin, Agent, Proxy};
 use imgd_tests::guards::{path_str, run_capture};
-use imgd_tests::image::presets;
-use imgd_tests::netns::{Host, Lan};
+use imgd_tests::lan_setup::LanSetup;
+use imgd_tests::netns::Host;
 use imgd_tests::process::ChildGuard;
-use imgd_tests::registry::Registry;
-use imgd_tests::skopeo;
 use std::io::BufRead;
 use std::path::Path;
 use std::process::Stdio;
@@ -21,13 +19,6 @@ const PEER_TIMEOUT_MS: u64 = 2000;
 /// The longest a prefetch of the 24 MiB image may take with a liar in the swarm (alone
 /// with the proxy it takes about a second; a drip costs a few peer timeouts).
 const PREFETCH_BOUND: Duration = Duration::from_secs(60);
-
-fn registry_with(dir: &Path, mib: u64) -> (Registry, u64) {
-    let reg = Registry::start().unwrap();
-    let (_, size) =
-        skopeo::push_image(&reg, &dir.join("img"), presets::big_gzip(mib), "big:1").unwrap();
-    (reg, size)
-}
 
 /// `imgd-evil-peer` lying in `mode` on `host`; returns its guard and node id.
 fn start_liar(host: &Host, proxy: &Proxy, dir: &Path, mode: &str) -> (ChildGuard, String) {
@@ -81,14 +72,8 @@ fn penalty_of(a: &Agent, liar: &str) -> u64 {
 #[test]
 fn lying_peers_are_detected_penalised_and_routed_around() {
     let tmp = tempfile::tempdir().unwrap();
-    let (reg, image_size) = registry_with(tmp.path(), 24);
-    let lan = Lan::new(3).unwrap();
-    let proxy = Proxy::start_on_lan(
-        &lan,
-        &tmp.path().join("proxy"),
-        &[format!("local={}", reg.url())],
-    )
-    .unwrap();
+    let net = LanSetup::start(tmp.path(), 24, 3).unwrap();
+    let (lan, proxy, image_size) = (&net.lan, &net.proxy, net.image_size);
     let extra = format!("[fetch]\npeer_timeout_ms = {PEER_TIMEOUT_MS}\n");
     // mode, least penalty host A must have given the liar after meeting it
     let cases = [
@@ -157,14 +142,8 @@ fn parse(report: &str) -> serde_json::Value {
 #[test]
 fn outsiders_without_the_key_or_off_the_allow_list_get_no_chunk_and_no_chunk_list() {
     let tmp = tempfile::tempdir().unwrap();
-    let (reg, _) = registry_with(tmp.path(), 8);
-    let lan = Lan::new(2).unwrap();
-    let proxy = Proxy::start_on_lan(
-        &lan,
-        &tmp.path().join("proxy"),
-        &[format!("local={}", reg.url())],
-    )
-    .unwrap();
+    let net = LanSetup::start(tmp.path(), 8, 2).unwrap();
+    let (lan, proxy) = (&net.lan, &net.proxy);
     let bin = workspace_bin("imgd-evil-peer").unwrap();
     let member = tmp.path().join("member");
     let mut id_cmd = std::process::Command::new(&bin);
