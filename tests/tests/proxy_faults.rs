@@ -54,6 +54,16 @@ fn oci_code(r: &HttpResponse) -> String {
         .unwrap_or_default()
 }
 
+/// Asserts that `r` is HTTP `status` with the OCI error `code` in its body.
+fn assert_oci_error(r: &HttpResponse, status: u16, code: &str) {
+    assert_eq!(
+        (r.status, oci_code(r).as_str()),
+        (status, code),
+        "{}",
+        r.text()
+    );
+}
+
 /// Nothing of a failed fetch is visible: no chunk or temp file, no chunk list.
 fn assert_nothing_stored(proxy: &Proxy, blob: &Digest) {
     assert_eq!(proxy.stored_chunk_files(), 0, "no chunk kept");
@@ -113,8 +123,7 @@ fn a_blob_that_does_not_match_its_digest_is_refused_and_not_kept() {
     let proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
     let path = format!("/v2/local/app/blobs/{layer}");
     let r = proxy.get(&path, &[]).unwrap();
-    assert_eq!(r.status, 502, "{}", r.text());
-    assert_eq!(oci_code(&r), "DIGEST_INVALID");
+    assert_oci_error(&r, 502, "DIGEST_INVALID");
     assert!(r.text().contains(&layer.to_string()));
     assert_nothing_stored(&proxy, &layer);
 
@@ -157,12 +166,12 @@ fn upstream_errors_pass_through_with_oci_bodies() {
     let proxy = Proxy::start(&[format!("local={}", relay.url())]).unwrap();
 
     let r = proxy.get("/v2/local/app/manifests/nope", &[]).unwrap();
-    assert_eq!((r.status, oci_code(&r).as_str()), (404, "MANIFEST_UNKNOWN"));
+    assert_oci_error(&r, 404, "MANIFEST_UNKNOWN");
     let unknown = Digest::of(b"not there");
     let r = proxy
         .get(&format!("/v2/local/app/blobs/{unknown}"), &[])
         .unwrap();
-    assert_eq!((r.status, oci_code(&r).as_str()), (404, "BLOB_UNKNOWN"));
+    assert_oci_error(&r, 404, "BLOB_UNKNOWN");
     assert_nothing_stored(&proxy, &unknown);
 
     // Malformed JSON is refused, and so is a manifest that does not match its digest.
@@ -176,12 +185,7 @@ fn upstream_errors_pass_through_with_oci_bodies() {
         Some(1),
     );
     let r = proxy.get("/v2/local/app/manifests/1", &[]).unwrap();
-    assert_eq!(
-        (r.status, oci_code(&r).as_str()),
-        (502, "MANIFEST_INVALID"),
-        "{}",
-        r.text()
-    );
+    assert_oci_error(&r, 502, "MANIFEST_INVALID");
     let by_digest = format!("/manifests/{}", img.manifest.digest);
     let other = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","layers":[]}"#.to_vec();
     relay.add(
@@ -196,12 +200,7 @@ fn upstream_errors_pass_through_with_oci_bodies() {
     let r = proxy
         .get(&format!("/v2/local/app{by_digest}"), &[])
         .unwrap();
-    assert_eq!(
-        (r.status, oci_code(&r).as_str()),
-        (502, "DIGEST_INVALID"),
-        "{}",
-        r.text()
-    );
+    assert_oci_error(&r, 502, "DIGEST_INVALID");
     // Nothing of that was cached: the real manifest comes through now.
     let r = proxy
         .get(&format!("/v2/local/app{by_digest}"), &[])
@@ -218,12 +217,7 @@ fn credentials_are_needed_and_used_for_a_protected_upstream() {
 
     let anonymous = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
     let r = anonymous.get("/v2/local/app/manifests/1", &[]).unwrap();
-    assert_eq!(
-        (r.status, oci_code(&r).as_str()),
-        (401, "UNAUTHORIZED"),
-        "{}",
-        r.text()
-    );
+    assert_oci_error(&r, 401, "UNAUTHORIZED");
 
     let proxy = proxy_with(tmp.path(), &reg.url(), "", CREDS);
     let out = pull_through(&proxy, tmp.path());
@@ -392,12 +386,7 @@ fn a_blob_redirected_to_storage_is_fetched_without_the_registry_credentials() {
     let r = proxy
         .get(&format!("/v2/local/app/blobs/{bad}"), &[])
         .unwrap();
-    assert_eq!(
-        (r.status, oci_code(&r).as_str()),
-        (502, "DIGEST_INVALID"),
-        "{}",
-        r.text()
-    );
+    assert_oci_error(&r, 502, "DIGEST_INVALID");
     let r = proxy.get(&format!("/imgd/v1/blobs/{bad}"), &[]).unwrap();
     assert_eq!(r.status, 404, "nothing cached: {}", r.text());
     assert_eq!(proxy.temp_files(), 0);
