@@ -85,8 +85,8 @@ fn lying_peers_are_detected_penalised_and_routed_around() {
     for (mode, least_penalty) in cases {
         let dir = tmp.path().join(mode);
         std::fs::create_dir_all(&dir).unwrap();
-        let (_evil, liar) = start_liar(&lan.hosts[0], &proxy, &dir, mode);
-        let a = Agent::start_on_host(&lan.hosts[1], &proxy, &dir, &extra).unwrap();
+        let (_evil, liar) = start_liar(&lan.hosts[0], proxy, &dir, mode);
+        let a = Agent::start_on_host(&lan.hosts[1], proxy, &dir, &extra).unwrap();
         a.wait_for_peers(1, Duration::from_secs(30)).unwrap();
 
         // Host A: only the liar claims the chunks; A must get them all from the proxy.
@@ -106,7 +106,7 @@ fn lying_peers_are_detected_penalised_and_routed_around() {
         );
 
         // Host B: A and the liar both claim every chunk; B ends up with A's.
-        let b = Agent::start_on_host(&lan.hosts[2], &proxy, &dir, &extra).unwrap();
+        let b = Agent::start_on_host(&lan.hosts[2], proxy, &dir, &extra).unwrap();
         b.wait_for_peers(2, Duration::from_secs(30)).unwrap();
         let took_b = prefetch(&b);
         b.verify_clean().unwrap();
@@ -151,7 +151,7 @@ fn outsiders_without_the_key_or_off_the_allow_list_get_no_chunk_and_no_chunk_lis
     let member_id = run_capture(&mut id_cmd, "--print-id", Duration::from_secs(30)).unwrap();
     // Extra TOML lands in the agent's [swarm] table.
     let allow = format!("allow_list = [{:?}]\n", member_id.trim());
-    let a = Agent::start_on_host(&lan.hosts[1], &proxy, tmp.path(), &allow).unwrap();
+    let a = Agent::start_on_host(&lan.hosts[1], proxy, tmp.path(), &allow).unwrap();
     let (ok, out, err) = a.imgctl(&["prefetch", "local/big:1"]).unwrap();
     assert!(ok, "{out}{err}");
     let target = format!("{}:7401", lan.hosts[1].addr);
@@ -161,7 +161,7 @@ fn outsiders_without_the_key_or_off_the_allow_list_get_no_chunk_and_no_chunk_lis
         ("not on the allow-list", tmp.path().join("stranger"), false),
     ];
     for (who, dir, wrong_key) in cases {
-        let report = probe(&lan.hosts[0], &proxy, &dir, &target, wrong_key);
+        let report = probe(&lan.hosts[0], proxy, &dir, &target, wrong_key);
         let r = parse(&report);
         assert!(
             r["handshake"].as_str().unwrap().starts_with("refused"),
@@ -176,7 +176,7 @@ fn outsiders_without_the_key_or_off_the_allow_list_get_no_chunk_and_no_chunk_lis
     assert!(refused >= 2, "the agent logged both refusals:\n{}", a.log());
 
     // The same probe as a member (the key, on the list) gets both: the probe can tell.
-    let report = probe(&lan.hosts[0], &proxy, &member, &target, false);
+    let report = probe(&lan.hosts[0], proxy, &member, &target, false);
     let r = parse(&report);
     assert_eq!(r["handshake"], "ok", "{report}");
     assert_eq!(r["chunk"], true, "{report}");

@@ -33,7 +33,7 @@ fn four_hosts_prefetching_at_once_get_each_chunk_from_the_proxy_about_once() {
     let agents: Vec<Agent> = lan
         .hosts
         .iter()
-        .map(|h| Agent::start_on_host(h, &proxy, tmp.path(), "").unwrap())
+        .map(|h| Agent::start_on_host(h, proxy, tmp.path(), "").unwrap())
         .collect();
     wait_for_peers(&agents, 3);
 
@@ -87,7 +87,7 @@ fn skopeo_pulls_through_an_agent_mirror_and_a_second_host_gets_the_image_from_it
     let agents: Vec<Agent> = lan
         .hosts
         .iter()
-        .map(|h| Agent::start_on_host(h, &proxy, tmp.path(), "").unwrap())
+        .map(|h| Agent::start_on_host(h, proxy, tmp.path(), "").unwrap())
         .collect();
     wait_for_peers(&agents, 1);
 
