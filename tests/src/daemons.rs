@@ -67,6 +67,25 @@ impl Proxy {
         Proxy::spawn(ip, free_port()?, storage, upstreams, &extra)
     }
 
+    /// Starts a proxy configured by the TOML `config_text` (written to `dir/proxy.toml`),
+    /// storing under `dir/store`.
+    pub fn start_with_config(dir: &Path, config_text: &str) -> Result<Proxy> {
+        let config = dir.join("proxy.toml");
+        std::fs::write(&config, config_text)?;
+        let config = config.to_str().context("config path is not UTF-8")?;
+        Proxy::start_in(&dir.join("store"), &[], &["--config", config])
+    }
+
+    /// Starts a proxy on the gateway of the test LAN `lan` (so its hosts reach it), storing
+    /// under `storage`.
+    pub fn start_on_lan(
+        lan: &crate::netns::Lan,
+        storage: &Path,
+        upstreams: &[String],
+    ) -> Result<Proxy> {
+        Proxy::start_with(&lan.gateway, storage, upstreams, &[])
+    }
+
     fn spawn(
         ip: &str,
         port: u16,
@@ -203,6 +222,20 @@ pub struct AgentOptions<'a> {
     pub swarm: bool,
 }
 
+impl AgentOptions<'static> {
+    /// An agent in the root namespace with the swarm off and no extra config; set other
+    /// fields with `AgentOptions { extra_toml, ..AgentOptions::local(url, dir) }`.
+    pub fn local(proxy_url: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        AgentOptions {
+            host: None,
+            proxy_url: proxy_url.into(),
+            data_dir: data_dir.into(),
+            extra_toml: String::new(),
+            swarm: false,
+        }
+    }
+}
+
 /// Root keys of the agent's config; other bare keys of `extra_toml` belong to `[swarm]`.
 const AGENT_ROOT_KEYS: &[&str] = &[
     "data_dir",
@@ -260,6 +293,23 @@ impl Agent {
     /// Starts an agent and waits until its local API answers.
     pub fn start(opts: AgentOptions<'_>) -> Result<Agent> {
         Agent::start_with_args(opts, &[])
+    }
+
+    /// Starts a swarm agent on the namespace host `host`, using `proxy`, with its data
+    /// under `dir/NAMESPACE` and `extra_toml` merged over its config.
+    pub fn start_on_host(
+        host: &crate::netns::Host,
+        proxy: &Proxy,
+        dir: &Path,
+        extra_toml: &str,
+    ) -> Result<Agent> {
+        Agent::start(AgentOptions {
+            host: Some(host),
+            proxy_url: proxy.url(),
+            data_dir: dir.join(&host.ns),
+            extra_toml: extra_toml.to_string(),
+            swarm: true,
+        })
     }
 
     /// [`Agent::start`] with extra `imgd` flags (e.g. `--cache-quota BYTES`).

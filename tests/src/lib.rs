@@ -14,12 +14,14 @@
 //! - [`containerd`], [`podman`]: private instances of the container engines.
 //! - [`fault_relay`]: a fault-injecting, request-recording relay (and static server).
 //! - [`token_auth`]: a registry token-auth front with expiring tokens.
+//! - [`lan_setup`]: a registry with a big image, a LAN of namespace hosts and a proxy on it.
 
 pub mod containerd;
 pub mod daemons;
 pub mod fault_relay;
 pub mod guards;
 pub mod image;
+pub mod lan_setup;
 pub mod media_types;
 pub mod netns;
 pub mod podman;

@@ -87,6 +87,16 @@ pub fn copy(src: &str, dst: &str, extra_args: &[&str]) -> Result<()> {
     run(&args).map(drop)
 }
 
+/// Pulls `docker_ref` (`HOST/repo:tag`, plain http) into the skopeo `dir:` directory `out`
+/// (the manifest as `manifest.json`, each blob named by its hex digest).
+pub fn pull_to_dir(docker_ref: &str, out: &Path) -> Result<()> {
+    copy(
+        &format!("docker://{docker_ref}"),
+        &format!("dir:{}", path_str(out)?),
+        &["--src-tls-verify=false"],
+    )
+}
+
 /// Pushes reference `ref_name` of the OCI layout `layout_dir` to `dest`
 /// (`docker://127.0.0.1:PORT/repo:tag`, plain http) with `--format`, and with `--all` if
 /// `all` (needed to push an image index whole: without it skopeo picks the host's platform

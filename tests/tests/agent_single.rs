@@ -10,14 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 fn agent(dir: &Path, proxy_url: &str) -> Agent {
-    Agent::start(AgentOptions {
-        host: None,
-        proxy_url: proxy_url.to_string(),
-        data_dir: dir.to_path_buf(),
-        extra_toml: String::new(),
-        swarm: false,
-    })
-    .unwrap()
+    Agent::start(AgentOptions::local(proxy_url, dir)).unwrap()
 }
 
 #[test]
@@ -82,13 +75,10 @@ fn kill_9_during_prefetch_then_restart_completes_with_a_consistent_cache() {
 #[test]
 fn imgctl_reports_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
-    let nobody = Agent::start(AgentOptions {
-        host: None,
-        proxy_url: format!("http://127.0.0.1:{}", free_port().unwrap()),
-        data_dir: tmp.path().join("a"),
-        extra_toml: String::new(),
-        swarm: false,
-    })
+    let nobody = Agent::start(AgentOptions::local(
+        format!("http://127.0.0.1:{}", free_port().unwrap()),
+        tmp.path().join("a"),
+    ))
     .unwrap();
     let (ok, _, err) = nobody.imgctl(&["prefetch", "local/app:1"]).unwrap();
     assert!(!ok);

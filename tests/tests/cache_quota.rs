@@ -66,17 +66,7 @@ fn push(reg: &Registry, dir: &Path, name: &str, seed: u64, mib: u64) -> u64 {
 
 /// An agent whose cache directory is `disk` (already mounted by the caller).
 fn agent(dir: &Path, proxy: &Proxy, args: &[&str]) -> Agent {
-    Agent::start_with_args(
-        AgentOptions {
-            host: None,
-            proxy_url: proxy.url(),
-            data_dir: dir.to_path_buf(),
-            extra_toml: String::new(),
-            swarm: false,
-        },
-        args,
-    )
-    .unwrap()
+    Agent::start_with_args(AgentOptions::local(proxy.url(), dir), args).unwrap()
 }
 
 /// (cached bytes, total bytes) of `image` from the agent's image list.

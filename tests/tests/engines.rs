@@ -6,7 +6,7 @@
 use imgd_tests::containerd::Containerd;
 use imgd_tests::daemons::{Agent, AgentOptions, Proxy};
 use imgd_tests::guards::path_str;
-use imgd_tests::image::{FileSpec, ImageInfo, ImageSpec, LayerSpec};
+use imgd_tests::image::{presets, FileSpec, ImageInfo, ImageSpec, LayerSpec};
 use imgd_tests::podman::Podman;
 use imgd_tests::registry::Registry;
 use imgd_tests::skopeo;
@@ -20,19 +20,7 @@ const BIG: u64 = 6 << 20;
 /// Three layers (gzip with a static busybox, gzip with 6 MiB of random data, so two
 /// chunks, and an uncompressed one), each contributing to the command's output.
 fn image() -> ImageSpec {
-    let busybox =
-        std::fs::read("/bin/busybox").expect("busybox-static is installed (see .ci/setup)");
-    let base = LayerSpec::gzip(vec![
-        FileSpec::dir("bin"),
-        FileSpec::file("bin/busybox", busybox).mode(0o755),
-        FileSpec::symlink("bin/sh", "busybox"),
-        FileSpec::dir("etc"),
-        FileSpec::file("etc/hello.txt", "hello through the imgd mirror\n"),
-        FileSpec::dir("tmp").mode(0o1777),
-        FileSpec::dir("proc"),
-        FileSpec::dir("dev"),
-        FileSpec::dir("sys"),
-    ]);
+    let base = presets::busybox_base("hello through the imgd mirror").unwrap();
     let data = LayerSpec::gzip(vec![
         FileSpec::dir("data"),
         FileSpec::random("data/big.bin", 5, BIG),
@@ -95,14 +83,7 @@ fn setup(upstream_name: Option<&str>) -> Setup {
         format!("{name}={}", reg.url()),
     ])
     .unwrap();
-    let agent = Agent::start(AgentOptions {
-        host: None,
-        proxy_url: proxy.url(),
-        data_dir: tmp.path().join("agent"),
-        extra_toml: String::new(),
-        swarm: false,
-    })
-    .unwrap();
+    let agent = Agent::start(AgentOptions::local(proxy.url(), tmp.path().join("agent"))).unwrap();
     Setup {
         registry: reg.addr().to_string(),
         _reg: reg,
@@ -132,6 +113,13 @@ fn imgctl_ok(agent: &Agent, args: &[&str]) -> String {
     out
 }
 
+/// `imgctl configure ENGINE --config-dir CONFIG_DIR MORE...`; returns its output.
+fn configure(agent: &Agent, engine: &str, config_dir: &str, more: &[&str]) -> String {
+    let mut args = vec!["configure", engine, "--config-dir", config_dir];
+    args.extend_from_slice(more);
+    imgctl_ok(agent, &args)
+}
+
 #[test]
 fn containerd_pulls_through_the_agent_and_runs_the_image_with_runc() {
     let s = setup(None);
@@ -146,18 +134,11 @@ fn containerd_pulls_through_the_agent_and_runs_the_image_with_runc() {
     let before = snapshot(&certs);
     let certs_str = path_str(&certs).unwrap();
 
-    let out = imgctl_ok(
+    let out = configure(
         &s.agent,
-        &[
-            "configure",
-            "containerd",
-            "--config-dir",
-            certs_str,
-            "--registry",
-            &s.registry,
-            "--mirror",
-            &s.agent.mirror,
-        ],
+        "containerd",
+        certs_str,
+        &["--registry", &s.registry, "--mirror", &s.agent.mirror],
     );
     println!("{out}");
     let hosts = std::fs::read_to_string(certs.join(&s.registry).join("hosts.toml")).unwrap();
@@ -201,16 +182,7 @@ fn containerd_pulls_through_the_agent_and_runs_the_image_with_runc() {
         .unwrap();
     assert_command_output(&out);
 
-    imgctl_ok(
-        &s.agent,
-        &[
-            "configure",
-            "containerd",
-            "--config-dir",
-            certs_str,
-            "--undo",
-        ],
-    );
+    configure(&s.agent, "containerd", certs_str, &["--undo"]);
     assert_eq!(
         snapshot(&certs),
         before,
@@ -225,18 +197,11 @@ fn podman_pulls_through_the_agent_and_runs_the_image() {
     let drop_ins = podman.drop_in_dir();
     let drop_ins_str = path_str(&drop_ins).unwrap();
     let registry = format!("{}=local", s.registry);
-    imgctl_ok(
+    configure(
         &s.agent,
-        &[
-            "configure",
-            "podman",
-            "--config-dir",
-            drop_ins_str,
-            "--registry",
-            &registry,
-            "--mirror",
-            &s.agent.mirror,
-        ],
+        "podman",
+        drop_ins_str,
+        &["--registry", &registry, "--mirror", &s.agent.mirror],
     );
     let reference = format!("{}/app:1", s.registry);
     let policy = podman.policy();
@@ -265,16 +230,7 @@ fn podman_pulls_through_the_agent_and_runs_the_image() {
         .unwrap();
     assert_command_output(&out);
 
-    imgctl_ok(
-        &s.agent,
-        &[
-            "configure",
-            "podman",
-            "--config-dir",
-            drop_ins_str,
-            "--undo",
-        ],
-    );
+    configure(&s.agent, "podman", drop_ins_str, &["--undo"]);
     assert!(
         snapshot(&drop_ins).is_empty(),
         "undo leaves the drop-in directory empty"

@@ -100,14 +100,7 @@ fn many_readers_on_a_mount_and_many_prefetches_finish_without_errors_in_bounded_
         total_prefetch += size;
     }
     let proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
-    let a = Agent::start(AgentOptions {
-        host: None,
-        proxy_url: proxy.url(),
-        data_dir: tmp.path().join("agent"),
-        extra_toml: String::new(),
-        swarm: false,
-    })
-    .unwrap();
+    let a = Agent::start(AgentOptions::local(proxy.url(), tmp.path().join("agent"))).unwrap();
     let mount = ImgdMount::mount(&a, "local/mounted:1", &tmp.path().join("mnt")).unwrap();
     let expected: Arc<Vec<Vec<u8>>> =
         Arc::new((0..FILES).map(|i| file_content(i).to_vec()).collect());

@@ -68,6 +68,14 @@ impl Scrape {
     fn delta(&self, before: &Scrape, series: &str) -> f64 {
         self.v(series) - before.v(series)
     }
+
+    /// Asserts how much `imgd_agent_received_bytes_total` grew since `before`, by source.
+    fn assert_received(&self, before: &Scrape, expected: &[(&str, f64)]) {
+        for &(source, bytes) in expected {
+            let series = format!("imgd_agent_received_bytes_total{{source=\"{source}\"}}");
+            assert_eq!(self.delta(before, &series), bytes, "{series}");
+        }
+    }
 }
 
 fn get_text(url: &str) -> (u16, String) {
@@ -103,11 +111,9 @@ fn metrics_health_and_readiness_of_proxy_and_agent_count_what_a_pull_and_a_read_
     // The swarm is on (readiness checks it) but without mDNS, so no peer of another test
     // on this host serves chunks: every byte comes from the proxy.
     let agent = Agent::start(AgentOptions {
-        host: None,
-        proxy_url: proxy.url(),
-        data_dir: tmp.path().join("agent"),
         extra_toml: "mdns = false\n".into(),
         swarm: true,
+        ..AgentOptions::local(proxy.url(), tmp.path().join("agent"))
     })
     .unwrap();
     let agent_url = format!("http://{}", agent.mirror);
@@ -193,18 +199,7 @@ fn metrics_health_and_readiness_of_proxy_and_agent_count_what_a_pull_and_a_read_
     );
 
     // The agent received exactly the image from the proxy, and caches exactly it.
-    assert_eq!(
-        a1.delta(&a0, "imgd_agent_received_bytes_total{source=\"proxy\"}"),
-        image
-    );
-    assert_eq!(
-        a1.delta(&a0, "imgd_agent_received_bytes_total{source=\"peer\"}"),
-        0.0
-    );
-    assert_eq!(
-        a1.delta(&a0, "imgd_agent_received_bytes_total{source=\"cache\"}"),
-        0.0
-    );
+    a1.assert_received(&a0, &[("proxy", image), ("peer", 0.0), ("cache", 0.0)]);
     assert_eq!(
         a1.delta(
             &a0,
@@ -224,14 +219,7 @@ fn metrics_health_and_readiness_of_proxy_and_agent_count_what_a_pull_and_a_read_
     assert!(ok, "prefetch: {out}{err}");
     let p2 = Scrape::get(&proxy.url());
     let a2 = Scrape::get(&agent_url);
-    assert_eq!(
-        a2.delta(&a1, "imgd_agent_received_bytes_total{source=\"cache\"}"),
-        image
-    );
-    assert_eq!(
-        a2.delta(&a1, "imgd_agent_received_bytes_total{source=\"proxy\"}"),
-        0.0
-    );
+    a2.assert_received(&a1, &[("cache", image), ("proxy", 0.0)]);
     assert_eq!(
         p2.delta(&p1, "imgd_proxy_served_bytes_total{api=\"chunk\"}"),
         0.0
@@ -297,10 +285,7 @@ fn metrics_health_and_readiness_of_proxy_and_agent_count_what_a_pull_and_a_read_
     assert_eq!(a5.v(&series("imgd_agent_fuse_eio_total")), 0.0);
     // Everything was cached: the read fetched nothing.
     assert_eq!(a5.v(&series("imgd_agent_mount_fetched_bytes_total")), 0.0);
-    assert_eq!(
-        a5.delta(&a4, "imgd_agent_received_bytes_total{source=\"proxy\"}"),
-        0.0
-    );
+    a5.assert_received(&a4, &[("proxy", 0.0)]);
 
     // A cached chunk damaged on disk is caught when read, counted, and fetched again.
     let b = &info.layers[2].blob;
@@ -324,10 +309,7 @@ fn metrics_health_and_readiness_of_proxy_and_agent_count_what_a_pull_and_a_read_
         ),
         1.0
     );
-    assert_eq!(
-        a6.delta(&a5, "imgd_agent_received_bytes_total{source=\"proxy\"}"),
-        b.size as f64
-    );
+    a6.assert_received(&a5, &[("proxy", b.size as f64)]);
     assert_eq!(
         a6.v(&series("imgd_agent_mount_fetched_bytes_total")),
         b.size as f64
@@ -379,25 +361,21 @@ fn chunks_a_peer_serves_are_counted_by_both_agents_and_not_by_the_proxy() {
     // Generous peer timeouts: on a loaded machine a slow peer must not send B to the proxy.
     let fetch = "[fetch]\npeer_timeout_ms = 30000\nowner_wait_ms = 30000\n";
     let a = Agent::start(AgentOptions {
-        host: None,
-        proxy_url: proxy.url(),
-        data_dir: tmp.path().join("a"),
         extra_toml: format!("mdns = false\n{fetch}"),
         swarm: true,
+        ..AgentOptions::local(proxy.url(), tmp.path().join("a"))
     })
     .unwrap();
     let (ok, out, err) = a.imgctl(&["prefetch", "local/obs:1"]).unwrap();
     assert!(ok, "prefetch: {out}{err}");
     // B finds A through a bootstrap address only (no mDNS: no peer of another test).
     let b = Agent::start(AgentOptions {
-        host: None,
-        proxy_url: proxy.url(),
-        data_dir: tmp.path().join("b"),
         extra_toml: format!(
             "mdns = false\nbootstrap = [{:?}]\n{fetch}",
             loopback_multiaddr(&a)
         ),
         swarm: true,
+        ..AgentOptions::local(proxy.url(), tmp.path().join("b"))
     })
     .unwrap();
     let (a_url, b_url) = (
@@ -430,14 +408,7 @@ fn chunks_a_peer_serves_are_counted_by_both_agents_and_not_by_the_proxy() {
         Scrape::get(&b_url),
     );
     let image = image_bytes as f64;
-    assert_eq!(
-        b1.delta(&b0, "imgd_agent_received_bytes_total{source=\"peer\"}"),
-        image
-    );
-    assert_eq!(
-        b1.delta(&b0, "imgd_agent_received_bytes_total{source=\"proxy\"}"),
-        0.0
-    );
+    b1.assert_received(&b0, &[("peer", image), ("proxy", 0.0)]);
     assert_eq!(
         b1.delta(&b0, "imgd_agent_chunk_fetch_seconds_count{source=\"peer\"}"),
         chunks as f64

@@ -315,14 +315,7 @@ fn a_mount_equals_umoci_unpack_of_the_same_image() {
     lap("umoci unpack", &mut timings);
 
     let proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
-    let agent = Agent::start(AgentOptions {
-        host: None,
-        proxy_url: proxy.url(),
-        data_dir: tmp.path().join("agent"),
-        extra_toml: String::new(),
-        swarm: false,
-    })
-    .unwrap();
+    let agent = Agent::start(AgentOptions::local(proxy.url(), tmp.path().join("agent"))).unwrap();
     let dir = tmp.path().join("mnt");
     std::fs::create_dir_all(&dir).unwrap();
     let (ok, out, err) = agent

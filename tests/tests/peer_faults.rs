@@ -3,13 +3,11 @@
 //! costs time, never correctness; an outsider without the swarm key, or off the
 //! allow-list, gets no chunk and no have-map.
 
-use imgd_tests::daemons::{workspace_bin, Agent, AgentOptions, Proxy};
+use imgd_tests::daemons::{workspace_bin, Agent, Proxy};
 use imgd_tests::guards::{path_str, run_capture};
-use imgd_tests::image::presets;
-use imgd_tests::netns::{Host, Lan};
+use imgd_tests::lan_setup::LanSetup;
+use imgd_tests::netns::Host;
 use imgd_tests::process::ChildGuard;
-use imgd_tests::registry::Registry;
-use imgd_tests::skopeo;
 use std::io::BufRead;
 use std::path::Path;
 use std::process::Stdio;
@@ -21,24 +19,6 @@ const PEER_TIMEOUT_MS: u64 = 2000;
 /// The longest a prefetch of the 24 MiB image may take with a liar in the swarm (alone
 /// with the proxy it takes about a second; a drip costs a few peer timeouts).
 const PREFETCH_BOUND: Duration = Duration::from_secs(60);
-
-fn registry_with(dir: &Path, mib: u64) -> (Registry, u64) {
-    let reg = Registry::start().unwrap();
-    let (_, size) =
-        skopeo::push_image(&reg, &dir.join("img"), presets::big_gzip(mib), "big:1").unwrap();
-    (reg, size)
-}
-
-fn start_agent(host: &Host, proxy: &Proxy, dir: &Path, extra: &str) -> Agent {
-    Agent::start(AgentOptions {
-        host: Some(host),
-        proxy_url: proxy.url(),
-        data_dir: dir.join(&host.ns),
-        extra_toml: extra.to_string(),
-        swarm: true,
-    })
-    .unwrap()
-}
 
 /// `imgd-evil-peer` lying in `mode` on `host`; returns its guard and node id.
 fn start_liar(host: &Host, proxy: &Proxy, dir: &Path, mode: &str) -> (ChildGuard, String) {
@@ -92,15 +72,8 @@ fn penalty_of(a: &Agent, liar: &str) -> u64 {
 #[test]
 fn lying_peers_are_detected_penalised_and_routed_around() {
     let tmp = tempfile::tempdir().unwrap();
-    let (reg, image_size) = registry_with(tmp.path(), 24);
-    let lan = Lan::new(3).unwrap();
-    let proxy = Proxy::start_with(
-        &lan.gateway,
-        &tmp.path().join("proxy"),
-        &[format!("local={}", reg.url())],
-        &[],
-    )
-    .unwrap();
+    let net = LanSetup::start(tmp.path(), 24, 3).unwrap();
+    let (lan, proxy, image_size) = (&net.lan, &net.proxy, net.image_size);
     let extra = format!("[fetch]\npeer_timeout_ms = {PEER_TIMEOUT_MS}\n");
     // mode, least penalty host A must have given the liar after meeting it
     let cases = [
@@ -112,8 +85,8 @@ fn lying_peers_are_detected_penalised_and_routed_around() {
     for (mode, least_penalty) in cases {
         let dir = tmp.path().join(mode);
         std::fs::create_dir_all(&dir).unwrap();
-        let (_evil, liar) = start_liar(&lan.hosts[0], &proxy, &dir, mode);
-        let a = start_agent(&lan.hosts[1], &proxy, &dir, &extra);
+        let (_evil, liar) = start_liar(&lan.hosts[0], proxy, &dir, mode);
+        let a = Agent::start_on_host(&lan.hosts[1], proxy, &dir, &extra).unwrap();
         a.wait_for_peers(1, Duration::from_secs(30)).unwrap();
 
         // Host A: only the liar claims the chunks; A must get them all from the proxy.
@@ -133,7 +106,7 @@ fn lying_peers_are_detected_penalised_and_routed_around() {
         );
 
         // Host B: A and the liar both claim every chunk; B ends up with A's.
-        let b = start_agent(&lan.hosts[2], &proxy, &dir, &extra);
+        let b = Agent::start_on_host(&lan.hosts[2], proxy, &dir, &extra).unwrap();
         b.wait_for_peers(2, Duration::from_secs(30)).unwrap();
         let took_b = prefetch(&b);
         b.verify_clean().unwrap();
@@ -169,15 +142,8 @@ fn parse(report: &str) -> serde_json::Value {
 #[test]
 fn outsiders_without_the_key_or_off_the_allow_list_get_no_chunk_and_no_chunk_list() {
     let tmp = tempfile::tempdir().unwrap();
-    let (reg, _) = registry_with(tmp.path(), 8);
-    let lan = Lan::new(2).unwrap();
-    let proxy = Proxy::start_with(
-        &lan.gateway,
-        &tmp.path().join("proxy"),
-        &[format!("local={}", reg.url())],
-        &[],
-    )
-    .unwrap();
+    let net = LanSetup::start(tmp.path(), 8, 2).unwrap();
+    let (lan, proxy) = (&net.lan, &net.proxy);
     let bin = workspace_bin("imgd-evil-peer").unwrap();
     let member = tmp.path().join("member");
     let mut id_cmd = std::process::Command::new(&bin);
@@ -185,7 +151,7 @@ fn outsiders_without_the_key_or_off_the_allow_list_get_no_chunk_and_no_chunk_lis
     let member_id = run_capture(&mut id_cmd, "--print-id", Duration::from_secs(30)).unwrap();
     // Extra TOML lands in the agent's [swarm] table.
     let allow = format!("allow_list = [{:?}]\n", member_id.trim());
-    let a = start_agent(&lan.hosts[1], &proxy, tmp.path(), &allow);
+    let a = Agent::start_on_host(&lan.hosts[1], proxy, tmp.path(), &allow).unwrap();
     let (ok, out, err) = a.imgctl(&["prefetch", "local/big:1"]).unwrap();
     assert!(ok, "{out}{err}");
     let target = format!("{}:7401", lan.hosts[1].addr);
@@ -195,7 +161,7 @@ fn outsiders_without_the_key_or_off_the_allow_list_get_no_chunk_and_no_chunk_lis
         ("not on the allow-list", tmp.path().join("stranger"), false),
     ];
     for (who, dir, wrong_key) in cases {
-        let report = probe(&lan.hosts[0], &proxy, &dir, &target, wrong_key);
+        let report = probe(&lan.hosts[0], proxy, &dir, &target, wrong_key);
         let r = parse(&report);
         assert!(
             r["handshake"].as_str().unwrap().starts_with("refused"),
@@ -210,7 +176,7 @@ fn outsiders_without_the_key_or_off_the_allow_list_get_no_chunk_and_no_chunk_lis
     assert!(refused >= 2, "the agent logged both refusals:\n{}", a.log());
 
     // The same probe as a member (the key, on the list) gets both: the probe can tell.
-    let report = probe(&lan.hosts[0], &proxy, &member, &target, false);
+    let report = probe(&lan.hosts[0], proxy, &member, &target, false);
     let r = parse(&report);
     assert_eq!(r["handshake"], "ok", "{report}");
     assert_eq!(r["chunk"], true, "{report}");

@@ -94,12 +94,7 @@ fn kill_9_mid_ingest_leaves_nothing_partial_and_storage_verifies() {
     assert_eq!(report["blobs"], 0, "{report}");
 
     let out = tmp.path().join("out");
-    skopeo::copy(
-        &format!("docker://{}/local/app:1", proxy.addr()),
-        &format!("dir:{}", out.display()),
-        &["--src-tls-verify=false"],
-    )
-    .unwrap();
+    skopeo::pull_to_dir(&format!("{}/local/app:1", proxy.addr()), &out).unwrap();
     let pulled = std::fs::read(out.join(layer.hex())).unwrap();
     assert_eq!(Digest::of(&pulled), layer);
     let report = verify(&proxy);

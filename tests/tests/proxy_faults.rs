@@ -7,26 +7,44 @@
 use imgd_core::Digest;
 use imgd_tests::daemons::Proxy;
 use imgd_tests::fault_relay::{Fault, FaultRelay};
-use imgd_tests::image::{self, presets, ImageInfo};
+use imgd_tests::image::{self, presets, ImageInfo, LayoutInfo};
 use imgd_tests::process::free_port;
 use imgd_tests::registry::Registry;
 use imgd_tests::registry_client::HttpResponse;
 use imgd_tests::skopeo::{self, Format};
 use imgd_tests::token_auth::TokenAuth;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-fn push_small(reg: &Registry, dir: &Path) -> ImageInfo {
+/// Builds the `small` image as a layout under `dir` and pushes it to `reg` as `app:1`,
+/// with the registry's credentials if it has any.
+fn push_small_layout(reg: &Registry, dir: &Path) -> LayoutInfo {
     let layout = image::build_layout(&dir.join("small"), &[presets::small_multi_layer()]).unwrap();
-    skopeo::push_layout(
+    let creds = reg
+        .credentials()
+        .map(|(user, pass)| format!("{user}:{pass}"));
+    let extra: Vec<&str> = creds.iter().flat_map(|c| ["--dest-creds", c]).collect();
+    skopeo::push_layout_with(
         &layout.dir,
         "small",
         &reg.docker_ref("app:1"),
         Format::OciExact,
         false,
+        &extra,
     )
     .unwrap();
-    layout.image("small").unwrap().clone()
+    layout
+}
+
+fn push_small(reg: &Registry, dir: &Path) -> ImageInfo {
+    push_small_layout(reg, dir).image("small").unwrap().clone()
+}
+
+/// The proxy's `local/app:1` pulled with skopeo into `dir/out`; returns that directory.
+fn pull_through(proxy: &Proxy, dir: &Path) -> PathBuf {
+    let out = dir.join("out");
+    skopeo::pull_to_dir(&format!("{}/local/app:1", proxy.addr()), &out).unwrap();
+    out
 }
 
 fn oci_code(r: &HttpResponse) -> String {
@@ -34,6 +52,16 @@ fn oci_code(r: &HttpResponse) -> String {
         .ok()
         .and_then(|v| v["errors"][0]["code"].as_str().map(str::to_string))
         .unwrap_or_default()
+}
+
+/// Asserts that `r` is HTTP `status` with the OCI error `code` in its body.
+fn assert_oci_error(r: &HttpResponse, status: u16, code: &str) {
+    assert_eq!(
+        (r.status, oci_code(r).as_str()),
+        (status, code),
+        "{}",
+        r.text()
+    );
 }
 
 /// Nothing of a failed fetch is visible: no chunk or temp file, no chunk list.
@@ -47,16 +75,17 @@ fn assert_nothing_stored(proxy: &Proxy, blob: &Digest) {
 /// A proxy for `local` = `url` with extra config TOML: `tables` (e.g. `[retry]`) and
 /// `upstream_keys` of the upstream (e.g. credentials).
 fn proxy_with(dir: &Path, url: &str, tables: &str, upstream_keys: &str) -> Proxy {
-    let config = dir.join("proxy.toml");
     let text =
         format!("{tables}\n[[upstream]]\nname = \"local\"\nurl = \"{url}\"\n{upstream_keys}\n");
-    std::fs::write(&config, text).unwrap();
-    Proxy::start_in(
-        &dir.join("store"),
-        &[],
-        &["--config", config.to_str().unwrap()],
-    )
-    .unwrap()
+    Proxy::start_with_config(dir, &text).unwrap()
+}
+
+/// Upstream keys with the credentials of the registries started by `protected_registry`.
+const CREDS: &str = "username = \"imgd\"\npassword = \"s3cret\"";
+
+/// A registry that wants basic auth (the user and password of [`CREDS`]).
+fn protected_registry() -> Registry {
+    Registry::start_with_htpasswd("imgd", "s3cret").unwrap()
 }
 
 fn respond(status: u16, headers: &[(&str, &str)], body: &[u8]) -> Fault {
@@ -94,8 +123,7 @@ fn a_blob_that_does_not_match_its_digest_is_refused_and_not_kept() {
     let proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
     let path = format!("/v2/local/app/blobs/{layer}");
     let r = proxy.get(&path, &[]).unwrap();
-    assert_eq!(r.status, 502, "{}", r.text());
-    assert_eq!(oci_code(&r), "DIGEST_INVALID");
+    assert_oci_error(&r, 502, "DIGEST_INVALID");
     assert!(r.text().contains(&layer.to_string()));
     assert_nothing_stored(&proxy, &layer);
 
@@ -138,12 +166,12 @@ fn upstream_errors_pass_through_with_oci_bodies() {
     let proxy = Proxy::start(&[format!("local={}", relay.url())]).unwrap();
 
     let r = proxy.get("/v2/local/app/manifests/nope", &[]).unwrap();
-    assert_eq!((r.status, oci_code(&r).as_str()), (404, "MANIFEST_UNKNOWN"));
+    assert_oci_error(&r, 404, "MANIFEST_UNKNOWN");
     let unknown = Digest::of(b"not there");
     let r = proxy
         .get(&format!("/v2/local/app/blobs/{unknown}"), &[])
         .unwrap();
-    assert_eq!((r.status, oci_code(&r).as_str()), (404, "BLOB_UNKNOWN"));
+    assert_oci_error(&r, 404, "BLOB_UNKNOWN");
     assert_nothing_stored(&proxy, &unknown);
 
     // Malformed JSON is refused, and so is a manifest that does not match its digest.
@@ -157,12 +185,7 @@ fn upstream_errors_pass_through_with_oci_bodies() {
         Some(1),
     );
     let r = proxy.get("/v2/local/app/manifests/1", &[]).unwrap();
-    assert_eq!(
-        (r.status, oci_code(&r).as_str()),
-        (502, "MANIFEST_INVALID"),
-        "{}",
-        r.text()
-    );
+    assert_oci_error(&r, 502, "MANIFEST_INVALID");
     let by_digest = format!("/manifests/{}", img.manifest.digest);
     let other = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","layers":[]}"#.to_vec();
     relay.add(
@@ -177,12 +200,7 @@ fn upstream_errors_pass_through_with_oci_bodies() {
     let r = proxy
         .get(&format!("/v2/local/app{by_digest}"), &[])
         .unwrap();
-    assert_eq!(
-        (r.status, oci_code(&r).as_str()),
-        (502, "DIGEST_INVALID"),
-        "{}",
-        r.text()
-    );
+    assert_oci_error(&r, 502, "DIGEST_INVALID");
     // Nothing of that was cached: the real manifest comes through now.
     let r = proxy
         .get(&format!("/v2/local/app{by_digest}"), &[])
@@ -194,44 +212,15 @@ fn upstream_errors_pass_through_with_oci_bodies() {
 #[test]
 fn credentials_are_needed_and_used_for_a_protected_upstream() {
     let tmp = tempfile::tempdir().unwrap();
-    let reg = Registry::start_with_htpasswd("imgd", "s3cret").unwrap();
-    let layout =
-        image::build_layout(&tmp.path().join("small"), &[presets::small_multi_layer()]).unwrap();
-    skopeo::push_layout_with(
-        &layout.dir,
-        "small",
-        &reg.docker_ref("app:1"),
-        Format::OciExact,
-        false,
-        &["--dest-creds", "imgd:s3cret"],
-    )
-    .unwrap();
+    let reg = protected_registry();
+    let layout = push_small_layout(&reg, tmp.path());
 
     let anonymous = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
     let r = anonymous.get("/v2/local/app/manifests/1", &[]).unwrap();
-    assert_eq!(
-        (r.status, oci_code(&r).as_str()),
-        (401, "UNAUTHORIZED"),
-        "{}",
-        r.text()
-    );
+    assert_oci_error(&r, 401, "UNAUTHORIZED");
 
-    let config = tmp.path().join("proxy.toml");
-    std::fs::write(
-        &config,
-        format!("[[upstream]]\nname = \"local\"\nurl = \"{}\"\nusername = \"imgd\"\npassword = \"s3cret\"\n", reg.url()),
-    )
-    .unwrap();
-    let storage = tmp.path().join("store");
-    let proxy = Proxy::start_in(&storage, &[], &["--config", config.to_str().unwrap()]).unwrap();
-    let out = tmp.path().join("out");
-    let src = format!("docker://{}/local/app:1", proxy.addr());
-    skopeo::copy(
-        &src,
-        &format!("dir:{}", out.display()),
-        &["--src-tls-verify=false"],
-    )
-    .unwrap();
+    let proxy = proxy_with(tmp.path(), &reg.url(), "", CREDS);
+    let out = pull_through(&proxy, tmp.path());
     let manifest = std::fs::read(out.join("manifest.json")).unwrap();
     assert_eq!(
         Digest::of(&manifest),
@@ -344,18 +333,8 @@ fn transient_statuses_are_retried_within_limits_then_passed_through() {
 #[test]
 fn a_blob_redirected_to_storage_is_fetched_without_the_registry_credentials() {
     let tmp = tempfile::tempdir().unwrap();
-    let reg = Registry::start_with_htpasswd("imgd", "s3cret").unwrap();
-    let layout =
-        image::build_layout(&tmp.path().join("small"), &[presets::small_multi_layer()]).unwrap();
-    skopeo::push_layout_with(
-        &layout.dir,
-        "small",
-        &reg.docker_ref("app:1"),
-        Format::OciExact,
-        false,
-        &["--dest-creds", "imgd:s3cret"],
-    )
-    .unwrap();
+    let reg = protected_registry();
+    let layout = push_small_layout(&reg, tmp.path());
     let img = layout.image("small").unwrap();
     let (good, bad) = (img.layers[0].blob.digest, img.layers[2].blob.digest);
     let good_bytes = std::fs::read(layout.blob_path(&good)).unwrap();
@@ -364,8 +343,7 @@ fn a_blob_redirected_to_storage_is_fetched_without_the_registry_credentials() {
     let storage =
         FaultRelay::serve_static(&[("/bucket/good", good_bytes), ("/bucket/bad", wrong)]).unwrap();
     let relay = FaultRelay::start(reg.addr()).unwrap();
-    let creds = "username = \"imgd\"\npassword = \"s3cret\"";
-    let proxy = proxy_with(tmp.path(), &relay.url(), "", creds);
+    let proxy = proxy_with(tmp.path(), &relay.url(), "", CREDS);
     for (digest, key) in [(good, "good"), (bad, "bad")] {
         let location = format!("{}/bucket/{key}?X-Signature=abc", storage.url());
         relay.add(
@@ -408,12 +386,7 @@ fn a_blob_redirected_to_storage_is_fetched_without_the_registry_credentials() {
     let r = proxy
         .get(&format!("/v2/local/app/blobs/{bad}"), &[])
         .unwrap();
-    assert_eq!(
-        (r.status, oci_code(&r).as_str()),
-        (502, "DIGEST_INVALID"),
-        "{}",
-        r.text()
-    );
+    assert_oci_error(&r, 502, "DIGEST_INVALID");
     let r = proxy.get(&format!("/imgd/v1/blobs/{bad}"), &[]).unwrap();
     assert_eq!(r.status, 404, "nothing cached: {}", r.text());
     assert_eq!(proxy.temp_files(), 0);
@@ -437,13 +410,7 @@ fn a_bearer_token_expiring_mid_pull_is_renewed() {
 
     let refused_before = front.refused();
     let proxy = Proxy::start(&[format!("local={}", front.url())]).unwrap();
-    let out = tmp.path().join("out");
-    skopeo::copy(
-        &format!("docker://{}/local/app:1", proxy.addr()),
-        &format!("dir:{}", out.display()),
-        &["--src-tls-verify=false"],
-    )
-    .unwrap();
+    let out = pull_through(&proxy, tmp.path());
     let manifest = std::fs::read(out.join("manifest.json")).unwrap();
     assert_eq!(Digest::of(&manifest), img.manifest.digest);
     for blob in img.referenced_blobs() {

@@ -15,14 +15,7 @@ use std::process::Command;
 const TOKEN: &str = "chunk-api-token-0123456789";
 
 fn start_proxy(dir: &Path, config_text: &str) -> Proxy {
-    let config = dir.join("proxy.toml");
-    std::fs::write(&config, config_text).unwrap();
-    Proxy::start_in(
-        &dir.join("store"),
-        &[],
-        &["--config", config.to_str().unwrap()],
-    )
-    .unwrap()
+    Proxy::start_with_config(dir, config_text).unwrap()
 }
 
 /// `curl -X PUT` of an empty startup trace; returns the status.
@@ -47,11 +40,8 @@ fn put_trace(proxy: &Proxy, manifest: &Digest, auth: Option<&str>) -> u16 {
 
 fn agent(dir: &Path, proxy: &Proxy, extra_toml: String) -> Agent {
     Agent::start(AgentOptions {
-        host: None,
-        proxy_url: proxy.url(),
-        data_dir: dir.to_path_buf(),
         extra_toml,
-        swarm: false,
+        ..AgentOptions::local(proxy.url(), dir)
     })
     .unwrap()
 }

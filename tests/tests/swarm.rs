@@ -3,32 +3,9 @@
 //! from its peer.
 
 use imgd_core::Digest;
-use imgd_tests::daemons::{Agent, AgentOptions, Proxy};
-use imgd_tests::image::presets;
-use imgd_tests::netns::{Host, Lan};
-use imgd_tests::registry::Registry;
-use imgd_tests::skopeo;
-use std::path::Path;
+use imgd_tests::daemons::Agent;
+use imgd_tests::lan_setup::LanSetup;
 use std::time::{Duration, Instant};
-
-/// A registry holding `big:1` (about `mib` MiB of content) and its total blob size.
-fn registry_with_big(dir: &Path, mib: u64) -> (Registry, u64, Digest) {
-    let reg = Registry::start().unwrap();
-    let (img, size) =
-        skopeo::push_image(&reg, &dir.join("big"), presets::big_gzip(mib), "big:1").unwrap();
-    (reg, size, img.manifest.digest)
-}
-
-fn start_agent(host: &Host, proxy: &Proxy, dir: &Path, extra: &str) -> Agent {
-    Agent::start(AgentOptions {
-        host: Some(host),
-        proxy_url: proxy.url(),
-        data_dir: dir.join(&host.ns),
-        extra_toml: extra.to_string(),
-        swarm: true,
-    })
-    .unwrap()
-}
 
 /// Waits until every agent knows `n` peers.
 fn wait_for_peers(agents: &[Agent], n: usize) {
@@ -44,16 +21,9 @@ fn assert_cache_clean(a: &Agent) {
 #[test]
 fn four_hosts_prefetching_at_once_get_each_chunk_from_the_proxy_about_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let (reg, image_size, _) = registry_with_big(tmp.path(), 320);
+    let net = LanSetup::start(tmp.path(), 320, 4).unwrap();
+    let (lan, proxy, image_size) = (&net.lan, &net.proxy, net.image_size);
     assert!(image_size >= 100_000_000, "image of {image_size} bytes");
-    let lan = Lan::new(4).unwrap();
-    let proxy = Proxy::start_with(
-        &lan.gateway,
-        &tmp.path().join("proxy"),
-        &[format!("local={}", reg.url())],
-        &[],
-    )
-    .unwrap();
     // Warm the proxy from upstream first: its chunk egress to the LAN is what is measured.
     let (ok, _, err) = imgd_tests::process::run_ok(
         "curl",
@@ -63,7 +33,7 @@ fn four_hosts_prefetching_at_once_get_each_chunk_from_the_proxy_about_once() {
     let agents: Vec<Agent> = lan
         .hosts
         .iter()
-        .map(|h| start_agent(h, &proxy, tmp.path(), ""))
+        .map(|h| Agent::start_on_host(h, proxy, tmp.path(), "").unwrap())
         .collect();
     wait_for_peers(&agents, 3);
 
@@ -111,19 +81,13 @@ fn four_hosts_prefetching_at_once_get_each_chunk_from_the_proxy_about_once() {
 #[test]
 fn skopeo_pulls_through_an_agent_mirror_and_a_second_host_gets_the_image_from_its_peer() {
     let tmp = tempfile::tempdir().unwrap();
-    let (reg, image_size, manifest) = registry_with_big(tmp.path(), 40);
-    let lan = Lan::new(2).unwrap();
-    let proxy = Proxy::start_with(
-        &lan.gateway,
-        &tmp.path().join("proxy"),
-        &[format!("local={}", reg.url())],
-        &[],
-    )
-    .unwrap();
+    let net = LanSetup::start(tmp.path(), 40, 2).unwrap();
+    let (lan, proxy, image_size) = (&net.lan, &net.proxy, net.image_size);
+    let manifest = net.image.manifest.digest;
     let agents: Vec<Agent> = lan
         .hosts
         .iter()
-        .map(|h| start_agent(h, &proxy, tmp.path(), ""))
+        .map(|h| Agent::start_on_host(h, proxy, tmp.path(), "").unwrap())
         .collect();
     wait_for_peers(&agents, 1);
 

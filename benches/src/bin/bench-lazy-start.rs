@@ -54,19 +54,7 @@ fn arg(i: usize, default: u64) -> Result<u64> {
 /// Base layer with a static busybox and the greeting, then `mib` MiB of incompressible
 /// data in files of at most 64 MiB over four gzip layers.
 fn lazy_image(mib: u64) -> Result<ImageSpec> {
-    let busybox = std::fs::read("/bin/busybox").context("reading /bin/busybox (busybox-static)")?;
-    let base = LayerSpec::gzip(vec![
-        FileSpec::dir("bin"),
-        FileSpec::file("bin/busybox", busybox).mode(0o755),
-        FileSpec::symlink("bin/sh", "busybox"),
-        FileSpec::symlink("bin/cat", "busybox"),
-        FileSpec::dir("etc"),
-        FileSpec::file("etc/hello.txt", format!("{HELLO}\n")),
-        FileSpec::dir("tmp").mode(0o1777),
-        FileSpec::dir("proc"),
-        FileSpec::dir("dev"),
-        FileSpec::dir("sys"),
-    ]);
+    let base = image::presets::busybox_base(HELLO)?;
     let mut layers = vec![base];
     let data_layers = 4u64;
     let mut left = mib * MIB;
@@ -437,11 +425,10 @@ fn main() -> Result<()> {
     let lan = Lan::new(1)?;
     let host = &lan.hosts[0];
     host.shape(mbit)?;
-    let proxy = Proxy::start_with(
-        &lan.gateway,
+    let proxy = Proxy::start_on_lan(
+        &lan,
         &tmp.path().join("proxy"),
         &[format!("local={}", reg.url())],
-        &[],
     )?;
     eprintln!("warming the proxy ...");
     let warm = tmp.path().join("warm");

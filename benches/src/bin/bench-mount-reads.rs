@@ -182,13 +182,7 @@ fn main() -> Result<()> {
         &[format!("local={}", reg.url())],
         &[],
     )?;
-    let agent = Agent::start(AgentOptions {
-        host: None,
-        proxy_url: proxy.url(),
-        data_dir: tmp.path().join("agent"),
-        extra_toml: String::new(),
-        swarm: false,
-    })?;
+    let agent = Agent::start(AgentOptions::local(proxy.url(), tmp.path().join("agent")))?;
     let mnt = tmp.path().join("mnt");
     let mount = ImgdMount::mount(&agent, IMAGE, &mnt)?;
     eprintln!("warming the mount (every file read once) ...");

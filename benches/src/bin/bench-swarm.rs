@@ -47,11 +47,10 @@ fn main() -> Result<()> {
     for h in &lan.hosts {
         h.shape(mbit)?;
     }
-    let proxy = Proxy::start_with(
-        &lan.gateway,
+    let proxy = Proxy::start_on_lan(
+        &lan,
         &tmp.path().join("proxy"),
         &[format!("local={}", reg.url())],
-        &[],
     )?;
     let start = |i: usize| {
         Agent::start(AgentOptions {

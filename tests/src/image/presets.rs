@@ -8,6 +8,27 @@ const BIG_LAYER_MAX_MIB: u64 = 64;
 const BIG_FILE_MAX_MIB: u64 = 16;
 const MIB: u64 = 1024 * 1024;
 
+/// A gzip base layer for a runnable image: dirs `bin etc tmp proc dev sys`, a static
+/// `bin/busybox` (from the host's busybox-static) with symlinks `bin/sh` and `bin/cat`,
+/// and `etc/hello.txt` holding `greeting` and a newline.
+pub fn busybox_base(greeting: &str) -> anyhow::Result<LayerSpec> {
+    use anyhow::Context;
+    let busybox = std::fs::read("/bin/busybox")
+        .context("reading /bin/busybox (busybox-static, see .ci/setup)")?;
+    Ok(LayerSpec::gzip(vec![
+        FileSpec::dir("bin"),
+        FileSpec::file("bin/busybox", busybox).mode(0o755),
+        FileSpec::symlink("bin/sh", "busybox"),
+        FileSpec::symlink("bin/cat", "busybox"),
+        FileSpec::dir("etc"),
+        FileSpec::file("etc/hello.txt", format!("{greeting}\n")),
+        FileSpec::dir("tmp").mode(0o1777),
+        FileSpec::dir("proc"),
+        FileSpec::dir("dev"),
+        FileSpec::dir("sys"),
+    ]))
+}
+
 /// Three layers (gzip, uncompressed, gzip) exercising most entry kinds, named `small`:
 ///
 /// 1. gzip: dirs `bin etc usr usr/share usr/share/doc home home/user`; executable

@@ -1,26 +1,13 @@
 //! Fixtures shared by the mount tests: a runnable image, runc bundles, an agent.
 
 use imgd_tests::daemons::{Agent, AgentOptions};
-use imgd_tests::image::{FileSpec, ImageSpec, LayerSpec};
+use imgd_tests::image::{presets, FileSpec, ImageSpec, LayerSpec};
 use std::path::Path;
 use std::process::Command;
 
 /// An image with a static busybox, a greeting, and 48 MiB of data nobody reads at start.
 pub fn runnable_image() -> ImageSpec {
-    let busybox =
-        std::fs::read("/bin/busybox").expect("busybox-static is installed (see .ci/setup)");
-    let base = LayerSpec::gzip(vec![
-        FileSpec::dir("bin"),
-        FileSpec::file("bin/busybox", busybox).mode(0o755),
-        FileSpec::symlink("bin/sh", "busybox"),
-        FileSpec::symlink("bin/cat", "busybox"),
-        FileSpec::dir("etc"),
-        FileSpec::file("etc/hello.txt", "hello from a lazy mount\n"),
-        FileSpec::dir("tmp").mode(0o1777),
-        FileSpec::dir("proc"),
-        FileSpec::dir("dev"),
-        FileSpec::dir("sys"),
-    ]);
+    let base = presets::busybox_base("hello from a lazy mount").unwrap();
     let data = LayerSpec::gzip(vec![
         FileSpec::dir("data"),
         FileSpec::random("data/big-0.bin", 7, 24 << 20),
@@ -40,11 +27,8 @@ pub fn sh(cmd: &str, args: &[&str]) {
 
 pub fn agent(dir: &Path, proxy_url: &str, extra: &str) -> Agent {
     Agent::start(AgentOptions {
-        host: None,
-        proxy_url: proxy_url.to_string(),
-        data_dir: dir.to_path_buf(),
         extra_toml: extra.to_string(),
-        swarm: false,
+        ..AgentOptions::local(proxy_url, dir)
     })
     .unwrap()
 }
