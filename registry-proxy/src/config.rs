@@ -73,7 +73,7 @@ max_meta_size = 1048576            # bytes of one PAX header or GNU long name
 allow_devices = true               # accept device nodes
 max_index_bytes = 268435456        # encoded index size
 max_inflate_ratio = 500            # uncompressed / compressed size of a gzip layer...
-inflate_ratio_slack = 268435456    # ...checked once this many bytes came out
+inflate_ratio_slack = 4294967296   # ...checked once this many bytes came out
 checkpoint_span = 4194304          # uncompressed bytes between gzip checkpoints
 "#;
 

@@ -30,8 +30,8 @@ pub struct IndexOptions {
     /// Maximum uncompressed / compressed size ratio of a gzip layer (default 500; deflate
     /// cannot exceed about 1032), checked at every 256 KiB of output...
     pub max_inflate_ratio: u64,
-    /// ...once more than this many bytes came out (default 256 MiB), so that small
-    /// layers of zeros pass.
+    /// ...once more than this many bytes came out (default 4 GiB), so that layers with
+    /// large runs of zeros pass (a 600 MiB file of zeros compresses about 1000 times).
     pub inflate_ratio_slack: u64,
 }
 
@@ -45,7 +45,7 @@ impl Default for IndexOptions {
             allow_devices: true,
             max_index_bytes: 256 << 20,
             max_inflate_ratio: 500,
-            inflate_ratio_slack: 256 << 20,
+            inflate_ratio_slack: 4 << 30,
         }
     }
 }
