@@ -12,7 +12,7 @@
 
 use crate::cache::ChunkCache;
 use crate::dataplane::{HaveMap, PeerPool};
-use crate::peers::{Peer, PeerSet, FAILURE_PENALTY, SLOW_PENALTY};
+use crate::peers::{Peer, PeerSet, FAILURE_PENALTY};
 use crate::proxy_client::{ProxyClient, ProxyClientError, Repo};
 use bytes::Bytes;
 use imgd_core::{ChunkList, Digest};
@@ -485,8 +485,7 @@ impl Fetcher {
                     Some((p, Ok(Some(bytes)))) => {
                         if p.id != holders[0].id && !first_failed {
                             // Out-raced by the hedge: a slow first holder drifts back.
-                            let slow = &holders[0].id;
-                            self.peers.penalise(slow, SLOW_PENALTY, "slower than the hedge");
+                            self.peers.slowed(&holders[0].id);
                         }
                         return Ok(bytes);
                     }

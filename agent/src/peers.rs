@@ -19,6 +19,9 @@ pub const CORRUPT_PENALTY: u32 = 100;
 pub const FAILURE_PENALTY: u32 = 20;
 /// Penalty for being out-raced by the hedged request to another holder (a slow peer).
 pub const SLOW_PENALTY: u32 = 5;
+/// Slowness alone never takes a peer past this: a slow but honest peer drifts behind
+/// faster holders but is not banned (on a loaded host every peer is sometimes slow).
+pub const SLOW_PENALTY_CAP: u32 = BAN_PENALTY / 2;
 /// Penalties halve after this long without new ones.
 const DECAY: Duration = Duration::from_secs(60);
 
@@ -84,6 +87,19 @@ impl PeerSet {
         }
     }
 
+    /// Records that a peer was out-raced by a hedged request: [`SLOW_PENALTY`], up to
+    /// [`SLOW_PENALTY_CAP`].
+    pub fn slowed(&self, id: &str) {
+        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = peers.get_mut(id) {
+            if p.penalty < SLOW_PENALTY_CAP {
+                p.penalty = (p.penalty + SLOW_PENALTY).min(SLOW_PENALTY_CAP);
+                p.last_penalty = Some(Instant::now());
+                tracing::debug!(peer = id, penalty = p.penalty, "peer slower than the hedge");
+            }
+        }
+    }
+
     /// Peers that may be asked (penalty below [`BAN_PENALTY`] after decay), best first.
     pub fn usable(&self) -> Vec<Peer> {
         let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
@@ -145,5 +161,24 @@ mod tests {
         assert_eq!(penalty_for(Some(&corrupt)).0, CORRUPT_PENALTY);
         let slow = DataPlaneError::Timeout("request");
         assert_eq!(penalty_for(Some(&slow)).0, FAILURE_PENALTY);
+    }
+
+    #[test]
+    fn slowness_alone_orders_peers_but_never_bans_them() {
+        let s = PeerSet::default();
+        s.upsert("slow", "127.0.0.1:1".parse().unwrap());
+        s.upsert("fast", "127.0.0.1:2".parse().unwrap());
+        for _ in 0..100 {
+            s.slowed("slow");
+        }
+        let usable = s.usable();
+        assert_eq!(
+            usable.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+            ["fast", "slow"]
+        );
+        assert_eq!(usable[1].penalty, SLOW_PENALTY_CAP);
+        // A real failure on top still bans it.
+        s.penalise("slow", CORRUPT_PENALTY, "test");
+        assert_eq!(s.usable().len(), 1);
     }
 }
