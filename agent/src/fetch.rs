@@ -222,13 +222,7 @@ impl Fetcher {
                 return Ok((b, false));
             }
             let maps = self.refresh_maps(&list.blob).await;
-            let mut holders: Vec<Peer> = self
-                .peers
-                .usable()
-                .into_iter()
-                .filter(|p| maps.get(&p.id).is_some_and(|m| m.is_present(i as u32)))
-                .collect();
-            holders.shuffle(&mut rand::rng());
+            let holders = self.holders(&maps, i);
             let (bytes, source) = self.fetch_chunk(&list.blob, &c.digest, holders).await?;
             self.cache.put_chunk(&c.digest, &bytes)?;
             self.stats.add(source, bytes.len() as u64);
@@ -305,15 +299,7 @@ impl Fetcher {
                 };
                 let i = pending.swap_remove(pos);
                 let chunk = job.list.chunks[i];
-                let mut holders: Vec<Peer> = self
-                    .peers
-                    .usable()
-                    .into_iter()
-                    .filter(|p| maps.get(&p.id).is_some_and(|m| m.is_present(i as u32)))
-                    .collect();
-                // Spread requests over equally good holders instead of one hot peer.
-                holders.shuffle(&mut rand::rng());
-                holders.sort_by_key(|p| p.penalty);
+                let holders = self.holders(&maps, i);
                 set_flight(job, i, true);
                 running
                     .push(async move { (i, self.fetch_chunk(blob, &chunk.digest, holders).await) });
@@ -339,6 +325,20 @@ impl Fetcher {
                 let _ = progress.send((bytes.len() as u64, source));
             }
         }
+    }
+
+    /// Usable peers whose have-map shows chunk `i`, least penalised first and shuffled
+    /// among equals, so requests spread over equally good holders instead of one hot peer.
+    fn holders(&self, maps: &HashMap<String, HaveMap>, i: usize) -> Vec<Peer> {
+        let mut holders: Vec<Peer> = self
+            .peers
+            .usable()
+            .into_iter()
+            .filter(|p| maps.get(&p.id).is_some_and(|m| m.is_present(i as u32)))
+            .collect();
+        holders.shuffle(&mut rand::rng());
+        holders.sort_by_key(|p| p.penalty);
+        holders
     }
 
     /// Asks every usable peer what it has of `blob`.
