@@ -31,6 +31,8 @@ pub struct Agent {
     pub fetcher: Arc<Fetcher>,
     pub peers: Arc<PeerSet>,
     pub mounts: crate::mounts::Mounts,
+    /// Where the chunk data plane listens (the bound address, so a `:0` port is real).
+    pub data_addr: Option<std::net::SocketAddr>,
 }
 
 /// What a prefetch did.
@@ -107,14 +109,16 @@ pub async fn start(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
     let pool = Arc::new(PeerPool::new(dp_cfg.clone(), 4));
     let mut provide = None;
     let mut data_listener = None;
+    let mut data_addr = None;
     if config.swarm.enabled {
         let listener = tokio::net::TcpListener::bind(config.swarm.data_listen)
             .await
             .map_err(|e| start_err("binding swarm.data_listen", &e))?;
-        let data_port = listener
+        let bound = listener
             .local_addr()
-            .map_err(|e| start_err("data plane", &e))?
-            .port();
+            .map_err(|e| start_err("data plane", &e))?;
+        data_addr = Some(bound);
+        let data_port = bound.port();
         let settings = crate::swarm::SwarmSettings {
             keypair,
             quic_listen: config.swarm.quic_listen,
@@ -157,5 +161,6 @@ pub async fn start(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         fetcher,
         peers,
         mounts: Default::default(),
+        data_addr,
     }))
 }

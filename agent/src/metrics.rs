@@ -292,10 +292,13 @@ pub fn readiness(agent: &Agent) -> (bool, String) {
             ready = false;
             lines.push("quic: not listening yet".into());
         }
-        lines.push(format!(
-            "data_plane: bound {}",
-            agent.config.swarm.data_listen
-        ));
+        match agent.data_addr {
+            Some(addr) => lines.push(format!("data_plane: bound {addr}")),
+            None => {
+                ready = false;
+                lines.push("data_plane: not bound".into());
+            }
+        }
     } else {
         lines.push("swarm: disabled".into());
     }
