@@ -19,6 +19,15 @@ pub fn best_of<T>(
     best.ok_or_else(|| anyhow::anyhow!("no run"))
 }
 
+/// The `i`th command-line argument as a number, or `default` when absent.
+pub fn numeric_arg(i: usize, default: u64) -> anyhow::Result<u64> {
+    Ok(std::env::args()
+        .nth(i)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(default))
+}
+
 /// MB/s (10^6 bytes per second) for `bytes` processed in `took`.
 pub fn mb_per_s(bytes: u64, took: Duration) -> f64 {
     bytes as f64 / 1e6 / took.as_secs_f64()

@@ -43,14 +43,6 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(600);
 /// Bound on the container's first line and on its exit.
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn arg(i: usize, default: u64) -> Result<u64> {
-    Ok(std::env::args()
-        .nth(i)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(default))
-}
-
 /// Base layer with a static busybox and the greeting, then `mib` MiB of incompressible
 /// data in files of at most 64 MiB over four gzip layers.
 fn lazy_image(mib: u64) -> Result<ImageSpec> {
@@ -391,8 +383,8 @@ fn add_variants(layout: &LayoutInfo, name: &str, n: usize) -> Result<Vec<String>
 }
 
 fn main() -> Result<()> {
-    let mib = arg(1, 400)?;
-    let mbit = arg(2, 1000)? as u32;
+    let mib = imgd_benches::numeric_arg(1, 400)?;
+    let mbit = imgd_benches::numeric_arg(2, 1000)? as u32;
     if unsafe { libc::geteuid() } != 0 {
         bail!("bench-lazy-start needs root (namespaces, tc, FUSE, overlayfs, runc)");
     }

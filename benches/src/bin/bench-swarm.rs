@@ -15,18 +15,10 @@ use imgd_tests::registry::Registry;
 use imgd_tests::skopeo::{self, Format};
 use std::time::{Duration, Instant};
 
-fn arg(i: usize, default: u64) -> Result<u64> {
-    Ok(std::env::args()
-        .nth(i)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(default))
-}
-
 fn main() -> Result<()> {
-    let hosts = arg(1, 8)? as usize;
-    let mbit = arg(2, 500)? as u32;
-    let mib = arg(3, 320)?;
+    let hosts = imgd_benches::numeric_arg(1, 8)? as usize;
+    let mbit = imgd_benches::numeric_arg(2, 500)? as u32;
+    let mib = imgd_benches::numeric_arg(3, 320)?;
     let tmp = tempfile::tempdir()?;
     eprintln!("building and pushing a {mib} MiB image ...");
     let reg = Registry::start()?;
