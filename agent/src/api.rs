@@ -263,11 +263,9 @@ async fn mount(State(agent): State<Arc<Agent>>, Json(req): Json<MountRequest>) -
 }
 
 async fn umount(State(agent): State<Arc<Agent>>, Json(req): Json<UmountRequest>) -> Response {
-    let a = agent.clone();
-    match tokio::task::spawn_blocking(move || a.mounts.umount(&a, &req.dir)).await {
-        Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
-        Ok(Err(e)) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    match agent.mounts.umount(&agent, &req.dir).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
     }
 }
 

@@ -2,9 +2,8 @@
 //! are fetched chunk by chunk (cache, then peers, then proxy) as they are read.
 
 use crate::agent::{Agent, AgentError};
-use crate::cache::ImageRecord;
 use crate::fetch::Fetcher;
-use crate::image::ImageRef;
+use crate::proxy_client::Repo;
 use crate::startup::{self, TraceRecorder};
 use bytes::Bytes;
 use imgd_core::index::LayerIndex;
@@ -26,9 +25,9 @@ pub struct Mount {
     pub total_bytes: u64,
     pub stats: Arc<MountStats>,
     pub fetched: Arc<FetchedStats>,
-    recorder: Option<Arc<TraceRecorder>>,
+    /// The startup trace being recorded, and the manifest it is for.
+    recorder: Option<(Arc<TraceRecorder>, Digest)>,
     view: Arc<ImageView>,
-    manifest: Digest,
     session: fuser::BackgroundSession,
 }
 
@@ -150,28 +149,40 @@ impl ChunkReader {
     }
 }
 
-/// An image ready to mount: its record, chunk lists and merged view.
-pub struct Prepared {
-    pub image: ImageRef,
-    pub record: ImageRecord,
+/// What to mount: the layers of a view, bottom first, routed to the proxy through `repo`.
+#[derive(Clone, Debug)]
+pub struct MountSpec {
+    /// What `imgctl status` calls the mount (e.g. the image reference).
+    pub label: String,
+    pub repo: Repo,
+    pub layers: Vec<Digest>,
+    /// The image's manifest, under which its startup trace is kept (`None`: no trace is
+    /// learned or prefetched for this mount).
+    pub manifest: Option<Digest>,
+}
+
+/// A view ready to mount: the layers' chunk lists and their merged tree.
+pub struct PreparedView {
     pub lists: Arc<Vec<ChunkList>>,
     pub view: Arc<ImageView>,
 }
 
-/// Resolves `image` and builds its view from the layers' indexes (fetched from the proxy
-/// and verified).
-pub async fn prepare(agent: &Agent, image: &str) -> Result<Prepared, AgentError> {
+/// Builds the merged view of `layers` from their indexes (fetched from the proxy and
+/// verified).
+pub async fn prepare_view(
+    agent: &Agent,
+    repo: &Repo,
+    layers: &[Digest],
+) -> Result<PreparedView, AgentError> {
     let fail = |m: String| AgentError::Mount(m);
-    let (r, record) = agent.resolve(image).await?;
-    let repo = r.proxy_repo();
     let fetcher = &agent.fetcher;
     let mut lists = Vec::new();
     let mut indexes = Vec::new();
-    for layer in &record.layers {
-        lists.push(fetcher.chunk_list(&repo, layer).await?);
+    for layer in layers {
+        lists.push(fetcher.chunk_list(repo, layer).await?);
         let bytes = fetcher
             .proxy
-            .index(&repo, layer)
+            .index(repo, layer)
             .await
             .map_err(|e| fail(format!("index of layer {layer}: {e}")))?;
         let index =
@@ -183,57 +194,77 @@ pub async fn prepare(agent: &Agent, image: &str) -> Result<Prepared, AgentError>
     }
     let view = ImageView::build(Arc::new(indexes), ViewLimits::default())
         .map_err(|e| fail(e.to_string()))?;
-    Ok(Prepared {
-        image: r,
-        record,
+    Ok(PreparedView {
         lists: Arc::new(lists),
         view: Arc::new(view),
     })
 }
 
+/// The mount spec of `image`: its layers, labelled with its reference.
+pub async fn image_spec(agent: &Agent, image: &str) -> Result<MountSpec, AgentError> {
+    let (r, record) = agent.resolve(image).await?;
+    Ok(MountSpec {
+        label: r.to_string(),
+        repo: r.proxy_repo(),
+        layers: record.layers,
+        manifest: Some(record.manifest_digest),
+    })
+}
+
 /// `imgctl prefetch --startup`: warms only the files the image's startup trace names.
 pub async fn startup_prefetch(agent: &Agent, image: &str) -> Result<u64, AgentError> {
-    let p = prepare(agent, image).await?;
+    let (r, record) = agent.resolve(image).await?;
+    let p = prepare_view(agent, &r.proxy_repo(), &record.layers).await?;
+    let manifest = record.manifest_digest;
     let trace = agent
         .fetcher
         .proxy
-        .trace(&p.record.manifest_digest)
+        .trace(&manifest)
         .await
         .map_err(|e| AgentError::Mount(e.to_string()))?
         .ok_or_else(|| {
             AgentError::Mount(format!(
                 "no startup trace recorded for {} yet: mount it and start a container first",
-                p.image
+                r
             ))
         })?;
     Ok(startup::warm(&agent.fetcher, &p.view, &p.lists, &trace).await?)
 }
 
 impl Mounts {
-    /// Mounts `image` at `dir` (which must exist).
+    /// Resolves `image` and mounts its layers at `dir` (which must exist).
     pub async fn mount(
         &self,
         agent: &Agent,
         image: &str,
         dir: &Path,
     ) -> Result<MountStatus, AgentError> {
-        let fail = |m: String| AgentError::Mount(m);
-        if self
-            .live
+        let spec = image_spec(agent, image).await?;
+        self.mount_layers(agent, spec, dir).await
+    }
+
+    /// True if `dir` is a mount of this agent.
+    pub fn is_mounted(&self, dir: &Path) -> bool {
+        self.live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains_key(dir)
-        {
+    }
+
+    /// Mounts the view of `spec.layers` at `dir` (which must exist).
+    pub async fn mount_layers(
+        &self,
+        agent: &Agent,
+        spec: MountSpec,
+        dir: &Path,
+    ) -> Result<MountStatus, AgentError> {
+        let fail = |m: String| AgentError::Mount(m);
+        if self.is_mounted(dir) {
             return Err(fail(format!("{} is already an imgd mount", dir.display())));
         }
-        let Prepared {
-            image: r,
-            record,
-            lists,
-            view,
-        } = prepare(agent, image).await?;
+        let PreparedView { lists, view } = prepare_view(agent, &spec.repo, &spec.layers).await?;
         let fetcher = agent.fetcher.clone();
-        fetcher.cache.protect(&record.layers);
+        fetcher.cache.protect(&spec.layers);
         let stats = Arc::new(MountStats::default());
         let fetched = Arc::new(FetchedStats::default());
         let reader = ChunkReader {
@@ -245,16 +276,16 @@ impl Mounts {
             failed: Mutex::new(HashMap::new()),
         };
         let mut fs = ImageFs::new(view.clone(), Arc::new(reader), stats.clone());
-        let trace = fetcher
-            .proxy
-            .trace(&record.manifest_digest)
-            .await
-            .unwrap_or_else(|e| {
+        let trace = match &spec.manifest {
+            Some(m) => fetcher.proxy.trace(m).await.unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "startup trace unavailable");
                 None
-            });
-        let recorder = match trace {
-            Some(trace) => {
+            }),
+            None => None,
+        };
+        let recorder = match (spec.manifest, trace) {
+            (None, _) => None,
+            (Some(_), Some(trace)) => {
                 // A learned start: fetch what the first start read, before it is asked for.
                 let (f, v, l, fetched) = (
                     fetcher.clone(),
@@ -277,28 +308,23 @@ impl Mounts {
                 });
                 None
             }
-            None => {
+            (Some(manifest), None) => {
                 let rec = TraceRecorder::recording();
                 let hook = rec.clone();
                 fs = fs.on_open(move |ino| hook.opened(ino));
-                let (rec2, v, f, digest) = (
-                    rec.clone(),
-                    view.clone(),
-                    fetcher.clone(),
-                    record.manifest_digest,
-                );
+                let (rec2, v, f) = (rec.clone(), view.clone(), fetcher.clone());
                 let window = agent.config.mount.trace_window();
                 tokio::spawn(async move {
                     tokio::time::sleep(window).await;
-                    save_trace(&rec2, &v, &f, &digest).await;
+                    save_trace(&rec2, &v, &f, &manifest).await;
                 });
-                Some(rec)
+                Some((rec, manifest))
             }
         };
         let mut config = fuser::Config::default();
         config.mount_options = vec![
             fuser::MountOption::RO,
-            fuser::MountOption::FSName(format!("imgd:{r}")),
+            fuser::MountOption::FSName(format!("imgd:{}", spec.label)),
             fuser::MountOption::Subtype("imgd".into()),
             fuser::MountOption::DefaultPermissions,
             fuser::MountOption::Dev,
@@ -313,19 +339,19 @@ impl Mounts {
                 .await
                 .map_err(|e| fail(e.to_string()))?
                 .map_err(|e| {
-                    fetcher.cache.unprotect(&record.layers);
+                    fetcher.cache.unprotect(&spec.layers);
                     fail(format!("mounting at {}: {e}", dir.display()))
                 })?;
+        let total_bytes = lists.iter().map(|l| l.size).sum();
         let mount = Mount {
-            image: r.to_string(),
+            image: spec.label.clone(),
             dir: dir.to_path_buf(),
-            layers: record.layers.clone(),
-            total_bytes: record.total_size,
+            layers: spec.layers,
+            total_bytes,
             stats,
             fetched,
             recorder,
             view,
-            manifest: record.manifest_digest,
             session,
         };
         let status = status_of(&mount);
@@ -333,12 +359,12 @@ impl Mounts {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(dir.to_path_buf(), mount);
-        tracing::info!(image = %r, dir = %dir.display(), "mounted");
+        tracing::info!(label = %spec.label, dir = %dir.display(), "mounted");
         Ok(status)
     }
 
     /// Unmounts `dir`, storing the startup trace if it is still being recorded.
-    pub fn umount(&self, agent: &Agent, dir: &Path) -> Result<(), AgentError> {
+    pub async fn umount(&self, agent: &Agent, dir: &Path) -> Result<(), AgentError> {
         let mount = self
             .live
             .lock()
@@ -346,17 +372,14 @@ impl Mounts {
             .remove(dir)
             .ok_or_else(|| AgentError::Mount(format!("{} is not an imgd mount", dir.display())))?;
         let layers = mount.layers.clone();
-        if let Some(rec) = &mount.recorder {
-            let (rec, view, f, digest) = (
-                rec.clone(),
-                mount.view.clone(),
-                agent.fetcher.clone(),
-                mount.manifest,
-            );
-            tokio::runtime::Handle::current()
-                .block_on(async move { save_trace(&rec, &view, &f, &digest).await });
+        if let Some((rec, manifest)) = &mount.recorder {
+            save_trace(rec, &mount.view, &agent.fetcher, manifest).await;
         }
-        if let Err(e) = mount.session.umount_and_join() {
+        let session = mount.session;
+        let unmounted = tokio::task::spawn_blocking(move || session.umount_and_join())
+            .await
+            .map_err(|e| AgentError::Mount(e.to_string()))?;
+        if let Err(e) = unmounted {
             return Err(AgentError::Mount(format!(
                 "unmounting {}: {e}",
                 dir.display()

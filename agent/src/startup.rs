@@ -61,14 +61,13 @@ fn path_of(view: &ImageView, ino: Ino) -> Option<Vec<u8>> {
     Some(parts.join(&b'/'))
 }
 
-/// Fetches the chunks holding the trace's files into the cache, file by file in trace
-/// order (a few chunks at once). Returns the bytes it had to fetch.
-pub async fn warm(
-    fetcher: &Fetcher,
+/// The chunks holding the trace's files, as `(layer, chunk)` pairs in trace order, each
+/// once. Paths the view does not have are skipped.
+pub fn chunks_of(
     view: &ImageView,
     lists: &[ChunkList],
     trace: &StartupTrace,
-) -> Result<u64, FetchError> {
+) -> Vec<(usize, usize)> {
     let mut wanted: Vec<(usize, usize)> = Vec::new();
     let mut seen = HashSet::new();
     for path in &trace.paths {
@@ -90,10 +89,22 @@ pub async fn warm(
             }
         }
     }
+    wanted
+}
+
+/// Fetches the chunks holding the trace's files into the cache, file by file in trace
+/// order (a few chunks at once). Returns the bytes it had to fetch.
+pub async fn warm(
+    fetcher: &Fetcher,
+    view: &ImageView,
+    lists: &[ChunkList],
+    trace: &StartupTrace,
+) -> Result<u64, FetchError> {
+    let wanted = chunks_of(view, lists, trace);
     let mut fetched = 0;
     let mut jobs = futures::stream::iter(wanted)
         .map(|(layer, i)| async move { fetcher.chunk(&lists[layer], i).await })
-        .buffered(4);
+        .buffered(WARM_PARALLEL);
     while let Some(r) = jobs.next().await {
         let (bytes, was_fetched) = r?;
         if was_fetched {
@@ -102,3 +113,6 @@ pub async fn warm(
     }
     Ok(fetched)
 }
+
+/// Chunks of a startup trace fetched at once.
+pub const WARM_PARALLEL: usize = 4;
