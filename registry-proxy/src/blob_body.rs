@@ -1,6 +1,7 @@
 //! Serving a stored blob from its chunks, whole or by `Range`.
 
 use crate::errors::ProxyError;
+use crate::space::Lease;
 use crate::storage::Storage;
 use crate::Stats;
 use axum::body::Body;
@@ -20,16 +21,19 @@ pub fn parse_range(header: Option<&str>, size: u64) -> Result<Option<Range<u64>>
     })
 }
 
-/// A body streaming `range` of the blob from its chunk files, one chunk in memory at a time.
+/// A body streaming `range` of the blob from its chunk files, one chunk in memory at a
+/// time. The `lease` keeps the blob from eviction until the body is done or dropped.
 pub fn blob_body(
     storage: Arc<Storage>,
     stats: Arc<Stats>,
     list: ChunkList,
     range: Range<u64>,
+    lease: Lease,
 ) -> Body {
     let chunk_size = imgd_core::CHUNK_SIZE as u64;
     let indices = list.chunks_covering(range.clone());
     let stream = futures::stream::iter(indices).then(move |i| {
+        let _held = &lease;
         let storage = storage.clone();
         let stats = stats.clone();
         let chunk = list.chunks[i];

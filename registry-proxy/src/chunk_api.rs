@@ -65,17 +65,15 @@ fn parse_digest(s: &str) -> Result<Digest, ProxyError> {
 /// repository must be allowed to see it ([`crate::access`]); without, only a stored blob
 /// is answered (the chunk API's clients are trusted with everything cached).
 async fn ensure(state: &AppState, digest: Digest, q: &RepoQuery) -> Result<ChunkList, ProxyError> {
-    let stored = state.storage.blob(&digest)?;
     let Some(repo) = q.repo.as_deref() else {
-        return stored.ok_or_else(|| {
+        // Asked for counts as a use (LRU).
+        drop(state.space.lease(&digest));
+        return state.storage.blob(&digest)?.ok_or_else(|| {
             ProxyError::BlobUnknown(format!("{digest} (not stored; pass ?repo= to fetch it)"))
         });
     };
     let route = state.upstreams.route(repo, q.ns.as_deref())?;
-    let list = match stored {
-        Some(list) => list,
-        None => state.ingestor.ensure(&route, digest).await?,
-    };
+    let (list, _lease) = crate::registry_api::leased_blob(state, &route, digest).await?;
     access::authorize(&state.storage, &route, &digest, Kind::Blob).await?;
     Ok(list)
 }

@@ -19,6 +19,18 @@ listen = "127.0.0.1:5000"
 # Env: IMGD_PROXY_STORAGE_DIR.
 storage_dir = "/var/lib/imgd-proxy"
 
+# Most bytes of chunk and index files (committed or being staged) kept in storage_dir;
+# 0: no quota. Over it, the least recently used blobs are evicted with their chunks
+# (a chunk shared by several blobs goes with the last of them) and index, and so are the
+# manifests listing them and the tags naming those. Pinned images, blobs being ingested
+# and blobs being served are never evicted. The metadata database is not counted.
+storage_quota_bytes = 0
+
+# Images kept whole whatever the quota: fetched at start and never evicted, like
+# `imgd-proxy pin IMAGE`. Each is UPSTREAM_PREFIX/REPO:TAG or .../REPO@DIGEST as a
+# client would pull it through this proxy, e.g. "docker.io/library/alpine:3".
+pins = []
+
 # Log format on stderr: "text" (human-readable) or "json" (one JSON object a line).
 # The level filter comes from RUST_LOG (default "info"). Env: IMGD_LOG_FORMAT.
 log_format = "text"
@@ -28,6 +40,11 @@ upstream_timeout_secs = 60
 
 # Largest manifest accepted from an upstream, in bytes.
 max_manifest_bytes = 4194304
+
+# A layer refused by the [index] rules is remembered by digest, with the reason, for this
+# many seconds: requests for it are answered 422 at once instead of downloading it again.
+# 0: refusals are not remembered.
+refused_layer_ttl_secs = 3600
 
 # Upstream registries. A client picks one with a path prefix equal to its `name`
 # (GET /v2/NAME/library/alpine/manifests/3), or with containerd's `?ns=NAME`; requests
@@ -86,8 +103,14 @@ pub use imgd_core::logging::LogFormat;
 pub struct ProxyConfig {
     pub listen: SocketAddr,
     pub storage_dir: PathBuf,
+    /// Storage quota in bytes (0: none).
+    pub storage_quota_bytes: u64,
+    /// Images pinned by configuration.
+    pub pins: Vec<String>,
     pub upstream_timeout_secs: u64,
     pub max_manifest_bytes: usize,
+    /// How long a refused layer is remembered (the negative cache), in seconds.
+    pub refused_layer_ttl_secs: u64,
     pub log_format: LogFormat,
     /// Limits of the layer index builder (`[index]`).
     pub index: imgd_core::index::IndexOptions,
@@ -179,8 +202,11 @@ impl Default for ProxyConfig {
         ProxyConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 5000)),
             storage_dir: PathBuf::from("/var/lib/imgd-proxy"),
+            storage_quota_bytes: 0,
+            pins: Vec::new(),
             upstream_timeout_secs: 60,
             max_manifest_bytes: 4 << 20,
+            refused_layer_ttl_secs: 3600,
             log_format: LogFormat::Text,
             index: imgd_core::index::IndexOptions::default(),
             upstreams: Vec::new(),
@@ -253,8 +279,11 @@ mod tests {
         let d = ProxyConfig::default();
         assert_eq!(parsed.listen, d.listen);
         assert_eq!(parsed.storage_dir, d.storage_dir);
+        assert_eq!(parsed.storage_quota_bytes, d.storage_quota_bytes);
+        assert_eq!(parsed.pins, d.pins);
         assert_eq!(parsed.upstream_timeout_secs, d.upstream_timeout_secs);
         assert_eq!(parsed.max_manifest_bytes, d.max_manifest_bytes);
+        assert_eq!(parsed.refused_layer_ttl_secs, d.refused_layer_ttl_secs);
         assert_eq!(parsed.log_format, d.log_format);
         assert_eq!(parsed.retry, d.retry);
         assert!(parsed.chunk_api.token.is_none() && parsed.chunk_api.token_file.is_none());

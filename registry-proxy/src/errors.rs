@@ -1,6 +1,7 @@
 //! Errors answered to registry clients, as OCI error bodies with honest status codes.
 
 use crate::ingest::IngestError;
+use crate::space::SpaceError;
 use crate::storage::StorageError;
 use crate::upstream::UpstreamError;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -143,10 +144,14 @@ impl IntoResponse for ProxyError {
             ProxyError::Ingest(e) => match e.as_ref() {
                 IngestError::Upstream(u) => upstream_response(u),
                 IngestError::Storage(s) => storage_response(s),
+                IngestError::Space(SpaceError::Storage(s)) => storage_response(s),
+                IngestError::Space(SpaceError::QuotaExceeded { .. }) => {
+                    respond(StatusCode::INSUFFICIENT_STORAGE, "UNKNOWN", &msg)
+                }
                 IngestError::Worker(_) => {
                     respond(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", &msg)
                 }
-                IngestError::Refused { .. } => {
+                IngestError::Refused { .. } | IngestError::RememberedRefusal { .. } => {
                     respond(StatusCode::UNPROCESSABLE_ENTITY, "BLOB_INVALID", &msg)
                 }
             },

@@ -9,8 +9,11 @@
 //! Requests for a blob already being ingested wait for that ingest (single flight); the
 //! ingest runs in its own task, so a client that disconnects does not cancel it.
 
+use crate::refusals::Refusals;
 use crate::routing::Route;
-use crate::storage::{Access, BlobIndexes, Blobs, Storage, StorageError};
+use crate::ledger::FileKind;
+use crate::space::{Space, SpaceError};
+use crate::storage::{Storage, StorageError};
 use crate::upstream::{Upstream, UpstreamError};
 use crate::Stats;
 use bytes::Bytes;
@@ -32,11 +35,21 @@ pub enum IngestError {
     Upstream(#[from] UpstreamError),
     #[error("storing blob: {0}")]
     Storage(#[from] StorageError),
+    #[error(transparent)]
+    Space(#[from] SpaceError),
     #[error("ingest worker failed: {0}")]
     Worker(String),
     /// The layer broke an index limit or safety rule (see `IndexOptions`).
     #[error("layer {digest} refused: {error}")]
     Refused { digest: Digest, error: IndexError },
+    /// The layer was refused earlier and the refusal is remembered (the negative cache).
+    #[error("layer {digest} refused: {reason} (remembered since {refused_at}, not fetched again before {expires_at}; times in seconds since the Unix epoch)")]
+    RememberedRefusal {
+        digest: Digest,
+        reason: String,
+        refused_at: u64,
+        expires_at: u64,
+    },
 }
 
 impl From<StoreError> for IngestError {
@@ -45,25 +58,35 @@ impl From<StoreError> for IngestError {
     }
 }
 
-/// Messages to a worker: `Some(bytes)` of the blob, then `None` at a clean end. A channel
-/// closed without `None` means the stream failed and the worker must discard its work.
+/// Messages to the indexer: `Some(bytes)` of the blob, then `None` at a clean end. A channel
+/// closed without `None` means the stream failed and the indexer must discard its work.
 type Feed = mpsc::Receiver<Option<Bytes>>;
 
 /// Runs ingests with single flight per blob digest.
 pub struct Ingestor {
     storage: Arc<Storage>,
+    space: Arc<Space>,
     stats: Arc<Stats>,
     index_options: IndexOptions,
+    refusals: Refusals,
     inflight: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Ingestor {
-    /// An ingestor writing into `storage`, indexing layers with `index_options`.
-    pub fn new(storage: Arc<Storage>, stats: Arc<Stats>, index_options: IndexOptions) -> Self {
+    /// An ingestor writing into the storage of `space`, indexing layers with `index_options` and
+    /// remembering refused layers in `refusals`.
+    pub fn new(
+        space: Arc<Space>,
+        stats: Arc<Stats>,
+        index_options: IndexOptions,
+        refusals: Refusals,
+    ) -> Self {
         Ingestor {
-            storage,
+            storage: space.storage_arc(),
+            space,
             stats,
             index_options,
+            refusals,
             inflight: Mutex::new(HashMap::new()),
         }
     }
@@ -87,7 +110,30 @@ impl Ingestor {
         let _turn = gate.lock().await;
         let result = match self.storage.blob(&digest).map_err(wrap)? {
             Some(list) => Ok(list),
-            None => {
+            None => match self.refusals.lookup(&self.storage, &digest).map_err(wrap)? {
+                Some(r) => {
+                    tracing::info!(%digest, reason = r.reason, "refused layer asked for again, answered from the negative cache");
+                    Err(Arc::new(IngestError::RememberedRefusal {
+                        digest,
+                        reason: r.reason,
+                        refused_at: r.refused_at,
+                        expires_at: r.expires_at,
+                    }))
+                }
+                None => self.run(route, digest).await,
+            },
+        };
+        let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::strong_count(&gate) <= 2 {
+            map.remove(&digest);
+        }
+        result
+    }
+
+    /// Runs one ingest in its own task; a refusal is remembered.
+    async fn run(&self, route: &Route, digest: Digest) -> Result<ChunkList, Arc<IngestError>> {
+        {
+            {
                 let span = tracing::info_span!("ingest", %digest, repo = route.repo);
                 let task = tokio::spawn(
                     ingest(
@@ -95,25 +141,27 @@ impl Ingestor {
                         route.repo.clone(),
                         crate::access::key(route, &digest),
                         digest,
-                        self.storage.clone(),
+                        self.space.clone(),
                         self.stats.clone(),
                         self.index_options,
                     )
                     .instrument(span),
                 );
-                match task.await {
-                    Ok(r) => r
-                        .inspect_err(crate::metrics::ingest_failed)
-                        .map_err(Arc::new),
-                    Err(e) => Err(Arc::new(IngestError::Worker(e.to_string()))),
+                let result = match task.await {
+                    Ok(r) => r.inspect_err(crate::metrics::ingest_failed),
+                    Err(e) => Err(IngestError::Worker(e.to_string())),
+                };
+                if let Err(IngestError::Refused { error, .. }) = &result {
+                    if let Err(e) =
+                        self.refusals
+                            .remember(&self.storage, &digest, &error.to_string())
+                    {
+                        tracing::warn!(%digest, error = %e, "could not record the refusal");
+                    }
                 }
+                result.map_err(Arc::new)
             }
-        };
-        let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        if Arc::strong_count(&gate) <= 2 {
-            map.remove(&digest);
         }
-        result
     }
 }
 
@@ -122,15 +170,14 @@ async fn ingest(
     repo: String,
     access_key: String,
     digest: Digest,
-    storage: Arc<Storage>,
+    space: Arc<Space>,
     stats: Arc<Stats>,
     index_options: IndexOptions,
 ) -> Result<ChunkList, IngestError> {
     let mut blob = upstream.blob(&repo, &digest).await?;
     let (chunk_tx, chunk_rx) = mpsc::channel(16);
     let (index_tx, index_rx) = mpsc::channel(16);
-    let chunk_storage = storage.clone();
-    let chunker = tokio::task::spawn_blocking(move || chunk_blob(chunk_rx, &chunk_storage, digest));
+    let chunker = tokio::task::spawn_blocking(move || chunk_blob(chunk_rx, &space, digest));
     let indexer = tokio::task::spawn_blocking(move || index_blob(index_rx, digest, index_options));
 
     let mut received = 0u64;
@@ -145,7 +192,7 @@ async fn ingest(
                 if index_tx.send(Some(bytes.clone())).await.is_err() {
                     break; // the indexer refused the layer; its error is reported below
                 }
-                if chunk_tx.send(Some(bytes)).await.is_err() {
+                if chunk_tx.send(ChunkMsg::Bytes(bytes)).await.is_err() {
                     break; // the chunker failed; its error is reported below
                 }
             }
@@ -178,11 +225,16 @@ async fn ingest(
         _ => None,
     };
     if failure.is_none() && refused.is_none() {
-        let _ = chunk_tx.send(None).await;
+        let index = match indexed {
+            Some(Ok(index)) => Ok(index),
+            Some(Err(e)) => Err(e.to_string()),
+            None => Err("blob stream aborted".into()),
+        };
+        let _ = chunk_tx.send(ChunkMsg::Commit { index, access_key }).await;
     }
     drop(chunk_tx);
     if let Some(error) = refused {
-        let _ = chunker.await; // the feed ended without `None`: it discards its work
+        let _ = chunker.await; // the feed ended without a commit: it discards its work
         tracing::warn!(%digest, %error, "layer refused, nothing stored");
         return Err(IngestError::Refused { digest, error });
     }
@@ -193,45 +245,48 @@ async fn ingest(
         tracing::warn!(%digest, error = %e, "upstream blob failed, nothing stored");
         return Err(e.into());
     }
-    let list = chunked??;
-    let index_state = match indexed {
-        Some(Ok(index)) => store_index(&storage, &index)?,
-        Some(Err(e)) => IndexState::Unavailable {
-            reason: e.to_string(),
-        },
-        None => IndexState::Unavailable {
-            reason: "blob stream aborted".into(),
-        },
-    };
-    let mut batch = storage.meta.batch();
-    batch
-        .put::<Blobs>(&digest, &list)
-        .map_err(StorageError::from)?;
-    batch
-        .put::<BlobIndexes>(&digest, &index_state)
-        .map_err(StorageError::from)?;
-    batch
-        .put::<Access>(&access_key, &true)
-        .map_err(StorageError::from)?;
-    storage.meta.write(batch).map_err(StorageError::from)?;
+    let (list, index_state) = chunked??;
     stats.upstream_blob_fetches.fetch_add(1, Ordering::Relaxed);
     tracing::info!(%digest, bytes = list.size, chunks = list.chunks.len(), index = ?index_state, "blob stored");
     Ok(list)
 }
 
-/// Chunks the blob into staged files; commits them only if the blob matches `digest`.
-fn chunk_blob(mut feed: Feed, storage: &Storage, digest: Digest) -> Result<ChunkList, IngestError> {
+/// Messages to the chunker: the blob's bytes, then the order to commit with the index
+/// verdict. A channel closed without `Commit` means the ingest failed: discard all.
+enum ChunkMsg {
+    Bytes(Bytes),
+    Commit {
+        /// The layer index, or why there is none.
+        index: Result<LayerIndex, String>,
+        /// The [`Access`] record to write with the blob.
+        access_key: String,
+    },
+}
+
+/// Chunks the blob into staged files (making room under the quota as it goes); commits
+/// them with the index and the blob's records only if the blob matches `digest`.
+fn chunk_blob(
+    mut feed: mpsc::Receiver<ChunkMsg>,
+    space: &Arc<Space>,
+    digest: Digest,
+) -> Result<(ChunkList, IndexState), IngestError> {
+    let storage = space.storage();
+    let mut claim = space.claim();
     let mut staging = storage.chunks.staging();
     let mut chunker = Chunker::new();
-    let mut stage = |_, c: imgd_core::ChunkRef, b: Bytes| staging.add(c.digest, &b);
-    loop {
-        match feed.blocking_recv() {
-            Some(Some(bytes)) => chunker.push(&bytes, &mut stage)?,
-            Some(None) => break,
-            None => return Err(IngestError::Worker("blob stream aborted".into())),
-        }
-    }
-    let list = chunker.finish(&mut stage)?;
+    let (list, index, access_key) = {
+        let mut stage = |_, c: imgd_core::ChunkRef, b: Bytes| {
+            space.stage(&mut claim, &mut staging, FileKind::Chunk, c.digest, &b)
+        };
+        let (index, access_key) = loop {
+            match feed.blocking_recv() {
+                Some(ChunkMsg::Bytes(bytes)) => chunker.push(&bytes, &mut stage)?,
+                Some(ChunkMsg::Commit { index, access_key }) => break (index, access_key),
+                None => return Err(IngestError::Worker("blob stream aborted".into())),
+            }
+        };
+        (chunker.finish(&mut stage)?, index, access_key)
+    };
     if list.blob != digest {
         return Err(UpstreamError::DigestMismatch {
             expected: digest,
@@ -239,8 +294,27 @@ fn chunk_blob(mut feed: Feed, storage: &Storage, digest: Digest) -> Result<Chunk
         }
         .into());
     }
-    staging.commit()?;
-    Ok(list)
+    let mut index_staging = storage.indexes.staging();
+    let index_state = match index {
+        Ok(index) => {
+            let encoded = index.encode();
+            let idx = Digest::of(&encoded);
+            space.stage(&mut claim, &mut index_staging, FileKind::Index, idx, &encoded)?;
+            IndexState::Indexed {
+                digest: idx,
+                size: encoded.len() as u64,
+            }
+        }
+        Err(reason) => IndexState::Unavailable { reason },
+    };
+    space.commit(
+        claim,
+        vec![staging, index_staging],
+        &list,
+        &index_state,
+        &access_key,
+    )?;
+    Ok((list, index_state))
 }
 
 /// Builds the layer index in the same pass. A blob that is not a tar layer gets an
@@ -270,15 +344,5 @@ fn index_blob(
     Some(match error {
         Some(e) => Err(e),
         None => builder.finish(digest),
-    })
-}
-
-fn store_index(storage: &Storage, index: &LayerIndex) -> Result<IndexState, IngestError> {
-    let encoded = index.encode();
-    let digest = Digest::of(&encoded);
-    storage.indexes.put(digest, &encoded)?;
-    Ok(IndexState::Indexed {
-        digest,
-        size: encoded.len() as u64,
     })
 }

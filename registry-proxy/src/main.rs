@@ -51,6 +51,57 @@ enum Command {
     /// Verify the storage of a stopped proxy: re-hash every blob and chunk, check every
     /// chunk list, index and manifest. Prints a JSON report; exits 1 if anything is wrong.
     Verify,
+    /// Pin IMAGE on the running proxy: fetch it whole and never evict it. IMAGE is
+    /// UPSTREAM_PREFIX/REPO:TAG or .../REPO@DIGEST, as pulled through the proxy.
+    Pin {
+        image: String,
+        /// The proxy's URL (default: http:// and the configured listen address).
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Remove the pin of IMAGE on the running proxy (its content stays until evicted).
+    Unpin {
+        image: String,
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// List the pins of the running proxy as JSON.
+    Pins {
+        #[arg(long)]
+        url: Option<String>,
+    },
+}
+
+/// Sends one pin request to the running proxy; prints the JSON answer.
+fn pin_request(
+    config: &ProxyConfig,
+    url: Option<String>,
+    method: reqwest::Method,
+    image: Option<&str>,
+) -> anyhow::Result<()> {
+    let base = url.unwrap_or_else(|| format!("http://{}", config.listen));
+    let path = match image {
+        Some(i) => format!("{}/imgd/v1/pins/{i}", base.trim_end_matches('/')),
+        None => format!("{}/imgd/v1/pins", base.trim_end_matches('/')),
+    };
+    let token = config.chunk_api.required_token()?;
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    rt.block_on(async move {
+        let mut req = reqwest::Client::new().request(method, &path);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.with_context(|| format!("asking {path}"))?;
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        if !status.is_success() {
+            bail!("{path}: {status}: {}", body.trim());
+        }
+        if !body.is_empty() {
+            println!("{body}");
+        }
+        Ok(())
+    })
 }
 
 fn parse_upstream(s: &str, first: bool) -> anyhow::Result<UpstreamConfig> {
@@ -93,8 +144,18 @@ fn main() -> anyhow::Result<()> {
     if let Some(d) = cli.storage_dir {
         config.storage_dir = d;
     }
-    if let Some(Command::Verify) = cli.command {
-        return verify(&config.storage_dir);
+    match cli.command {
+        Some(Command::Verify) => return verify(&config.storage_dir),
+        Some(Command::Pin { image, url }) => {
+            return pin_request(&config, url, reqwest::Method::PUT, Some(&image))
+        }
+        Some(Command::Unpin { image, url }) => {
+            return pin_request(&config, url, reqwest::Method::DELETE, Some(&image))
+        }
+        Some(Command::Pins { url }) => {
+            return pin_request(&config, url, reqwest::Method::GET, None)
+        }
+        None => {}
     }
     let no_default = !config.upstreams.iter().any(|u| u.default);
     for (i, s) in cli.upstreams.iter().enumerate() {

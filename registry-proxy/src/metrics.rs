@@ -13,8 +13,14 @@
 //! | `imgd_proxy_upstream_blob_fetches_total` | counter | |
 //! | `imgd_proxy_upstream_errors_total` | counter | `status` = HTTP code or `timeout`, `unreachable`, ... |
 //! | `imgd_proxy_verification_failures_total` | counter | `where` = `upstream` |
-//! | `imgd_proxy_storage_bytes` | gauge | `kind` = `chunks` or `indexes` (walked when a blob was stored since the last scrape) |
+//! | `imgd_proxy_refused_layers_total` | counter | `answer` = `judged` (downloaded and refused) or `remembered` (answered from the negative cache) |
+//! | `imgd_proxy_storage_bytes` | gauge | `kind` = `chunks` or `indexes` (walked when a blob was stored or evicted since the last scrape) |
 //! | `imgd_proxy_storage_files` | gauge | `kind` |
+//! | `imgd_proxy_storage_quota_bytes` | gauge | (0: no quota) |
+//! | `imgd_proxy_storage_use_bytes` | gauge | `state` = `committed` (chunk and index files, shared chunks once) or `staged` (reserved by ingests in flight) |
+//! | `imgd_proxy_evictions_total` | counter | |
+//! | `imgd_proxy_evicted_bytes_total` | counter | |
+//! | `imgd_proxy_pinned_digests` | gauge | |
 
 use crate::server::AppState;
 use crate::upstream::UpstreamError;
@@ -36,12 +42,31 @@ type Labels = Vec<(&'static str, String)>;
 pub struct Events {
     upstream_errors: Family<Labels, Counter>,
     verification_failures: Family<Labels, Counter>,
+    refused_layers: Family<Labels, Counter>,
 }
 
 static EVENTS: LazyLock<Events> = LazyLock::new(|| Events {
     upstream_errors: Family::default(),
     verification_failures: Family::default(),
+    refused_layers: Family::default(),
 });
+
+fn count_refusal(answer: &str) {
+    EVENTS
+        .refused_layers
+        .get_or_create(&vec![("answer", answer.to_string())])
+        .inc();
+}
+
+/// Hook: a layer was downloaded, refused, and the refusal recorded.
+pub fn refusal_remembered() {
+    count_refusal("judged");
+}
+
+/// Hook: a request for a refused layer was answered from the negative cache.
+pub fn refusal_hit() {
+    count_refusal("remembered");
+}
 
 /// The `status` label of an upstream error: its HTTP status, or the kind of failure.
 fn error_status(e: &UpstreamError) -> String {
@@ -106,6 +131,7 @@ fn dir_usage(dir: &Path) -> (u64, u64) {
 struct Snapshot {
     stats: imgd_core::wire::ProxyStats,
     storage: Usage,
+    space: crate::ledger::SpaceUse,
 }
 
 fn encode_counters(
@@ -179,6 +205,41 @@ impl Collector for Snapshot {
             "Blobs fetched from upstreams and stored",
             &[(vec![], s.upstream_blob_fetches)],
         )?;
+        let sp = &self.space;
+        encode_gauges(
+            &mut enc,
+            "storage_quota_bytes",
+            "The storage quota in bytes (0: none)",
+            &[(vec![], gauge_value(sp.quota.unwrap_or(0)))],
+        )?;
+        let st = |k: &str| vec![("state", k.to_string())];
+        encode_gauges(
+            &mut enc,
+            "storage_use_bytes",
+            "Bytes counted against the quota: committed files, and staged by ingests",
+            &[
+                (st("committed"), gauge_value(sp.committed)),
+                (st("staged"), gauge_value(sp.staged)),
+            ],
+        )?;
+        encode_counters(
+            &mut enc,
+            "evictions",
+            "Blobs evicted to stay under the quota",
+            &[(vec![], sp.evictions)],
+        )?;
+        encode_counters(
+            &mut enc,
+            "evicted_bytes",
+            "Bytes of files deleted by evictions",
+            &[(vec![], sp.evicted_bytes)],
+        )?;
+        encode_gauges(
+            &mut enc,
+            "pinned_digests",
+            "Manifests and blobs held by pins",
+            &[(vec![], gauge_value(sp.pinned))],
+        )?;
         let kind = |k: &str| vec![("kind", k.to_string())];
         let bytes: Vec<_> = self
             .storage
@@ -211,11 +272,11 @@ type Usage = Vec<(&'static str, u64, u64)>;
 /// The last storage walk: storage dir and blob count it was made at, and its result.
 static LAST_WALK: Mutex<Option<(PathBuf, u64, Usage)>> = Mutex::new(None);
 
-/// Storage use. Files are only added by ingests, so the directories are walked again
-/// only when a blob has been stored since the last walk.
+/// Storage use. Files are only added by ingests and removed by evictions, so the
+/// directories are walked again only when a blob was stored or evicted since the last walk.
 fn storage_usage(state: &AppState) -> Usage {
     let dir = &state.config.storage_dir;
-    let stored = state.stats.snapshot().upstream_blob_fetches;
+    let stored = state.stats.snapshot().upstream_blob_fetches + state.space.usage().evictions;
     let mut last = LAST_WALK.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((d, n, usage)) = last.as_ref() {
         if d == dir && *n == stored {
@@ -248,9 +309,15 @@ pub fn render(state: &AppState) -> Result<String, std::fmt::Error> {
         "Content that did not match its digest, by where it came from",
         EVENTS.verification_failures.clone(),
     );
+    registry.register(
+        "refused_layers",
+        "Requests for layers refused by the index rules, by how they were answered",
+        EVENTS.refused_layers.clone(),
+    );
     registry.register_collector(Box::new(Snapshot {
         stats: state.stats.snapshot(),
         storage,
+        space: state.space.usage(),
     }));
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &registry)?;

@@ -68,6 +68,34 @@ async fn manifest(
     headers: &HeaderMap,
     head: bool,
 ) -> Result<Response, ProxyError> {
+    let accept = imgd_core::registry_path::accepted_media_types(
+        headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
+    let (digest, m, stale) = resolve_manifest(state, route, reference, &accept).await?;
+    let mut resp = manifest_response(&m, &digest, head);
+    if stale {
+        resp.headers_mut().insert(
+            header::WARNING,
+            header::HeaderValue::from_static(
+                "110 imgd-proxy \"upstream unavailable, response is stale\"",
+            ),
+        );
+    }
+    Ok(resp)
+}
+
+/// A manifest by tag or digest: stored (by digest), else fetched from upstream and
+/// stored; a tag whose upstream is unavailable gets its last known manifest, marked
+/// stale (the `bool`).
+pub async fn resolve_manifest(
+    state: &AppState,
+    route: &Route,
+    reference: &str,
+    accept: &[String],
+) -> Result<(Digest, StoredManifest, bool), ProxyError> {
     let by_digest = reference.parse::<Digest>().ok();
     if let Some(d) = by_digest {
         if let Some(m) = state
@@ -77,22 +105,16 @@ async fn manifest(
             .map_err(crate::storage::StorageError::from)?
         {
             access::authorize(&state.storage, route, &d, Kind::Manifest).await?;
-            return Ok(manifest_response(&m, &d, head));
+            return Ok((d, m, false));
         }
     }
-    let accept = imgd_core::registry_path::accepted_media_types(
-        headers
-            .get_all(header::ACCEPT)
-            .iter()
-            .filter_map(|v| v.to_str().ok()),
-    );
     let tag_key = format!("{}/{}:{reference}", route.upstream_name, route.repo);
     let fetched = route
         .upstream
         .manifest(
             &route.repo,
             reference,
-            &accept,
+            accept,
             state.config.max_manifest_bytes,
         )
         .await
@@ -103,6 +125,7 @@ async fn manifest(
                 media_type: m.media_type,
                 bytes: m.bytes.to_vec(),
             };
+            state.space.note_manifest(m.digest, &stored);
             let mut batch = state.storage.meta.batch();
             batch
                 .put::<Manifests>(&m.digest, &stored)
@@ -120,7 +143,7 @@ async fn manifest(
                 .meta
                 .write(batch)
                 .map_err(crate::storage::StorageError::from)?;
-            Ok(manifest_response(&stored, &m.digest, head))
+            Ok((m.digest, stored, false))
         }
         Err(e) if e.is_unavailable() && by_digest.is_none() => {
             let cached = state.storage.meta.get::<Tags>(&tag_key).ok().flatten();
@@ -131,14 +154,7 @@ async fn manifest(
             match stored {
                 Some((d, m)) => {
                     tracing::warn!(tag = tag_key, error = %e, "upstream unavailable, serving last known manifest");
-                    let mut resp = manifest_response(&m, &d, head);
-                    resp.headers_mut().insert(
-                        header::WARNING,
-                        header::HeaderValue::from_static(
-                            "110 imgd-proxy \"upstream unavailable, response is stale\"",
-                        ),
-                    );
-                    Ok(resp)
+                    Ok((d, m, true))
                 }
                 None => Err(e.into()),
             }
@@ -167,6 +183,28 @@ fn manifest_response(m: &StoredManifest, digest: &Digest, head: bool) -> Respons
         .into_response()
 }
 
+/// The chunk list of `digest`, ingesting it if not stored, with a lease that keeps it
+/// from eviction while it is served. A blob evicted between the two is fetched again.
+pub async fn leased_blob(
+    state: &AppState,
+    route: &Route,
+    digest: Digest,
+) -> Result<(imgd_core::ChunkList, crate::space::Lease), ProxyError> {
+    for _ in 0..3 {
+        let list = match state.storage.blob(&digest)? {
+            Some(list) => list,
+            None => state.ingestor.ensure(route, digest).await?,
+        };
+        if let Some(lease) = state.space.lease(&digest) {
+            return Ok((list, lease));
+        }
+        tracing::info!(%digest, "blob evicted as it was asked for; fetching it again");
+    }
+    Err(ProxyError::BlobUnknown(format!(
+        "{digest} (evicted again each time it was fetched: the quota is too small)"
+    )))
+}
+
 async fn blob(
     state: &AppState,
     route: &Route,
@@ -174,10 +212,7 @@ async fn blob(
     headers: &HeaderMap,
     head: bool,
 ) -> Result<Response, ProxyError> {
-    let list = match state.storage.blob(&digest)? {
-        Some(list) => list,
-        None => state.ingestor.ensure(route, digest).await?,
-    };
+    let (list, lease) = leased_blob(state, route, digest).await?;
     access::authorize(&state.storage, route, &digest, Kind::Blob).await?;
     let size = list.size;
     let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
@@ -194,6 +229,7 @@ async fn blob(
             state.stats.clone(),
             list,
             served.clone(),
+            lease,
         ))
     };
     *resp.status_mut() = status;

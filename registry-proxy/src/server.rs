@@ -3,6 +3,7 @@
 use crate::config::{ConfigError, ProxyConfig};
 use crate::ingest::Ingestor;
 use crate::routing::Upstreams;
+use crate::space::Space;
 use crate::storage::Tags;
 use crate::storage::{Storage, StorageError};
 use crate::upstream::Upstream;
@@ -27,12 +28,18 @@ pub enum StartError {
     Io(#[from] std::io::Error),
 }
 
+/// Test hook: milliseconds each eviction pauses between deleting a blob's records and
+/// its files (to kill the proxy mid-eviction). Not for production use.
+pub const EVICTION_PAUSE_ENV: &str = "IMGD_PROXY_TEST_EVICTION_PAUSE_MS";
+
 /// State shared by every request.
 pub struct AppState {
     pub config: ProxyConfig,
     pub upstreams: Upstreams,
     pub storage: Arc<Storage>,
     pub ingestor: Ingestor,
+    /// Quota, eviction, pins and leases of the storage.
+    pub space: Arc<Space>,
     pub stats: Arc<Stats>,
     /// sha256 of the token the chunk API requires (`None`: open).
     pub chunk_api_token: Option<imgd_core::Digest>,
@@ -56,15 +63,31 @@ impl AppState {
         }
         let default = config.upstreams.iter().position(|u| u.default);
         let stats = Arc::new(Stats::default());
+        let quota = (config.storage_quota_bytes > 0).then_some(config.storage_quota_bytes);
+        let pause = std::env::var(EVICTION_PAUSE_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis);
+        let space = Arc::new(Space::open(storage.clone(), quota, pause)?);
         let chunk_api_token = config.chunk_api.required_token()?;
-        Ok(AppState {
+        let state = AppState {
             chunk_api_token: chunk_api_token.map(|t| imgd_core::Digest::of(t.as_bytes())),
             upstreams: Upstreams::new(entries, default),
-            ingestor: Ingestor::new(storage.clone(), stats.clone(), config.index),
+            ingestor: Ingestor::new(
+                space.clone(),
+                stats.clone(),
+                config.index,
+                crate::refusals::Refusals::new(std::time::Duration::from_secs(
+                    config.refused_layer_ttl_secs,
+                )),
+            ),
             storage,
+            space,
             stats,
             config,
-        })
+        };
+        crate::pins::refresh(&state)?;
+        Ok(state)
     }
 }
 
@@ -77,6 +100,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/imgd/v1/indexes/{digest}", get(chunk_api::index))
         .route("/imgd/v1/stats", get(chunk_api::stats))
         .route("/imgd/v1/verify", get(chunk_api::verify))
+        .route("/imgd/v1/pins", get(crate::pins::get_pins))
+        .route(
+            "/imgd/v1/pins/{*image}",
+            axum::routing::put(crate::pins::put_pin).delete(crate::pins::delete_pin),
+        )
         .route(
             "/imgd/v1/traces/{digest}",
             get(chunk_api::get_trace).put(chunk_api::put_trace),
@@ -118,6 +146,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     tracing::info!(addr = ?listener.local_addr().ok(), "imgd-proxy listening");
+    if !state.config.pins.is_empty() {
+        tokio::spawn(crate::pins::pin_configured(state.clone()));
+    }
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await?;

@@ -96,6 +96,9 @@ impl Storage {
                     Tags::NAME,
                     Traces::NAME,
                     Access::NAME,
+                    crate::refusals::Refused::NAME,
+                    crate::space::LastUsed::NAME,
+                    crate::pins::Pins::NAME,
                 ],
             )?,
         })

@@ -28,6 +28,9 @@ pub struct VerifyReport {
     pub manifests: u64,
     /// Files staged by ingests in progress (removed at start if left by a crash).
     pub staged_files: u64,
+    /// Layers refused by the index rules and remembered (the negative cache), with the
+    /// reason and until when (expired ones go at their next request).
+    pub refused_layers: Vec<crate::refusals::RefusedLayer>,
     /// Every inconsistency found, one line each.
     pub problems: Vec<String>,
 }
@@ -81,6 +84,14 @@ pub fn verify(storage: &Storage) -> Result<VerifyReport, StorageError> {
         }
     }
     report.staged_files = count_files(&storage.dir.join("tmp"));
+    report.refused_layers = crate::refusals::list(storage)?;
+    for r in &report.refused_layers {
+        if storage.blob(&r.digest)?.is_some() {
+            report
+                .problems
+                .push(format!("refused layer {} is stored", r.digest));
+        }
+    }
     Ok(report)
 }
 

@@ -299,3 +299,83 @@ fn hostile_layers_are_refused_malformed_ones_unindexed_and_mounts_stay_in_their_
     let (ok, out, err) = a.imgctl(&["umount", root.to_str().unwrap()]).unwrap();
     assert!(ok, "{out}{err}");
 }
+
+/// The negative cache: a refused layer asked for five times, through both APIs, is
+/// downloaded from upstream once; each answer is the 422 with the reason; `verify` lists
+/// the refusal; once it expires the layer is fetched and judged again.
+#[test]
+fn a_refused_layer_is_downloaded_once_while_its_refusal_is_remembered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start().unwrap();
+    let mut t = Vec::new();
+    file(&mut t, "ok", b"fine\n");
+    file(&mut t, "../../etc/passwd", b"pwned\n");
+    let d = push(
+        &reg,
+        tmp.path(),
+        "dotdot",
+        &[Blob(gzip(&end(t)), OCI_LAYER_GZIP)],
+    )[0];
+    let relay = imgd_tests::fault_relay::FaultRelay::start(reg.addr()).unwrap();
+    let ttl = 6;
+    let proxy = Proxy::start_with_config(
+        tmp.path(),
+        &format!(
+            "refused_layer_ttl_secs = {ttl}\n[[upstream]]\nname = \"local\"\nurl = \"{}\"\n",
+            relay.url()
+        ),
+    )
+    .unwrap();
+    let downloads = || relay.count("GET", &format!("/blobs/{d}"));
+    let ask = |i: usize| {
+        let path = if i % 2 == 0 {
+            format!("/v2/local/hostile-dotdot/blobs/{d}")
+        } else {
+            format!("/imgd/v1/indexes/{d}?repo=local/hostile-dotdot")
+        };
+        let r = proxy.get(&path, &[]).unwrap();
+        let (code, message) = oci_error(&r);
+        assert_eq!((r.status, code.as_str()), (422, "BLOB_INVALID"), "{message}");
+        assert!(
+            message.contains("refused") && message.contains("'..' components are not allowed"),
+            "{message}"
+        );
+        message
+    };
+    let started = std::time::Instant::now();
+    let first = ask(0);
+    assert!(!first.contains("remembered"), "{first}");
+    for i in 1..5 {
+        let again = ask(i);
+        assert!(again.contains("remembered"), "{again}");
+    }
+    assert!(
+        started.elapsed().as_secs() < ttl,
+        "the five requests outlasted the refusal's lifetime; the count below means nothing"
+    );
+    assert_eq!(downloads(), 1, "five requests, one download");
+    assert_eq!(proxy.stored_chunk_files(), 0);
+
+    let report = proxy.get("/imgd/v1/verify", &[]).unwrap().json().unwrap();
+    assert_eq!(report["problems"], json!([]), "{report}");
+    let refused = report["refused_layers"].as_array().unwrap();
+    assert_eq!(refused.len(), 1, "{report}");
+    assert_eq!(refused[0]["digest"], d.to_string());
+    assert!(refused[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("'..' components are not allowed"));
+    let metrics = proxy.get("/metrics", &[]).unwrap().text();
+    assert!(
+        metrics.contains("imgd_proxy_refused_layers_total{answer=\"remembered\"} 4"),
+        "{metrics}"
+    );
+
+    // Expired: judged again, which takes one more download, and remembered again.
+    std::thread::sleep(std::time::Duration::from_secs(ttl + 1));
+    let after = ask(0);
+    assert!(!after.contains("remembered"), "{after}");
+    assert_eq!(downloads(), 2);
+    ask(1);
+    assert_eq!(downloads(), 2);
+}

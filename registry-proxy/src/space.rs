@@ -1,0 +1,426 @@
+//! Storage space: the quota, LRU eviction and pins, kept in step with the files on disk.
+//!
+//! Every change to the committed chunk and index files goes through [`Space`], under one
+//! lock over the [`Ledger`]: an ingest reserves each file's bytes before staging it
+//! (evicting least recently used blobs to make room), and commits its files and records
+//! together; an eviction deletes a blob's records first, in one synced batch, then the
+//! files nothing else uses. A `kill -9` between the two leaves only unreferenced files,
+//! which are deleted at the next start. So the files on disk never outgrow the quota,
+//! and the records never name a missing file.
+//!
+//! Never evicted: blobs being ingested (not recorded yet; the stored files they reuse are
+//! held by their claim), blobs being served (leased), and pinned blobs and manifests.
+//! An image manifest goes with any blob it lists, an index with its last listed
+//! manifest, and tags with the manifest they name.
+
+use crate::ledger::{Claim, FileKind, Freed, Ledger, SpaceUse};
+use crate::storage::{Access, BlobIndexes, Blobs, Manifests, Storage, StorageError, Tags};
+use imgd_core::store::{Staging, StoreError, Table};
+use imgd_core::wire::IndexState;
+use imgd_core::{ChunkList, Digest};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// When each blob was last asked for, in ms since the Unix epoch (LRU order across
+/// restarts). Written at commit and then at most once a minute per blob.
+pub struct LastUsed;
+impl Table for LastUsed {
+    const NAME: &'static str = "last_used";
+    type Key = Digest;
+    type Value = u64;
+}
+
+/// How stale a persisted last-use time may get before it is written again.
+const LAST_USED_PERSIST_MS: u64 = 60_000;
+
+/// Errors of space management.
+#[derive(Debug, thiserror::Error)]
+pub enum SpaceError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("storage quota of {quota} bytes exceeded: {needed} more bytes needed, and everything stored is pinned or in use")]
+    QuotaExceeded { quota: u64, needed: u64 },
+}
+
+impl From<StoreError> for SpaceError {
+    fn from(e: StoreError) -> Self {
+        SpaceError::Storage(e.into())
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+struct Inner {
+    ledger: Ledger,
+    /// What each stored manifest lists: blobs (image) or manifests (index).
+    manifests: HashMap<Digest, Vec<Digest>>,
+}
+
+/// The space manager. Its methods block (file and database I/O): call them off the
+/// async threads, except [`Space::lease`] and [`Space::usage`].
+pub struct Space {
+    storage: Arc<Storage>,
+    inner: Mutex<Inner>,
+    /// Test hook: a pause between an eviction's records and its files.
+    eviction_pause: Option<Duration>,
+}
+
+fn refs_of(m: &crate::storage::StoredManifest) -> Vec<Digest> {
+    let limits = imgd_core::manifest::ManifestLimits {
+        max_bytes: usize::MAX,
+        ..Default::default()
+    };
+    match imgd_core::manifest::parse(&m.bytes, Some(&m.media_type), &limits) {
+        Ok(imgd_core::manifest::Manifest::Image(i)) => std::iter::once(i.config.digest)
+            .chain(i.layers.iter().map(|l| l.digest))
+            .collect(),
+        Ok(imgd_core::manifest::Manifest::Index(i)) => {
+            i.manifests.iter().map(|m| m.digest).collect()
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+fn chunk_refs(list: &ChunkList) -> Vec<(Digest, u64)> {
+    list.chunks
+        .iter()
+        .map(|c| (c.digest, u64::from(c.size)))
+        .collect()
+}
+
+fn index_ref(state: &IndexState) -> Option<(Digest, u64)> {
+    match state {
+        IndexState::Indexed { digest, size } => Some((*digest, *size)),
+        IndexState::Unavailable { .. } => None,
+    }
+}
+
+impl Space {
+    /// Loads the ledger from storage and deletes content files no record refers to (left
+    /// by a crash mid-ingest or mid-eviction). `quota`: `None` for unlimited.
+    pub fn open(
+        storage: Arc<Storage>,
+        quota: Option<u64>,
+        eviction_pause: Option<Duration>,
+    ) -> Result<Space, StorageError> {
+        let mut ledger = Ledger::new(quota);
+        let indexes: HashMap<Digest, IndexState> =
+            storage.meta.scan::<BlobIndexes>()?.into_iter().collect();
+        let used: HashMap<Digest, u64> = storage.meta.scan::<LastUsed>()?.into_iter().collect();
+        for (digest, list) in storage.meta.scan::<Blobs>()? {
+            let index = indexes.get(&digest).and_then(index_ref);
+            let last = used.get(&digest).copied().unwrap_or(0);
+            ledger.add_blob(digest, &chunk_refs(&list), index, last);
+        }
+        let mut manifests = HashMap::new();
+        for (digest, m) in storage.meta.scan::<Manifests>()? {
+            manifests.insert(digest, refs_of(&m));
+        }
+        let mut probe = Claim::default();
+        let mut removed = 0u64;
+        for (kind, store) in [
+            (FileKind::Chunk, &storage.chunks),
+            (FileKind::Index, &storage.indexes),
+        ] {
+            for d in store.list()? {
+                if ledger.reuse(&mut probe, kind, d) {
+                    continue;
+                }
+                store.remove(&d)?;
+                removed += 1;
+            }
+        }
+        // The probe took a reference on every file; give them back.
+        let freed = ledger.abort(probe);
+        debug_assert_eq!(freed, Freed::default());
+        if removed > 0 {
+            tracing::info!(
+                files = removed,
+                "removed content files no record refers to (left by a crash)"
+            );
+        }
+        Ok(Space {
+            storage,
+            inner: Mutex::new(Inner { ledger, manifests }),
+            eviction_pause,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The storage this space manages.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// The storage this space manages, shared.
+    pub fn storage_arc(&self) -> Arc<Storage> {
+        self.storage.clone()
+    }
+
+    /// Current use, quota and evictions.
+    pub fn usage(&self) -> SpaceUse {
+        self.lock().ledger.usage()
+    }
+
+    /// Evicts least recently used blobs until `bytes` more fit, then reserves them for
+    /// the claim's file `digest`.
+    fn make_room(
+        &self,
+        inner: &mut Inner,
+        claim: &mut Claim,
+        digest: Digest,
+        bytes: u64,
+    ) -> Result<(), SpaceError> {
+        while !inner.ledger.fits(bytes) {
+            let Some(victim) = inner.ledger.victim() else {
+                let quota = inner.ledger.usage().quota.unwrap_or(u64::MAX);
+                return Err(SpaceError::QuotaExceeded {
+                    quota,
+                    needed: bytes,
+                });
+            };
+            self.evict(inner, victim)?;
+        }
+        inner.ledger.reserve(claim, digest, bytes);
+        Ok(())
+    }
+
+    /// Evicts one blob: records first (one synced batch), then files.
+    fn evict(&self, inner: &mut Inner, victim: Digest) -> Result<(), SpaceError> {
+        let ledger = &inner.ledger;
+        let mut gone: HashSet<Digest> = inner
+            .manifests
+            .iter()
+            .filter(|(m, refs)| refs.contains(&victim) && !ledger.is_pinned(m))
+            .map(|(m, _)| *m)
+            .collect();
+        loop {
+            let more: Vec<Digest> = inner
+                .manifests
+                .iter()
+                .filter(|(m, refs)| {
+                    !gone.contains(m)
+                        && !ledger.is_pinned(m)
+                        && !refs.is_empty()
+                        && refs.iter().all(|r| gone.contains(r) || !inner.manifests.contains_key(r))
+                        && refs.iter().any(|r| gone.contains(r))
+                })
+                .map(|(m, _)| *m)
+                .collect();
+            if more.is_empty() {
+                break;
+            }
+            gone.extend(more);
+        }
+        let meta = &self.storage.meta;
+        let mut batch = meta.batch();
+        batch.delete::<Blobs>(&victim).map_err(StorageError::from)?;
+        batch
+            .delete::<BlobIndexes>(&victim)
+            .map_err(StorageError::from)?;
+        batch.delete::<LastUsed>(&victim).map_err(StorageError::from)?;
+        for m in &gone {
+            batch.delete::<Manifests>(m).map_err(StorageError::from)?;
+        }
+        if !gone.is_empty() {
+            for (tag, d) in meta.scan::<Tags>().map_err(StorageError::from)? {
+                if gone.contains(&d) {
+                    batch.delete::<Tags>(&tag).map_err(StorageError::from)?;
+                }
+            }
+        }
+        meta.write(batch).map_err(StorageError::from)?;
+        for m in &gone {
+            inner.manifests.remove(m);
+        }
+        let freed = inner.ledger.remove_blob(&victim);
+        if let Some(pause) = self.eviction_pause {
+            tracing::warn!(%victim, ?pause, "eviction paused between records and files (test hook)");
+            std::thread::sleep(pause);
+        }
+        self.delete_files(&freed)?;
+        inner.ledger.count_eviction(freed.bytes);
+        tracing::info!(blob = %victim, bytes = freed.bytes, manifests = gone.len(), "evicted");
+        Ok(())
+    }
+
+    fn delete_files(&self, freed: &Freed) -> Result<(), SpaceError> {
+        for c in &freed.chunks {
+            self.storage.chunks.remove(c)?;
+        }
+        for i in &freed.indexes {
+            self.storage.indexes.remove(i)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the bookkeeping of one ingest.
+    pub fn claim(self: &Arc<Self>) -> ClaimGuard {
+        ClaimGuard {
+            space: self.clone(),
+            claim: Some(Claim::default()),
+        }
+    }
+
+    /// Stages one content file for the claim: a stored copy is reused (and held), else
+    /// room is made and the bytes are written to a synced temp file.
+    pub fn stage(
+        &self,
+        guard: &mut ClaimGuard,
+        staging: &mut Staging<'_>,
+        kind: FileKind,
+        digest: Digest,
+        bytes: &[u8],
+    ) -> Result<(), SpaceError> {
+        let Some(claim) = guard.claim.as_mut() else {
+            return Ok(());
+        };
+        let size = bytes.len() as u64;
+        // Bounded: each retry means the file was committed and evicted in between.
+        for _ in 0..4 {
+            {
+                let mut inner = self.lock();
+                if inner.ledger.reuse(claim, kind, digest) {
+                    return Ok(());
+                }
+                self.make_room(&mut inner, claim, digest, size)?;
+            }
+            let before = staging.len();
+            staging.add(digest, bytes)?;
+            if staging.len() > before {
+                return Ok(());
+            }
+            // Already there: another ingest committed it meanwhile. Hold that copy.
+            let mut inner = self.lock();
+            inner.ledger.unreserve(claim, &digest, size);
+            if inner.ledger.reuse(claim, kind, digest) {
+                return Ok(());
+            }
+        }
+        Err(SpaceError::Storage(StorageError::Store(StoreError::Missing(
+            digest,
+        ))))
+    }
+
+    /// Commits an ingest: the staged files go into place and the blob's records are
+    /// written in one batch (with the [`Access`] record `access_key`), all under the lock.
+    pub fn commit(
+        &self,
+        mut guard: ClaimGuard,
+        staged: Vec<Staging<'_>>,
+        list: &ChunkList,
+        index: &IndexState,
+        access_key: &str,
+    ) -> Result<(), SpaceError> {
+        let Some(claim) = guard.claim.take() else {
+            return Ok(());
+        };
+        let mut inner = self.lock();
+        let written = (|| -> Result<(), SpaceError> {
+            for s in staged {
+                s.commit()?;
+            }
+            let now = now_ms();
+            let mut batch = self.storage.meta.batch();
+            batch.put::<Blobs>(&list.blob, list).map_err(StorageError::from)?;
+            batch
+                .put::<BlobIndexes>(&list.blob, index)
+                .map_err(StorageError::from)?;
+            batch
+                .put::<LastUsed>(&list.blob, &now)
+                .map_err(StorageError::from)?;
+            batch
+                .put::<Access>(&access_key.to_string(), &true)
+                .map_err(StorageError::from)?;
+            self.storage.meta.write(batch).map_err(StorageError::from)?;
+            Ok(())
+        })();
+        let freed = match written {
+            Ok(()) => {
+                inner
+                    .ledger
+                    .commit(claim, list.blob, &chunk_refs(list), index_ref(index), now_ms())
+            }
+            Err(e) => {
+                // Files may have been renamed into place: they have no record, so they
+                // are unreferenced and go at the next start.
+                let freed = inner.ledger.abort(claim);
+                let _ = self.delete_files(&freed);
+                return Err(e);
+            }
+        };
+        self.delete_files(&freed)
+    }
+
+    /// Leases a stored blob for one response (never evicted while leased); `None` if it
+    /// is not stored (e.g. just evicted). Records the use for LRU.
+    pub fn lease(self: &Arc<Self>, digest: &Digest) -> Option<Lease> {
+        let now = now_ms();
+        let before = {
+            let mut inner = self.lock();
+            let before = inner.ledger.last_used(digest)?;
+            inner.ledger.lease(digest, now);
+            before
+        };
+        if now.saturating_sub(before) > LAST_USED_PERSIST_MS {
+            if let Err(e) = self.storage.meta.put::<LastUsed>(digest, &now) {
+                tracing::warn!(%digest, error = %e, "could not record the blob's last use");
+            }
+        }
+        Some(Lease {
+            space: self.clone(),
+            digest: *digest,
+        })
+    }
+
+    /// Records a stored manifest (so it goes when its content is evicted).
+    pub fn note_manifest(&self, digest: Digest, m: &crate::storage::StoredManifest) {
+        let refs = refs_of(m);
+        self.lock().manifests.insert(digest, refs);
+    }
+
+    /// Replaces the pinned set.
+    pub fn set_pinned(&self, pinned: HashSet<Digest>) {
+        self.lock().ledger.set_pinned(pinned);
+    }
+}
+
+/// One ingest's claim; dropped without [`Space::commit`], it gives everything back.
+pub struct ClaimGuard {
+    space: Arc<Space>,
+    claim: Option<Claim>,
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        if let Some(claim) = self.claim.take() {
+            let mut inner = self.space.lock();
+            let freed = inner.ledger.abort(claim);
+            if let Err(e) = self.space.delete_files(&freed) {
+                tracing::warn!(error = %e, "could not delete files of an abandoned ingest");
+            }
+        }
+    }
+}
+
+/// A response being served from a blob; the blob is not evicted until it is dropped.
+pub struct Lease {
+    space: Arc<Space>,
+    digest: Digest,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.space.lock().ledger.release(&self.digest);
+    }
+}
