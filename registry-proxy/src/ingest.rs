@@ -9,9 +9,9 @@
 //! Requests for a blob already being ingested wait for that ingest (single flight); the
 //! ingest runs in its own task, so a client that disconnects does not cancel it.
 
+use crate::ledger::FileKind;
 use crate::refusals::Refusals;
 use crate::routing::Route;
-use crate::ledger::FileKind;
 use crate::space::{Space, SpaceError};
 use crate::storage::{Storage, StorageError};
 use crate::upstream::{Upstream, UpstreamError};
@@ -299,7 +299,13 @@ fn chunk_blob(
         Ok(index) => {
             let encoded = index.encode();
             let idx = Digest::of(&encoded);
-            space.stage(&mut claim, &mut index_staging, FileKind::Index, idx, &encoded)?;
+            space.stage(
+                &mut claim,
+                &mut index_staging,
+                FileKind::Index,
+                idx,
+                &encoded,
+            )?;
             IndexState::Indexed {
                 digest: idx,
                 size: encoded.len() as u64,

@@ -406,9 +406,12 @@ mod tests {
         l.remove_blob(&d("c"));
         let freed = l.abort(c);
         assert_eq!((freed.chunks, freed.bytes), (vec![d("y")], 10));
-        assert_eq!(l.usage(), SpaceUse {
-            quota: Some(50),
-            ..SpaceUse::default()
-        });
+        assert_eq!(
+            l.usage(),
+            SpaceUse {
+                quota: Some(50),
+                ..SpaceUse::default()
+            }
+        );
     }
 }

@@ -9,17 +9,17 @@
 
 use crate::chunk_api::Authorized;
 use crate::errors::ProxyError;
+use crate::server::AppState;
+use crate::storage::StorageError;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use std::sync::Arc;
-use crate::server::AppState;
-use crate::storage::StorageError;
 use imgd_core::manifest::{Manifest, ManifestLimits};
 use imgd_core::store::Table;
 use imgd_core::Digest;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 /// What one pinned image holds.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,7 +40,11 @@ impl Table for Pins {
 
 /// Splits `NAME:TAG`, `NAME@DIGEST` (or `NAME`, meaning `:latest`).
 pub fn split_reference(image: &str) -> Result<(&str, &str), ProxyError> {
-    let bad = || ProxyError::BadRequest(format!("image reference {image:?}: expected NAME:TAG or NAME@DIGEST"));
+    let bad = || {
+        ProxyError::BadRequest(format!(
+            "image reference {image:?}: expected NAME:TAG or NAME@DIGEST"
+        ))
+    };
     let (name, reference) = match image.split_once('@') {
         Some((n, d)) => (n, d),
         None => {
@@ -145,7 +149,12 @@ pub async fn pin(state: &AppState, image: &str) -> Result<Pin, ProxyError> {
             return Err(e.into());
         }
     }
-    tracing::info!(image, manifests = pin.manifests.len(), blobs = pin.blobs.len(), "image pinned");
+    tracing::info!(
+        image,
+        manifests = pin.manifests.len(),
+        blobs = pin.blobs.len(),
+        "image pinned"
+    );
     Ok(pin)
 }
 

@@ -81,7 +81,11 @@ impl Refusals {
     }
 
     /// The live refusal of `digest`, if any; an expired one is deleted.
-    pub fn lookup(&self, storage: &Storage, digest: &Digest) -> Result<Option<Refusal>, StorageError> {
+    pub fn lookup(
+        &self,
+        storage: &Storage,
+        digest: &Digest,
+    ) -> Result<Option<Refusal>, StorageError> {
         let Some(refusal) = storage.meta.get::<Refused>(digest)? else {
             return Ok(None);
         };

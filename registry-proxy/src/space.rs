@@ -212,7 +212,9 @@ impl Space {
                     !gone.contains(m)
                         && !ledger.is_pinned(m)
                         && !refs.is_empty()
-                        && refs.iter().all(|r| gone.contains(r) || !inner.manifests.contains_key(r))
+                        && refs
+                            .iter()
+                            .all(|r| gone.contains(r) || !inner.manifests.contains_key(r))
                         && refs.iter().any(|r| gone.contains(r))
                 })
                 .map(|(m, _)| *m)
@@ -228,7 +230,9 @@ impl Space {
         batch
             .delete::<BlobIndexes>(&victim)
             .map_err(StorageError::from)?;
-        batch.delete::<LastUsed>(&victim).map_err(StorageError::from)?;
+        batch
+            .delete::<LastUsed>(&victim)
+            .map_err(StorageError::from)?;
         for m in &gone {
             batch.delete::<Manifests>(m).map_err(StorageError::from)?;
         }
@@ -307,9 +311,9 @@ impl Space {
                 return Ok(());
             }
         }
-        Err(SpaceError::Storage(StorageError::Store(StoreError::Missing(
-            digest,
-        ))))
+        Err(SpaceError::Storage(StorageError::Store(
+            StoreError::Missing(digest),
+        )))
     }
 
     /// Commits an ingest: the staged files go into place and the blob's records are
@@ -332,7 +336,9 @@ impl Space {
             }
             let now = now_ms();
             let mut batch = self.storage.meta.batch();
-            batch.put::<Blobs>(&list.blob, list).map_err(StorageError::from)?;
+            batch
+                .put::<Blobs>(&list.blob, list)
+                .map_err(StorageError::from)?;
             batch
                 .put::<BlobIndexes>(&list.blob, index)
                 .map_err(StorageError::from)?;
@@ -346,11 +352,13 @@ impl Space {
             Ok(())
         })();
         let freed = match written {
-            Ok(()) => {
-                inner
-                    .ledger
-                    .commit(claim, list.blob, &chunk_refs(list), index_ref(index), now_ms())
-            }
+            Ok(()) => inner.ledger.commit(
+                claim,
+                list.blob,
+                &chunk_refs(list),
+                index_ref(index),
+                now_ms(),
+            ),
             Err(e) => {
                 // Files may have been renamed into place: they have no record, so they
                 // are unreferenced and go at the next start.

@@ -328,14 +328,18 @@ fn a_refused_layer_is_downloaded_once_while_its_refusal_is_remembered() {
     .unwrap();
     let downloads = || relay.count("GET", &format!("/blobs/{d}"));
     let ask = |i: usize| {
-        let path = if i % 2 == 0 {
+        let path = if i.is_multiple_of(2) {
             format!("/v2/local/hostile-dotdot/blobs/{d}")
         } else {
             format!("/imgd/v1/indexes/{d}?repo=local/hostile-dotdot")
         };
         let r = proxy.get(&path, &[]).unwrap();
         let (code, message) = oci_error(&r);
-        assert_eq!((r.status, code.as_str()), (422, "BLOB_INVALID"), "{message}");
+        assert_eq!(
+            (r.status, code.as_str()),
+            (422, "BLOB_INVALID"),
+            "{message}"
+        );
         assert!(
             message.contains("refused") && message.contains("'..' components are not allowed"),
             "{message}"
