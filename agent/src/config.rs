@@ -69,6 +69,13 @@ threads = 4
 # recorded as the image's startup trace, in seconds. The trace is also stored at umount.
 trace_secs = 30
 
+[snapshotter]
+# Serve containerd's snapshots API (a proxy snapshotter, `[proxy_plugins.imgd]`) on a
+# unix socket; `imgctl configure containerd --snapshotter` points containerd at it.
+enabled = true
+# Its socket. Empty: `snapshotter.sock` next to `socket` (/run/imgd/snapshotter.sock).
+socket = ""
+
 [fetch]
 # Time limit for one chunk from a peer before trying another source, in milliseconds.
 peer_timeout_ms = 3000
@@ -99,6 +106,24 @@ pub struct AgentConfig {
     pub swarm: SwarmConfig,
     pub fetch: FetchConfig,
     pub mount: MountConfig,
+    pub snapshotter: SnapshotterConfig,
+}
+
+/// containerd snapshotter settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotterConfig {
+    pub enabled: bool,
+    pub socket: Option<PathBuf>,
+}
+
+impl Default for SnapshotterConfig {
+    fn default() -> Self {
+        SnapshotterConfig {
+            enabled: true,
+            socket: None,
+        }
+    }
 }
 
 /// Lazy mount settings.
@@ -169,6 +194,7 @@ impl Default for AgentConfig {
             swarm: SwarmConfig::default(),
             fetch: FetchConfig::default(),
             mount: MountConfig::default(),
+            snapshotter: SnapshotterConfig::default(),
         }
     }
 }
@@ -217,6 +243,19 @@ impl FetchConfig {
 pub const DEV_SWARM_KEY: [u8; 32] = *b"imgd-development-swarm-key-v1!!!";
 
 impl AgentConfig {
+    /// Where the snapshotter listens: `snapshotter.socket`, or `snapshotter.sock` next to
+    /// the local API's socket.
+    pub fn snapshotter_socket(&self) -> PathBuf {
+        match &self.snapshotter.socket {
+            Some(p) if !p.as_os_str().is_empty() => p.clone(),
+            _ => self
+                .socket
+                .parent()
+                .unwrap_or(Path::new("/run/imgd"))
+                .join("snapshotter.sock"),
+        }
+    }
+
     /// Reads a TOML file.
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
         imgd_core::config_file::load_toml(path)

@@ -6,6 +6,7 @@
 //! - [`peers`]: known peers and their penalties.
 //! - [`fetch`]: the fetch policy: cache, then peers, then the proxy.
 //! - [`proxy_client`], [`image`]: talking to imgd-proxy and resolving images.
+//! - [`snapshotter`]: the containerd proxy snapshotter serving lazy mounts to containers.
 //! - [`api`]: the local API for `imgctl`; [`mirror`]: the registry mirror endpoint,
 //!   which also serves [`metrics`], `/healthz` and `/readyz`.
 
@@ -26,3 +27,21 @@ pub mod peers;
 pub mod proxy_client;
 pub mod startup;
 pub mod swarm;
+pub mod snapshotter;
+
+/// Code generated from `proto/` (containerd's API).
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    pub mod containerd {
+        pub mod types {
+            tonic::include_proto!("containerd.types");
+        }
+        pub mod services {
+            pub mod snapshots {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.snapshots.v1");
+                }
+            }
+        }
+    }
+}

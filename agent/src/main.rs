@@ -102,6 +102,9 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mirror = tokio::net::TcpListener::bind(mirror_listen)
         .await
         .with_context(|| format!("binding mirror {mirror_listen}"))?;
+    if agent.config.snapshotter.enabled {
+        start_snapshotter(agent.clone()).await?;
+    }
     tracing::info!(node = agent.node_id, socket = %socket.display(), mirror = %mirror_listen, "imgd ready");
     let api_server = axum::serve(api, imgd_agent::api::router(agent.clone()));
     let mirror_server = axum::serve(mirror, imgd_agent::mirror::router(agent.clone()));
@@ -112,5 +115,32 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }
     let _ = agent.fetcher.cache.flush_access();
     let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+/// Opens the containerd snapshotter and serves it on its socket in the background.
+async fn start_snapshotter(agent: std::sync::Arc<imgd_agent::agent::Agent>) -> anyhow::Result<()> {
+    use imgd_agent::snapshotter::{grpc, Snapshotter};
+    let socket = agent.config.snapshotter_socket();
+    let root = agent.config.data_dir.join("snapshotter");
+    let snapshotter = std::sync::Arc::new(
+        Snapshotter::open(agent, &root).context("opening the snapshotter")?,
+    );
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&socket);
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("binding {}", socket.display()))?;
+    std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o660))
+        .with_context(|| format!("restricting {}", socket.display()))?;
+    let restoring = snapshotter.clone();
+    tokio::spawn(async move { restoring.restore().await });
+    tracing::info!(socket = %socket.display(), "containerd snapshotter ready");
+    tokio::spawn(async move {
+        if let Err(e) = grpc::serve(snapshotter, listener).await {
+            tracing::error!(error = %e, "snapshotter stopped");
+        }
+    });
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! A private containerd for tests: Debian's `containerd` (1.6) with its own config file,
-//! root, state directory and socket in a temporary directory, the CRI plugin disabled.
-//! `ctr` talks to it through [`Containerd::ctr`] in the namespace `imgd-test`.
+//! root, state directory and socket in a temporary directory. By default the CRI plugin is
+//! disabled; [`ContainerdOptions`] can add imgd as a proxy snapshotter and enable CRI (with
+//! a sandbox image, registry hosts and a snapshotter). `ctr` talks to it through
+//! [`Containerd::ctr`] in the namespace `imgd-test`; CRI uses `k8s.io`.
 //!
 //! On drop, every task it still runs is killed through `ctr`, the shims and container
 //! processes left are killed by the PIDs containerd recorded for them, then containerd
@@ -17,6 +19,90 @@ use tempfile::TempDir;
 /// The containerd namespace the tests use.
 pub const NAMESPACE: &str = "imgd-test";
 
+/// The CRI plugin's settings.
+#[derive(Clone, Debug)]
+pub struct CriOptions {
+    /// The pod sandbox ("pause") image, pullable from a local registry.
+    pub sandbox_image: String,
+    /// containerd's registry hosts directory (`certs.d`, one `hosts.toml` per host).
+    pub hosts_dir: PathBuf,
+    /// The snapshotter CRI pulls and runs with (e.g. `imgd` or `overlayfs`).
+    pub snapshotter: String,
+}
+
+/// What the private containerd runs beyond its defaults.
+#[derive(Clone, Debug, Default)]
+pub struct ContainerdOptions {
+    /// Loads imgd's snapshotter at this socket as the proxy plugin `imgd`.
+    pub imgd_snapshotter: Option<PathBuf>,
+    /// Enables the CRI plugin.
+    pub cri: Option<CriOptions>,
+}
+
+/// The containerd config for `opts` with everything under `dir`.
+fn config_text(dir: &Path, socket: &Path, opts: &ContainerdOptions) -> Result<String> {
+    let mut disabled = vec![
+        "io.containerd.snapshotter.v1.btrfs",
+        "io.containerd.snapshotter.v1.zfs",
+        "io.containerd.snapshotter.v1.devmapper",
+        "io.containerd.snapshotter.v1.aufs",
+        "io.containerd.internal.v1.tracing",
+        "io.containerd.tracing.processor.v1.otlp",
+    ];
+    if opts.cri.is_none() {
+        disabled.push("io.containerd.grpc.v1.cri");
+    }
+    let mut text = format!(
+        "version = 2\n\
+         root = {root:?}\n\
+         state = {state:?}\n\
+         disabled_plugins = {disabled:?}\n\
+         [grpc]\n  address = {sock:?}\n\
+         [ttrpc]\n  address = {ttrpc:?}\n\
+         [debug]\n  address = \"\"\n\
+         [metrics]\n  address = \"\"\n",
+        root = dir.join("root"),
+        state = dir.join("state"),
+        sock = socket,
+        ttrpc = dir.join("containerd.sock.ttrpc"),
+    );
+    if let Some(sock) = &opts.imgd_snapshotter {
+        text += &format!(
+            "[proxy_plugins]\n  [proxy_plugins.imgd]\n    type = \"snapshot\"\n    address = {sock:?}\n"
+        );
+    }
+    if let Some(cri) = &opts.cri {
+        let cni = dir.join("cni");
+        std::fs::create_dir_all(cni.join("bin"))?;
+        std::fs::create_dir_all(cni.join("conf"))?;
+        let stream_port = crate::process::free_port()?;
+        text += &format!(
+            "[plugins.\"io.containerd.grpc.v1.cri\"]\n\
+             sandbox_image = {sandbox:?}\n\
+             stream_server_address = \"127.0.0.1\"\n\
+             stream_server_port = \"{stream_port}\"\n\
+             disable_apparmor = true\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n\
+             snapshotter = {snap:?}\n\
+             disable_snapshot_annotations = false\n\
+             default_runtime_name = \"runc\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n\
+             runtime_type = \"io.containerd.runc.v2\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".cni]\n\
+             bin_dir = {bin:?}\n\
+             conf_dir = {conf:?}\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".registry]\n\
+             config_path = {hosts:?}\n",
+            sandbox = cri.sandbox_image,
+            snap = cri.snapshotter,
+            bin = cni.join("bin"),
+            conf = cni.join("conf"),
+            hosts = cri.hosts_dir,
+        );
+    }
+    Ok(text)
+}
+
 /// A running private containerd.
 pub struct Containerd {
     guard: ChildGuard,
@@ -25,27 +111,16 @@ pub struct Containerd {
 }
 
 impl Containerd {
-    /// Starts containerd and waits until `ctr version` reaches it.
+    /// Starts containerd with its defaults and waits until `ctr version` reaches it.
     pub fn start() -> Result<Containerd> {
+        Containerd::start_with(&ContainerdOptions::default())
+    }
+
+    /// Starts containerd with `opts` and waits until `ctr version` reaches it.
+    pub fn start_with(opts: &ContainerdOptions) -> Result<Containerd> {
         let dir = tempfile::Builder::new().prefix("imgd-ctrd-").tempdir()?;
         let socket = dir.path().join("containerd.sock");
-        let config = format!(
-            "version = 2\n\
-             root = {root:?}\n\
-             state = {state:?}\n\
-             disabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.snapshotter.v1.btrfs\", \
-             \"io.containerd.snapshotter.v1.zfs\", \"io.containerd.snapshotter.v1.devmapper\", \
-             \"io.containerd.snapshotter.v1.aufs\", \"io.containerd.internal.v1.tracing\", \
-             \"io.containerd.tracing.processor.v1.otlp\"]\n\
-             [grpc]\n  address = {sock:?}\n\
-             [ttrpc]\n  address = {ttrpc:?}\n\
-             [debug]\n  address = \"\"\n\
-             [metrics]\n  address = \"\"\n",
-            root = dir.path().join("root"),
-            state = dir.path().join("state"),
-            sock = socket,
-            ttrpc = dir.path().join("containerd.sock.ttrpc"),
-        );
+        let config = config_text(dir.path(), &socket, opts)?;
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config)?;
         let log = std::fs::File::create(dir.path().join("containerd.log"))?;
@@ -92,6 +167,11 @@ impl Containerd {
             .with_context(|| format!("containerd log:\n{}", self.log()))
     }
 
+    /// The root directory (content store, metadata, snapshotters' data).
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
     /// The API socket.
     pub fn socket(&self) -> &Path {
         &self.socket
@@ -104,13 +184,11 @@ impl Containerd {
 
     /// PIDs of shims and container processes containerd recorded in its state directory.
     fn recorded_pids(&self) -> Vec<u32> {
-        let tasks = self
-            .dir
-            .path()
-            .join("state/io.containerd.runtime.v2.task")
-            .join(NAMESPACE);
+        let tasks = self.dir.path().join("state/io.containerd.runtime.v2.task");
         let mut pids = Vec::new();
-        for entry in std::fs::read_dir(tasks).into_iter().flatten().flatten() {
+        let namespaces = std::fs::read_dir(tasks).into_iter().flatten().flatten();
+        let task_dirs = namespaces.flat_map(|ns| std::fs::read_dir(ns.path()).into_iter().flatten().flatten());
+        for entry in task_dirs {
             for name in ["init.pid", "shim.pid"] {
                 if let Some(pid) = std::fs::read_to_string(entry.path().join(name))
                     .ok()

@@ -11,12 +11,14 @@
 //! - [`pull`]: pulling an image over `/v2/` and verifying every manifest, blob and diff_id.
 //! - [`umoci`]: unpacking layouts with `umoci`, a reference for layer application.
 //! - [`media_types`]: the OCI and Docker media type strings.
-//! - [`containerd`], [`podman`]: private instances of the container engines.
+//! - [`containerd`], [`podman`]: private instances of the container engines; [`cri`]: a
+//!   CRI client for containerd's CRI plugin.
 //! - [`fault_relay`]: a fault-injecting, request-recording relay (and static server).
 //! - [`token_auth`]: a registry token-auth front with expiring tokens.
 //! - [`lan_setup`]: a registry with a big image, a LAN of namespace hosts and a proxy on it.
 
 pub mod containerd;
+pub mod cri;
 pub mod daemons;
 pub mod fault_relay;
 pub mod guards;

@@ -101,6 +101,11 @@ impl ChunkCache {
         Ok(cache)
     }
 
+    /// The agent's metadata database, for tables of other components (the snapshotter's).
+    pub fn meta(&self) -> &MetaDb {
+        &self.meta
+    }
+
     /// The cache directory.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -89,8 +89,15 @@ impl Table for Pins {
     type Value = PinRecord;
 }
 
-/// Column families of the cache's metadata database.
-pub(crate) const TABLES: [&str; 4] = [Chunks::NAME, Blobs::NAME, Images::NAME, Pins::NAME];
+/// Column families of the agent's metadata database: the cache's, and the snapshotter's
+/// (which shares the database, see [`ChunkCache::meta`](super::ChunkCache::meta)).
+pub(crate) const TABLES: [&str; 5] = [
+    Chunks::NAME,
+    Blobs::NAME,
+    Images::NAME,
+    Pins::NAME,
+    crate::snapshotter::records::Snapshots::NAME,
+];
 
 /// Current unix time in seconds (0 if the clock is before 1970).
 pub(crate) fn unix_now() -> u64 {
