@@ -25,9 +25,9 @@ pub mod mirror;
 pub mod mounts;
 pub mod peers;
 pub mod proxy_client;
+pub mod snapshotter;
 pub mod startup;
 pub mod swarm;
-pub mod snapshotter;
 
 /// Code generated from `proto/` (containerd's API).
 #[allow(clippy::all, missing_docs)]

@@ -123,9 +123,8 @@ async fn start_snapshotter(agent: std::sync::Arc<imgd_agent::agent::Agent>) -> a
     use imgd_agent::snapshotter::{grpc, Snapshotter};
     let socket = agent.config.snapshotter_socket();
     let root = agent.config.data_dir.join("snapshotter");
-    let snapshotter = std::sync::Arc::new(
-        Snapshotter::open(agent, &root).context("opening the snapshotter")?,
-    );
+    let snapshotter =
+        std::sync::Arc::new(Snapshotter::open(agent, &root).context("opening the snapshotter")?);
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

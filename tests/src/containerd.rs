@@ -187,7 +187,8 @@ impl Containerd {
         let tasks = self.dir.path().join("state/io.containerd.runtime.v2.task");
         let mut pids = Vec::new();
         let namespaces = std::fs::read_dir(tasks).into_iter().flatten().flatten();
-        let task_dirs = namespaces.flat_map(|ns| std::fs::read_dir(ns.path()).into_iter().flatten().flatten());
+        let task_dirs =
+            namespaces.flat_map(|ns| std::fs::read_dir(ns.path()).into_iter().flatten().flatten());
         for entry in task_dirs {
             for name in ["init.pid", "shim.pid"] {
                 if let Some(pid) = std::fs::read_to_string(entry.path().join(name))

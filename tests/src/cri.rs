@@ -99,7 +99,13 @@ impl Cri {
 
     /// RunPodSandbox (host network, pid and ipc: no CNI), then CreateContainer and
     /// StartContainer of `image` running `command`, logging under `log_dir`.
-    pub fn run_pod(&mut self, name: &str, image: &str, command: &[&str], log_dir: &Path) -> Result<Pod> {
+    pub fn run_pod(
+        &mut self,
+        name: &str,
+        image: &str,
+        command: &[&str],
+        log_dir: &Path,
+    ) -> Result<Pod> {
         let node = pb::NamespaceOption {
             network: pb::NamespaceMode::Node as i32,
             pid: pb::NamespaceMode::Container as i32,
@@ -216,9 +222,12 @@ impl Cri {
         rt.block_on(self.runtime.stop_pod_sandbox(pb::StopPodSandboxRequest {
             pod_sandbox_id: pod.sandbox_id.clone(),
         }))?;
-        rt.block_on(self.runtime.remove_pod_sandbox(pb::RemovePodSandboxRequest {
-            pod_sandbox_id: pod.sandbox_id.clone(),
-        }))?;
+        rt.block_on(
+            self.runtime
+                .remove_pod_sandbox(pb::RemovePodSandboxRequest {
+                    pod_sandbox_id: pod.sandbox_id.clone(),
+                }),
+        )?;
         Ok(())
     }
 }

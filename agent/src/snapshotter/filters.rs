@@ -147,7 +147,11 @@ impl Parser {
         while self.peek().is_some_and(|c| c != ',') {
             self.pos += 1;
         }
-        Ok(self.chars[start..self.pos].iter().collect::<String>().trim_end().to_string())
+        Ok(self.chars[start..self.pos]
+            .iter()
+            .collect::<String>()
+            .trim_end()
+            .to_string())
     }
 
     /// A string in `"..."` (with `\` escapes), `'...'` or `` `...` ``.

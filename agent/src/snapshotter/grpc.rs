@@ -54,7 +54,10 @@ fn info(name: String, r: SnapshotRecord) -> pb::Info {
 
 /// Logs a failure (but the `AlreadyExists` containerd asks for) and converts it.
 fn status(op: &str, key: &str, e: SnapshotError) -> Status {
-    if !matches!(e, SnapshotError::AlreadyExists(_) | SnapshotError::NotFound(_)) {
+    if !matches!(
+        e,
+        SnapshotError::AlreadyExists(_) | SnapshotError::NotFound(_)
+    ) {
         tracing::warn!(op, key, error = %e, "snapshot operation failed");
     }
     e.into()
@@ -109,7 +112,10 @@ impl pb::snapshots_server::Snapshots for SnapshotsService {
         }))
     }
 
-    async fn commit(&self, req: Request<pb::CommitSnapshotRequest>) -> Result<Response<()>, Status> {
+    async fn commit(
+        &self,
+        req: Request<pb::CommitSnapshotRequest>,
+    ) -> Result<Response<()>, Status> {
         let r = req.into_inner();
         self.0
             .commit(&r.name, &r.key, r.labels)
@@ -118,7 +124,10 @@ impl pb::snapshots_server::Snapshots for SnapshotsService {
         Ok(Response::new(()))
     }
 
-    async fn remove(&self, req: Request<pb::RemoveSnapshotRequest>) -> Result<Response<()>, Status> {
+    async fn remove(
+        &self,
+        req: Request<pb::RemoveSnapshotRequest>,
+    ) -> Result<Response<()>, Status> {
         let r = req.into_inner();
         self.0
             .remove(&r.key)
@@ -209,10 +218,9 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     tonic::transport::Server::builder()
-        .add_service(pb::snapshots_server::SnapshotsServer::new(SnapshotsService(
-            snapshotter,
-        )))
+        .add_service(pb::snapshots_server::SnapshotsServer::new(
+            SnapshotsService(snapshotter),
+        ))
         .serve_with_incoming(incoming)
         .await
 }
-

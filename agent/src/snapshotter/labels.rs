@@ -135,7 +135,11 @@ mod tests {
         assert_eq!(layer_request(&stargz), Some(Ok(want)));
         assert_eq!(layer_request(&labels(&[(TARGET, "sha256:chain")])), None);
         assert_eq!(layer_request(&labels(&[(CRI_LAYER, &d.to_string())])), None);
-        let bad = labels(&[(TARGET, "t"), (CRI_IMAGE, "a/b:1"), (CRI_LAYER, "sha256:zz")]);
+        let bad = labels(&[
+            (TARGET, "t"),
+            (CRI_IMAGE, "a/b:1"),
+            (CRI_LAYER, "sha256:zz"),
+        ]);
         assert!(matches!(layer_request(&bad), Some(Err(_))));
     }
 

@@ -62,9 +62,14 @@ mod tests {
         assert_eq!(m[0].kind, "overlay");
         assert!(m[0].options.contains(&"upperdir=/s/1/fs".to_string()));
         assert!(m[0].options.contains(&"workdir=/s/1/work".to_string()));
-        assert!(m[0].options.contains(&"lowerdir=/s/2/fs:/v/chain".to_string()));
+        assert!(m[0]
+            .options
+            .contains(&"lowerdir=/s/2/fs:/v/chain".to_string()));
         let m = mounts(Kind::View, fs, work, &lowers[1..]);
-        assert_eq!((m[0].kind.as_str(), m[0].source.as_str()), ("bind", "/v/chain"));
+        assert_eq!(
+            (m[0].kind.as_str(), m[0].source.as_str()),
+            ("bind", "/v/chain")
+        );
         assert_eq!(m[0].options, vec!["ro", "rbind"]);
         let m = mounts(Kind::View, fs, work, &lowers);
         assert!(!m[0].options.iter().any(|o| o.starts_with("upperdir")));

@@ -73,7 +73,9 @@ impl Snapshotter {
                 }
                 Err(Err(e)) => return Err(e),
             },
-            Some(Err(why)) => tracing::warn!(key, reason = %why, "layer labels unusable: full path"),
+            Some(Err(why)) => {
+                tracing::warn!(key, reason = %why, "layer labels unusable: full path")
+            }
             None => {}
         }
         self.create(key, parent, Kind::Active, passed).await
@@ -156,7 +158,10 @@ impl Snapshotter {
     }
 
     /// The mounts of an active or view snapshot, mounting its chain's view if needed.
-    async fn mounts_of(&self, record: &SnapshotRecord) -> Result<Vec<ContainerdMount>, SnapshotError> {
+    async fn mounts_of(
+        &self,
+        record: &SnapshotRecord,
+    ) -> Result<Vec<ContainerdMount>, SnapshotError> {
         let store = self.store.clone();
         let parent = record.parent.clone();
         let lowers = blocking(move || store.lowers(parent.as_deref())).await?;

@@ -123,7 +123,8 @@ impl SnapshotStore {
         self.check_parent(parent)?;
         let id = *next;
         let fs = self.fs_dir(id);
-        std::fs::create_dir_all(&fs).map_err(SnapshotError::io(format!("creating {}", fs.display())))?;
+        std::fs::create_dir_all(&fs)
+            .map_err(SnapshotError::io(format!("creating {}", fs.display())))?;
         if kind == Kind::Active {
             let work = self.work_dir(id);
             std::fs::create_dir_all(&work)
