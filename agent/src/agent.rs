@@ -31,6 +31,8 @@ pub struct Agent {
     pub fetcher: Arc<Fetcher>,
     pub peers: Arc<PeerSet>,
     pub mounts: crate::mounts::Mounts,
+    /// Layer indexes fetched before, on local disk.
+    pub indexes: Arc<crate::layer_indexes::LayerIndexes>,
     /// Where the chunk data plane listens (the bound address, so a `:0` port is real).
     pub data_addr: Option<std::net::SocketAddr>,
 }
@@ -155,7 +157,10 @@ pub async fn start(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
             }
         });
     }
+    let indexes = crate::layer_indexes::LayerIndexes::open(&config.data_dir.join("indexes"))
+        .map_err(|e| start_err("opening the layer index store", &e))?;
     Ok(Arc::new(Agent {
+        indexes: Arc::new(indexes),
         config,
         node_id,
         fetcher,

@@ -20,6 +20,7 @@ pub mod engine_config;
 pub mod fetch;
 pub mod identity;
 pub mod image;
+pub mod layer_indexes;
 pub mod metrics;
 pub mod mirror;
 pub mod mounts;

@@ -6,7 +6,6 @@ use crate::fetch::Fetcher;
 use crate::proxy_client::Repo;
 use crate::startup::{self, TraceRecorder};
 use bytes::Bytes;
-use imgd_core::index::LayerIndex;
 use imgd_core::{ChunkList, Digest};
 use imgd_fuse::fs::{BlobSource, ImageFs, MountStats};
 use imgd_fuse::view::{ImageView, ViewLimits};
@@ -180,14 +179,12 @@ pub async fn prepare_view(
     let mut indexes = Vec::new();
     for layer in layers {
         lists.push(fetcher.chunk_list(repo, layer).await?);
-        let bytes = fetcher
-            .proxy
-            .index(repo, layer)
+        let index = agent
+            .indexes
+            .get_or_fetch(&fetcher.proxy, repo, layer)
             .await
-            .map_err(|e| fail(format!("index of layer {layer}: {e}")))?;
-        let index =
-            LayerIndex::decode(&bytes).map_err(|e| fail(format!("index of layer {layer}: {e}")))?;
-        if index.layer != *layer || !index.random_access {
+            .map_err(|e| fail(e.to_string()))?;
+        if !index.random_access {
             return Err(fail(format!("layer {layer} has no random-access index")));
         }
         indexes.push(index);

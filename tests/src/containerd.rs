@@ -71,6 +71,8 @@ fn config_text(dir: &Path, socket: &Path, opts: &ContainerdOptions) -> Result<St
             "[proxy_plugins]\n  [proxy_plugins.imgd]\n    type = \"snapshot\"\n    address = {sock:?}\n"
         );
     }
+    // This machine has no CAP_SYS_RESOURCE, so the sandbox's default oom_score_adj of -998
+    // cannot be set: CRI clamps it to containerd's own with restrict_oom_score_adj.
     if let Some(cri) = &opts.cri {
         let cni = dir.join("cni");
         std::fs::create_dir_all(cni.join("bin"))?;
@@ -82,6 +84,7 @@ fn config_text(dir: &Path, socket: &Path, opts: &ContainerdOptions) -> Result<St
              stream_server_address = \"127.0.0.1\"\n\
              stream_server_port = \"{stream_port}\"\n\
              disable_apparmor = true\n\
+             restrict_oom_score_adj = true\n\
              [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n\
              snapshotter = {snap:?}\n\
              disable_snapshot_annotations = false\n\

@@ -118,7 +118,7 @@ impl Cri {
                 namespace: "imgd-test".into(),
                 attempt: 0,
             }),
-            hostname: name.into(),
+            // Host network: the sandbox has no UTS namespace of its own to name.
             log_directory: log_dir.display().to_string(),
             linux: Some(pb::LinuxPodSandboxConfig {
                 cgroup_parent: String::new(),

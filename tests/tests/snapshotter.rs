@@ -265,18 +265,20 @@ fn cri_starts_a_pod_from_the_lazy_view_and_a_zstd_image_takes_the_full_path() {
     let (_, pause) = s.push(pause_image(), "pause:1");
     // The same kind of image with zstd layers: the proxy cannot index them (yet).
     let zstd_greeting = "hello from a zstd image";
-    let zstd_layout = imgd_tests::image::build_layout(
-        &s.tmp.path().join("img-zstd"),
+    let built = imgd_tests::image::build_layout(
+        &s.tmp.path().join("img-zstd-src"),
         &[app_image(zstd_greeting)],
     )
     .unwrap();
-    skopeo::push_layout_with(
-        &zstd_layout.dir,
+    let zstd_dir = s.tmp.path().join("img-zstd");
+    let src = built.image("app").unwrap();
+    imgd_tests::image::zstd_copy(&built, src, &zstd_dir, "app").unwrap();
+    skopeo::push_layout(
+        &zstd_dir,
         "app",
         &s.reg.docker_ref("zstd:1"),
-        Format::Oci,
+        Format::OciExact,
         false,
-        &["--dest-compress-format", "zstd", "--dest-compress"],
     )
     .unwrap();
     let zstd_reference = format!("{}/local/zstd:1", s.proxy.addr());

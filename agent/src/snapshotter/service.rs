@@ -10,7 +10,6 @@ use super::store::{Lower, SnapshotStore};
 use super::views::Views;
 use crate::agent::Agent;
 use crate::proxy_client::Repo;
-use imgd_core::wire::IndexState;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -134,14 +133,20 @@ impl Snapshotter {
             name: route.name.clone(),
             ns: route.ns.clone(),
         };
-        match self.agent.fetcher.proxy.blob_info(&repo, &req.layer).await {
-            Ok(info) => match info.index {
-                IndexState::Indexed { .. } => {}
-                IndexState::Unavailable { reason } => {
-                    return full(format!("the proxy has no index of the layer: {reason}"))
-                }
-            },
-            Err(e) => return full(format!("the proxy could not describe the layer: {e}")),
+        let agent = &self.agent;
+        match agent
+            .indexes
+            .get_or_fetch(&agent.fetcher.proxy, &repo, &req.layer)
+            .await
+        {
+            Ok(index) if index.random_access => {}
+            Ok(index) => {
+                return full(format!(
+                    "{:?} layers are not randomly readable yet",
+                    index.compression
+                ))
+            }
+            Err(e) => return full(e.to_string()),
         }
         let remote = RemoteLayer {
             layer: req.layer,

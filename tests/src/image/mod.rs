@@ -11,12 +11,14 @@ mod layer;
 mod layout;
 pub mod merge_cases;
 pub mod presets;
+mod zstd_copy;
 
 pub use content::{Content, SplitMix64};
 pub use layer::{write_layer_tar, LayerInfo};
 pub use layout::{
     build_index_layout, build_layout, BlobInfo, ImageInfo, IndexInfo, LayoutInfo, LayoutWriter,
 };
+pub use zstd_copy::{zstd_copy, OCI_LAYER_ZSTD};
 
 /// The mtime of entries unless set otherwise (2023-11-14T22:13:20Z).
 pub const DEFAULT_MTIME: u64 = 1_700_000_000;

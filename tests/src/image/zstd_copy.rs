@@ -1,0 +1,86 @@
+//! A zstd copy of a built image: every layer decompressed and compressed again with the
+//! `zstd` CLI, as `application/vnd.oci.image.layer.v1.tar+zstd`. The config (diff_ids of
+//! the uncompressed tars) is unchanged, so the copy's rootfs is the original's.
+
+use super::{ImageInfo, LayoutInfo};
+use crate::media_types;
+use anyhow::{bail, Context, Result};
+use imgd_core::Digest;
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// Media type of a zstd OCI layer.
+pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+
+/// Writes an OCI layout at `dst` holding `image` of `layout` with zstd layers, named `name`.
+pub fn zstd_copy(layout: &LayoutInfo, image: &ImageInfo, dst: &Path, name: &str) -> Result<()> {
+    let blobs = dst.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs)?;
+    std::fs::write(dst.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let put = |bytes: &[u8]| -> Result<(Digest, u64)> {
+        let d = Digest::of(bytes);
+        std::fs::write(blobs.join(d.hex()), bytes)?;
+        Ok((d, bytes.len() as u64))
+    };
+    let mut manifest: Value =
+        serde_json::from_slice(&std::fs::read(layout.blob_path(&image.manifest.digest))?)?;
+    put(&std::fs::read(layout.blob_path(&image.config.digest))?)?;
+    let layers = manifest["layers"]
+        .as_array_mut()
+        .context("manifest without layers")?;
+    for layer in layers.iter_mut() {
+        let digest: Digest = layer["digest"]
+            .as_str()
+            .context("layer without digest")?
+            .parse()
+            .map_err(|e| anyhow::anyhow!("layer digest: {e:?}"))?;
+        let blob = std::fs::read(layout.blob_path(&digest))?;
+        let tar = match layer["mediaType"].as_str() {
+            Some(media_types::OCI_LAYER_GZIP) => {
+                let mut out = Vec::new();
+                flate2::read::GzDecoder::new(&blob[..]).read_to_end(&mut out)?;
+                out
+            }
+            Some(media_types::OCI_LAYER_TAR) => blob,
+            other => bail!("cannot recompress a layer of type {other:?}"),
+        };
+        let (d, size) = put(&zstd(&tar)?)?;
+        *layer = json!({"mediaType": OCI_LAYER_ZSTD, "digest": d.to_string(), "size": size});
+    }
+    let bytes = serde_json::to_vec(&manifest)?;
+    let (d, size) = put(&bytes)?;
+    let index = json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": media_types::OCI_MANIFEST,
+            "digest": d.to_string(),
+            "size": size,
+            "annotations": {"org.opencontainers.image.ref.name": name},
+        }],
+    });
+    std::fs::write(dst.join("index.json"), serde_json::to_vec(&index)?)?;
+    Ok(())
+}
+
+/// `zstd -q -c` of `data`.
+fn zstd(data: &[u8]) -> Result<Vec<u8>> {
+    let mut child = Command::new("zstd")
+        .args(["-q", "-c", "-3"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running zstd (Debian's zstd, see .ci/setup)")?;
+    let mut stdin = child.stdin.take().context("zstd stdin")?;
+    let input = data.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let out = child.wait_with_output()?;
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("zstd writer panicked"))??;
+    if !out.status.success() {
+        bail!("zstd failed: {}", out.status);
+    }
+    Ok(out.stdout)
+}
