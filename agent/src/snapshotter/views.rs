@@ -78,7 +78,7 @@ impl Views {
         if agent.mounts.is_mounted(&dir) {
             agent
                 .mounts
-                .umount_async(agent, &dir)
+                .umount(agent, &dir)
                 .await
                 .map_err(|e| SnapshotError::View(format!("unmounting the view of {top}: {e}")))?;
             tracing::info!(chain = top, dir = %dir.display(), "lazy view unmounted");
