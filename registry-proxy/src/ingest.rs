@@ -1,14 +1,17 @@
 //! Pulling a blob from upstream into storage: verify, chunk, index, commit.
 //!
-//! One pass over the stream feeds two workers on blocking threads: the chunker (sha256 of
-//! the blob and of each 4 MiB chunk, chunks staged to synced temp files) and the index
-//! builder (inflate with checkpoints, tar scan). Only when the whole blob hashes to its
-//! digest are the chunks renamed into the store and the chunk list and index committed in
-//! one metadata batch. On any failure the staged files are deleted: nothing is kept.
+//! One pass over the stream feeds two workers on blocking threads: the spool (sha256 of
+//! the blob and of each 4 MiB chunk, chunks written to synced temp files as they arrive,
+//! [`crate::spool`]) and the index builder (inflate with checkpoints, tar scan). Only when
+//! the whole blob hashes to its digest are the chunks renamed into the store and the chunk
+//! list and index committed in one metadata batch. On any failure the temp files are
+//! deleted: nothing is kept.
 //!
-//! Requests for a blob already being ingested wait for that ingest (single flight); the
-//! ingest runs in its own task, so a client that disconnects does not cancel it.
+//! Every uncached blob has one [`Flight`] (single flight): clients read it while it
+//! arrives ([`crate::flight`]) or wait for its end. It runs in its own task, so clients
+//! that disconnect do not cancel it.
 
+use crate::flight::{Flight, FlightState};
 use crate::ledger::FileKind;
 use crate::refusals::Refusals;
 use crate::routing::Route;
@@ -21,7 +24,7 @@ use futures::StreamExt;
 use imgd_core::index::{IndexBuilder, IndexError, IndexOptions, LayerIndex};
 use imgd_core::store::StoreError;
 use imgd_core::wire::IndexState;
-use imgd_core::{ChunkList, Chunker, Digest};
+use imgd_core::{ChunkList, Digest};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -62,19 +65,27 @@ impl From<StoreError> for IngestError {
 /// closed without `None` means the stream failed and the indexer must discard its work.
 type Feed = mpsc::Receiver<Option<Bytes>>;
 
+/// What [`Ingestor::open`] found: the stored blob, or its flight.
+pub enum Opened {
+    Stored(ChunkList),
+    Flight(Arc<Flight>),
+}
+
+type Flights = Arc<Mutex<HashMap<Digest, Arc<Flight>>>>;
+
 /// Runs ingests with single flight per blob digest.
 pub struct Ingestor {
     storage: Arc<Storage>,
     space: Arc<Space>,
     stats: Arc<Stats>,
     index_options: IndexOptions,
-    refusals: Refusals,
-    inflight: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    refusals: Arc<Refusals>,
+    flights: Flights,
 }
 
 impl Ingestor {
-    /// An ingestor writing into the storage of `space`, indexing layers with `index_options` and
-    /// remembering refused layers in `refusals`.
+    /// An ingestor writing into the storage of `space`, indexing layers with
+    /// `index_options` and remembering refused layers in `refusals`.
     pub fn new(
         space: Arc<Space>,
         stats: Arc<Stats>,
@@ -86,226 +97,231 @@ impl Ingestor {
             space,
             stats,
             index_options,
-            refusals,
-            inflight: Mutex::new(HashMap::new()),
+            refusals: Arc::new(refusals),
+            flights: Arc::default(),
         }
     }
 
     /// The chunk list of `digest`, ingesting it from the route's upstream first if it is
-    /// not stored. An ingest records the route in [`Access`]; a caller served a blob that
-    /// was already stored (or that another route's ingest stored) authorizes it itself.
+    /// not stored (waiting for the whole ingest). An ingest records the route in
+    /// [`crate::storage::Access`]; a caller served a blob that was already stored (or
+    /// that another route's ingest stored) authorizes it itself.
     pub async fn ensure(
         &self,
         route: &Route,
         digest: Digest,
     ) -> Result<ChunkList, Arc<IngestError>> {
-        let wrap = |e: StorageError| Arc::new(IngestError::Storage(e));
-        if let Some(list) = self.storage.blob(&digest).map_err(wrap)? {
-            return Ok(list);
+        match self.open(route, digest)? {
+            Opened::Stored(list) => Ok(list),
+            Opened::Flight(f) => f.finished().await,
         }
-        let gate = {
-            let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            map.entry(digest).or_default().clone()
-        };
-        let _turn = gate.lock().await;
-        let result = match self.storage.blob(&digest).map_err(wrap)? {
-            Some(list) => Ok(list),
-            None => match self.refusals.lookup(&self.storage, &digest).map_err(wrap)? {
-                Some(r) => {
-                    tracing::info!(%digest, reason = r.reason, "refused layer asked for again, answered from the negative cache");
-                    Err(Arc::new(IngestError::RememberedRefusal {
-                        digest,
-                        reason: r.reason,
-                        refused_at: r.refused_at,
-                        expires_at: r.expires_at,
-                    }))
-                }
-                None => self.run(route, digest).await,
-            },
-        };
-        let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        if Arc::strong_count(&gate) <= 2 {
-            map.remove(&digest);
-        }
-        result
     }
 
-    /// Runs one ingest in its own task; a refusal is remembered.
-    async fn run(&self, route: &Route, digest: Digest) -> Result<ChunkList, Arc<IngestError>> {
-        {
-            {
-                let span = tracing::info_span!("ingest", %digest, repo = route.repo);
-                let task = tokio::spawn(
-                    ingest(
-                        route.upstream.clone(),
-                        route.repo.clone(),
-                        crate::access::key(route, &digest),
-                        digest,
-                        self.space.clone(),
-                        self.stats.clone(),
-                        self.index_options,
-                    )
-                    .instrument(span),
-                );
-                let result = match task.await {
-                    Ok(r) => r.inspect_err(crate::metrics::ingest_failed),
-                    Err(e) => Err(IngestError::Worker(e.to_string())),
-                };
+    /// The stored blob, or the flight ingesting it (started here if there is none).
+    pub fn open(&self, route: &Route, digest: Digest) -> Result<Opened, Arc<IngestError>> {
+        let wrap = |e: StorageError| Arc::new(IngestError::Storage(e));
+        if let Some(list) = self.storage.blob(&digest).map_err(wrap)? {
+            return Ok(Opened::Stored(list));
+        }
+        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = flights.get(&digest) {
+            return Ok(Opened::Flight(f.clone()));
+        }
+        // A flight that just ended left its blob stored before leaving the map.
+        if let Some(list) = self.storage.blob(&digest).map_err(wrap)? {
+            return Ok(Opened::Stored(list));
+        }
+        if let Some(r) = self.refusals.lookup(&self.storage, &digest).map_err(wrap)? {
+            tracing::info!(%digest, reason = r.reason, "refused layer asked for again, answered from the negative cache");
+            return Err(Arc::new(IngestError::RememberedRefusal {
+                digest,
+                reason: r.reason,
+                refused_at: r.refused_at,
+                expires_at: r.expires_at,
+            }));
+        }
+        let flight = Arc::new(Flight::new(
+            digest,
+            crate::access::key(route, &digest),
+            self.storage.dir.join("tmp").join("chunks"),
+        ));
+        flights.insert(digest, flight.clone());
+        let span = tracing::info_span!("ingest", %digest, repo = route.repo);
+        let run = Run {
+            upstream: route.upstream.clone(),
+            repo: route.repo.clone(),
+            flight: flight.clone(),
+            space: self.space.clone(),
+            stats: self.stats.clone(),
+            index_options: self.index_options,
+        };
+        let (refusals, flights, storage) = (
+            self.refusals.clone(),
+            self.flights.clone(),
+            self.storage.clone(),
+        );
+        tokio::spawn(
+            async move {
+                let result = run.ingest().await.inspect_err(crate::metrics::ingest_failed);
                 if let Err(IngestError::Refused { error, .. }) = &result {
-                    if let Err(e) =
-                        self.refusals
-                            .remember(&self.storage, &digest, &error.to_string())
-                    {
+                    if let Err(e) = refusals.remember(&storage, &digest, &error.to_string()) {
                         tracing::warn!(%digest, error = %e, "could not record the refusal");
                     }
                 }
-                result.map_err(Arc::new)
+                let flight = {
+                    let mut map = flights.lock().unwrap_or_else(|p| p.into_inner());
+                    map.remove(&digest)
+                };
+                if let Some(f) = flight {
+                    f.publish(match result {
+                        Ok(list) => FlightState::Done(list),
+                        Err(e) => FlightState::Failed(Arc::new(e)),
+                    });
+                }
             }
-        }
+            .instrument(span),
+        );
+        Ok(Opened::Flight(flight))
     }
 }
 
-async fn ingest(
+/// One ingest's inputs.
+struct Run {
     upstream: Arc<Upstream>,
     repo: String,
-    access_key: String,
-    digest: Digest,
+    flight: Arc<Flight>,
     space: Arc<Space>,
     stats: Arc<Stats>,
     index_options: IndexOptions,
-) -> Result<ChunkList, IngestError> {
-    let mut blob = upstream.blob(&repo, &digest).await?;
-    let (chunk_tx, chunk_rx) = mpsc::channel(16);
-    let (index_tx, index_rx) = mpsc::channel(16);
-    let chunker = tokio::task::spawn_blocking(move || chunk_blob(chunk_rx, &space, digest));
-    let indexer = tokio::task::spawn_blocking(move || index_blob(index_rx, digest, index_options));
-
-    let mut received = 0u64;
-    let mut failure = None;
-    while let Some(piece) = blob.body.next().await {
-        match piece {
-            Ok(bytes) => {
-                received += bytes.len() as u64;
-                stats
-                    .upstream_blob_bytes
-                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                if index_tx.send(Some(bytes.clone())).await.is_err() {
-                    break; // the indexer refused the layer; its error is reported below
-                }
-                if chunk_tx.send(ChunkMsg::Bytes(bytes)).await.is_err() {
-                    break; // the chunker failed; its error is reported below
-                }
-            }
-            Err(e) => {
-                failure = Some(e);
-                break;
-            }
-        }
-    }
-    if failure.is_none() {
-        match blob.size {
-            Some(expected) if expected != received => {
-                failure = Some(UpstreamError::Truncated {
-                    got: received,
-                    expected,
-                })
-            }
-            _ => {
-                let _ = index_tx.send(None).await;
-            }
-        }
-    }
-    drop(index_tx);
-    // The chunker commits only after the index's verdict: a refused layer leaves nothing.
-    let indexed = indexer
-        .await
-        .map_err(|e| IngestError::Worker(e.to_string()))?;
-    let refused = match &indexed {
-        Some(Err(error)) if error.is_hostile() && failure.is_none() => Some(error.clone()),
-        _ => None,
-    };
-    if failure.is_none() && refused.is_none() {
-        let index = match indexed {
-            Some(Ok(index)) => Ok(index),
-            Some(Err(e)) => Err(e.to_string()),
-            None => Err("blob stream aborted".into()),
-        };
-        let _ = chunk_tx.send(ChunkMsg::Commit { index, access_key }).await;
-    }
-    drop(chunk_tx);
-    if let Some(error) = refused {
-        let _ = chunker.await; // the feed ended without a commit: it discards its work
-        tracing::warn!(%digest, %error, "layer refused, nothing stored");
-        return Err(IngestError::Refused { digest, error });
-    }
-    let chunked = chunker
-        .await
-        .map_err(|e| IngestError::Worker(e.to_string()));
-    if let Some(e) = failure {
-        tracing::warn!(%digest, error = %e, "upstream blob failed, nothing stored");
-        return Err(e.into());
-    }
-    let (list, index_state) = chunked??;
-    stats.upstream_blob_fetches.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(%digest, bytes = list.size, chunks = list.chunks.len(), index = ?index_state, "blob stored");
-    Ok(list)
 }
 
-/// Messages to the chunker: the blob's bytes, then the order to commit with the index
+impl Run {
+    async fn ingest(self) -> Result<ChunkList, IngestError> {
+        let digest = self.flight.digest;
+        let mut blob = self.upstream.blob(&self.repo, &digest).await?;
+        self.flight.publish_received(blob.size, 0);
+        let (chunk_tx, chunk_rx) = mpsc::channel(16);
+        let (index_tx, index_rx) = mpsc::channel(16);
+        let (space, flight, size) = (self.space.clone(), self.flight.clone(), blob.size);
+        let chunker =
+            tokio::task::spawn_blocking(move || spool_blob(chunk_rx, &space, flight, size));
+        let opts = self.index_options;
+        let indexer = tokio::task::spawn_blocking(move || index_blob(index_rx, digest, opts));
+
+        let mut received = 0u64;
+        let mut failure = None;
+        while let Some(piece) = blob.body.next().await {
+            match piece {
+                Ok(bytes) => {
+                    received += bytes.len() as u64;
+                    self.stats
+                        .upstream_blob_bytes
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    if index_tx.send(Some(bytes.clone())).await.is_err() {
+                        break; // the indexer refused the layer; its error is reported below
+                    }
+                    if chunk_tx.send(ChunkMsg::Bytes(bytes)).await.is_err() {
+                        break; // the spool failed; its error is reported below
+                    }
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if failure.is_none() {
+            match blob.size {
+                Some(expected) if expected != received => {
+                    failure = Some(UpstreamError::Truncated {
+                        got: received,
+                        expected,
+                    })
+                }
+                _ => {
+                    let _ = index_tx.send(None).await;
+                }
+            }
+        }
+        drop(index_tx);
+        // The spool commits only after the index's verdict: a refused layer leaves nothing.
+        let indexed = indexer
+            .await
+            .map_err(|e| IngestError::Worker(e.to_string()))?;
+        let refused = match &indexed {
+            Some(Err(error)) if error.is_hostile() && failure.is_none() => Some(error.clone()),
+            _ => None,
+        };
+        if failure.is_none() && refused.is_none() {
+            let index = match indexed {
+                Some(Ok(index)) => Ok(index),
+                Some(Err(e)) => Err(e.to_string()),
+                None => Err("blob stream aborted".into()),
+            };
+            let access_key = self.flight.access_key.clone();
+            let _ = chunk_tx.send(ChunkMsg::Commit { index, access_key }).await;
+        }
+        drop(chunk_tx);
+        if let Some(error) = refused {
+            let _ = chunker.await; // the feed ended without a commit: it discards its work
+            tracing::warn!(%digest, %error, "layer refused, nothing stored");
+            return Err(IngestError::Refused { digest, error });
+        }
+        let chunked = chunker
+            .await
+            .map_err(|e| IngestError::Worker(e.to_string()));
+        if let Some(e) = failure {
+            tracing::warn!(%digest, error = %e, "upstream blob failed, nothing stored");
+            return Err(e.into());
+        }
+        let (list, index_state) = chunked??;
+        self.stats
+            .upstream_blob_fetches
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%digest, bytes = list.size, chunks = list.chunks.len(), index = ?index_state, "blob stored");
+        Ok(list)
+    }
+}
+
+/// Messages to the spool: the blob's bytes, then the order to commit with the index
 /// verdict. A channel closed without `Commit` means the ingest failed: discard all.
 enum ChunkMsg {
     Bytes(Bytes),
     Commit {
         /// The layer index, or why there is none.
         index: Result<LayerIndex, String>,
-        /// The [`Access`] record to write with the blob.
+        /// The access record to write with the blob.
         access_key: String,
     },
 }
 
-/// Chunks the blob into staged files (making room under the quota as it goes); commits
-/// them with the index and the blob's records only if the blob matches `digest`.
-fn chunk_blob(
+/// Spools the blob into chunk temp files (making room under the quota as it goes, and
+/// publishing each piece to the flight's readers); commits them with the index and the
+/// blob's records only if the blob matches its digest.
+fn spool_blob(
     mut feed: mpsc::Receiver<ChunkMsg>,
     space: &Arc<Space>,
-    digest: Digest,
+    flight: Arc<Flight>,
+    size: Option<u64>,
 ) -> Result<(ChunkList, IndexState), IngestError> {
+    let digest = flight.digest;
     let storage = space.storage();
     let mut claim = space.claim();
-    let mut staging = storage.chunks.staging();
-    let mut chunker = Chunker::new();
-    let (list, index, access_key) = {
-        let mut stage = |_, c: imgd_core::ChunkRef, b: Bytes| {
-            space.stage(&mut claim, &mut staging, FileKind::Chunk, c.digest, &b)
-        };
-        let (index, access_key) = loop {
-            match feed.blocking_recv() {
-                Some(ChunkMsg::Bytes(bytes)) => chunker.push(&bytes, &mut stage)?,
-                Some(ChunkMsg::Commit { index, access_key }) => break (index, access_key),
-                None => return Err(IngestError::Worker("blob stream aborted".into())),
-            }
-        };
-        (chunker.finish(&mut stage)?, index, access_key)
-    };
-    if list.blob != digest {
-        return Err(UpstreamError::DigestMismatch {
-            expected: digest,
-            actual: list.blob,
+    let mut spool = crate::spool::Spool::new(flight, space.clone(), size);
+    let (index, access_key) = loop {
+        match feed.blocking_recv() {
+            Some(ChunkMsg::Bytes(bytes)) => spool.push(&mut claim, &bytes)?,
+            Some(ChunkMsg::Commit { index, access_key }) => break (index, access_key),
+            None => return Err(IngestError::Worker("blob stream aborted".into())),
         }
-        .into());
-    }
+    };
+    let list = spool.finish(digest)?;
     let mut index_staging = storage.indexes.staging();
     let index_state = match index {
         Ok(index) => {
             let encoded = index.encode();
             let idx = Digest::of(&encoded);
-            space.stage(
-                &mut claim,
-                &mut index_staging,
-                FileKind::Index,
-                idx,
-                &encoded,
-            )?;
+            space.stage(&mut claim, &mut index_staging, FileKind::Index, idx, &encoded)?;
             IndexState::Indexed {
                 digest: idx,
                 size: encoded.len() as u64,
@@ -313,9 +329,11 @@ fn chunk_blob(
         }
         Err(reason) => IndexState::Unavailable { reason },
     };
+    let files = spool.take_files();
     space.commit(
         claim,
-        vec![staging, index_staging],
+        files,
+        vec![index_staging],
         &list,
         &index_state,
         &access_key,

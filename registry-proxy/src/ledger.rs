@@ -208,6 +208,12 @@ impl Ledger {
         true
     }
 
+    /// Reserves `bytes` for a file the claim is about to write (a spooled chunk).
+    pub fn reserve_bytes(&mut self, claim: &mut Claim, bytes: u64) {
+        self.staged += bytes;
+        claim.staged += bytes;
+    }
+
     /// Gives back the reservation of a staged file that turned out not to be needed.
     pub fn unreserve(&mut self, claim: &mut Claim, digest: &Digest, bytes: u64) {
         if claim.staged_files.remove(digest) {

@@ -3,6 +3,8 @@
 use crate::access::{self, Kind};
 use crate::blob_body::{blob_body, parse_range};
 use crate::errors::ProxyError;
+use crate::flight::{flight_body, Flight, FlightState};
+use crate::ingest::Opened;
 use crate::routing::{parse_registry_path, RegistryPath, Route};
 use crate::server::AppState;
 use crate::storage::{Access, Manifests, StoredManifest, Tags};
@@ -205,6 +207,49 @@ pub async fn leased_blob(
     )))
 }
 
+/// Where a blob response's bytes come from.
+enum Source {
+    /// The stored chunks, leased for the response.
+    Stored(imgd_core::ChunkList, crate::space::Lease),
+    /// The flight ingesting it, whose upstream announced this size.
+    Flight(Arc<Flight>, u64),
+}
+
+/// The stored blob, or its flight once upstream answered with a size. A flight without
+/// one, or of at most one chunk (it arrives in moments, and its client then gets an
+/// honest error status if it fails), is waited for. Authorized for `route` either way.
+async fn blob_source(state: &AppState, route: &Route, digest: Digest) -> Result<Source, ProxyError> {
+    for _ in 0..3 {
+        match state.ingestor.open(route, digest)? {
+            Opened::Stored(list) => {
+                let Some(lease) = state.space.lease(&digest) else {
+                    continue; // evicted just now: fetch it again
+                };
+                access::authorize(&state.storage, route, &digest, Kind::Blob).await?;
+                return Ok(Source::Stored(list, lease));
+            }
+            Opened::Flight(flight) => match flight.started().await {
+                FlightState::Receiving {
+                    size: Some(size), ..
+                } if size > imgd_core::CHUNK_SIZE as u64 => {
+                    if flight.access_key != access::key(route, &digest) {
+                        access::authorize(&state.storage, route, &digest, Kind::Blob).await?;
+                    }
+                    return Ok(Source::Flight(flight, size));
+                }
+                FlightState::Failed(e) => return Err(e.into()),
+                FlightState::Receiving { .. } | FlightState::Connecting => {
+                    flight.finished().await?;
+                }
+                FlightState::Done(_) => {}
+            },
+        }
+    }
+    Err(ProxyError::BlobUnknown(format!(
+        "{digest} (evicted again each time it was fetched: the quota is too small)"
+    )))
+}
+
 async fn blob(
     state: &AppState,
     route: &Route,
@@ -212,9 +257,11 @@ async fn blob(
     headers: &HeaderMap,
     head: bool,
 ) -> Result<Response, ProxyError> {
-    let (list, lease) = leased_blob(state, route, digest).await?;
-    access::authorize(&state.storage, route, &digest, Kind::Blob).await?;
-    let size = list.size;
+    let source = blob_source(state, route, digest).await?;
+    let size = match &source {
+        Source::Stored(list, _) => list.size,
+        Source::Flight(_, size) => *size,
+    };
     let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let range = parse_range(range_header, size)?;
     let (status, served) = match &range {
@@ -224,13 +271,21 @@ async fn blob(
     let mut resp = if head || served.is_empty() {
         Response::new(Body::empty())
     } else {
-        Response::new(blob_body(
-            state.storage.clone(),
-            state.stats.clone(),
-            list,
-            served.clone(),
-            lease,
-        ))
+        Response::new(match source {
+            Source::Stored(list, lease) => blob_body(
+                state.storage.clone(),
+                state.stats.clone(),
+                list,
+                served.clone(),
+                lease,
+            ),
+            Source::Flight(flight, _) => flight_body(
+                flight,
+                state.space.clone(),
+                state.stats.clone(),
+                served.clone(),
+            ),
+        })
     };
     *resp.status_mut() = status;
     let h = resp.headers_mut();

@@ -19,6 +19,7 @@ use imgd_core::store::{Staging, StoreError, Table};
 use imgd_core::wire::IndexState;
 use imgd_core::{ChunkList, Digest};
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -172,15 +173,8 @@ impl Space {
         self.lock().ledger.usage()
     }
 
-    /// Evicts least recently used blobs until `bytes` more fit, then reserves them for
-    /// the claim's file `digest`.
-    fn make_room(
-        &self,
-        inner: &mut Inner,
-        claim: &mut Claim,
-        digest: Digest,
-        bytes: u64,
-    ) -> Result<(), SpaceError> {
+    /// Evicts least recently used blobs until `bytes` more fit.
+    fn make_room(&self, inner: &mut Inner, bytes: u64) -> Result<(), SpaceError> {
         while !inner.ledger.fits(bytes) {
             let Some(victim) = inner.ledger.victim() else {
                 let quota = inner.ledger.usage().quota.unwrap_or(u64::MAX);
@@ -191,7 +185,17 @@ impl Space {
             };
             self.evict(inner, victim)?;
         }
-        inner.ledger.reserve(claim, digest, bytes);
+        Ok(())
+    }
+
+    /// Reserves `bytes` for a file the claim is about to write, evicting to make room.
+    pub fn reserve(&self, guard: &mut ClaimGuard, bytes: u64) -> Result<(), SpaceError> {
+        let Some(claim) = guard.claim.as_mut() else {
+            return Ok(());
+        };
+        let mut inner = self.lock();
+        self.make_room(&mut inner, bytes)?;
+        inner.ledger.reserve_bytes(claim, bytes);
         Ok(())
     }
 
@@ -297,7 +301,8 @@ impl Space {
                 if inner.ledger.reuse(claim, kind, digest) {
                     return Ok(());
                 }
-                self.make_room(&mut inner, claim, digest, size)?;
+                self.make_room(&mut inner, size)?;
+                inner.ledger.reserve(claim, digest, size);
             }
             let before = staging.len();
             staging.add(digest, bytes)?;
@@ -321,6 +326,7 @@ impl Space {
     pub fn commit(
         &self,
         mut guard: ClaimGuard,
+        chunk_files: Vec<(PathBuf, Digest)>,
         staged: Vec<Staging<'_>>,
         list: &ChunkList,
         index: &IndexState,
@@ -331,6 +337,7 @@ impl Space {
         };
         let mut inner = self.lock();
         let written = (|| -> Result<(), SpaceError> {
+            self.place_chunks(&inner, &chunk_files)?;
             for s in staged {
                 s.commit()?;
             }
@@ -362,12 +369,47 @@ impl Space {
             Err(e) => {
                 // Files may have been renamed into place: they have no record, so they
                 // are unreferenced and go at the next start.
+                for (p, _) in &chunk_files {
+                    let _ = std::fs::remove_file(p);
+                }
                 let freed = inner.ledger.abort(claim);
                 let _ = self.delete_files(&freed);
                 return Err(e);
             }
         };
         self.delete_files(&freed)
+    }
+
+    /// Renames spooled chunk files into the store (under the lock): a chunk the store
+    /// has already (another blob's, or an earlier one of this blob) is dropped instead.
+    fn place_chunks(&self, inner: &Inner, files: &[(PathBuf, Digest)]) -> Result<(), SpaceError> {
+        let _ = inner;
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        let io = |op: &'static str, path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| SpaceError::from(StoreError::Io { op, path, source })
+        };
+        for (tmp, digest) in files {
+            let dest = self.storage.chunks.path(digest);
+            if dest.is_file() {
+                std::fs::remove_file(tmp).map_err(io("remove", tmp))?;
+                continue;
+            }
+            let Some(dir) = dest.parent().map(std::path::Path::to_path_buf) else {
+                continue;
+            };
+            std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+            std::fs::rename(tmp, &dest).map_err(io("rename into", &dest))?;
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+        }
+        for dir in dirs {
+            std::fs::File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io("fsync", &dir))?;
+        }
+        Ok(())
     }
 
     /// Leases a stored blob for one response (never evicted while leased); `None` if it
