@@ -145,12 +145,12 @@ impl Reader {
                     self.pos = self.end;
                     return Some(Err(cut(format!("blob {} failed: {e}", self.flight.digest))));
                 }
-                FlightState::Done(list) => self.from_store(list).await,
+                FlightState::Done(list) => self.read_store(list).await,
                 FlightState::Receiving { received, .. } => {
                     // The response's last byte waits for the verdict.
                     let upto = received.min(self.end - 1);
                     if self.pos < upto {
-                        self.from_spool(upto).await
+                        self.read_spool(upto).await
                     } else {
                         Ok(None)
                     }
@@ -187,7 +187,7 @@ impl Reader {
 
     /// Reads from the chunk's temp file, up to `upto`. `Ok(None)`: not readable yet (the
     /// file was just renamed or removed: the state will say why).
-    async fn from_spool(&mut self, upto: u64) -> Result<Option<Bytes>, std::io::Error> {
+    async fn read_spool(&mut self, upto: u64) -> Result<Option<Bytes>, std::io::Error> {
         let chunk = CHUNK_SIZE as u64;
         let i = self.pos / chunk;
         let file = match &self.file {
@@ -203,7 +203,9 @@ impl Reader {
             },
         };
         let offset = self.pos - i * chunk;
-        let len = (upto - self.pos).min((i + 1) * chunk - self.pos).min(READ_PIECE) as usize;
+        let len = (upto - self.pos)
+            .min((i + 1) * chunk - self.pos)
+            .min(READ_PIECE) as usize;
         let bytes = tokio::task::spawn_blocking(move || {
             let mut buf = vec![0u8; len];
             let mut got = 0;
@@ -223,12 +225,14 @@ impl Reader {
     }
 
     /// Reads from the stored chunks once the blob is verified.
-    async fn from_store(&mut self, list: ChunkList) -> Result<Option<Bytes>, std::io::Error> {
+    async fn read_store(&mut self, list: ChunkList) -> Result<Option<Bytes>, std::io::Error> {
         self.file = None;
         if self.lease.is_none() {
-            self.lease = Some(self.space.lease(&list.blob).ok_or_else(|| {
-                cut(format!("blob {} was evicted while served", list.blob))
-            })?);
+            self.lease = Some(
+                self.space
+                    .lease(&list.blob)
+                    .ok_or_else(|| cut(format!("blob {} was evicted while served", list.blob)))?,
+            );
         }
         let chunk = CHUNK_SIZE as u64;
         let i = (self.pos / chunk) as usize;

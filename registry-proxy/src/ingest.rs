@@ -162,7 +162,10 @@ impl Ingestor {
         );
         tokio::spawn(
             async move {
-                let result = run.ingest().await.inspect_err(crate::metrics::ingest_failed);
+                let result = run
+                    .ingest()
+                    .await
+                    .inspect_err(crate::metrics::ingest_failed);
                 if let Err(IngestError::Refused { error, .. }) = &result {
                     if let Err(e) = refusals.remember(&storage, &digest, &error.to_string()) {
                         tracing::warn!(%digest, error = %e, "could not record the refusal");
@@ -321,7 +324,13 @@ fn spool_blob(
         Ok(index) => {
             let encoded = index.encode();
             let idx = Digest::of(&encoded);
-            space.stage(&mut claim, &mut index_staging, FileKind::Index, idx, &encoded)?;
+            space.stage(
+                &mut claim,
+                &mut index_staging,
+                FileKind::Index,
+                idx,
+                &encoded,
+            )?;
             IndexState::Indexed {
                 digest: idx,
                 size: encoded.len() as u64,

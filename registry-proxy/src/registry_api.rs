@@ -218,7 +218,11 @@ enum Source {
 /// The stored blob, or its flight once upstream answered with a size. A flight without
 /// one, or of at most one chunk (it arrives in moments, and its client then gets an
 /// honest error status if it fails), is waited for. Authorized for `route` either way.
-async fn blob_source(state: &AppState, route: &Route, digest: Digest) -> Result<Source, ProxyError> {
+async fn blob_source(
+    state: &AppState,
+    route: &Route,
+    digest: Digest,
+) -> Result<Source, ProxyError> {
     for _ in 0..3 {
         match state.ingestor.open(route, digest)? {
             Opened::Stored(list) => {

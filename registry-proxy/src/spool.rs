@@ -142,7 +142,10 @@ impl Spool {
     /// The finished chunk files, for [`Space::commit`]; the spool no longer deletes them.
     pub fn take_files(&mut self) -> Vec<(PathBuf, Digest)> {
         self.committed = true;
-        self.done.iter().map(|(p, c)| (p.clone(), c.digest)).collect()
+        self.done
+            .iter()
+            .map(|(p, c)| (p.clone(), c.digest))
+            .collect()
     }
 }
 
@@ -151,7 +154,10 @@ impl Drop for Spool {
         if self.committed {
             return;
         }
-        let open = self.open.take().map(|_| self.flight.chunk_path(self.done.len() as u64));
+        let open = self
+            .open
+            .take()
+            .map(|_| self.flight.chunk_path(self.done.len() as u64));
         for p in self.done.iter().map(|(p, _)| p.clone()).chain(open) {
             let _ = std::fs::remove_file(p);
         }

@@ -37,7 +37,11 @@ fn get(addr: &str, path: &str) -> Seen {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let t = Instant::now();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut head = Vec::new();
     let mut body = Vec::new();
     let mut first_byte = None;
@@ -149,7 +153,13 @@ fn first_pulls_stream_and_a_bad_blob_cuts_every_client_off_and_stores_nothing() 
         1,
         "stored once verified"
     );
-    assert_eq!(proxy.get(&format!("/imgd/v1/blobs/{layer}"), &[]).unwrap().status, 200);
+    assert_eq!(
+        proxy
+            .get(&format!("/imgd/v1/blobs/{layer}"), &[])
+            .unwrap()
+            .status,
+        200
+    );
 
     // The same blob, now corrupted upstream (one byte near its end), on a fresh proxy.
     proxy.kill().unwrap();
@@ -198,7 +208,11 @@ fn first_pulls_stream_and_a_bad_blob_cuts_every_client_off_and_stores_nothing() 
     }
     proxy.kill().unwrap();
     let cut = client.join().unwrap();
-    assert!(!cut.complete() && !cut.body.is_empty(), "{} bytes", cut.body.len());
+    assert!(
+        !cut.complete() && !cut.body.is_empty(),
+        "{} bytes",
+        cut.body.len()
+    );
     assert_eq!(proxy.stored_chunk_files(), 0);
     relay.clear();
     proxy.restart().unwrap();
