@@ -47,11 +47,18 @@ impl Registry {
         Registry::start_inner(Some((user.to_owned(), pass.to_owned())))
     }
 
+    /// Starts an anonymous registry inside the test host `host` (its network namespace),
+    /// listening on the host's address, e.g. to put a shaped link between it and a proxy.
+    pub fn start_on_host(host: &crate::netns::Host) -> Result<Registry> {
+        let binary = registry_binary()?;
+        Registry::try_start(&binary, None, Some(host))
+    }
+
     fn start_inner(credentials: Option<(String, String)>) -> Result<Registry> {
         let binary = registry_binary()?;
         let mut last_err = None;
         for _ in 0..START_ATTEMPTS {
-            match Registry::try_start(&binary, credentials.clone()) {
+            match Registry::try_start(&binary, credentials.clone(), None) {
                 Ok(r) => return Ok(r),
                 Err(e) => last_err = Some(e),
             }
@@ -65,7 +72,11 @@ impl Registry {
         }
     }
 
-    fn try_start(binary: &Path, credentials: Option<(String, String)>) -> Result<Registry> {
+    fn try_start(
+        binary: &Path,
+        credentials: Option<(String, String)>,
+        host: Option<&crate::netns::Host>,
+    ) -> Result<Registry> {
         let dir = tempfile::Builder::new()
             .prefix("imgd-test-registry-")
             .tempdir()
@@ -73,7 +84,8 @@ impl Registry {
         let storage = dir.path().join("storage");
         fs::create_dir(&storage).context("creating registry storage dir")?;
         let port = free_port()?;
-        let addr = format!("127.0.0.1:{port}");
+        let ip = host.map_or("127.0.0.1", |h| h.addr.as_str());
+        let addr = format!("{ip}:{port}");
 
         let auth = match &credentials {
             Some((user, pass)) => {
@@ -101,7 +113,14 @@ impl Registry {
         let log_path = dir.path().join("registry.log");
         let log = File::create(&log_path).context("creating registry log")?;
         let log_err = log.try_clone().context("duplicating registry log handle")?;
-        let mut cmd = Command::new(binary);
+        let mut cmd = match host {
+            Some(h) => h.command(
+                binary
+                    .to_str()
+                    .context("registry binary path is not UTF-8")?,
+            ),
+            None => Command::new(binary),
+        };
         cmd.arg("serve")
             .arg(&config_path)
             .current_dir(dir.path())
