@@ -159,7 +159,7 @@ pub async fn start(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
     }
     let indexes = crate::layer_indexes::LayerIndexes::open(&config.data_dir.join("indexes"))
         .map_err(|e| start_err("opening the layer index store", &e))?;
-    Ok(Arc::new(Agent {
+    let agent = Arc::new(Agent {
         indexes: Arc::new(indexes),
         config,
         node_id,
@@ -167,5 +167,8 @@ pub async fn start(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         peers,
         mounts: Default::default(),
         data_addr,
-    }))
+    });
+    // Before the API is up: the mount processes a previous agent left ask it for chunks.
+    agent.mounts.recover(&agent).await?;
+    Ok(agent)
 }

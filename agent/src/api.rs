@@ -10,6 +10,7 @@
 //! | `POST /v1/umount` `{"dir": PATH}` | empty |
 //! | `POST /v1/pin` `{"image": REF, "pinned": BOOL}` | empty; the image must be cached |
 //! | `GET /v1/verify` | a full re-verification of every cached chunk (changes nothing) |
+//! | `GET /v1/chunks/ID/LAYER/CHUNK` | a chunk of a layer of mount ID, for its mount process; header `x-imgd-fetched: 1` if it had to be fetched |
 
 use crate::agent::{Agent, PrefetchSummary};
 use crate::fetch::Source;
@@ -103,6 +104,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/mount", post(mount))
         .route("/v1/umount", post(umount))
         .route("/v1/pin", post(pin))
+        .route("/v1/chunks/{id}/{layer}/{chunk}", get(chunk))
         .with_state(agent)
 }
 
@@ -203,7 +205,7 @@ async fn status(State(agent): State<Arc<Agent>>) -> Json<Status> {
     Json(Status {
         blobs_in_flight,
         chunks_in_flight,
-        mounts: agent.mounts.status(),
+        mounts: agent.mounts.status().await,
         node_id: agent.node_id.clone(),
         cache_used_bytes: f.cache.used_bytes(),
         cache_quota_bytes: f.cache.quota(),
@@ -266,6 +268,25 @@ async fn umount(State(agent): State<Arc<Agent>>, Json(req): Json<UmountRequest>)
     match agent.mounts.umount(&agent, &req.dir).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    }
+}
+
+async fn chunk(
+    State(agent): State<Arc<Agent>>,
+    axum::extract::Path((id, layer, chunk)): axum::extract::Path<(String, usize, usize)>,
+) -> Response {
+    match agent.mounts.chunk(&agent, &id, layer, chunk).await {
+        None => (StatusCode::NOT_FOUND, format!("mount {id} has no chunk {layer}/{chunk}"))
+            .into_response(),
+        Some(Ok((bytes, fetched))) => (
+            [(
+                crate::mount_process::source::FETCHED_HEADER,
+                if fetched { "1" } else { "0" },
+            )],
+            bytes,
+        )
+            .into_response(),
+        Some(Err(e)) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
     }
 }
 

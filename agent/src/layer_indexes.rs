@@ -52,7 +52,8 @@ impl LayerIndexes {
         })
     }
 
-    fn path(&self, layer: &Digest) -> PathBuf {
+    /// Where the index of `layer` is stored (a mount process reads it there).
+    pub fn path(&self, layer: &Digest) -> PathBuf {
         self.dir.join(layer.hex())
     }
 

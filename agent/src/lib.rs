@@ -7,6 +7,8 @@
 //! - [`fetch`]: the fetch policy: cache, then peers, then the proxy.
 //! - [`proxy_client`], [`image`]: talking to imgd-proxy and resolving images.
 //! - [`snapshotter`]: the containerd proxy snapshotter serving lazy mounts to containers.
+//! - [`mounts`]: lazy mounts, each served by its own [`mount_process`] (`imgd-mount`),
+//!   which outlives the agent.
 //! - [`api`]: the local API for `imgctl`; [`mirror`]: the registry mirror endpoint,
 //!   which also serves [`metrics`], `/healthz` and `/readyz`.
 
@@ -23,12 +25,14 @@ pub mod image;
 pub mod layer_indexes;
 pub mod metrics;
 pub mod mirror;
+pub mod mount_process;
 pub mod mounts;
 pub mod peers;
 pub mod proxy_client;
 pub mod snapshotter;
 pub mod startup;
 pub mod swarm;
+pub mod unix_http;
 
 /// Code generated from `proto/` (containerd's API).
 #[allow(clippy::all, missing_docs)]

@@ -162,10 +162,9 @@ impl Collector for Snapshot {
     }
 }
 
-fn snapshot(agent: &Agent) -> Snapshot {
+fn snapshot(agent: &Agent, mounts: &[crate::mounts::MountStatus]) -> Snapshot {
     let f = &agent.fetcher;
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let mounts = agent.mounts.status();
     let per_mount = |value: &dyn Fn(&crate::mounts::MountStatus) -> u64| {
         mounts
             .iter()
@@ -240,7 +239,10 @@ fn snapshot(agent: &Agent) -> Snapshot {
 }
 
 /// Renders every metric of the agent as OpenMetrics text.
-pub fn render(agent: &Agent) -> Result<String, std::fmt::Error> {
+pub fn render(
+    agent: &Agent,
+    mounts: &[crate::mounts::MountStatus],
+) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::with_prefix("imgd_agent");
     registry.register(
         "chunk_fetch_seconds",
@@ -267,7 +269,7 @@ pub fn render(agent: &Agent) -> Result<String, std::fmt::Error> {
         "Bytes evicted from the cache",
         EVENTS.evicted_bytes.clone(),
     );
-    registry.register_collector(Box::new(snapshot(agent)));
+    registry.register_collector(Box::new(snapshot(agent, mounts)));
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &registry)?;
     Ok(out)

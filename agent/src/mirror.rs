@@ -35,7 +35,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
 
 /// `GET /metrics`: every metric as OpenMetrics text.
 async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
-    match crate::metrics::render(&agent) {
+    let mounts = agent.mounts.status().await;
+    match crate::metrics::render(&agent, &mounts) {
         Ok(text) => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }

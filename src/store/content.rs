@@ -45,6 +45,12 @@ impl StoreError {
     }
 }
 
+/// `dir/<hex[0..2]>/<hex>`.
+fn shard_path(dir: &Path, digest: &Digest) -> PathBuf {
+    let hex = digest.hex();
+    dir.join(&hex[..2]).join(hex)
+}
+
 /// A directory of content-addressed files of one kind (e.g. chunks or indexes).
 #[derive(Clone, Debug)]
 pub struct ContentStore {
@@ -68,8 +74,13 @@ impl ContentStore {
 
     /// Where the content with `digest` lives (whether or not it is present).
     pub fn path(&self, digest: &Digest) -> PathBuf {
-        let hex = digest.hex();
-        self.root.join(&hex[..2]).join(hex)
+        shard_path(&self.root, digest)
+    }
+
+    /// Where the content with `digest` lives in the store `kind` under `root`, for a
+    /// reader that does not open the store (opening it cleans its temp files).
+    pub fn path_in(root: &Path, kind: &str, digest: &Digest) -> PathBuf {
+        shard_path(&root.join(kind), digest)
     }
 
     /// True if content with `digest` is present.

@@ -259,9 +259,11 @@ async fn run(cli: Cli) -> Result<()> {
             for m in &s.mounts {
                 let pct = 100.0 * m.fetched_bytes as f64 / m.total_bytes.max(1) as f64;
                 println!(
-                    "  {} at {}: fetched {} in {} chunks ({pct:.1}% of {}), {} reads, {} EIO",
+                    "  {} at {} ({}, pid {}): fetched {} in {} chunks ({pct:.1}% of {}), {} reads, {} EIO",
                     m.image,
                     m.dir,
+                    m.state,
+                    m.pid.map_or("?".to_string(), |p| p.to_string()),
                     mb(m.fetched_bytes),
                     m.fetched_chunks,
                     mb(m.total_bytes),

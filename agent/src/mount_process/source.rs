@@ -1,0 +1,207 @@
+//! Where a mount process gets chunk bytes: a chunk the cache holds is read from its
+//! content-addressed file (and its sha256 checked), whether or not the agent is up; any
+//! other is asked of the agent (`GET /v1/chunks/ID/LAYER/CHUNK`: cache, peers, proxy).
+//! While the agent does not answer, such a read retries it until the read bound, then
+//! fails (EIO), so a read never hangs, and the first answer of a new agent ends the wait.
+
+use crate::mounts::control::AgentLink;
+use crate::mounts::record::MountRecord;
+use crate::unix_http::{self, UnixHttpError};
+use bytes::Bytes;
+use imgd_core::store::ContentStore;
+use imgd_core::{ChunkList, Digest};
+use imgd_fuse::fs::BlobSource;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How often an unreachable agent is tried again during a read.
+const RETRY: Duration = Duration::from_millis(200);
+
+/// How long after a chunk could not be had reads needing it fail at once. The kernel
+/// retries a failed page read right away (twice, with readahead); without this each
+/// retry would wait the whole read bound again. Later reads try the sources again.
+const FAIL_FAST: Duration = Duration::from_millis(300);
+
+/// Chunks and bytes this mount had fetched into the cache (cache hits not counted).
+#[derive(Default, Debug)]
+pub struct Fetched {
+    pub chunks: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+/// The mount's chunk source.
+pub struct ChunkSource {
+    record: Arc<MountRecord>,
+    rt: tokio::runtime::Handle,
+    bound: Duration,
+    link: Mutex<AgentLink>,
+    pub fetched: Fetched,
+    failed: Mutex<HashMap<Digest, Instant>>,
+}
+
+impl ChunkSource {
+    pub fn new(record: Arc<MountRecord>, rt: tokio::runtime::Handle) -> ChunkSource {
+        ChunkSource {
+            bound: Duration::from_millis(record.read_timeout_ms),
+            record,
+            rt,
+            link: Mutex::new(AgentLink::Connected),
+            fetched: Fetched::default(),
+            failed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The read bound.
+    pub fn bound(&self) -> Duration {
+        self.bound
+    }
+
+    /// How the agent answered last.
+    pub fn link(&self) -> AgentLink {
+        *self.link.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_link(&self, new: AgentLink, why: Option<&UnixHttpError>) {
+        let old = std::mem::replace(
+            &mut *self.link.lock().unwrap_or_else(|p| p.into_inner()),
+            new,
+        );
+        match (old, new) {
+            (AgentLink::Connected, AgentLink::AgentLost) => tracing::warn!(
+                dir = %self.record.dir.display(),
+                error = why.map(|e| e.to_string()).unwrap_or_default(),
+                "agent lost: serving cached chunks, retrying it for the others"
+            ),
+            (AgentLink::AgentLost, AgentLink::Connected) => {
+                tracing::info!(dir = %self.record.dir.display(), "agent back")
+            }
+            _ => {}
+        }
+    }
+
+    fn list(&self, layer: usize) -> Result<&ChunkList, String> {
+        self.record
+            .lists
+            .get(layer)
+            .ok_or_else(|| format!("no layer {layer}"))
+    }
+
+    /// The chunk from the cache's file, if there and intact.
+    fn cached(&self, digest: &Digest) -> Option<Bytes> {
+        let path = ContentStore::path_in(&self.record.cache_dir, "chunks", digest);
+        let bytes = std::fs::read(path).ok()?;
+        (Digest::of(&bytes) == *digest).then(|| Bytes::from(bytes))
+    }
+
+    /// Chunk `i` of layer `layer`, by `deadline`. Blocks.
+    pub fn chunk(&self, layer: usize, i: usize, deadline: Instant) -> Result<Bytes, String> {
+        let list = self.list(layer)?;
+        let digest = list
+            .chunks
+            .get(i)
+            .ok_or_else(|| format!("no chunk {i} in layer {layer}"))?
+            .digest;
+        if let Some(bytes) = self.cached(&digest) {
+            return Ok(bytes);
+        }
+        let path = format!("/v1/chunks/{}/{layer}/{i}", self.record.id);
+        let socket = &self.record.agent_socket;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "chunk {digest}: the agent did not answer within {:?}",
+                    self.bound
+                ));
+            }
+            let asked = self.rt.block_on(unix_http::request(
+                socket,
+                http::Method::GET,
+                &path,
+                None,
+                left,
+            ));
+            match asked {
+                Ok(reply) if reply.status.is_success() => {
+                    self.set_link(AgentLink::Connected, None);
+                    if Digest::of(&reply.body) != digest {
+                        return Err(format!("the agent sent wrong bytes for chunk {digest}"));
+                    }
+                    if reply.headers.get(FETCHED_HEADER).is_some_and(|v| v == "1") {
+                        self.fetched.chunks.fetch_add(1, Ordering::Relaxed);
+                        self.fetched
+                            .bytes
+                            .fetch_add(reply.body.len() as u64, Ordering::Relaxed);
+                    }
+                    return Ok(reply.body);
+                }
+                Ok(reply) => {
+                    self.set_link(AgentLink::Connected, None);
+                    return Err(format!(
+                        "chunk {digest}: agent answered {}: {}",
+                        reply.status,
+                        String::from_utf8_lossy(&reply.body)
+                    ));
+                }
+                Err(e @ UnixHttpError::Timeout { .. }) => return Err(e.to_string()),
+                Err(e) => {
+                    self.set_link(AgentLink::AgentLost, Some(&e));
+                    std::thread::sleep(RETRY.min(left));
+                }
+            }
+        }
+    }
+
+    /// The first chunk of `range` that failed within [`FAIL_FAST`], if any.
+    fn recently_failed(&self, list: &ChunkList, range: &Range<u64>) -> Option<Digest> {
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        failed.retain(|_, at| at.elapsed() < FAIL_FAST);
+        list.chunks_covering(range.clone())
+            .map(|i| list.chunks[i].digest)
+            .find(|d| failed.contains_key(d))
+    }
+
+    /// The bytes `range` of a layer blob, every chunk by one deadline.
+    fn read_range(&self, layer: usize, range: Range<u64>) -> Result<Vec<u8>, String> {
+        let list = self.list(layer)?;
+        let deadline = Instant::now() + self.bound;
+        let mut out = Vec::with_capacity((range.end - range.start) as usize);
+        for i in list.chunks_covering(range.clone()) {
+            let bytes = self.chunk(layer, i, deadline)?;
+            let start = list.chunk_offset(i);
+            let from = range.start.saturating_sub(start) as usize;
+            let to = (range.end - start).min(bytes.len() as u64) as usize;
+            out.extend_from_slice(&bytes[from.min(to)..to]);
+        }
+        Ok(out)
+    }
+}
+
+/// The header with which the agent says a chunk had to be fetched (`1`) or was cached.
+pub const FETCHED_HEADER: &str = "x-imgd-fetched";
+
+impl BlobSource for ChunkSource {
+    fn read(&self, layer: usize, range: Range<u64>) -> Result<Vec<u8>, String> {
+        let list = self.list(layer)?;
+        if let Some(d) = self.recently_failed(list, &range) {
+            return Err(format!("chunk {d} could not be had just now"));
+        }
+        let result = self.read_range(layer, range.clone());
+        if result.is_err() {
+            let missing: Vec<Digest> = list
+                .chunks_covering(range)
+                .map(|i| list.chunks[i].digest)
+                .filter(|d| {
+                    !ContentStore::path_in(&self.record.cache_dir, "chunks", d).is_file()
+                })
+                .collect();
+            let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            failed.extend(missing.into_iter().map(|d| (d, now)));
+        }
+        result
+    }
+}

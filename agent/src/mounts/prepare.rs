@@ -1,0 +1,86 @@
+//! What a mount needs before it can be served: the layers' chunk lists and their indexes,
+//! fetched from the proxy and checked.
+
+use super::MountSpec;
+use crate::agent::{Agent, AgentError};
+use crate::proxy_client::Repo;
+use crate::startup;
+use imgd_core::index::LayerIndex;
+use imgd_core::{ChunkList, Digest};
+use imgd_fuse::view::{ImageView, ViewLimits};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The layers of a view with their chunk lists and checked indexes, bottom first.
+pub struct Layers {
+    pub lists: Vec<ChunkList>,
+    /// Where each index is stored on local disk (see [`crate::layer_indexes`]).
+    pub index_files: Vec<PathBuf>,
+    pub indexes: Vec<LayerIndex>,
+}
+
+/// Gets the chunk list and index of each layer (indexes from local disk, else from the
+/// proxy, checked) and checks that every index allows random access.
+pub async fn fetch_layers(
+    agent: &Agent,
+    repo: &Repo,
+    layers: &[Digest],
+) -> Result<Layers, AgentError> {
+    let fail = |m: String| AgentError::Mount(m);
+    let fetcher = &agent.fetcher;
+    let mut out = Layers {
+        lists: Vec::new(),
+        index_files: Vec::new(),
+        indexes: Vec::new(),
+    };
+    for layer in layers {
+        out.lists.push(fetcher.chunk_list(repo, layer).await?);
+        let index = agent
+            .indexes
+            .get_or_fetch(&fetcher.proxy, repo, layer)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        if !index.random_access {
+            return Err(fail(format!("layer {layer} has no random-access index")));
+        }
+        out.index_files.push(agent.indexes.path(layer));
+        out.indexes.push(index);
+    }
+    Ok(out)
+}
+
+/// The merged tree of `layers`, from their indexes.
+pub fn build_view(indexes: Vec<LayerIndex>) -> Result<ImageView, AgentError> {
+    ImageView::build(Arc::new(indexes), ViewLimits::default())
+        .map_err(|e| AgentError::Mount(e.to_string()))
+}
+
+/// The mount spec of `image`: its layers, labelled with its reference.
+pub async fn image_spec(agent: &Agent, image: &str) -> Result<MountSpec, AgentError> {
+    let (r, record) = agent.resolve(image).await?;
+    Ok(MountSpec {
+        label: r.to_string(),
+        repo: r.proxy_repo(),
+        layers: record.layers,
+        manifest: Some(record.manifest_digest),
+    })
+}
+
+/// `imgctl prefetch --startup`: warms only the files the image's startup trace names.
+pub async fn startup_prefetch(agent: &Agent, image: &str) -> Result<u64, AgentError> {
+    let (r, record) = agent.resolve(image).await?;
+    let layers = fetch_layers(agent, &r.proxy_repo(), &record.layers).await?;
+    let view = build_view(layers.indexes)?;
+    let trace = agent
+        .fetcher
+        .proxy
+        .trace(&record.manifest_digest)
+        .await
+        .map_err(|e| AgentError::Mount(e.to_string()))?
+        .ok_or_else(|| {
+            AgentError::Mount(format!(
+                "no startup trace recorded for {r} yet: mount it and start a container first"
+            ))
+        })?;
+    Ok(startup::warm(&agent.fetcher, &view, &layers.lists, &trace).await?)
+}
