@@ -22,8 +22,18 @@ const RETRY: Duration = Duration::from_millis(200);
 
 /// How long after a chunk could not be had reads needing it fail at once. The kernel
 /// retries a failed page read right away (twice, with readahead); without this each
-/// retry would wait the whole read bound again. Later reads try the sources again.
+/// retry would wait the whole read bound again. Later reads try the sources again, and
+/// so does any read once a chunk that failed for want of the agent can reach it again.
 const FAIL_FAST: Duration = Duration::from_millis(300);
+
+/// Why a chunk could not be had.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    /// The agent did not answer.
+    NoAgent,
+    /// The agent answered that no source delivered it.
+    NoSource,
+}
 
 /// Chunks and bytes this mount had fetched into the cache (cache hits not counted).
 #[derive(Default, Debug)]
@@ -39,7 +49,7 @@ pub struct ChunkSource {
     bound: Duration,
     link: Mutex<AgentLink>,
     pub fetched: Fetched,
-    failed: Mutex<HashMap<Digest, Instant>>,
+    failed: Mutex<HashMap<Digest, (Instant, Failure)>>,
 }
 
 impl ChunkSource {
@@ -98,11 +108,21 @@ impl ChunkSource {
 
     /// Chunk `i` of layer `layer`, by `deadline`. Blocks.
     pub fn chunk(&self, layer: usize, i: usize, deadline: Instant) -> Result<Bytes, String> {
-        let list = self.list(layer)?;
+        self.chunk_or_why(layer, i, deadline).map_err(|(e, _)| e)
+    }
+
+    fn chunk_or_why(
+        &self,
+        layer: usize,
+        i: usize,
+        deadline: Instant,
+    ) -> Result<Bytes, (String, Failure)> {
+        let source = |e: String| (e, Failure::NoSource);
+        let list = self.list(layer).map_err(source)?;
         let digest = list
             .chunks
             .get(i)
-            .ok_or_else(|| format!("no chunk {i} in layer {layer}"))?
+            .ok_or_else(|| source(format!("no chunk {i} in layer {layer}")))?
             .digest;
         if let Some(bytes) = self.cached(&digest) {
             return Ok(bytes);
@@ -112,9 +132,12 @@ impl ChunkSource {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(format!(
-                    "chunk {digest}: the agent did not answer within {:?}",
-                    self.bound
+                return Err((
+                    format!(
+                        "chunk {digest}: the agent did not answer within {:?}",
+                        self.bound
+                    ),
+                    Failure::NoAgent,
                 ));
             }
             let asked = self.rt.block_on(unix_http::request(
@@ -128,7 +151,9 @@ impl ChunkSource {
                 Ok(reply) if reply.status.is_success() => {
                     self.set_link(AgentLink::Connected, None);
                     if Digest::of(&reply.body) != digest {
-                        return Err(format!("the agent sent wrong bytes for chunk {digest}"));
+                        return Err(source(format!(
+                            "the agent sent wrong bytes for chunk {digest}"
+                        )));
                     }
                     if reply.headers.get(FETCHED_HEADER).is_some_and(|v| v == "1") {
                         self.fetched.chunks.fetch_add(1, Ordering::Relaxed);
@@ -140,13 +165,15 @@ impl ChunkSource {
                 }
                 Ok(reply) => {
                     self.set_link(AgentLink::Connected, None);
-                    return Err(format!(
+                    return Err(source(format!(
                         "chunk {digest}: agent answered {}: {}",
                         reply.status,
                         String::from_utf8_lossy(&reply.body)
-                    ));
+                    )));
                 }
-                Err(e @ UnixHttpError::Timeout { .. }) => return Err(e.to_string()),
+                Err(e @ UnixHttpError::Timeout { .. }) => {
+                    return Err((e.to_string(), Failure::NoAgent))
+                }
                 Err(e) => {
                     self.set_link(AgentLink::AgentLost, Some(&e));
                     std::thread::sleep(RETRY.min(left));
@@ -155,22 +182,31 @@ impl ChunkSource {
         }
     }
 
-    /// The first chunk of `range` that failed within [`FAIL_FAST`], if any.
+    /// The first chunk of `range` that failed within [`FAIL_FAST`], if any (forgetting
+    /// the chunks that failed for want of the agent if it is back).
     fn recently_failed(&self, list: &ChunkList, range: &Range<u64>) -> Option<Digest> {
         let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
-        failed.retain(|_, at| at.elapsed() < FAIL_FAST);
-        list.chunks_covering(range.clone())
+        failed.retain(|_, (at, _)| at.elapsed() < FAIL_FAST);
+        let hit = list
+            .chunks_covering(range.clone())
             .map(|i| list.chunks[i].digest)
-            .find(|d| failed.contains_key(d))
+            .find_map(|d| failed.get(&d).map(|(_, why)| (d, *why)))?;
+        if hit.1 == Failure::NoAgent
+            && std::os::unix::net::UnixStream::connect(&self.record.agent_socket).is_ok()
+        {
+            failed.retain(|_, (_, why)| *why != Failure::NoAgent);
+            return None;
+        }
+        Some(hit.0)
     }
 
     /// The bytes `range` of a layer blob, every chunk by one deadline.
-    fn read_range(&self, layer: usize, range: Range<u64>) -> Result<Vec<u8>, String> {
-        let list = self.list(layer)?;
+    fn read_range(&self, layer: usize, range: Range<u64>) -> Result<Vec<u8>, (String, Failure)> {
+        let list = self.list(layer).map_err(|e| (e, Failure::NoSource))?;
         let deadline = Instant::now() + self.bound;
         let mut out = Vec::with_capacity((range.end - range.start) as usize);
         for i in list.chunks_covering(range.clone()) {
-            let bytes = self.chunk(layer, i, deadline)?;
+            let bytes = self.chunk_or_why(layer, i, deadline)?;
             let start = list.chunk_offset(i);
             let from = range.start.saturating_sub(start) as usize;
             let to = (range.end - start).min(bytes.len() as u64) as usize;
@@ -190,7 +226,7 @@ impl BlobSource for ChunkSource {
             return Err(format!("chunk {d} could not be had just now"));
         }
         let result = self.read_range(layer, range.clone());
-        if result.is_err() {
+        if let Err((_, why)) = &result {
             let missing: Vec<Digest> = list
                 .chunks_covering(range)
                 .map(|i| list.chunks[i].digest)
@@ -200,8 +236,8 @@ impl BlobSource for ChunkSource {
                 .collect();
             let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
-            failed.extend(missing.into_iter().map(|d| (d, now)));
+            failed.extend(missing.into_iter().map(|d| (d, (now, *why))));
         }
-        result
+        result.map_err(|(e, _)| e)
     }
 }

@@ -142,7 +142,8 @@ pub async fn start(record: &RecordDir, log_format: LogFormat) -> Result<Process,
     }
 }
 
-/// True if an imgd FUSE filesystem is mounted at `dir` (per `/proc/self/mountinfo`).
+/// True if an imgd FUSE filesystem is mounted at `dir` (per `/proc/self/mountinfo`: a
+/// `fuse` or `fuse.imgd` filesystem whose source is `imgd:LABEL`).
 pub fn is_imgd_mount(dir: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return false;
@@ -150,9 +151,12 @@ pub fn is_imgd_mount(dir: &Path) -> bool {
     let want = dir.to_string_lossy();
     info.lines().any(|line| {
         // ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS... - FSTYPE SOURCE SUPER_OPTIONS
-        let fields: Vec<&str> = line.split(' ').collect();
-        let fstype = line.split(" - ").nth(1).and_then(|r| r.split(' ').next());
-        fields.get(4).is_some_and(|mp| unescape(mp) == want) && fstype == Some("fuse.imgd")
+        let mount_point = line.split(' ').nth(4).map(unescape);
+        let mut tail = line.split(" - ").nth(1).unwrap_or("").split(' ');
+        let (fstype, source) = (tail.next().unwrap_or(""), tail.next().unwrap_or(""));
+        mount_point.as_deref() == Some(&*want)
+            && (fstype == "fuse" || fstype == "fuse.imgd")
+            && unescape(source).starts_with("imgd:")
     })
 }
 
