@@ -276,7 +276,10 @@ async fn chunk(
     axum::extract::Path((id, layer, chunk)): axum::extract::Path<(String, usize, usize)>,
 ) -> Response {
     match agent.mounts.chunk(&agent, &id, layer, chunk).await {
-        None => (StatusCode::NOT_FOUND, format!("mount {id} has no chunk {layer}/{chunk}"))
+        None => (
+            StatusCode::NOT_FOUND,
+            format!("mount {id} has no chunk {layer}/{chunk}"),
+        )
             .into_response(),
         Some(Ok((bytes, fetched))) => (
             [(

@@ -61,7 +61,8 @@ mdns = true
 
 [mount]
 # A read on a lazy mount whose chunks no source delivers within this time fails with
-# EIO instead of hanging, in milliseconds.
+# EIO instead of hanging, in milliseconds. While the agent is down (mounts outlive it),
+# reads of uncached data retry it for this long.
 read_timeout_ms = 10000
 # FUSE worker threads per mount.
 threads = 4

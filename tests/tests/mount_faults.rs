@@ -108,7 +108,10 @@ fn sha256_of(file: &Path) -> String {
         Duration::from_secs(120),
     )
     .unwrap();
-    sum.split_whitespace().next().unwrap_or_default().to_string()
+    sum.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[test]
@@ -218,7 +221,11 @@ fn kill_9_of_the_agent_leaves_the_mount_serving_and_a_restarted_agent_takes_it_b
         }
         h.update(&buf[..n]);
     }
-    assert_eq!(h.finish().hex(), big_sha(1), "read through the open descriptor");
+    assert_eq!(
+        h.finish().hex(),
+        big_sha(1),
+        "read through the open descriptor"
+    );
     assert_eq!(sha256_of(&file), big_sha(1));
 
     // Busy: umount refuses and the mount keeps serving; closed: it goes, and so does
@@ -230,8 +237,14 @@ fn kill_9_of_the_agent_leaves_the_mount_serving_and_a_restarted_agent_takes_it_b
     drop(held);
     let (ok, out, err) = a.imgctl(&["umount", path_str(&lower).unwrap()]).unwrap();
     assert!(ok, "{out}{err}");
-    assert!(wait_gone(pid, Duration::from_secs(10)), "the mount process exits");
-    assert!(std::fs::read_dir(&lower).unwrap().next().is_none(), "unmounted");
+    assert!(
+        wait_gone(pid, Duration::from_secs(10)),
+        "the mount process exits"
+    );
+    assert!(
+        std::fs::read_dir(&lower).unwrap().next().is_none(),
+        "unmounted"
+    );
     assert_eq!(a.status().unwrap()["mounts"], serde_json::json!([]));
     a.verify_clean().unwrap();
 }
@@ -253,10 +266,19 @@ fn a_dead_mount_process_is_cleaned_up_by_the_agent_running_or_starting() {
             .imgctl(&["mount", "local/run:1", path_str(&lower).unwrap()])
             .unwrap();
         assert!(ok, "mount: {out}{err}");
-        assert_eq!(std::fs::read_dir(&records).unwrap().count(), 1, "one record");
+        assert_eq!(
+            std::fs::read_dir(&records).unwrap().count(),
+            1,
+            "one record"
+        );
         mount_pid(a, &lower)
     };
-    let enotconn = || std::fs::metadata(&lower).err().and_then(|e| e.raw_os_error()) == Some(107);
+    let enotconn = || {
+        std::fs::metadata(&lower)
+            .err()
+            .and_then(|e| e.raw_os_error())
+            == Some(107)
+    };
 
     // The mount process dies under a running agent: the agent notices and cleans up.
     let pid = mount(&a);

@@ -266,8 +266,8 @@ async fn serve_until_unmounted(
 
 /// `umount(2)` of the mount point (not lazy: a busy mount stays and says so).
 fn unmount(dir: &Path) -> Result<(), String> {
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-        .map_err(|e| e.to_string())?;
+    let c =
+        std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
     // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
     if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
         return Err(format!(

@@ -230,9 +230,7 @@ impl BlobSource for ChunkSource {
             let missing: Vec<Digest> = list
                 .chunks_covering(range)
                 .map(|i| list.chunks[i].digest)
-                .filter(|d| {
-                    !ContentStore::path_in(&self.record.cache_dir, "chunks", d).is_file()
-                })
+                .filter(|d| !ContentStore::path_in(&self.record.cache_dir, "chunks", d).is_file())
                 .collect();
             let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();

@@ -48,7 +48,9 @@ pub enum ControlError {
     Garbled(String),
 }
 
-/// How long the agent waits for a control answer (`stop` unmounts first).
+/// How long the agent waits for a control answer (`status` is asked for at every
+/// `imgctl status` and scrape; `stop` unmounts first).
+const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -83,7 +85,7 @@ impl Control {
     /// The process's status.
     pub async fn status(&self) -> Result<ProcessStatus, ControlError> {
         let body = self
-            .call(http::Method::GET, "/status", ANSWER_TIMEOUT)
+            .call(http::Method::GET, "/status", STATUS_TIMEOUT)
             .await?;
         serde_json::from_slice(&body).map_err(|e| ControlError::Garbled(e.to_string()))
     }

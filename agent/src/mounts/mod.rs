@@ -251,7 +251,11 @@ impl Mounts {
             let end = {
                 let mut st = lock(&state);
                 let ours = st.live.get(&dir).is_some_and(|e| e.record.id == record.id);
-                match ours.then(|| st.live.remove(&dir)).flatten().map(|e| e.phase) {
+                match ours
+                    .then(|| st.live.remove(&dir))
+                    .flatten()
+                    .map(|e| e.phase)
+                {
                     Some(Phase::Unmounting) => End::Unmounted,
                     _ => End::Died,
                 }
@@ -457,8 +461,8 @@ enum End {
 /// lifts the layers' protection and removes the record.
 async fn clean_up(cache: &ChunkCache, record: &MountRecord, rdir: &RecordDir, end: End) {
     let (dir, rd) = (record.dir.clone(), rdir.clone());
-    let done = tokio::task::spawn_blocking(move || (process::detach_dead_mount(&dir), rd.remove()))
-        .await;
+    let done =
+        tokio::task::spawn_blocking(move || (process::detach_dead_mount(&dir), rd.remove())).await;
     let dir = record.dir.display();
     match done {
         Ok((detached, removed)) => {
@@ -475,8 +479,12 @@ async fn clean_up(cache: &ChunkCache, record: &MountRecord, rdir: &RecordDir, en
     }
     match end {
         End::Unmounted => tracing::info!(%dir, "unmounted"),
-        End::Died => tracing::warn!(%dir, label = %record.label, "mount process exited: mount removed"),
-        End::Stale => tracing::warn!(%dir, label = %record.label, "stale mount cleaned up: its process was gone"),
+        End::Died => {
+            tracing::warn!(%dir, label = %record.label, "mount process exited: mount removed")
+        }
+        End::Stale => {
+            tracing::warn!(%dir, label = %record.label, "stale mount cleaned up: its process was gone")
+        }
     }
     if end != End::Stale {
         cache.unprotect(&record.layers);
