@@ -29,9 +29,9 @@ const FAIL_FAST: Duration = Duration::from_millis(300);
 /// Why a chunk could not be had.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Failure {
-    /// The agent did not answer.
+    /// Nothing listened on the agent's socket until the read bound.
     NoAgent,
-    /// The agent answered that no source delivered it.
+    /// The agent answered that no source delivered it, or did not answer in time.
     NoSource,
 }
 
@@ -171,9 +171,9 @@ impl ChunkSource {
                         String::from_utf8_lossy(&reply.body)
                     )));
                 }
-                Err(e @ UnixHttpError::Timeout { .. }) => {
-                    return Err((e.to_string(), Failure::NoAgent))
-                }
+                // The agent took the request but no source delivered within the bound
+                // (or the agent hangs, which a connection attempt cannot tell apart).
+                Err(e @ UnixHttpError::Timeout { .. }) => return Err(source(e.to_string())),
                 Err(e) => {
                     self.set_link(AgentLink::AgentLost, Some(&e));
                     std::thread::sleep(RETRY.min(left));

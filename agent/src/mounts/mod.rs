@@ -248,19 +248,24 @@ impl Mounts {
         let (state, cache) = (self.state.clone(), agent.fetcher.cache.clone());
         tokio::spawn(async move {
             process.exited().await;
-            let end = {
-                let mut st = lock(&state);
-                let ours = st.live.get(&dir).is_some_and(|e| e.record.id == record.id);
-                match ours
-                    .then(|| st.live.remove(&dir))
-                    .flatten()
-                    .map(|e| e.phase)
-                {
-                    Some(Phase::Unmounting) => End::Unmounted,
-                    _ => End::Died,
-                }
+            let ours = |e: &Entry| e.record.id == record.id;
+            let phase = lock(&state)
+                .live
+                .get(&dir)
+                .filter(|e| ours(e))
+                .map(|e| e.phase);
+            let end = match phase {
+                Some(Phase::Unmounting) => End::Unmounted,
+                _ => End::Died,
             };
+            // Listed until cleaned up, so a mount that is no longer listed is gone.
             clean_up(&cache, &record, &rdir, end).await;
+            {
+                let mut st = lock(&state);
+                if st.live.get(&dir).is_some_and(ours) {
+                    st.live.remove(&dir);
+                }
+            }
             let _ = gone_tx.send(true);
         });
     }
