@@ -186,11 +186,17 @@ fn ttfb_through_shaped_link(layout: &Path, layer: Digest, size: u64, mbit: u32) 
             &[],
         )
     };
-    // Cold, like the baseline: a fresh proxy each time, stopped after the first byte.
+    // Cold, like the baseline: a fresh proxy each time, stopped after the first byte. As
+    // in any pull, the manifest comes first (which also settles upstream auth, the
+    // registry's `/v2/` challenge); the layer itself is not cached.
     let mut cold = Vec::new();
     for _ in 0..3 {
         let tmp = tempfile::tempdir()?;
         let proxy = fresh_proxy(&tmp)?;
+        let (status, _, _, _) = get_timed(&proxy.addr(), "/v2/up/big/manifests/1", false)?;
+        if !status.contains("200") {
+            bail!("manifest through the proxy: {status}");
+        }
         let (status, _, _, first) = get_timed(&proxy.addr(), &proxy_path, true)?;
         match first {
             Some(t) if status.contains("200") => cold.push(t),
