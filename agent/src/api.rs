@@ -73,6 +73,12 @@ pub struct Status {
     pub node_id: String,
     pub cache_used_bytes: u64,
     pub cache_quota_bytes: u64,
+    /// The most chunk data the cache held at once since the agent started.
+    #[serde(default)]
+    pub cache_peak_used_bytes: u64,
+    /// What opening the cache repaired (a crash's leftovers), at start.
+    #[serde(default)]
+    pub cache_open_repair: crate::cache::RepairReport,
     pub peers: Vec<PeerStatus>,
     /// Blobs being fetched now.
     pub blobs_in_flight: usize,
@@ -209,6 +215,8 @@ async fn status(State(agent): State<Arc<Agent>>) -> Json<Status> {
         node_id: agent.node_id.clone(),
         cache_used_bytes: f.cache.used_bytes(),
         cache_quota_bytes: f.cache.quota(),
+        cache_peak_used_bytes: f.cache.peak_used_bytes(),
+        cache_open_repair: f.cache.open_report().clone(),
         peers: agent
             .peers
             .all()

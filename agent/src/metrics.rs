@@ -13,7 +13,7 @@
 //! | `imgd_agent_served_bytes_total` | counter | `to` = `peer`, `mirror` |
 //! | `imgd_agent_chunk_fetch_seconds` | histogram | `source` = `peer`, `proxy` |
 //! | `imgd_agent_verification_failures_total` | counter | `where` = `peer`, `proxy`, `cache` |
-//! | `imgd_agent_cache_size_bytes`, `imgd_agent_cache_quota_bytes`, `imgd_agent_cache_chunks` | gauge | |
+//! | `imgd_agent_cache_size_bytes`, `imgd_agent_cache_quota_bytes`, `imgd_agent_cache_peak_bytes`, `imgd_agent_cache_chunks` | gauge | |
 //! | `imgd_agent_cache_evictions_total`, `imgd_agent_cache_evicted_bytes_total` | counter | |
 //! | `imgd_agent_peers`, `imgd_agent_peers_usable` | gauge | |
 //! | `imgd_agent_fuse_reads_total`, `imgd_agent_fuse_read_bytes_total`, `imgd_agent_fuse_eio_total`, `imgd_agent_mount_fetched_bytes_total` | counter | `mount`, `image` |
@@ -217,6 +217,11 @@ fn snapshot(agent: &Agent, mounts: &[crate::mounts::MountStatus]) -> Snapshot {
             "cache_quota_bytes",
             "The cache's quota",
             vec![(vec![], f.cache.quota())],
+        ),
+        (
+            "cache_peak_bytes",
+            "The most bytes of chunk data the cache held at once since start",
+            vec![(vec![], f.cache.peak_used_bytes())],
         ),
         (
             "cache_chunks",

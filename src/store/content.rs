@@ -72,6 +72,13 @@ impl ContentStore {
         Ok(ContentStore { root: dir, tmp })
     }
 
+    /// Files staged in the temp directory of store `kind` under `root`: what a crash left
+    /// there, that [`ContentStore::open`] removes. 0 if there is no such directory.
+    pub fn staged_files(root: &Path, kind: &str) -> u64 {
+        let tmp = root.join("tmp").join(kind);
+        fs::read_dir(tmp).map_or(0, |rd| rd.flatten().count() as u64)
+    }
+
     /// Where the content with `digest` lives (whether or not it is present).
     pub fn path(&self, digest: &Digest) -> PathBuf {
         shard_path(&self.root, digest)

@@ -408,6 +408,11 @@ impl Agent {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
+    /// A scrape of the agent's `/metrics` (on its mirror listener).
+    pub fn metrics(&self) -> Result<crate::scrape::Scrape> {
+        crate::scrape::Scrape::get(&format!("http://{}", self.mirror))
+    }
+
     /// The agent's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -16,6 +16,7 @@
 //! - [`fault_relay`]: a fault-injecting, request-recording relay (and static server).
 //! - [`token_auth`]: a registry token-auth front with expiring tokens.
 //! - [`lan_setup`]: a registry with a big image, a LAN of namespace hosts and a proxy on it.
+//! - [`scrape`]: a daemon's `/metrics` read into samples.
 
 pub mod containerd;
 pub mod cri;
@@ -31,6 +32,7 @@ pub mod process;
 pub mod pull;
 pub mod registry;
 pub mod registry_client;
+pub mod scrape;
 pub mod skopeo;
 pub mod token_auth;
 pub mod umoci;

@@ -46,8 +46,34 @@ fn kill_9_during_prefetch_then_restart_completes_with_a_consistent_cache() {
     let _ = prefetch.wait();
     let used_at_kill = a.status().is_err();
     assert!(used_at_kill, "the agent is dead");
+    // What the crash left staged, plus a half-written chunk as a kill during staging
+    // leaves it.
+    let staging = data.join("data/cache/tmp/chunks");
+    std::fs::write(staging.join(".tmpKILLED"), vec![7u8; 1 << 20]).unwrap();
+    let staged = std::fs::read_dir(&staging).unwrap().count() as u64;
 
     let a = agent(&data, &proxy.url());
+    // The repair at open must have found nothing listed that was missing or damaged (a
+    // chunk's file is committed before its row), whole orphans only from a kill between
+    // a file's rename and its row (at most one per chunk fetched at once, 4 by default),
+    // and removed every staged file.
+    let s = a.status().unwrap();
+    let repair = &s["cache_open_repair"];
+    println!("repaired at open after kill -9: {repair}");
+    for (field, want) in [
+        ("rows_without_file", 0),
+        ("damaged_removed", 0),
+        ("orphans_removed", 0),
+        ("staged_removed", staged),
+    ] {
+        assert_eq!(repair[field].as_u64(), Some(want), "{field}: {s}");
+    }
+    assert!(repair["orphans_adopted"].as_u64().unwrap() <= 4, "{s}");
+    assert_eq!(
+        std::fs::read_dir(&staging).unwrap().count(),
+        0,
+        "staged files removed"
+    );
     let (ok, out, err) = a.imgctl(&["verify"]).unwrap();
     assert!(
         ok,

@@ -13,6 +13,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
+/// The most the cache may exceed its quota by while a test image (one layer and a
+/// config, fetched at once) is prefetched: one 4 MiB chunk per blob being fetched.
+const PEAK_EXCESS: u64 = 2 * 4 * MIB;
 
 /// A tmpfs mounted at a directory, lazily unmounted on drop.
 struct Tmpfs(PathBuf);
@@ -131,6 +134,19 @@ fn read_tree(dir: &Path) -> u64 {
     total
 }
 
+/// Evictions counted by the agent so far: (chunks, bytes).
+fn evictions(a: &Agent) -> (f64, f64) {
+    let m = a.metrics().unwrap();
+    (
+        m.v("imgd_agent_cache_evictions_total"),
+        m.v("imgd_agent_cache_evicted_bytes_total"),
+    )
+}
+
+fn from_proxy(a: &Agent) -> u64 {
+    a.status().unwrap()["bytes_from_proxy"].as_u64().unwrap()
+}
+
 #[test]
 fn beyond_the_quota_lru_eviction_spares_pinned_and_mounted_images() {
     let tmp = tempfile::tempdir().unwrap();
@@ -143,8 +159,10 @@ fn beyond_the_quota_lru_eviction_spares_pinned_and_mounted_images() {
     ];
     let mut proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
     let quota = pinned + mounted + 12 * MIB;
+    // Each big image alone overflows the quota by more than the allowed peak excess, so
+    // a cache that did not evict would be caught at the first one.
     assert!(
-        big[0] > quota - pinned - mounted,
+        big[0] > quota - pinned - mounted + PEAK_EXCESS,
         "{big:?} vs quota {quota}"
     );
     let data = tmp.path().join("agent");
@@ -158,18 +176,35 @@ fn beyond_the_quota_lru_eviction_spares_pinned_and_mounted_images() {
     let (ok, out, _) = prefetch_sampled(&a, "local/mounted:1");
     assert!(ok, "{out}");
     let mount = ImgdMount::mount(&a, "local/mounted:1", &tmp.path().join("mnt")).unwrap();
+    assert_eq!(evictions(&a), (0.0, 0.0), "nothing evicted below the quota");
 
     for (i, size) in big.iter().enumerate() {
         let image = format!("local/big{}:1", i + 1);
-        let (ok, out, peak) = prefetch_sampled(&a, &image);
-        assert!(ok, "{out}\n{}", a.log());
+        let (used_before, proxy_before, evicted_before) = (used(&a), from_proxy(&a), evictions(&a));
+        let (ok, out, sampled) = prefetch_sampled(&a, &image);
+        let peak = a.status().unwrap()["cache_peak_used_bytes"].as_u64().unwrap();
+        let evicted = evictions(&a);
+        let (chunks, bytes) = (evicted.0 - evicted_before.0, evicted.1 - evicted_before.1);
         println!(
-            "{image} ({size} bytes) with quota {quota}: peak use {peak}, after {}",
+            "{image} ({size} bytes) with quota {quota}: agent's peak use {peak} (sampled {sampled}), after {}, evicted {chunks} chunks of {bytes} bytes",
             used(&a)
         );
-        // Eviction runs after each stored chunk: at most the chunks in flight above it.
-        assert!(peak <= quota + 8 * 4 * MIB, "peak {peak} vs quota {quota}");
+        // The agent's high-water mark: eviction runs inside every put, so the cache is
+        // above its quota by at most one chunk per blob being fetched.
+        assert!(
+            peak <= quota + PEAK_EXCESS,
+            "peak {peak} vs quota {quota} + {PEAK_EXCESS}"
+        );
+        assert!(ok, "{out}\n{}", a.log());
         assert!(used(&a) <= quota, "{} above quota {quota}", used(&a));
+        // The prefetch itself evicted, exactly what it stored beyond what stayed.
+        assert!(chunks > 0.0, "{image}: no eviction during the prefetch");
+        let stored = from_proxy(&a) - proxy_before;
+        assert_eq!(
+            bytes as u64,
+            used_before + stored - used(&a),
+            "evicted bytes = used before + stored - used after"
+        );
         let (got, total) = cached(&a, &image);
         assert!(got < total, "{image} only partly fits: {got} of {total}");
     }
@@ -183,13 +218,38 @@ fn beyond_the_quota_lru_eviction_spares_pinned_and_mounted_images() {
     );
     a.verify_clean().unwrap();
 
-    // Without the proxy, and without the page cache, the mount still reads every file.
+    // Without the proxy, and without the page cache, both images read whole: the pinned
+    // one mounted only now, when it can come from nowhere but the cache.
+    let pinned_mount =
+        ImgdMount::mount(&a, "local/pinned:1", &tmp.path().join("mnt-pinned")).unwrap();
     proxy.kill().unwrap();
     std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
     let read = read_tree(mount.dir());
-    assert_eq!(read, 8 * MIB, "read {read} bytes");
+    assert_eq!(read, 8 * MIB, "read {read} bytes of the mounted image");
+    let read = read_tree(pinned_mount.dir());
+    assert_eq!(read, 6 * MIB, "read {read} bytes of the pinned image");
+    let s = a.status().unwrap();
+    for m in s["mounts"].as_array().unwrap() {
+        assert_eq!(m["eio"].as_u64(), Some(0), "{m}");
+    }
+    drop(pinned_mount);
     drop(mount);
     a.verify_clean().unwrap();
+}
+
+/// Bytes an unprivileged writer can still allocate on the filesystem of `dir`.
+fn free_bytes(dir: &Path) -> u64 {
+    let out = Command::new("stat")
+        .args(["-f", "-c", "%a %S"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<u64> = text
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    v[0] * v[1]
 }
 
 fn count_files(dir: &Path) -> usize {
@@ -231,11 +291,20 @@ fn a_full_disk_fails_the_prefetch_clearly_corrupts_nothing_and_recovers_with_spa
 
     // Another process takes the last byte: now even metadata writes fail.
     let filler = data.join("data/filler");
-    let _ = Command::new("dd")
+    let dd = Command::new("dd")
         .args(["if=/dev/zero", "bs=64k"])
         .arg(format!("of={}", filler.display()))
-        .stderr(std::process::Stdio::null())
-        .status();
+        .output()
+        .unwrap();
+    let dd_err = String::from_utf8_lossy(&dd.stderr);
+    assert!(
+        !dd.status.success() && dd_err.contains("No space left on device"),
+        "dd stops only at a full disk: {:?} {dd_err}",
+        dd.status
+    );
+    assert!(std::fs::metadata(&filler).unwrap().len() > 0, "dd wrote");
+    let avail = free_bytes(&data.join("data"));
+    assert!(avail < 64 * 1024, "{avail} bytes still free");
     let (ok, out, _) = prefetch_sampled(&a, "local/second:1");
     println!("with the disk filled by another process: {out}");
     assert!(!ok && out.contains("no space left"), "{out}");

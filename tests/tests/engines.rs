@@ -5,10 +5,12 @@
 
 use imgd_tests::containerd::Containerd;
 use imgd_tests::daemons::{Agent, AgentOptions, Proxy};
+use imgd_tests::fault_relay::FaultRelay;
 use imgd_tests::guards::path_str;
 use imgd_tests::image::{presets, FileSpec, ImageInfo, ImageSpec, LayerSpec};
 use imgd_tests::podman::Podman;
 use imgd_tests::registry::Registry;
+use imgd_tests::scrape::Scrape;
 use imgd_tests::skopeo;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -62,13 +64,17 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
     out
 }
 
-/// A registry holding the image, a proxy whose default upstream is dead (so only a
-/// request naming the registry's upstream succeeds), and an agent without swarm.
+/// A registry holding the image behind a recording relay (the engines are given the
+/// relay's address as the registry's, so every request reaching the registry is seen), a
+/// proxy whose default upstream is dead (so only a request naming the registry's upstream
+/// succeeds), and an agent without swarm.
 struct Setup {
     _reg: Registry,
+    relay: FaultRelay,
     _proxy: Proxy,
     agent: Agent,
     image: ImageInfo,
+    /// The registry's address as the engines know it: the relay's.
     registry: String,
     tmp: tempfile::TempDir,
 }
@@ -77,15 +83,18 @@ fn setup(upstream_name: Option<&str>) -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let reg = Registry::start().unwrap();
     let (image, _) = skopeo::push_image(&reg, &tmp.path().join("img"), image(), "app:1").unwrap();
-    let name = upstream_name.unwrap_or(reg.addr()).to_string();
+    let relay = FaultRelay::start(reg.addr()).unwrap();
+    let registry = relay.url().trim_start_matches("http://").to_string();
+    let name = upstream_name.unwrap_or(&registry).to_string();
     let proxy = Proxy::start(&[
         "dead=http://127.0.0.1:9".to_string(),
-        format!("{name}={}", reg.url()),
+        format!("{name}={}", relay.url()),
     ])
     .unwrap();
     let agent = Agent::start(AgentOptions::local(proxy.url(), tmp.path().join("agent"))).unwrap();
     Setup {
-        registry: reg.addr().to_string(),
+        registry,
+        relay,
         _reg: reg,
         _proxy: proxy,
         agent,
@@ -94,16 +103,36 @@ fn setup(upstream_name: Option<&str>) -> Setup {
     }
 }
 
-/// The pull went through the agent: it fetched every layer's bytes from the proxy (it
-/// fetches chunks only for a mirror request or an imgctl command, and none was run).
-fn assert_pulled_through_agent(s: &Setup) {
-    let status = s.agent.status().unwrap();
-    let from_proxy = status["bytes_from_proxy"].as_u64().unwrap();
+/// The engine got the layers from the agent's mirror: the mirror served at least the
+/// layers' bytes since `before`, and every request that reached the registry came from
+/// the proxy (an engine falling back to the registry itself, as containerd does when a
+/// mirror fails, would show up there with its own user agent).
+fn assert_pulled_through_mirror(s: &Setup, before: &Scrape) {
     let layers: u64 = s.image.layers.iter().map(|l| l.blob.size).sum();
+    let served = s
+        .agent
+        .metrics()
+        .unwrap()
+        .delta(before, "imgd_agent_served_bytes_total{to=\"mirror\"}");
     assert!(
-        from_proxy >= layers,
-        "the agent fetched {from_proxy} bytes, the layers are {layers}: {status}\n{}",
+        served >= layers as f64,
+        "the mirror served {served} bytes, the layers are {layers}:\n{}",
         s.agent.log()
+    );
+    let seen = s.relay.seen();
+    let not_proxy: Vec<String> = seen
+        .iter()
+        .filter(|r| !r.header("user-agent").unwrap_or("").starts_with("imgd-proxy/"))
+        .map(|r| format!("{} {} ({:?})", r.method, r.path, r.header("user-agent")))
+        .collect();
+    assert!(
+        not_proxy.is_empty(),
+        "the registry was asked by someone other than the proxy: {not_proxy:?}"
+    );
+    let blob_gets = s.relay.count("GET", "/blobs/");
+    assert!(
+        blob_gets >= s.image.layers.len(),
+        "the proxy fetched {blob_gets} blobs from the registry"
     );
 }
 
@@ -149,15 +178,17 @@ fn containerd_pulls_through_the_agent_and_runs_the_image_with_runc() {
 
     let ctrd = Containerd::start().unwrap();
     let reference = format!("{}/app:1", s.registry);
-    // containerd would fall back to the registry itself (plain http on loopback) if the
-    // mirror failed, so the proof is the agent's counters; and as the proxy's default
-    // upstream is dead, the agent got the blobs only by passing containerd's ?ns= on.
+    // containerd falls back to the registry itself (plain http on loopback) if the mirror
+    // fails, so the proof is the relay's record and the mirror's counter; and as the
+    // proxy's default upstream is dead, the agent got the blobs only by passing
+    // containerd's ?ns= on.
+    let scraped = s.agent.metrics().unwrap();
     ctrd.run_ctr(
         &["images", "pull", "--hosts-dir", certs_str, &reference],
         PULL_TIMEOUT,
     )
     .unwrap();
-    assert_pulled_through_agent(&s);
+    assert_pulled_through_mirror(&s, &scraped);
     let listed = ctrd
         .run_ctr(&["images", "ls"], Duration::from_secs(30))
         .unwrap();
@@ -207,6 +238,7 @@ fn podman_pulls_through_the_agent_and_runs_the_image() {
     let policy = podman.policy();
     // The registry's own location would be tried with https, which it does not speak:
     // the pull succeeds only through the mirror.
+    let scraped = s.agent.metrics().unwrap();
     podman
         .run(
             &[
@@ -218,7 +250,7 @@ fn podman_pulls_through_the_agent_and_runs_the_image() {
             PULL_TIMEOUT,
         )
         .unwrap();
-    assert_pulled_through_agent(&s);
+    assert_pulled_through_mirror(&s, &scraped);
 
     let out = podman
         .run(

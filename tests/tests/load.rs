@@ -1,8 +1,11 @@
 //! Load on one agent: 64 concurrent readers on one mount plus 8 concurrent prefetches of
-//! different images, for a bounded time. No read fails or returns wrong bytes, everything
+//! different images, for a bounded time. No read fails or returns wrong bytes, every
+//! reader keeps reading and its reads reach the agent, the prefetches run while the
+//! readers read (their layers come through a relay that slows them down), everything
 //! finishes, and the agent's peak RSS stays within a bound.
 
 use imgd_tests::daemons::{Agent, AgentOptions, Proxy};
+use imgd_tests::fault_relay::{Fault, FaultRelay};
 use imgd_tests::guards::ImgdMount;
 use imgd_tests::image::{Content, FileSpec, ImageSpec, LayerSpec, SplitMix64};
 use imgd_tests::registry::Registry;
@@ -10,7 +13,7 @@ use imgd_tests::skopeo;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -25,6 +28,13 @@ const FILE_LEN: u64 = 2 * MIB;
 /// Peak RSS (VmHWM) allowed to the agent under this load. Measured 2026-11-23 on the
 /// 2-core machine: 138-151 MiB (25 MiB idle), so the bound leaves about 1.7x of margin.
 const RSS_BOUND_MIB: u64 = 256;
+/// How fast the relay in front of the registry sends the prefetched images' layers (16 MiB
+/// each), so that the 8 prefetches last about half of [`LOAD_TIME`].
+const PREFETCH_LAYER_BYTES_PER_SEC: u64 = 3 << 19;
+/// Reads each reader must complete in [`LOAD_TIME`]: every reader makes progress.
+const MIN_READS_PER_READER: u64 = 100;
+/// Reads the readers must complete together while all 8 prefetches are running.
+const MIN_READS_DURING_PREFETCHES: u64 = 1000;
 
 fn file_content(i: u64) -> Content {
     Content::Random {
@@ -50,11 +60,28 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .unwrap_or_else(|| panic!("no VmHWM in {status}"))
 }
 
+/// Drops the file's cached pages, so that the next read reaches the agent.
+fn drop_pages(file: &std::fs::File) -> std::io::Result<()> {
+    // SAFETY: a plain syscall on an open descriptor.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    match rc {
+        0 => Ok(()),
+        e => Err(std::io::Error::from_raw_os_error(e)),
+    }
+}
+
 /// One reader: random slices of random files until `stop`, each checked against the
-/// file's content. Returns (reads, errors and mismatches as text).
-fn reader(dir: &Path, id: u64, expected: &[Vec<u8>], stop: &AtomicBool) -> (u64, Vec<String>) {
+/// file's content, counting into `done`. Returns (reads, bytes read, errors and
+/// mismatches as text).
+fn reader(
+    dir: &Path,
+    id: u64,
+    expected: &[Vec<u8>],
+    stop: &AtomicBool,
+    done: &AtomicU64,
+) -> (u64, u64, Vec<String>) {
     let mut rng = SplitMix64::new(id);
-    let mut reads = 0;
+    let (mut reads, mut bytes) = (0, 0);
     let mut errors = Vec::new();
     while !stop.load(Ordering::Relaxed) && errors.len() < 10 {
         let f = rng.next_u64() % FILES;
@@ -63,9 +90,7 @@ fn reader(dir: &Path, id: u64, expected: &[Vec<u8>], stop: &AtomicBool) -> (u64,
         let path = dir.join(format!("data/f{f}"));
         let mut buf = vec![0u8; len as usize];
         let got = std::fs::File::open(&path).and_then(|file| {
-            // Drop the file's cached pages first, so the read reaches the agent.
-            // SAFETY: a plain syscall on an open descriptor.
-            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            drop_pages(&file)?;
             file.read_exact_at(&mut buf, off)
         });
         match got {
@@ -74,8 +99,34 @@ fn reader(dir: &Path, id: u64, expected: &[Vec<u8>], stop: &AtomicBool) -> (u64,
             Err(e) => errors.push(format!("f{f} at {off}: {e}")),
         }
         reads += 1;
+        bytes += len;
+        done.fetch_add(1, Ordering::Relaxed);
     }
-    (reads, errors)
+    (reads, bytes, errors)
+}
+
+/// Samples taken while the load runs: reads completed while every prefetch was running.
+#[derive(Default)]
+struct Overlap {
+    /// (time since start, reads completed) at the first and last sample at which every
+    /// prefetch's imgctl was running and the agent had every prefetch's layer in flight.
+    first: Option<(Duration, u64)>,
+    last: Option<(Duration, u64)>,
+}
+
+impl Overlap {
+    fn record(&mut self, at: Duration, reads: u64) {
+        self.first.get_or_insert((at, reads));
+        self.last = Some((at, reads));
+    }
+
+    /// Reads completed between the first and the last sample, and for how long.
+    fn reads(&self) -> (u64, Duration) {
+        match (self.first, self.last) {
+            (Some((t0, r0)), Some((t1, r1))) => (r1 - r0, t1 - t0),
+            _ => (0, Duration::ZERO),
+        }
+    }
 }
 
 #[test]
@@ -91,15 +142,21 @@ fn many_readers_on_a_mount_and_many_prefetches_finish_without_errors_in_bounded_
     }));
     let mounted = ImageSpec::new("mounted", vec![LayerSpec::gzip(specs)]);
     skopeo::push_image(&reg, &tmp.path().join("mounted"), mounted, "mounted:1").unwrap();
+    // The prefetched images' layers come slowly, so the prefetches overlap the readers.
+    let relay = FaultRelay::start(reg.addr()).unwrap();
+    let slow = Fault::Throttle {
+        bytes_per_sec: PREFETCH_LAYER_BYTES_PER_SEC,
+    };
     let mut total_prefetch = 0;
     for p in 0..PREFETCHES as u64 {
+        relay.add(&format!("/v2/p{p}/blobs/"), slow.clone(), None);
         let name = format!("p{p}");
         let spec = data_image(&name, 100 * (p + 1), 4, 4 * MIB);
         let (_, size) =
             skopeo::push_image(&reg, &tmp.path().join(&name), spec, &format!("{name}:1")).unwrap();
         total_prefetch += size;
     }
-    let proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
+    let proxy = Proxy::start(&[format!("local={}", relay.url())]).unwrap();
     let a = Agent::start(AgentOptions::local(proxy.url(), tmp.path().join("agent"))).unwrap();
     let mount = ImgdMount::mount(&a, "local/mounted:1", &tmp.path().join("mnt")).unwrap();
     let expected: Arc<Vec<Vec<u8>>> =
@@ -107,37 +164,55 @@ fn many_readers_on_a_mount_and_many_prefetches_finish_without_errors_in_bounded_
     let hwm_before = vm_hwm_kib(a.pid());
 
     let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
     let (done_tx, done_rx) = mpsc::channel();
     for r in 0..READERS as u64 {
-        let (dir, expected, stop, tx) = (
+        let (dir, expected, stop, done, tx) = (
             mount.dir().to_path_buf(),
             expected.clone(),
             stop.clone(),
+            done.clone(),
             done_tx.clone(),
         );
         std::thread::spawn(move || {
-            let _ = tx.send(reader(&dir, r + 1, &expected, &stop));
+            let _ = tx.send(reader(&dir, r + 1, &expected, &stop, &done));
         });
     }
     let started = Instant::now();
-    let prefetches: Vec<_> = (0..PREFETCHES)
+    let mut prefetches: Vec<_> = (0..PREFETCHES)
         .map(|p| {
             a.spawn_imgctl(&["prefetch", &format!("local/p{p}:1")])
                 .unwrap()
         })
         .collect();
+    let mut overlap = Overlap::default();
     while started.elapsed() < LOAD_TIME {
         std::thread::sleep(Duration::from_millis(200));
+        let reads = done.load(Ordering::Relaxed);
+        let at = started.elapsed();
+        let mut running = 0;
+        for c in prefetches.iter_mut() {
+            if c.try_wait().unwrap().is_none() {
+                running += 1;
+            }
+        }
+        let in_flight = a.status().unwrap()["blobs_in_flight"].as_u64().unwrap();
+        if running == PREFETCHES && in_flight >= PREFETCHES as u64 {
+            overlap.record(at, reads);
+        }
     }
     stop.store(true, Ordering::Relaxed);
 
-    let mut reads = 0;
+    let mut per_reader = Vec::new();
+    let (mut reads, mut bytes) = (0, 0);
     let mut errors = Vec::new();
     for _ in 0..READERS {
-        let (n, e) = done_rx
+        let (n, b, e) = done_rx
             .recv_timeout(Duration::from_secs(60))
             .expect("a reader did not finish: deadlock or hang");
+        per_reader.push(n);
         reads += n;
+        bytes += b;
         errors.extend(e);
     }
     for (p, child) in prefetches.into_iter().enumerate() {
@@ -156,15 +231,33 @@ fn many_readers_on_a_mount_and_many_prefetches_finish_without_errors_in_bounded_
     let took = started.elapsed();
     let hwm = vm_hwm_kib(a.pid());
     let s = a.status().unwrap();
+    let m = &s["mounts"][0];
+    let agent_reads = m["reads"].as_u64().unwrap();
+    let agent_bytes = m["bytes_read"].as_u64().unwrap();
+    let (during, window) = overlap.reads();
     println!(
-        "{READERS} readers: {reads} reads in {took:?} ({} reached the agent); {PREFETCHES} prefetches of {total_prefetch} bytes; agent VmHWM {} MiB before, {} MiB after (bound {RSS_BOUND_MIB} MiB)",
-        s["mounts"][0]["reads"],
+        "{READERS} readers: {reads} reads of {bytes} bytes in {took:?} (fewest by one reader {}); the agent served {agent_reads} FUSE reads of {agent_bytes} bytes; {during} reads in the {window:?} while all {PREFETCHES} prefetches of {total_prefetch} bytes ran; agent VmHWM {} MiB before, {} MiB after (bound {RSS_BOUND_MIB} MiB)",
+        per_reader.iter().min().unwrap(),
         hwm_before / 1024,
         hwm / 1024
     );
     assert!(errors.is_empty(), "read errors: {errors:?}");
-    assert!(reads >= READERS as u64, "every reader read: {reads}");
-    assert_eq!(s["mounts"][0]["eio"].as_u64().unwrap(), 0, "{s}");
+    for (r, n) in per_reader.iter().enumerate() {
+        assert!(
+            *n >= MIN_READS_PER_READER,
+            "a reader ({r} in order of finishing) made only {n} reads"
+        );
+    }
+    // Each read first dropped the file's pages, so each reached the agent at least once.
+    assert!(
+        agent_reads >= reads && agent_bytes >= bytes,
+        "the agent served {agent_reads} reads of {agent_bytes} bytes for {reads} reads of {bytes} bytes: {s}"
+    );
+    assert!(
+        during >= MIN_READS_DURING_PREFETCHES,
+        "only {during} reads in the {window:?} while all {PREFETCHES} prefetches ran"
+    );
+    assert_eq!(m["eio"].as_u64().unwrap(), 0, "{s}");
     assert!(
         hwm / 1024 <= RSS_BOUND_MIB,
         "agent peak RSS {} MiB",

@@ -7,8 +7,8 @@ use imgd_tests::guards::ImgdMount;
 use imgd_tests::image::{FileSpec, ImageSpec, LayerSpec};
 use imgd_tests::registry::Registry;
 use imgd_tests::registry_client;
+use imgd_tests::scrape::Scrape;
 use imgd_tests::skopeo;
-use std::collections::HashMap;
 use std::path::Path;
 
 const MIB: u64 = 1 << 20;
@@ -33,48 +33,17 @@ fn image() -> ImageSpec {
     )
 }
 
-/// A scrape: every sample by its series (`name{labels}`), checked for the format.
-struct Scrape(HashMap<String, f64>);
+/// A scrape of `url`'s `/metrics`, checked for the format.
+fn scrape(url: &str) -> Scrape {
+    Scrape::get(url).unwrap()
+}
 
-impl Scrape {
-    fn get(url: &str) -> Scrape {
-        let r = registry_client::get(&format!("{url}/metrics"), &[]).unwrap();
-        assert_eq!(r.status, 200);
-        let content_type = r
-            .headers
-            .iter()
-            .find(|(k, _)| k == "content-type")
-            .map(|(_, v)| v.as_str());
-        assert_eq!(
-            content_type,
-            Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
-        );
-        let text = String::from_utf8(r.body).unwrap();
-        assert!(text.ends_with("# EOF\n"), "{text}");
-        let mut samples = HashMap::new();
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let (series, value) = line.rsplit_once(' ').expect("`series value` lines");
-            samples.insert(series.to_string(), value.parse().expect("a number"));
-        }
-        Scrape(samples)
-    }
-
-    /// The sample of `series`, or 0 if the series does not exist (yet).
-    fn v(&self, series: &str) -> f64 {
-        self.0.get(series).copied().unwrap_or(0.0)
-    }
-
-    /// How much `series` grew since `before`.
-    fn delta(&self, before: &Scrape, series: &str) -> f64 {
-        self.v(series) - before.v(series)
-    }
-
-    /// Asserts how much `imgd_agent_received_bytes_total` grew since `before`, by source.
-    fn assert_received(&self, before: &Scrape, expected: &[(&str, f64)]) {
-        for &(source, bytes) in expected {
-            let series = format!("imgd_agent_received_bytes_total{{source=\"{source}\"}}");
-            assert_eq!(self.delta(before, &series), bytes, "{series}");
-        }
+/// Asserts how much `imgd_agent_received_bytes_total` grew from `before` to `after`, by
+/// source.
+fn assert_received(after: &Scrape, before: &Scrape, expected: &[(&str, f64)]) {
+    for &(source, bytes) in expected {
+        let series = format!("imgd_agent_received_bytes_total{{source=\"{source}\"}}");
+        assert_eq!(after.delta(before, &series), bytes, "{series}");
     }
 }
 
@@ -146,8 +115,8 @@ fn metrics_health_and_readiness_of_proxy_and_agent_count_what_a_pull_and_a_read_
     assert_eq!(lines[..3], ["ready", "storage: ok", "quic: listening"]);
     assert!(lines[3].starts_with("data_plane: bound "), "{body}");
 
-    let p0 = Scrape::get(&proxy.url());
-    let a0 = Scrape::get(&agent_url);
+    let p0 = scrape(&proxy.url());
+    let a0 = scrape(&agent_url);
     assert_eq!(a0.v("imgd_agent_cache_size_bytes"), 0.0);
     assert_eq!(a0.v("imgd_agent_cache_quota_bytes"), 4294967296.0);
     assert_eq!(a0.v("imgd_agent_peers"), 0.0);
@@ -156,8 +125,8 @@ fn metrics_health_and_readiness_of_proxy_and_agent_count_what_a_pull_and_a_read_
 
     let (ok, out, err) = agent.imgctl(&["prefetch", "local/obs:1"]).unwrap();
     assert!(ok, "prefetch: {out}{err}");
-    let p1 = Scrape::get(&proxy.url());
-    let a1 = Scrape::get(&agent_url);
+    let p1 = scrape(&proxy.url());
+    let a1 = scrape(&agent_url);
     let image = image_bytes as f64;
     println!(
         "image: {image_bytes} bytes in {} blobs, {chunks} chunks",
@@ -199,7 +168,7 @@ fn metrics_health_and_readiness_of_proxy_and_agent_count_what_a_pull_and_a_read_
     );
 
     // The agent received exactly the image from the proxy, and caches exactly it.
-    a1.assert_received(&a0, &[("proxy", image), ("peer", 0.0), ("cache", 0.0)]);
+    assert_received(&a1, &a0, &[("proxy", image), ("peer", 0.0), ("cache", 0.0)]);
     assert_eq!(
         a1.delta(
             &a0,
@@ -211,15 +180,16 @@ fn metrics_health_and_readiness_of_proxy_and_agent_count_what_a_pull_and_a_read_
     let cached = files_size(&agent.data_dir.join("data/cache/chunks"));
     assert_eq!(cached, image_bytes);
     assert_eq!(a1.v("imgd_agent_cache_size_bytes"), image);
+    assert_eq!(a1.v("imgd_agent_cache_peak_bytes"), image);
     assert_eq!(a1.v("imgd_agent_cache_chunks"), chunks as f64);
     assert_eq!(a1.v("imgd_agent_cache_evictions_total"), 0.0);
 
     // A second prefetch finds everything in the cache; the proxy serves nothing more.
     let (ok, out, err) = agent.imgctl(&["prefetch", "local/obs:1"]).unwrap();
     assert!(ok, "prefetch: {out}{err}");
-    let p2 = Scrape::get(&proxy.url());
-    let a2 = Scrape::get(&agent_url);
-    a2.assert_received(&a1, &[("cache", image), ("proxy", 0.0)]);
+    let p2 = scrape(&proxy.url());
+    let a2 = scrape(&agent_url);
+    assert_received(&a2, &a1, &[("cache", image), ("proxy", 0.0)]);
     assert_eq!(
         p2.delta(&p1, "imgd_proxy_served_bytes_total{api=\"chunk\"}"),
         0.0
@@ -237,8 +207,8 @@ fn metrics_health_and_readiness_of_proxy_and_agent_count_what_a_pull_and_a_read_
     assert_eq!((r.status, r.body.len() as u64), (200, config.size));
     let missing = proxy.get("/v2/local/obs/manifests/nope", &[]).unwrap();
     assert_eq!(missing.status, 404);
-    let p3 = Scrape::get(&proxy.url());
-    let a3 = Scrape::get(&agent_url);
+    let p3 = scrape(&proxy.url());
+    let a3 = scrape(&agent_url);
     assert_eq!(
         p3.delta(&p2, "imgd_proxy_served_bytes_total{api=\"registry\"}"),
         config.size as f64
@@ -262,7 +232,7 @@ fn metrics_health_and_readiness_of_proxy_and_agent_count_what_a_pull_and_a_read_
             mount.dir().display()
         )
     };
-    let a4 = Scrape::get(&agent_url);
+    let a4 = scrape(&agent_url);
     assert_eq!(a4.v(&series("imgd_agent_fuse_reads_total")), 0.0);
     assert!(
         a4.0.contains_key(&series("imgd_agent_fuse_reads_total")),
@@ -273,7 +243,7 @@ fn metrics_health_and_readiness_of_proxy_and_agent_count_what_a_pull_and_a_read_
     );
     let read = std::fs::read(mount.dir().join("data/a.bin")).unwrap();
     assert_eq!(read.len() as u64, 5 * MIB);
-    let a5 = Scrape::get(&agent_url);
+    let a5 = scrape(&agent_url);
     let reads = a5.delta(&a4, &series("imgd_agent_fuse_reads_total"));
     println!("reading 5 MiB took {reads} FUSE reads");
     // A FUSE read request is at most 1 MiB (256 pages) and at least a page.
@@ -285,7 +255,7 @@ fn metrics_health_and_readiness_of_proxy_and_agent_count_what_a_pull_and_a_read_
     assert_eq!(a5.v(&series("imgd_agent_fuse_eio_total")), 0.0);
     // Everything was cached: the read fetched nothing.
     assert_eq!(a5.v(&series("imgd_agent_mount_fetched_bytes_total")), 0.0);
-    a5.assert_received(&a4, &[("proxy", 0.0)]);
+    assert_received(&a5, &a4, &[("proxy", 0.0)]);
 
     // A cached chunk damaged on disk is caught when read, counted, and fetched again.
     let b = &info.layers[2].blob;
@@ -301,7 +271,7 @@ fn metrics_health_and_readiness_of_proxy_and_agent_count_what_a_pull_and_a_read_
     std::fs::write(&file, bytes).unwrap();
     let read = std::fs::read(mount.dir().join("data/b.bin")).unwrap();
     assert_eq!(read.len(), 300 * 1024);
-    let a6 = Scrape::get(&agent_url);
+    let a6 = scrape(&agent_url);
     assert_eq!(
         a6.delta(
             &a5,
@@ -309,14 +279,14 @@ fn metrics_health_and_readiness_of_proxy_and_agent_count_what_a_pull_and_a_read_
         ),
         1.0
     );
-    a6.assert_received(&a5, &[("proxy", b.size as f64)]);
+    assert_received(&a6, &a5, &[("proxy", b.size as f64)]);
     assert_eq!(
         a6.v(&series("imgd_agent_mount_fetched_bytes_total")),
         b.size as f64
     );
     assert_eq!(a6.v("imgd_agent_cache_size_bytes"), image);
     drop(mount);
-    let a7 = Scrape::get(&agent_url);
+    let a7 = scrape(&agent_url);
     assert!(
         !a7.0
             .keys()
@@ -383,8 +353,8 @@ fn chunks_a_peer_serves_are_counted_by_both_agents_and_not_by_the_proxy() {
         format!("http://{}", b.mirror),
     );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while Scrape::get(&a_url).v("imgd_agent_peers") < 1.0
-        || Scrape::get(&b_url).v("imgd_agent_peers") < 1.0
+    while scrape(&a_url).v("imgd_agent_peers") < 1.0
+        || scrape(&b_url).v("imgd_agent_peers") < 1.0
     {
         assert!(
             std::time::Instant::now() < deadline,
@@ -396,19 +366,19 @@ fn chunks_a_peer_serves_are_counted_by_both_agents_and_not_by_the_proxy() {
     }
 
     let (p0, a0, b0) = (
-        Scrape::get(&proxy.url()),
-        Scrape::get(&a_url),
-        Scrape::get(&b_url),
+        scrape(&proxy.url()),
+        scrape(&a_url),
+        scrape(&b_url),
     );
     let (ok, out, err) = b.imgctl(&["prefetch", "local/obs:1"]).unwrap();
     assert!(ok, "prefetch: {out}{err}");
     let (p1, a1, b1) = (
-        Scrape::get(&proxy.url()),
-        Scrape::get(&a_url),
-        Scrape::get(&b_url),
+        scrape(&proxy.url()),
+        scrape(&a_url),
+        scrape(&b_url),
     );
     let image = image_bytes as f64;
-    b1.assert_received(&b0, &[("peer", image), ("proxy", 0.0)]);
+    assert_received(&b1, &b0, &[("peer", image), ("proxy", 0.0)]);
     assert_eq!(
         b1.delta(&b0, "imgd_agent_chunk_fetch_seconds_count{source=\"peer\"}"),
         chunks as f64

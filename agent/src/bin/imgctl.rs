@@ -241,9 +241,19 @@ async fn run(cli: Cli) -> Result<()> {
             println!("node      {}", s.node_id);
             println!("proxy     {}", s.proxy_url);
             println!(
-                "cache     {} of {} quota",
+                "cache     {} of {} quota (peak {})",
                 mb(s.cache_used_bytes),
-                mb(s.cache_quota_bytes)
+                mb(s.cache_quota_bytes),
+                mb(s.cache_peak_used_bytes)
+            );
+            let r = &s.cache_open_repair;
+            println!(
+                "repaired  at start: {} staged files, {} rows without a file, {} damaged, {} orphans adopted, {} removed",
+                r.staged_removed,
+                r.rows_without_file,
+                r.damaged_removed,
+                r.orphans_adopted,
+                r.orphans_removed
             );
             println!(
                 "received  {} from cache, {} from peers, {} from proxy",

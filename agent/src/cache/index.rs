@@ -17,6 +17,8 @@ pub(super) const FLUSH_EVERY: usize = 1024;
 pub(super) struct Index {
     entries: HashMap<Digest, ChunkMeta>,
     used: u64,
+    /// The largest `used` ever reached.
+    peak: u64,
     clock: u64,
     dirty: HashSet<Digest>,
 }
@@ -52,6 +54,11 @@ impl Index {
         self.used
     }
 
+    /// The largest [`Index::used`] since the index was built.
+    pub(super) fn peak(&self) -> u64 {
+        self.peak
+    }
+
     /// Advances the logical clock and returns the new tick.
     pub(super) fn tick(&mut self) -> u64 {
         self.clock += 1;
@@ -64,6 +71,7 @@ impl Index {
             self.used -= u64::from(old.size);
         }
         self.used += u64::from(meta.size);
+        self.peak = self.peak.max(self.used);
     }
 
     /// Forgets a chunk, before its row is deleted.
@@ -150,6 +158,7 @@ mod tests {
         assert_eq!(ix.used(), 9, "re-inserting replaces the size");
         assert!(ix.remove(&b).is_some());
         assert_eq!((ix.used(), ix.dirty_len(), ix.len()), (4, 0, 1));
+        assert_eq!(ix.peak(), 15, "the high-water mark stays");
         assert!(!ix.touch(&b));
     }
 }

@@ -28,6 +28,9 @@
 //!   chunk just stored. If only such chunks remain the cache stays above its quota: the
 //!   put still succeeds and a warning is logged (an image being mounted must be able to
 //!   finish). Nothing is evicted at open, before the agent has re-protected its mounts.
+//!   Each put evicts before it returns, so the cache exceeds its quota by at most one
+//!   chunk per concurrent put (plus what is unevictable); [`ChunkCache::peak_used_bytes`]
+//!   keeps the high-water mark so that bound can be checked.
 //! - **Access times** are ticks of a logical clock kept in memory and written to the
 //!   `chunks` rows in batches (once 1024 chunks have unsaved ticks, at [`ChunkCache::gc`],
 //!   on [`ChunkCache::flush_access`] and on drop). A crash loses only some recency.
@@ -79,6 +82,7 @@ impl ChunkCache {
     /// Opens (creating) the cache in `dir` with a quota of `quota_bytes` for chunk data,
     /// and repairs what a crash may have left (see the module docs).
     pub fn open(dir: &Path, quota_bytes: u64) -> Result<ChunkCache, CacheError> {
+        let staged = ContentStore::staged_files(dir, "chunks");
         let store =
             ContentStore::open(dir, "chunks").map_err(|e| CacheError::store("opening", e))?;
         let meta =
@@ -94,7 +98,10 @@ impl ChunkCache {
             eviction: Mutex::new(HashMap::new()),
             open_report: RepairReport::default(),
         };
-        cache.open_report = cache.reconcile()?;
+        cache.open_report = RepairReport {
+            staged_removed: staged,
+            ..cache.reconcile()?
+        };
         if !cache.open_report.is_clean() {
             tracing::warn!(dir = %dir.display(), report = ?cache.open_report, "chunk cache repaired at open");
         }
@@ -129,6 +136,12 @@ impl ChunkCache {
     /// Bytes of chunk data stored (sum of chunk sizes, not of disk blocks).
     pub fn used_bytes(&self) -> u64 {
         self.index().used()
+    }
+
+    /// The most chunk data ever stored at once since open (a high-water mark of
+    /// [`ChunkCache::used_bytes`], exact: taken at every insert).
+    pub fn peak_used_bytes(&self) -> u64 {
+        self.index().peak()
     }
 
     /// Number of chunks stored.

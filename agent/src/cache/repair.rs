@@ -20,6 +20,9 @@ pub struct RepairReport {
     pub orphans_adopted: u64,
     /// Files without a row that did not verify and were deleted.
     pub orphans_removed: u64,
+    /// Staged (temp) chunk files deleted: only at open, where a crash may leave them.
+    #[serde(default)]
+    pub staged_removed: u64,
 }
 
 impl RepairReport {

@@ -1,6 +1,8 @@
 //! Peer chunk throughput on loopback: the agent's data plane (handshake, framing, sha256
 //! verification on the client, as in production) against a plain tokio TCP copy of the
-//! same bytes, both measured in this run, with the CPU each side spends.
+//! same bytes, both measured in this run, with the CPU each side spends. The plain copy
+//! with sha256 on receive uses as many connections as the data plane (`--conns`), one
+//! task each on the same multi-threaded runtime, so the two differ only by the protocol.
 //!
 //! The serving side runs in a child process (this binary re-executed with `--serve`), so
 //! its CPU time is read from `/proc/<pid>/stat` and the client's from `getrusage`.
@@ -97,7 +99,8 @@ impl ChunkSource for MemSource {
 }
 
 /// The serving child: holds the chunks in memory, serves the data plane on one port
-/// and a plain "send everything" TCP copy on another, until killed.
+/// and a plain TCP copy on another, until killed. A plain-copy client sends the first
+/// chunk and the number of chunks it wants (two u32, little endian) and gets their bytes.
 fn child(o: &Opts) -> Result<()> {
     let chunks: Vec<Bytes> = (0..o.mib * (1 << 20) / CHUNK_SIZE)
         .map(make_chunk)
@@ -129,7 +132,9 @@ fn child(o: &Opts) -> Result<()> {
                 let chunks = chunks.clone();
                 tokio::spawn(async move {
                     s.set_nodelay(true)?;
-                    for c in chunks.iter() {
+                    let first = s.read_u32_le().await? as usize;
+                    let count = s.read_u32_le().await? as usize;
+                    for c in chunks.iter().skip(first).take(count) {
                         s.write_all(c).await?;
                     }
                     s.shutdown().await
@@ -166,10 +171,18 @@ fn self_cpu() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-/// Plain copy: read everything the child sends into a reused 4 MiB buffer.
-async fn plain_copy(addr: SocketAddr) -> Result<u64> {
+/// A plain-copy connection asking for `count` chunks from `first`.
+async fn plain_connect(addr: SocketAddr, first: usize, count: usize) -> Result<TcpStream> {
     let mut s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
+    s.write_u32_le(u32::try_from(first)?).await?;
+    s.write_u32_le(u32::try_from(count)?).await?;
+    Ok(s)
+}
+
+/// Plain copy: read every chunk on one connection into a reused 4 MiB buffer.
+async fn plain_copy(addr: SocketAddr, chunks: usize) -> Result<u64> {
+    let mut s = plain_connect(addr, 0, chunks).await?;
     let mut buf = vec![0u8; CHUNK_SIZE];
     let mut total = 0u64;
     loop {
@@ -182,17 +195,32 @@ async fn plain_copy(addr: SocketAddr) -> Result<u64> {
 }
 
 /// `tokio::io::copy` of the stream into a sink (its default 8 KiB buffer).
-async fn tokio_copy(addr: SocketAddr) -> Result<u64> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.set_nodelay(true)?;
+async fn tokio_copy(addr: SocketAddr, chunks: usize) -> Result<u64> {
+    let mut s = plain_connect(addr, 0, chunks).await?;
     Ok(tokio::io::copy(&mut s, &mut tokio::io::sink()).await?)
 }
 
-/// Plain copy plus what verification costs at least: the receiver hashes each 4 MiB
-/// chunk in 256 KiB pieces as they arrive, on one connection, without any protocol.
-async fn plain_copy_sha256(addr: SocketAddr) -> Result<u64> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.set_nodelay(true)?;
+/// Plain copy plus what verification costs at least, with the data plane's parallelism:
+/// `conns` tasks on the runtime, each on its own connection for an equal share of the
+/// chunks, hash each 4 MiB chunk in 256 KiB pieces as they arrive, without any protocol.
+async fn plain_copy_sha256(addr: SocketAddr, chunks: usize, conns: usize) -> Result<u64> {
+    let per = chunks.div_ceil(conns);
+    let tasks: Vec<_> = (0..conns)
+        .map(|i| {
+            let first = (i * per).min(chunks);
+            let count = per.min(chunks - first);
+            tokio::spawn(async move { hash_chunks(plain_connect(addr, first, count).await?).await })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total)
+}
+
+/// Reads 4 MiB chunks from `s` until it closes, hashing each as it arrives.
+async fn hash_chunks(mut s: TcpStream) -> Result<u64> {
     let mut buf = vec![0u8; CHUNK_SIZE];
     let mut total = 0u64;
     loop {
@@ -305,15 +333,16 @@ fn drive(o: &Opts, child: &mut std::process::Child) -> Result<()> {
     let dp_addr = SocketAddr::from(([127, 0, 0, 1], ports[0]));
     let plain_addr = SocketAddr::from(([127, 0, 0, 1], ports[1]));
     let bytes = (digests.len() * CHUNK_SIZE) as u64;
+    let n = digests.len();
     let digests = Arc::new(digests);
     let rt = tokio::runtime::Runtime::new()?;
 
     let (mut plain, mut copy, mut hashed, mut dp) = (vec![], vec![], vec![], vec![]);
     for _ in 0..o.runs {
-        plain.push(measure(pid, bytes, || rt.block_on(plain_copy(plain_addr)))?);
-        copy.push(measure(pid, bytes, || rt.block_on(tokio_copy(plain_addr)))?);
+        plain.push(measure(pid, bytes, || rt.block_on(plain_copy(plain_addr, n)))?);
+        copy.push(measure(pid, bytes, || rt.block_on(tokio_copy(plain_addr, n)))?);
         hashed.push(measure(pid, bytes, || {
-            rt.block_on(plain_copy_sha256(plain_addr))
+            rt.block_on(plain_copy_sha256(plain_addr, n, o.conns))
         })?);
         let d = digests.clone();
         dp.push(measure(pid, bytes, || {
@@ -323,16 +352,29 @@ fn drive(o: &Opts, child: &mut std::process::Child) -> Result<()> {
     let best = |runs: Vec<Run>| runs.into_iter().min_by_key(|r| r.took).context("no runs");
     let (plain, copy, hashed, dp) = (best(plain)?, best(copy)?, best(hashed)?, best(dp)?);
 
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "bench-p2p: {} chunks of 4 MiB ({} MiB) over 127.0.0.1, best of {} runs, {} data plane connections",
+        "bench-p2p: {} chunks of 4 MiB ({} MiB) over 127.0.0.1, best of {} runs, {} connections for the data plane and the copy + sha256, client runtime of {threads} worker threads",
         digests.len(),
         bytes >> 20,
         o.runs,
         o.conns
     );
-    print("plain TCP copy, 4 MiB reads (the baseline)", &plain, bytes);
-    print("plain TCP copy, tokio::io::copy to sink", &copy, bytes);
-    print("plain TCP copy + sha256 on receive", &hashed, bytes);
+    print(
+        "plain TCP copy, 1 connection, 4 MiB reads (the baseline)",
+        &plain,
+        bytes,
+    );
+    print(
+        "plain TCP copy, 1 connection, tokio::io::copy to sink",
+        &copy,
+        bytes,
+    );
+    print(
+        &format!("plain TCP copy + sha256 on receive, {} connections", o.conns),
+        &hashed,
+        bytes,
+    );
     print("data plane, sha256-verified", &dp, bytes);
     let ratio = |base: &Run| base.took.as_secs_f64() / dp.took.as_secs_f64();
     report(
@@ -342,7 +384,7 @@ fn drive(o: &Opts, child: &mut std::process::Child) -> Result<()> {
     );
     report("ratio data plane / tokio::io::copy", ratio(&copy), "x");
     report(
-        "ratio data plane / plain copy + sha256",
+        "ratio data plane / plain copy + sha256 (same connections)",
         ratio(&hashed),
         "x",
     );
