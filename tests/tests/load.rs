@@ -1,8 +1,9 @@
 //! Load on one agent: 64 concurrent readers on one mount plus 8 concurrent prefetches of
 //! different images, for a bounded time. No read fails or returns wrong bytes, every
 //! reader keeps reading and its reads reach the agent, the prefetches run while the
-//! readers read (their layers come through a relay that slows them down), everything
-//! finishes, and the agent's peak RSS stays within a bound.
+//! readers read (the agent reaches the proxy through a relay that slows down the
+//! prefetched images' chunks, so their fetches last), everything finishes, and the
+//! agent's peak RSS stays within a bound.
 
 use imgd_tests::daemons::{Agent, AgentOptions, Proxy};
 use imgd_tests::fault_relay::{Fault, FaultRelay};
@@ -25,16 +26,20 @@ const LOAD_TIME: Duration = Duration::from_secs(20);
 /// Files of the mounted image: `data/f{i}`, 2 MiB each.
 const FILES: u64 = 16;
 const FILE_LEN: u64 = 2 * MIB;
-/// Peak RSS (VmHWM) allowed to the agent under this load. Measured 2026-11-23 on the
-/// 2-core machine: 138-151 MiB (25 MiB idle), so the bound leaves about 1.7x of margin.
-const RSS_BOUND_MIB: u64 = 256;
-/// How fast the relay in front of the registry sends the prefetched images' layers (16 MiB
-/// each), so that the 8 prefetches last about half of [`LOAD_TIME`].
-const PREFETCH_LAYER_BYTES_PER_SEC: u64 = 3 << 19;
+/// Peak RSS (VmHWM) allowed to the agent under this load. Measured on the 2-core machine:
+/// 138-151 MiB (25 MiB idle) on 2026-11-23, when the prefetches ended in the first
+/// seconds; 281-296 MiB on 2026-12-01 with the prefetches slowed so that their 32 chunk
+/// fetches (8 blobs, 4 at once each, a 4 MiB body buffer each) are all in flight during the
+/// reads. The bound leaves about 1.4x of margin over that.
+const RSS_BOUND_MIB: u64 = 400;
+/// How fast the relay between agent and proxy sends each chunk of the prefetched images
+/// (4 MiB, 4 at once per prefetch), so that the 8 prefetches last about 8 s of
+/// [`LOAD_TIME`].
+const PREFETCH_CHUNK_BYTES_PER_SEC: u64 = 512 << 10;
 /// Reads each reader must complete in [`LOAD_TIME`]: every reader makes progress.
 const MIN_READS_PER_READER: u64 = 100;
 /// Reads the readers must complete together while all 8 prefetches are running.
-const MIN_READS_DURING_PREFETCHES: u64 = 1000;
+const MIN_READS_DURING_PREFETCHES: u64 = 5000;
 
 fn file_content(i: u64) -> Content {
     Content::Random {
@@ -58,6 +63,14 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no VmHWM in {status}"))
+}
+
+/// The digests of the 4 MiB chunks of blob `digest` of the layout in `dir`.
+fn chunk_digests(dir: &Path, digest: &imgd_core::Digest) -> Vec<imgd_core::Digest> {
+    let blob = std::fs::read(dir.join("blobs/sha256").join(digest.hex())).unwrap();
+    blob.chunks(imgd_core::CHUNK_SIZE)
+        .map(imgd_core::Digest::of)
+        .collect()
 }
 
 /// Drops the file's cached pages, so that the next read reaches the agent.
@@ -112,12 +125,15 @@ struct Overlap {
     /// prefetch's imgctl was running and the agent had every prefetch's layer in flight.
     first: Option<(Duration, u64)>,
     last: Option<(Duration, u64)>,
+    /// The most chunk fetches the agent had in flight at those samples.
+    chunks_in_flight: u64,
 }
 
 impl Overlap {
-    fn record(&mut self, at: Duration, reads: u64) {
+    fn record(&mut self, at: Duration, reads: u64, chunks_in_flight: u64) {
         self.first.get_or_insert((at, reads));
         self.last = Some((at, reads));
+        self.chunks_in_flight = self.chunks_in_flight.max(chunks_in_flight);
     }
 
     /// Reads completed between the first and the last sample, and for how long.
@@ -142,22 +158,28 @@ fn many_readers_on_a_mount_and_many_prefetches_finish_without_errors_in_bounded_
     }));
     let mounted = ImageSpec::new("mounted", vec![LayerSpec::gzip(specs)]);
     skopeo::push_image(&reg, &tmp.path().join("mounted"), mounted, "mounted:1").unwrap();
-    // The prefetched images' layers come slowly, so the prefetches overlap the readers.
-    let relay = FaultRelay::start(reg.addr()).unwrap();
-    let slow = Fault::Throttle {
-        bytes_per_sec: PREFETCH_LAYER_BYTES_PER_SEC,
-    };
     let mut total_prefetch = 0;
+    let mut slow_chunks = Vec::new();
     for p in 0..PREFETCHES as u64 {
-        relay.add(&format!("/v2/p{p}/blobs/"), slow.clone(), None);
         let name = format!("p{p}");
         let spec = data_image(&name, 100 * (p + 1), 4, 4 * MIB);
-        let (_, size) =
-            skopeo::push_image(&reg, &tmp.path().join(&name), spec, &format!("{name}:1")).unwrap();
+        let dir = tmp.path().join(&name);
+        let (image, size) = skopeo::push_image(&reg, &dir, spec, &format!("{name}:1")).unwrap();
         total_prefetch += size;
+        for layer in &image.layers {
+            slow_chunks.extend(chunk_digests(&dir, &layer.blob.digest));
+        }
     }
-    let proxy = Proxy::start(&[format!("local={}", relay.url())]).unwrap();
-    let a = Agent::start(AgentOptions::local(proxy.url(), tmp.path().join("agent"))).unwrap();
+    let proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
+    // The prefetched images' chunks come slowly, so the prefetches overlap the readers.
+    let relay = FaultRelay::start(&proxy.addr()).unwrap();
+    let slow = Fault::Throttle {
+        bytes_per_sec: PREFETCH_CHUNK_BYTES_PER_SEC,
+    };
+    for d in &slow_chunks {
+        relay.add(&format!("/imgd/v1/chunks/{d}"), slow.clone(), None);
+    }
+    let a = Agent::start(AgentOptions::local(relay.url(), tmp.path().join("agent"))).unwrap();
     let mount = ImgdMount::mount(&a, "local/mounted:1", &tmp.path().join("mnt")).unwrap();
     let expected: Arc<Vec<Vec<u8>>> =
         Arc::new((0..FILES).map(|i| file_content(i).to_vec()).collect());
@@ -196,9 +218,10 @@ fn many_readers_on_a_mount_and_many_prefetches_finish_without_errors_in_bounded_
                 running += 1;
             }
         }
-        let in_flight = a.status().unwrap()["blobs_in_flight"].as_u64().unwrap();
+        let s = a.status().unwrap();
+        let in_flight = s["blobs_in_flight"].as_u64().unwrap();
         if running == PREFETCHES && in_flight >= PREFETCHES as u64 {
-            overlap.record(at, reads);
+            overlap.record(at, reads, s["chunks_in_flight"].as_u64().unwrap());
         }
     }
     stop.store(true, Ordering::Relaxed);
@@ -236,8 +259,9 @@ fn many_readers_on_a_mount_and_many_prefetches_finish_without_errors_in_bounded_
     let agent_bytes = m["bytes_read"].as_u64().unwrap();
     let (during, window) = overlap.reads();
     println!(
-        "{READERS} readers: {reads} reads of {bytes} bytes in {took:?} (fewest by one reader {}); the agent served {agent_reads} FUSE reads of {agent_bytes} bytes; {during} reads in the {window:?} while all {PREFETCHES} prefetches of {total_prefetch} bytes ran; agent VmHWM {} MiB before, {} MiB after (bound {RSS_BOUND_MIB} MiB)",
+        "{READERS} readers: {reads} reads of {bytes} bytes in {took:?} (fewest by one reader {}); the agent served {agent_reads} FUSE reads of {agent_bytes} bytes; {during} reads in the {window:?} while all {PREFETCHES} prefetches of {total_prefetch} bytes ran (up to {} chunk fetches in flight); agent VmHWM {} MiB before, {} MiB after (bound {RSS_BOUND_MIB} MiB)",
         per_reader.iter().min().unwrap(),
+        overlap.chunks_in_flight,
         hwm_before / 1024,
         hwm / 1024
     );
