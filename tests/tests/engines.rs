@@ -103,6 +103,9 @@ fn setup(upstream_name: Option<&str>) -> Setup {
     }
 }
 
+/// The user agents imgd-proxy sends upstream: its own HTTP client's, and oci-client's.
+const PROXY_USER_AGENTS: [&str; 2] = ["imgd-proxy/", "oci-client/"];
+
 /// The engine got the layers from the agent's mirror: the mirror served at least the
 /// layers' bytes since `before`, and every request that reached the registry came from
 /// the proxy (an engine falling back to the registry itself, as containerd does when a
@@ -122,7 +125,10 @@ fn assert_pulled_through_mirror(s: &Setup, before: &Scrape) {
     let seen = s.relay.seen();
     let not_proxy: Vec<String> = seen
         .iter()
-        .filter(|r| !r.header("user-agent").unwrap_or("").starts_with("imgd-proxy/"))
+        .filter(|r| {
+            let agent = r.header("user-agent").unwrap_or("");
+            !PROXY_USER_AGENTS.iter().any(|p| agent.starts_with(p))
+        })
         .map(|r| format!("{} {} ({:?})", r.method, r.path, r.header("user-agent")))
         .collect();
     assert!(
