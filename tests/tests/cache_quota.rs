@@ -182,7 +182,9 @@ fn beyond_the_quota_lru_eviction_spares_pinned_and_mounted_images() {
         let image = format!("local/big{}:1", i + 1);
         let (used_before, proxy_before, evicted_before) = (used(&a), from_proxy(&a), evictions(&a));
         let (ok, out, sampled) = prefetch_sampled(&a, &image);
-        let peak = a.status().unwrap()["cache_peak_used_bytes"].as_u64().unwrap();
+        let peak = a.status().unwrap()["cache_peak_used_bytes"]
+            .as_u64()
+            .unwrap();
         let evicted = evictions(&a);
         let (chunks, bytes) = (evicted.0 - evicted_before.0, evicted.1 - evicted_before.1);
         println!(

@@ -353,9 +353,7 @@ fn chunks_a_peer_serves_are_counted_by_both_agents_and_not_by_the_proxy() {
         format!("http://{}", b.mirror),
     );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while scrape(&a_url).v("imgd_agent_peers") < 1.0
-        || scrape(&b_url).v("imgd_agent_peers") < 1.0
-    {
+    while scrape(&a_url).v("imgd_agent_peers") < 1.0 || scrape(&b_url).v("imgd_agent_peers") < 1.0 {
         assert!(
             std::time::Instant::now() < deadline,
             "the agents did not meet:\n{}\n{}",
@@ -365,18 +363,10 @@ fn chunks_a_peer_serves_are_counted_by_both_agents_and_not_by_the_proxy() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 
-    let (p0, a0, b0) = (
-        scrape(&proxy.url()),
-        scrape(&a_url),
-        scrape(&b_url),
-    );
+    let (p0, a0, b0) = (scrape(&proxy.url()), scrape(&a_url), scrape(&b_url));
     let (ok, out, err) = b.imgctl(&["prefetch", "local/obs:1"]).unwrap();
     assert!(ok, "prefetch: {out}{err}");
-    let (p1, a1, b1) = (
-        scrape(&proxy.url()),
-        scrape(&a_url),
-        scrape(&b_url),
-    );
+    let (p1, a1, b1) = (scrape(&proxy.url()), scrape(&a_url), scrape(&b_url));
     let image = image_bytes as f64;
     assert_received(&b1, &b0, &[("peer", image), ("proxy", 0.0)]);
     assert_eq!(

@@ -186,7 +186,11 @@ fn report_times(what: &str, b: &Best) {
     report(&format!("{what}, fresh mount"), ms(b.fresh), "ms");
     report(&format!("{what}, local disk"), ms(b.local), "ms");
     let ratio = |d: Duration| d.as_secs_f64() / b.local.as_secs_f64();
-    report("  ratio warm mount / local time (target <= 2.0)", ratio(b.warm), "x");
+    report(
+        "  ratio warm mount / local time (target <= 2.0)",
+        ratio(b.warm),
+        "x",
+    );
     report("  ratio fresh mount / local time", ratio(b.fresh), "x");
 }
 

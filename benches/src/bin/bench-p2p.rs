@@ -339,8 +339,12 @@ fn drive(o: &Opts, child: &mut std::process::Child) -> Result<()> {
 
     let (mut plain, mut copy, mut hashed, mut dp) = (vec![], vec![], vec![], vec![]);
     for _ in 0..o.runs {
-        plain.push(measure(pid, bytes, || rt.block_on(plain_copy(plain_addr, n)))?);
-        copy.push(measure(pid, bytes, || rt.block_on(tokio_copy(plain_addr, n)))?);
+        plain.push(measure(pid, bytes, || {
+            rt.block_on(plain_copy(plain_addr, n))
+        })?);
+        copy.push(measure(pid, bytes, || {
+            rt.block_on(tokio_copy(plain_addr, n))
+        })?);
         hashed.push(measure(pid, bytes, || {
             rt.block_on(plain_copy_sha256(plain_addr, n, o.conns))
         })?);
@@ -371,7 +375,10 @@ fn drive(o: &Opts, child: &mut std::process::Child) -> Result<()> {
         bytes,
     );
     print(
-        &format!("plain TCP copy + sha256 on receive, {} connections", o.conns),
+        &format!(
+            "plain TCP copy + sha256 on receive, {} connections",
+            o.conns
+        ),
         &hashed,
         bytes,
     );

@@ -51,7 +51,10 @@ fn check_whole(a: &Agent, size: u64) -> Result<()> {
         .as_array()
         .and_then(|l| l.iter().find(|i| i["image"] == IMAGE))
         .with_context(|| format!("{IMAGE} not listed: {list}"))?;
-    let (cached, total) = (image["cached_bytes"].as_u64(), image["total_bytes"].as_u64());
+    let (cached, total) = (
+        image["cached_bytes"].as_u64(),
+        image["total_bytes"].as_u64(),
+    );
     if cached != Some(size) || total != Some(size) {
         bail!("a host has {cached:?} of {total:?} bytes of the {size}-byte image: {image}");
     }
@@ -93,7 +96,12 @@ fn pull_all(agents: &[Agent], proxy: &Proxy, size: u64) -> Result<(Vec<Duration>
 }
 
 fn slowest(times: &[Duration]) -> f64 {
-    times.iter().max().copied().unwrap_or_default().as_secs_f64()
+    times
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or_default()
+        .as_secs_f64()
 }
 
 fn main() -> Result<()> {
