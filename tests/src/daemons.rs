@@ -453,6 +453,27 @@ impl Agent {
     }
 }
 
+/// Lazy mounts outlive their agent (each is served by an `imgd-mount` process): when a
+/// test is done with an agent, its mounts are detached, which ends their processes.
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let records = self.data_dir.join("data/mounts");
+        for entry in std::fs::read_dir(&records).into_iter().flatten().flatten() {
+            let record = std::fs::read(entry.path().join("record.json")).unwrap_or_default();
+            let dir = serde_json::from_slice::<serde_json::Value>(&record)
+                .ok()
+                .and_then(|r| r["dir"].as_str().map(PathBuf::from));
+            if let Some(dir) = dir {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(&dir)
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::agent_config;
