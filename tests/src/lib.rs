@@ -9,6 +9,8 @@
 //! - [`skopeo`]: pushing layouts to a registry and reading manifests back with `skopeo`.
 //! - [`registry_client`]: minimal blocking HTTP helpers to poke at a registry directly.
 //! - [`pull`]: pulling an image over `/v2/` and verifying every manifest, blob and diff_id.
+//! - [`debian_image`]: a real-world image (Debian, python3, numpy, scipy) built once by
+//!   debootstrap and apt, cached on disk, for benchmarks.
 //! - [`umoci`]: unpacking layouts with `umoci`, a reference for layer application.
 //! - [`media_types`]: the OCI and Docker media type strings.
 //! - [`containerd`], [`podman`]: private instances of the container engines; [`cri`]: a
@@ -21,6 +23,7 @@
 pub mod containerd;
 pub mod cri;
 pub mod daemons;
+pub mod debian_image;
 pub mod fault_relay;
 pub mod guards;
 pub mod image;
