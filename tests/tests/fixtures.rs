@@ -395,3 +395,79 @@ fn basic_auth_registry() {
         d
     );
 }
+
+/// A cache entry of the benchmarks' Debian image (written here from a small built image,
+/// so no Debian mirror is needed) is used as is, and a damaged blob or `layers.json` is
+/// refused, naming what is wrong.
+#[test]
+fn debian_image_cache_entry_is_verified() {
+    use imgd_tests::debian_image::{self, Recipe};
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = Recipe::debian_numpy();
+    let entry = tmp.path().join(debian_image::entry_name(&recipe));
+    let spec = presets::small_multi_layer().named(debian_image::REF_NAME);
+    // Only gzip layers: the cache holds the image as pushed (gzip).
+    let spec = image::ImageSpec {
+        layers: spec
+            .layers
+            .into_iter()
+            .map(|l| image::LayerSpec::gzip(l.files))
+            .collect(),
+        ..spec
+    };
+    let built = image::build_layout(&entry.join("layout"), &[spec]).unwrap();
+    let built = built.image(debian_image::REF_NAME).unwrap().clone();
+    let sizes: Vec<_> = built
+        .layers
+        .iter()
+        .map(|l| serde_json::json!({"diff_id": l.diff_id.to_string(), "size": l.uncompressed_size}))
+        .collect();
+    let layers_json = entry.join("layers.json");
+    fs::write(&layers_json, serde_json::to_vec(&sizes).unwrap()).unwrap();
+
+    let found = debian_image::cached(tmp.path(), &recipe).unwrap();
+    let image = found.image().unwrap();
+    assert_eq!(image.manifest, built.manifest);
+    assert_eq!(image.layers, built.layers);
+    assert_eq!(
+        found.compressed_size().unwrap(),
+        built.referenced_blobs().iter().map(|b| b.size).sum::<u64>()
+    );
+
+    // A layer blob with one byte flipped.
+    let blob = found.layout.blob_path(&built.layers[1].blob.digest);
+    let good = fs::read(&blob).unwrap();
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x40;
+    fs::write(&blob, &bad).unwrap();
+    let err = format!(
+        "{:#}",
+        debian_image::cached(tmp.path(), &recipe).unwrap_err()
+    );
+    assert!(
+        err.contains(&built.layers[1].blob.digest.to_string()),
+        "error does not name the damaged blob: {err}"
+    );
+    fs::write(&blob, &good).unwrap();
+    debian_image::cached(tmp.path(), &recipe).unwrap();
+
+    // layers.json disagreeing with the config.
+    let mut wrong = sizes.clone();
+    wrong[0]["diff_id"] = built.layers[1].diff_id.to_string().into();
+    fs::write(&layers_json, serde_json::to_vec(&wrong).unwrap()).unwrap();
+    let err = format!(
+        "{:#}",
+        debian_image::cached(tmp.path(), &recipe).unwrap_err()
+    );
+    assert!(err.contains("diff_ids"), "{err}");
+
+    // Another recipe has another entry.
+    let mut other = recipe.clone();
+    other.apt_layers = &[&["python3"]];
+    assert_ne!(
+        debian_image::entry_name(&other),
+        debian_image::entry_name(&recipe)
+    );
+    assert!(debian_image::cached(tmp.path(), &other).is_err());
+}

@@ -187,7 +187,7 @@ pub fn build_in(cache: &Path, recipe: &Recipe) -> Result<DebianImage> {
     fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
     let _lock = lock(cache)?;
     let key = recipe.key();
-    let done = cache.join(format!("debian-numpy-{key}"));
+    let done = cache.join(entry_name(recipe));
     if done.exists() {
         match load(&done) {
             Ok(image) => return Ok(image),
@@ -295,7 +295,7 @@ fn remove_tree(dir: &Path) -> Result<()> {
 /// checked against the config by inflating every layer.
 fn write_layer_sizes(dir: &Path) -> Result<()> {
     let layout = dir.join("layout");
-    let (manifest, config) = read_manifest_and_config(&layout)?;
+    let (_, manifest, config) = read_manifest_and_config(&layout)?;
     let diff_ids = config["rootfs"]["diff_ids"]
         .as_array()
         .context("config without rootfs.diff_ids")?;
@@ -318,22 +318,28 @@ fn write_layer_sizes(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Reads and verifies a cached build: every referenced blob's digest and size, the layers
-/// gzip and matching `layers.json`.
+/// The image of `recipe` as cached in `cache` by an earlier [`build_in`], verified (every
+/// blob's digest and size, the layers' diff_ids); an error if it is missing or damaged.
+/// Never builds and never needs the network.
+pub fn cached(cache: &Path, recipe: &Recipe) -> Result<DebianImage> {
+    load(&cache.join(entry_name(recipe)))
+}
+
+/// The cache entry of `recipe`: a directory holding the OCI layout `layout/` and
+/// `layers.json` (each layer's `diff_id` and uncompressed `size`).
+pub fn entry_name(recipe: &Recipe) -> String {
+    format!("debian-numpy-{}", recipe.key())
+}
+
+/// Reads and verifies a cache entry.
 fn load(dir: &Path) -> Result<DebianImage> {
     let layout = dir.join("layout");
-    let index: Value = serde_json::from_slice(&fs::read(layout.join("index.json"))?)?;
-    let entry = index["manifests"]
-        .as_array()
-        .and_then(|m| {
-            m.iter()
-                .find(|e| e["annotations"]["org.opencontainers.image.ref.name"] == REF_NAME)
-        })
-        .context("index.json has no debian-numpy")?;
-    let manifest_blob = blob_info(&layout, entry)?;
-    let (manifest, config) = read_manifest_and_config(&layout)?;
+    let (entry, manifest, config) = read_manifest_and_config(&layout)?;
+    let manifest_blob = blob_info(&layout, &entry)?;
     let config_blob = blob_info(&layout, &manifest["config"])?;
-    let sizes: Vec<Value> = serde_json::from_slice(&fs::read(dir.join("layers.json"))?)?;
+    let sizes: Vec<Value> =
+        serde_json::from_slice(&fs::read(dir.join("layers.json")).context("reading layers.json")?)
+            .context("parsing layers.json")?;
     let descs = manifest["layers"].as_array().context("manifest layers")?;
     if descs.len() != sizes.len() {
         bail!("layers.json does not match the manifest");
@@ -357,7 +363,7 @@ fn load(dir: &Path) -> Result<DebianImage> {
         .iter()
         .map(digest_field)
         .collect::<Result<_>>()?;
-    if diff_ids != layers.iter().map(|l| l.diff_id.clone()).collect::<Vec<_>>() {
+    if diff_ids != layers.iter().map(|l| l.diff_id).collect::<Vec<_>>() {
         bail!("layers.json diff_ids differ from the config's");
     }
     let image = ImageInfo {
@@ -376,15 +382,19 @@ fn load(dir: &Path) -> Result<DebianImage> {
     })
 }
 
-fn read_manifest_and_config(layout: &Path) -> Result<(Value, Value)> {
-    let index: Value = serde_json::from_slice(&fs::read(layout.join("index.json"))?)?;
+/// The `index.json` entry named [`REF_NAME`], its manifest and its config.
+fn read_manifest_and_config(layout: &Path) -> Result<(Value, Value, Value)> {
+    let index: Value = serde_json::from_slice(
+        &fs::read(layout.join("index.json")).context("reading index.json")?,
+    )?;
     let entry = index["manifests"]
         .as_array()
         .and_then(|m| {
             m.iter()
                 .find(|e| e["annotations"]["org.opencontainers.image.ref.name"] == REF_NAME)
         })
-        .context("index.json has no debian-numpy")?;
+        .context("index.json has no debian-numpy")?
+        .clone();
     let manifest: Value = serde_json::from_slice(&fs::read(blob_path(
         layout,
         &digest_field(&entry["digest"])?,
@@ -393,7 +403,7 @@ fn read_manifest_and_config(layout: &Path) -> Result<(Value, Value)> {
         layout,
         &digest_field(&manifest["config"]["digest"])?,
     ))?)?;
-    Ok((manifest, config))
+    Ok((entry, manifest, config))
 }
 
 /// The descriptor `desc` as a [`BlobInfo`], after checking the blob's digest and size.

@@ -31,11 +31,11 @@
 //! busybox-static for `--synthetic`).
 
 mod images;
+mod output;
 mod runc;
 
 use anyhow::{bail, Context, Result};
 use images::{Prepared, Source};
-use imgd_benches::report;
 use imgd_tests::daemons::{workspace_bin, Agent, AgentOptions, Proxy};
 use imgd_tests::guards::{path_str, run_capture, ImgdMount, Overlay};
 use imgd_tests::netns::{Host, Lan};
@@ -54,25 +54,26 @@ const BASELINE_RUNS: usize = 2;
 const STEP_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// One timed start.
-struct LazyRun {
+pub struct LazyRun {
     /// From `imgctl mount` to the container's first line.
-    took: Duration,
+    pub took: Duration,
     /// `imgctl mount` alone.
-    mount: Duration,
+    pub mount: Duration,
     /// Bytes received on the host's link by the time `imgctl mount` returned (manifest,
     /// config, layer indexes).
-    at_mount: u64,
+    pub at_mount: u64,
     /// Bytes received on the host's link by the container's first line.
-    by_first_line: u64,
+    pub by_first_line: u64,
     /// Bytes received on the host's link by the end (a learned warm-up finished).
-    total: u64,
+    pub total: u64,
     /// The mount's `fetched_bytes` at the end (chunks fetched into the cache, learned
     /// prefetch included).
-    fetched: u64,
+    pub fetched: u64,
     /// Whether the agent logged a learned startup prefetch for this mount.
-    learned: bool,
-    /// The `imgctl prefetch --startup` run before the mount, if any.
-    prewarm: Option<Duration>,
+    pub learned: bool,
+    /// The `imgctl prefetch --startup` run before the mount, if any: its time and the
+    /// bytes received on the host's link while it ran.
+    pub prewarm: Option<(Duration, u64)>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -121,10 +122,12 @@ impl Bench<'_> {
             if !ok {
                 bail!("imgctl prefetch --startup {image}: {out}{err}");
             }
-            Some(t.elapsed())
+            Some((t.elapsed(), self.host.rx_bytes()? - rx_before))
         } else {
             None
         };
+        // The start's own bytes are counted from the mount, a prefetch's apart.
+        let rx_before = self.host.rx_bytes()?;
         let lower = dir.join("lower");
         let bundle = dir.join("bundle");
 
@@ -290,11 +293,11 @@ fn proxy_index_bytes(proxy: &Proxy) -> Result<u64> {
 }
 
 /// The results at one link rate.
-struct RateResult {
-    mbit: u32,
-    first: LazyRun,
-    learned: Option<(LazyRun, LazyRun)>,
-    full: [Duration; 4],
+pub struct RateResult {
+    pub mbit: u32,
+    pub first: LazyRun,
+    pub learned: Option<(LazyRun, LazyRun)>,
+    pub full: [Duration; 4],
 }
 
 fn main() -> Result<()> {
@@ -427,79 +430,11 @@ fn main() -> Result<()> {
         "link bytes: received by the host's namespace (indexes, manifests, chunks, TCP/IP headers)"
     );
     for r in &results {
-        print_rate(r, size);
+        output::print_rate(r, size);
     }
     drop(bench);
     drop(proxy);
     drop(lan);
     drop(reg);
     Ok(())
-}
-
-fn print_rate(r: &RateResult, size: u64) {
-    let base = r.full[0].as_secs_f64();
-    let pct = |x: f64| 100.0 * x;
-    let of_image = |b: u64| pct(b as f64 / size as f64);
-    println!("== host link tbf {} Mbit/s ==", r.mbit);
-    report("full pull + unpack + start (baseline)", base, "s");
-    report("  of which skopeo copy", r.full[1].as_secs_f64(), "s");
-    report("  of which umoci unpack", r.full[2].as_secs_f64(), "s");
-    report(
-        "  of which runc until the first line",
-        r.full[3].as_secs_f64(),
-        "s",
-    );
-    let lazy = |name: &str, l: &LazyRun| {
-        report(name, l.took.as_secs_f64(), "s");
-        report(
-            "  / baseline (target <= 10%)",
-            pct(l.took.as_secs_f64() / base),
-            "%",
-        );
-        report("  of which imgctl mount", l.mount.as_secs_f64(), "s");
-        report(
-            "  link bytes by the first line",
-            l.by_first_line as f64 / 1e6,
-            "MB",
-        );
-        report(
-            "  / compressed image (target <= 15%)",
-            of_image(l.by_first_line),
-            "%",
-        );
-        report(
-            "  link bytes by the end of imgctl mount",
-            l.at_mount as f64 / 1e6,
-            "MB",
-        );
-        report(
-            "  / compressed image (target <= 1%)",
-            of_image(l.at_mount),
-            "%",
-        );
-        report("  link bytes in all", l.total as f64 / 1e6, "MB");
-        report(
-            "  agent's chunk bytes (fetched_bytes)",
-            l.fetched as f64 / 1e6,
-            "MB",
-        );
-    };
-    lazy("lazy first start (no startup trace yet)", &r.first);
-    match &r.learned {
-        Some((l, p)) => {
-            lazy("learned start (trace warmed at mount)", l);
-            report(
-                "imgctl prefetch --startup (before the mount)",
-                p.prewarm.unwrap_or_default().as_secs_f64(),
-                "s",
-            );
-            lazy("  then start", p);
-            report(
-                "  link bytes, prefetch included / image",
-                of_image(p.total),
-                "%",
-            );
-        }
-        None => println!("learned prefetch: not available yet"),
-    }
 }
