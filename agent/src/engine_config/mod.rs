@@ -9,6 +9,7 @@
 //! first undoes the previous run, so a re-run is idempotent.
 
 pub mod containerd;
+pub mod containerd_snapshotter;
 pub mod journal;
 pub mod podman;
 
@@ -21,6 +22,8 @@ pub enum Engine {
     Containerd,
     /// podman (containers/image) `registries.conf.d` drop-ins.
     Podman,
+    /// containerd's `config.toml`: imgd as its proxy snapshotter and CRI's snapshotter.
+    ContainerdSnapshotter,
 }
 
 impl Engine {
@@ -29,6 +32,7 @@ impl Engine {
         match self {
             Engine::Containerd => "containerd",
             Engine::Podman => "podman",
+            Engine::ContainerdSnapshotter => "containerd-snapshotter",
         }
     }
 
@@ -37,6 +41,7 @@ impl Engine {
         match self {
             Engine::Containerd => "/etc/containerd/certs.d",
             Engine::Podman => "/etc/containers/registries.conf.d",
+            Engine::ContainerdSnapshotter => "/etc/containerd",
         }
     }
 }
@@ -100,6 +105,8 @@ pub enum EngineConfigError {
     InvalidRegistry(String),
     #[error("no registry given (use --registry HOST)")]
     NoRegistry,
+    #[error("containerd's config.toml holds no mirror (configure it with configure_snapshotter)")]
+    NotAMirror,
     #[error("containerd names the registry in ?ns={host}, so the proxy upstream must be named {host:?}, not {upstream:?}")]
     UpstreamNotHost { host: String, upstream: String },
     #[error("the podman mirror location needs the upstream name as a path component, and {0:?} is not one: name it with HOST=UPSTREAM (an imgd-proxy upstream name of lowercase letters, digits, '.', '_' and '-')")]
@@ -146,7 +153,21 @@ pub fn configure(
     let files = match engine {
         Engine::Containerd => containerd::desired_files(registries, mirror)?,
         Engine::Podman => podman::desired_files(registries, mirror)?,
+        Engine::ContainerdSnapshotter => return Err(EngineConfigError::NotAMirror),
     };
+    journal::undo(dir, engine)?;
+    journal::apply(dir, engine, &files)
+}
+
+/// Writes containerd's `config.toml` in `dir` for imgd's snapshotter at `socket` (and CRI
+/// registry hosts in `hosts_dir`, if given). Undoes an earlier run first.
+pub fn configure_snapshotter(
+    dir: &Path,
+    socket: &Path,
+    hosts_dir: Option<&Path>,
+) -> Result<Report, EngineConfigError> {
+    let engine = Engine::ContainerdSnapshotter;
+    let files = containerd_snapshotter::desired_files(socket, hosts_dir);
     journal::undo(dir, engine)?;
     journal::apply(dir, engine, &files)
 }

@@ -24,7 +24,7 @@ pub struct EngineArgs {
     #[arg(
         long = "registry",
         value_name = "HOST[=UPSTREAM]",
-        required_unless_present = "undo"
+        required_unless_present_any = ["undo", "snapshotter"]
     )]
     registries: Vec<RegistrySpec>,
     /// The configuration directory [default: /etc/containerd/certs.d for containerd,
@@ -41,6 +41,30 @@ pub struct EngineArgs {
     /// Restore the state before the last configure run.
     #[arg(long, conflicts_with_all = ["registries", "mirror"])]
     undo: bool,
+    /// containerd only: also make imgd containerd's proxy snapshotter and CRI's
+    /// snapshotter in its config.toml (restart containerd afterwards).
+    #[arg(long)]
+    snapshotter: bool,
+    /// The directory of containerd's config.toml (with --snapshotter).
+    #[arg(long, default_value = "/etc/containerd")]
+    containerd_dir: PathBuf,
+    /// The snapshotter's socket [default: the agent configuration's, else
+    /// /run/imgd/snapshotter.sock].
+    #[arg(long)]
+    snapshotter_socket: Option<PathBuf>,
+}
+
+/// The snapshotter socket: the flag, else the agent's configured one.
+fn snapshotter_socket(args: &EngineArgs) -> Result<PathBuf> {
+    if let Some(s) = &args.snapshotter_socket {
+        return Ok(s.clone());
+    }
+    if !args.agent_config.exists() {
+        return Ok(AgentConfig::default().snapshotter_socket());
+    }
+    let config = AgentConfig::load(&args.agent_config)
+        .with_context(|| format!("reading {}", args.agent_config.display()))?;
+    Ok(config.snapshotter_socket())
 }
 
 /// The mirror address: the flag, else the agent's configured `mirror_listen` (a wildcard
@@ -89,25 +113,49 @@ pub fn run(cmd: EngineCommand) -> Result<()> {
             .clone()
             .unwrap_or_else(|| PathBuf::from(engine.default_dir())),
     )?;
+    if args.snapshotter && engine != Engine::Containerd {
+        anyhow::bail!("--snapshotter is for containerd");
+    }
+    let containerd_dir = absolute(&args.containerd_dir)?;
     if args.undo {
-        let report = engine_config::undo(engine, &dir)?;
-        if report == Report::default() {
-            println!("nothing to undo in {}", dir.display());
+        let mut undone = vec![(engine, dir.clone())];
+        if args.snapshotter {
+            undone.push((Engine::ContainerdSnapshotter, containerd_dir));
         }
-        print_report(&report);
+        for (engine, dir) in undone {
+            let report = engine_config::undo(engine, &dir)?;
+            if report == Report::default() {
+                println!("nothing to undo in {}", dir.display());
+            }
+            print_report(&report);
+        }
         return Ok(());
     }
-    let mirror = mirror_addr(&args)?;
-    let report = engine_config::configure(engine, &dir, &args.registries, &mirror)?;
-    print_report(&report);
-    match engine {
-        Engine::Containerd => println!(
-            "containerd reads these when its CRI registry config_path is {} \
-             (ctr: --hosts-dir {}); no restart is needed",
-            dir.display(),
-            dir.display()
-        ),
-        Engine::Podman => println!("podman reads the drop-in at its next pull"),
+    if !args.registries.is_empty() {
+        let mirror = mirror_addr(&args)?;
+        let report = engine_config::configure(engine, &dir, &args.registries, &mirror)?;
+        print_report(&report);
+        match engine {
+            Engine::Containerd => println!(
+                "containerd reads these when its CRI registry config_path is {} \
+                 (ctr: --hosts-dir {}); no restart is needed",
+                dir.display(),
+                dir.display()
+            ),
+            Engine::Podman => println!("podman reads the drop-in at its next pull"),
+            Engine::ContainerdSnapshotter => {}
+        }
+    }
+    if args.snapshotter {
+        let socket = snapshotter_socket(&args)?;
+        let hosts = (!args.registries.is_empty()).then_some(dir.as_path());
+        let report = engine_config::configure_snapshotter(&containerd_dir, &socket, hosts)?;
+        print_report(&report);
+        println!(
+            "restart containerd to load the imgd snapshotter ({}); CRI then pulls and runs \
+             with snapshotter \"imgd\"",
+            socket.display()
+        );
     }
     Ok(())
 }
