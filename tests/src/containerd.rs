@@ -37,6 +37,8 @@ pub struct ContainerdOptions {
     pub imgd_snapshotter: Option<PathBuf>,
     /// Enables the CRI plugin.
     pub cri: Option<CriOptions>,
+    /// Runs containerd (and so its pulls and containers) in this host's network namespace.
+    pub host: Option<crate::netns::Host>,
 }
 
 /// The containerd config for `opts` with everything under `dir`.
@@ -127,7 +129,10 @@ impl Containerd {
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config)?;
         let log = std::fs::File::create(dir.path().join("containerd.log"))?;
-        let mut cmd = Command::new("containerd");
+        let mut cmd = match &opts.host {
+            Some(host) => host.command("containerd"),
+            None => Command::new("containerd"),
+        };
         cmd.arg("--config")
             .arg(&config_path)
             .stdin(Stdio::null())

@@ -60,6 +60,20 @@ impl Cri {
         })
     }
 
+    /// Connects once containerd's CRI plugin answers, within `timeout`.
+    pub fn connect_when_ready(socket: &Path, timeout: Duration) -> Result<Cri> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match Cri::connect(socket).and_then(|mut c| c.version().map(|_| c)) {
+                Ok(c) => return Ok(c),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e.context(format!("CRI did not answer within {timeout:?}")))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
     /// The runtime's name and version (checks the CRI plugin answers).
     pub fn version(&mut self) -> Result<String> {
         let v = self.rt.block_on(self.runtime.version(pb::VersionRequest {
@@ -229,6 +243,20 @@ impl Cri {
                 }),
         )?;
         Ok(())
+    }
+}
+
+/// Waits for the container's first log line; returns it.
+pub fn wait_first_line(path: &Path, timeout: Duration) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(line) = log_lines(path).into_iter().next() {
+            return Ok(line);
+        }
+        if Instant::now() > deadline {
+            bail!("no line in {} after {timeout:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -135,7 +135,7 @@ fn ctr_remote_rpull_runs_from_the_lazy_view_without_downloading_layers_and_gc_un
     let (image, reference) = s.push(app_image(greeting), "app:1");
     let ctrd = Containerd::start_with(&ContainerdOptions {
         imgd_snapshotter: Some(s.snapshotter_socket()),
-        cri: None,
+        ..Default::default()
     })
     .unwrap();
     let served_before = s.proxy_blob_bytes();
@@ -291,9 +291,11 @@ fn cri_starts_a_pod_from_the_lazy_view_and_a_zstd_image_takes_the_full_path() {
             hosts_dir: certs.clone(),
             snapshotter: "imgd".into(),
         }),
+        ..Default::default()
     })
     .unwrap();
-    let mut cri = connect_cri(&ctrd);
+    let mut cri = Cri::connect_when_ready(ctrd.socket(), Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", ctrd.log()));
     let logs = s.tmp.path().join("pod-logs");
     std::fs::create_dir_all(&logs).unwrap();
 
@@ -336,16 +338,3 @@ fn cri_starts_a_pod_from_the_lazy_view_and_a_zstd_image_takes_the_full_path() {
     s.agent.verify_clean().unwrap();
 }
 
-/// Connects the CRI client once containerd's CRI plugin answers.
-fn connect_cri(ctrd: &Containerd) -> Cri {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match Cri::connect(ctrd.socket()).and_then(|mut c| c.version().map(|_| c)) {
-            Ok(c) => return c,
-            Err(e) if Instant::now() > deadline => {
-                panic!("CRI did not answer: {e:#}\n{}", ctrd.log())
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
-}
