@@ -337,4 +337,3 @@ fn cri_starts_a_pod_from_the_lazy_view_and_a_zstd_image_takes_the_full_path() {
     cri.remove_pod(&zpod).unwrap();
     s.agent.verify_clean().unwrap();
 }
-

@@ -159,7 +159,11 @@ fn main() -> Result<()> {
         .skip(1)
         .map(|a| a.parse().context("rates are Mbit/s"))
         .collect::<Result<_>>()?;
-    let rates = if rates.is_empty() { vec![1000, 100] } else { rates };
+    let rates = if rates.is_empty() {
+        vec![1000, 100]
+    } else {
+        rates
+    };
     if unsafe { libc::geteuid() } != 0 {
         bail!("bench-containerd-start needs root (namespaces, tc, FUSE, containerd)");
     }
@@ -214,7 +218,11 @@ fn main() -> Result<()> {
         eprintln!("== link shaped to {mbit} Mbit/s ==");
         host.shape(mbit)?;
         let lazy = bench.best(Snapshotter::Imgd, LAZY_RUNS, "imgd snapshotter")?;
-        let full = bench.best(Snapshotter::Overlayfs, BASELINE_RUNS, "overlayfs, full pull")?;
+        let full = bench.best(
+            Snapshotter::Overlayfs,
+            BASELINE_RUNS,
+            "overlayfs, full pull",
+        )?;
         rows.push((mbit, lazy, full));
     }
 
@@ -226,7 +234,11 @@ fn main() -> Result<()> {
         let (l, f) = (lazy.took.as_secs_f64(), full.took.as_secs_f64());
         report(&format!("{mbit} Mbit/s: overlayfs, full pull"), f, "s");
         report(&format!("{mbit} Mbit/s: imgd snapshotter"), l, "s");
-        report(&format!("{mbit} Mbit/s: imgd / overlayfs (time)"), l / f, "x");
+        report(
+            &format!("{mbit} Mbit/s: imgd / overlayfs (time)"),
+            l / f,
+            "x",
+        );
         report(
             &format!("{mbit} Mbit/s: received by the first line, imgd"),
             lazy.rx as f64 / 1e6,
