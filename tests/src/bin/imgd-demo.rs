@@ -1,149 +1,223 @@
-//! `imgd-demo`: imgd's main job on embedded defaults, with no service to set up.
+//! `imgd-demo`: imgd's main job on embedded defaults, with no service to set up: a
+//! container started by containerd from a lazy imgd snapshot, against a full pull of the
+//! same image from the same proxy.
 //!
-//! Builds an OCI image layout on the spot (four layers: gzip, plain tar, gzip, and a
-//! 24 MiB gzip layer), starts the real `imgd-proxy` with that layout as its upstream, pulls
-//! the image through the proxy's registry API verifying every digest, then shows each
-//! layer's chunks and seekable index, and reads one file from the middle of a layer by
-//! fetching only the chunks that cover it.
+//! It builds an image on the spot (a busybox base, 96 MiB of application data the command
+//! does not read, and a small config file it does), pushes it to a private
+//! `docker-registry`, and puts `imgd-proxy` in front of it. Two hosts (network namespaces
+//! on a bridge, links shaped to 1 Gbit/s) each run an `imgd` agent; host A has the image
+//! cached already (`imgctl prefetch`). On host B a private containerd with imgd as its
+//! snapshotter pulls the image with `ctr-remote images rpull` (no layer downloaded) and
+//! runs it: the container's reads are fetched lazily, from host A where it holds the
+//! chunks. Then a fresh containerd on host B does the ordinary thing, `ctr images pull` and
+//! `ctr run` with its overlayfs snapshotter. Both times and the bytes are printed.
 //!
-//! Run: `cargo build --workspace --bins && cargo run -p imgd-tests --bin imgd-demo`
+//! Needs root (namespaces, FUSE, containerd, runc): the test suite's packages
+//! (`.ci/setup`). Run: `cargo build --workspace --bins && cargo run -p imgd-tests --bin imgd-demo`
 
 use anyhow::{bail, Context, Result};
-use imgd_core::index::{plan_read, read_file, EntryKind, LayerIndex};
-use imgd_core::wire::{BlobInfo, IndexState};
-use imgd_core::Digest;
-use imgd_tests::daemons::Proxy;
-use imgd_tests::image::{self, presets, ImageSpec};
-use imgd_tests::pull::pull_verified;
-use imgd_tests::registry_client::RegistryClient;
+use imgd_tests::containerd::{Containerd, ContainerdOptions, NAMESPACE};
+use imgd_tests::daemons::{Agent, Proxy};
+use imgd_tests::image::{presets, FileSpec, ImageSpec, LayerSpec};
+use imgd_tests::netns::Lan;
+use imgd_tests::registry::Registry;
+use imgd_tests::skopeo;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-fn kind_char(k: EntryKind) -> char {
-    match k {
-        EntryKind::File => '-',
-        EntryKind::Dir => 'd',
-        EntryKind::Symlink => 'l',
-        EntryKind::Hardlink => 'h',
-        EntryKind::CharDevice => 'c',
-        EntryKind::BlockDevice => 'b',
-        EntryKind::Fifo => 'p',
+const MIB: u64 = 1 << 20;
+const STEP: Duration = Duration::from_secs(300);
+const COMMAND: &str = "cat /etc/hello.txt /app/config.txt";
+
+fn demo_image() -> Result<ImageSpec> {
+    let base = presets::busybox_base("hello from a container started lazily by imgd")?;
+    let mut data = vec![FileSpec::dir("app"), FileSpec::dir("app/lib")];
+    for i in 0..6 {
+        data.push(FileSpec::random(
+            format!("app/lib/part{i}.bin"),
+            100 + i,
+            16 * MIB,
+        ));
     }
+    let top = LayerSpec::gzip(vec![
+        FileSpec::dir("app"),
+        FileSpec::file("app/config.txt", "config: read from the top layer\n"),
+    ]);
+    Ok(ImageSpec::new(
+        "demo",
+        vec![base, LayerSpec::gzip(data), top],
+    ))
+}
+
+/// Runs `cmd`, returning the time to its first stdout line and all its output.
+fn time_to_first_line(cmd: &mut Command) -> Result<(Duration, String)> {
+    let started = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning ctr")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines.next().transpose()?.unwrap_or_default();
+    let took = started.elapsed();
+    let rest: Vec<String> = lines.map_while(|l| l.ok()).collect();
+    let status = child.wait()?;
+    if !status.success() {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            std::io::Read::read_to_string(&mut e, &mut err)?;
+        }
+        bail!("{cmd:?} failed: {err}");
+    }
+    Ok((
+        took,
+        std::iter::once(first)
+            .chain(rest)
+            .collect::<Vec<_>>()
+            .join("\n"),
+    ))
+}
+
+fn ctr(ctrd: &Containerd, program: &str) -> Command {
+    let mut c = Command::new(program);
+    c.arg("--address")
+        .arg(ctrd.socket())
+        .args(["--namespace", NAMESPACE]);
+    c
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
 fn main() -> Result<()> {
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("imgd-demo needs root (network namespaces, FUSE, containerd)");
+    }
     let tmp = tempfile::tempdir()?;
-    let mut layers = presets::small_multi_layer().layers;
-    layers.extend(presets::big_gzip(24).layers);
-    let spec = ImageSpec::new("v1", layers);
-    let layout = image::build_layout(&tmp.path().join("layout"), &[spec])?;
+    let reg = Registry::start()?;
+    let (image, size) = skopeo::push_image(&reg, &tmp.path().join("img"), demo_image()?, "demo:1")?;
+    let layers: u64 = image.layers.iter().map(|l| l.blob.size).sum();
     println!(
-        "== built OCI layout {} (upstream 'demo')",
-        layout.dir.display()
+        "== built and pushed local/demo:1: {} layers, {}",
+        image.layers.len(),
+        mb(size)
     );
 
-    let proxy = Proxy::start_in(
-        &tmp.path().join("proxy-storage"),
-        &[format!("demo=oci:{}", layout.dir.display())],
-        &[],
+    let lan = Lan::new(2)?;
+    for h in &lan.hosts {
+        h.shape(1000)?;
+    }
+    let proxy = Proxy::start_on_lan(
+        &lan,
+        &tmp.path().join("proxy"),
+        &[format!("local={}", reg.url())],
     )?;
     println!(
-        "== imgd-proxy listening on {} (pid {})\n",
-        proxy.url(),
-        proxy.pid()
+        "== imgd-proxy on {} in front of the registry; hosts A and B on 1 Gbit/s links",
+        proxy.addr()
     );
 
-    let client = RegistryClient::new(proxy.url());
-    let pulled = pull_verified(&client, "demo/app", "v1").context("pulling through the proxy")?;
-    println!("pulled demo/app:v1 through the proxy, every digest verified");
-    println!("  manifest {} ({})", pulled.digest, pulled.media_type);
-
-    let img = layout.image("v1").context("image v1")?;
-    let mut last = None;
-    for (n, layer) in img.layers.iter().enumerate() {
-        let d = layer.blob.digest;
-        let info: BlobInfo = proxy.get(&format!("/imgd/v1/blobs/{d}"), &[])?.json_as()?;
-        println!(
-            "\nlayer {n}: {d}  {} bytes, {}",
-            info.chunks.size, layer.blob.media_type
-        );
-        for (i, c) in info.chunks.chunks.iter().enumerate() {
-            println!("  chunk {i}: {} {:>8} bytes", c.digest, c.size);
-        }
-        let IndexState::Indexed { digest: idx, size } = info.index else {
-            bail!("layer {d} has no index: {:?}", info.index);
-        };
-        let bytes = proxy.get(&format!("/imgd/v1/indexes/{d}"), &[])?.body;
-        let index = LayerIndex::decode(&bytes)?;
-        if Digest::of(&bytes) != idx {
-            bail!("index digest mismatch");
-        }
-        println!(
-            "  index {idx}: {size} bytes, {:?}, {} entries, {} checkpoints, {} bytes uncompressed",
-            index.compression,
-            index.entries.len(),
-            index.checkpoints.len(),
-            index.uncompressed_size
-        );
-        for e in index.entries.iter().take(6) {
-            let link = e
-                .link_target
-                .as_ref()
-                .map(|t| format!(" -> {}", String::from_utf8_lossy(t)));
-            println!(
-                "    {}{:04o} {:>5}:{:<5} {:>9} {}{}",
-                kind_char(e.kind),
-                e.mode,
-                e.uid,
-                e.gid,
-                e.size,
-                e.path_lossy(),
-                link.unwrap_or_default()
-            );
-        }
-        if index.entries.len() > 6 {
-            println!("    ... {} more", index.entries.len() - 6);
-        }
-        last = Some((info, index));
+    let a = Agent::start_on_host(&lan.hosts[0], &proxy, tmp.path(), "")?;
+    let (ok, out, err) = a.imgctl(&["prefetch", "local/demo:1"])?;
+    if !ok {
+        bail!("prefetch on host A: {out}{err}");
     }
+    println!("== host A: imgctl prefetch local/demo:1 (A now holds every chunk)");
+    let b = Agent::start_on_host(&lan.hosts[1], &proxy, tmp.path(), "")?;
+    b.wait_for_peers(1, Duration::from_secs(30))?;
 
-    // Random access: 64 bytes from the middle of the last layer's largest file.
-    let (info, index) = last.context("no layers")?;
-    let file = index
-        .entries
-        .iter()
-        .filter(|e| e.kind == EntryKind::File)
-        .max_by_key(|e| e.size)
-        .context("no file")?;
-    let at = file.size / 2;
-    let plan = plan_read(&index, file.content_offset + at, 64)?;
-    let chunks = info.chunks.chunks_covering(plan.compressed.clone());
-    let mut fetched = 0usize;
-    let got = read_file(&index, file, at, 64, |range| -> Result<Vec<u8>> {
-        let mut out = Vec::new();
-        for i in info.chunks.chunks_covering(range.clone()) {
-            let c = info.chunks.chunks[i];
-            let body = proxy
-                .get(&format!("/imgd/v1/chunks/{}", c.digest), &[])?
-                .body;
-            if Digest::of(&body) != c.digest {
-                bail!("chunk {} failed verification", c.digest);
-            }
-            fetched += body.len();
-            let start = info.chunks.chunk_offset(i);
-            let from = range.start.saturating_sub(start) as usize;
-            let to = (range.end - start).min(body.len() as u64) as usize;
-            out.extend_from_slice(&body[from..to]);
-        }
-        Ok(out)
+    let reference = format!("{}/local/demo:1", proxy.addr());
+    let lazy = Containerd::start_with(&ContainerdOptions {
+        imgd_snapshotter: Some(b.data_dir.join("snapshotter.sock")),
+        host: Some(lan.hosts[1].clone()),
+        ..Default::default()
     })?;
-    println!(
-        "\nread 64 bytes at offset {at} of {} ({} bytes) from chunk(s) {:?} of {}: fetched {fetched} of {} compressed bytes",
-        file.path_lossy(),
-        file.size,
-        chunks,
-        info.chunks.chunks.len(),
-        info.chunks.size
+    println!("\n== host B, containerd with imgd as its snapshotter:");
+    println!("   ctr-remote images rpull --snapshotter imgd {reference}; ctr run --snapshotter imgd ... {COMMAND:?}");
+    let started = Instant::now();
+    imgd_tests::guards::run_capture(
+        ctr(&lazy, "ctr-remote").args([
+            "images",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "imgd",
+            &reference,
+        ]),
+        "ctr-remote images rpull",
+        STEP,
+    )?;
+    let pulled = started.elapsed();
+    let (first, output) = time_to_first_line(ctr(&lazy, "ctr").args([
+        "run",
+        "--rm",
+        "--snapshotter",
+        "imgd",
+        &reference,
+        "lazy",
+        "sh",
+        "-c",
+        COMMAND,
+    ]))?;
+    let lazy_took = pulled + first;
+    for line in output.lines() {
+        println!("   | {line}");
+    }
+    let status = b.status()?;
+    let (peers, from_proxy) = (
+        status["bytes_from_peers"].as_u64().unwrap_or(0),
+        status["bytes_from_proxy"].as_u64().unwrap_or(0),
     );
-    println!("  {:?}", String::from_utf8_lossy(&got[..32.min(got.len())]));
-    println!("\nproxy stats: {:?}", proxy.stats()?);
+    let content = lazy.run_ctr(&["content", "ls", "-q"], STEP)?;
+    let downloaded = image
+        .layers
+        .iter()
+        .filter(|l| {
+            content
+                .lines()
+                .any(|c| c.trim() == l.blob.digest.to_string())
+        })
+        .count();
+    drop(lazy);
+
+    let full = Containerd::start_with(&ContainerdOptions {
+        host: Some(lan.hosts[1].clone()),
+        ..Default::default()
+    })?;
+    println!("\n== host B, a fresh containerd with its overlayfs snapshotter (a full pull):");
+    println!("   ctr images pull {reference}; ctr run ... {COMMAND:?}");
+    let started = Instant::now();
+    full.run_ctr(&["images", "pull", "--plain-http", &reference], STEP)?;
+    let pulled = started.elapsed();
+    let (first, _) = time_to_first_line(
+        ctr(&full, "ctr").args(["run", "--rm", &reference, "full", "sh", "-c", COMMAND]),
+    )?;
+    let full_took = pulled + first;
+    drop(full);
+
+    println!("\n== pull + start to the container's first line");
+    println!(
+        "   full pull (overlayfs)      {:>7.2} s",
+        full_took.as_secs_f64()
+    );
+    println!(
+        "   lazy (imgd snapshotter)    {:>7.2} s   {:.1}x faster",
+        lazy_took.as_secs_f64(),
+        full_took.as_secs_f64() / lazy_took.as_secs_f64()
+    );
+    println!(
+        "   layers containerd downloaded: {downloaded} of {} (imgd served them lazily)",
+        image.layers.len()
+    );
+    println!(
+        "   chunk bytes host B fetched: {} of the image's {} of layers: {} from host A (a peer), {} from the proxy",
+        mb(peers + from_proxy),
+        mb(layers),
+        mb(peers),
+        mb(from_proxy)
+    );
     Ok(())
 }
