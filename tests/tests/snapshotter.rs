@@ -1,12 +1,13 @@
 //! imgd as containerd's proxy snapshotter, against a private containerd 1.6: images
 //! pulled with `ctr-remote images rpull` or through the CRI plugin start from imgd's lazy
 //! views without containerd downloading a layer; an image imgd cannot serve lazily (zstd)
-//! takes the ordinary overlayfs path and still runs; and removing the image unmounts its
-//! view.
+//! takes the ordinary overlayfs path and still runs; removing the image unmounts its view;
+//! and a container keeps running through a `kill -9` of the agent.
 
 use imgd_tests::containerd::{Containerd, ContainerdOptions, CriOptions};
 use imgd_tests::cri::{self, Cri};
 use imgd_tests::daemons::{Agent, AgentOptions, Proxy};
+use imgd_tests::guards::path_str;
 use imgd_tests::image::{presets, FileSpec, ImageInfo, ImageSpec, LayerSpec};
 use imgd_tests::registry::Registry;
 use imgd_tests::skopeo::{self, Format};
@@ -335,5 +336,120 @@ fn cri_starts_a_pod_from_the_lazy_view_and_a_zstd_image_takes_the_full_path() {
 
     cri.remove_pod(&pod).unwrap();
     cri.remove_pod(&zpod).unwrap();
+    s.agent.verify_clean().unwrap();
+}
+
+/// Waits for `path` to exist; returns its content.
+fn wait_file(path: &Path, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            if s.ends_with('\n') {
+                return s;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_container_on_a_lazy_snapshot_survives_kill_9_of_the_agent() {
+    let mut s = Setup::new();
+    let greeting = "hello before the crash";
+    let (_, reference) = s.push(app_image(greeting), "app:1");
+    let ctrd = Containerd::start_with(&ContainerdOptions {
+        imgd_snapshotter: Some(s.snapshotter_socket()),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut rpull = std::process::Command::new("ctr-remote");
+    rpull
+        .arg("--address")
+        .arg(ctrd.socket())
+        .args(["--namespace", imgd_tests::containerd::NAMESPACE])
+        .args([
+            "images",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "imgd",
+            &reference,
+        ]);
+    imgd_tests::guards::run_capture(&mut rpull, "ctr-remote images rpull", STEP).unwrap();
+
+    // The container reads a small file, then waits; on cue it reads it again (cached),
+    // and on a second cue the big file it never read (uncached).
+    let ctl = s.tmp.path().join("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    let script = "sha256sum /data/small.bin > /ctl/first; \
+                  while [ ! -e /ctl/go1 ]; do sleep 0.05; done; sha256sum /data/small.bin > /ctl/cached; \
+                  while [ ! -e /ctl/go2 ]; do sleep 0.05; done; sha256sum /data/big.bin > /ctl/uncached";
+    let mount = format!(
+        "type=bind,src={},dst=/ctl,options=rbind:rw",
+        path_str(&ctl).unwrap()
+    );
+    ctrd.run_ctr(
+        &[
+            "run",
+            "-d",
+            "--snapshotter",
+            "imgd",
+            "--mount",
+            &mount,
+            &reference,
+            "survivor",
+            "sh",
+            "-c",
+            script,
+        ],
+        STEP,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", s.agent.log()));
+    let first = wait_file(&ctl.join("first"), STEP);
+
+    s.agent.kill().unwrap();
+    std::fs::write(ctl.join("go1"), "").unwrap();
+    let cached = wait_file(&ctl.join("cached"), Duration::from_secs(30));
+    assert_eq!(
+        cached, first,
+        "the cached file read differently with the agent down"
+    );
+    let tasks = ctrd.run_ctr(&["tasks", "ls"], STEP).unwrap();
+    assert!(
+        tasks
+            .lines()
+            .any(|l| l.contains("survivor") && l.contains("RUNNING")),
+        "{tasks}"
+    );
+
+    s.agent = Agent::start(AgentOptions::local(s.proxy.url(), s.agent.data_dir.clone())).unwrap();
+    std::fs::write(ctl.join("go2"), "").unwrap();
+    let uncached = wait_file(&ctl.join("uncached"), STEP);
+    let want =
+        imgd_core::Digest::of(&imgd_tests::image::Content::Random { seed: 11, len: BIG }.to_vec())
+            .hex();
+    assert!(
+        uncached.starts_with(&want),
+        "{uncached} (want {want})\n{}",
+        s.agent.log()
+    );
+    // The restarted agent lists the snapshots and its view, and its cache verifies.
+    // containerd's connection to the snapshotter socket reconnects with a backoff, so its
+    // first calls after the restart may fail.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let snaps = loop {
+        match ctrd.run_ctr(&["snapshots", "--snapshotter", "imgd", "ls"], STEP) {
+            Ok(out) => break out,
+            Err(e) if Instant::now() > deadline => panic!("{e:#}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(250)),
+        }
+    };
+    assert!(snaps.lines().any(|l| l.contains("Active")), "{snaps}");
+    assert_eq!(agent_mounts(&s.agent).len(), 1);
     s.agent.verify_clean().unwrap();
 }

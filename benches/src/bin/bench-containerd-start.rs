@@ -1,5 +1,5 @@
-//! containerd lazy start benchmark: CRI `PullImage` + `RunPodSandbox` + `CreateContainer`
-//! + `StartContainer` to the container's first log line, with imgd as containerd's
+//! containerd lazy start benchmark: CRI `PullImage`, `RunPodSandbox`, `CreateContainer`
+//! and `StartContainer` to the container's first log line, with imgd as containerd's
 //! snapshotter (layers served lazily from imgd's view) against containerd's own overlayfs
 //! snapshotter with a full pull, from the same proxy over the same shaped link, measured in
 //! the same run.
