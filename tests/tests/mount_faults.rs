@@ -313,6 +313,11 @@ fn a_dead_mount_process_is_cleaned_up_by_the_agent_running_or_starting() {
     a.kill().unwrap();
     sh("kill", &["-9", &pid.to_string()]);
     assert!(wait_gone(pid, Duration::from_secs(10)));
+    // The kernel aborts the connection as the process's descriptors close; give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !enotconn() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(enotconn(), "kill -9 of both leaves ENOTCONN");
     let a = agent(&data, &proxy.url(), "");
     assert_eq!(a.status().unwrap()["mounts"], serde_json::json!([]));
