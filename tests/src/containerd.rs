@@ -175,6 +175,25 @@ impl Containerd {
             .with_context(|| format!("containerd log:\n{}", self.log()))
     }
 
+    /// `ctr-remote images rpull --plain-http --snapshotter SNAPSHOTTER REFERENCE`: a pull
+    /// that labels each layer's extract snapshot with its image and digest.
+    pub fn rpull(&self, reference: &str, snapshotter: &str, timeout: Duration) -> Result<String> {
+        let mut cmd = Command::new("ctr-remote");
+        cmd.arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", NAMESPACE])
+            .args([
+                "images",
+                "rpull",
+                "--plain-http",
+                "--snapshotter",
+                snapshotter,
+                reference,
+            ]);
+        run_capture(&mut cmd, "ctr-remote images rpull", timeout)
+            .with_context(|| format!("containerd log:\n{}", self.log()))
+    }
+
     /// The root directory (content store, metadata, snapshotters' data).
     pub fn root(&self) -> PathBuf {
         self.dir.path().join("root")

@@ -141,20 +141,7 @@ fn ctr_remote_rpull_runs_from_the_lazy_view_without_downloading_layers_and_gc_un
     .unwrap();
     let served_before = s.proxy_blob_bytes();
 
-    let mut rpull = std::process::Command::new("ctr-remote");
-    rpull
-        .arg("--address")
-        .arg(ctrd.socket())
-        .args(["--namespace", imgd_tests::containerd::NAMESPACE])
-        .args([
-            "images",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "imgd",
-            &reference,
-        ]);
-    imgd_tests::guards::run_capture(&mut rpull, "ctr-remote images rpull", STEP)
+    ctrd.rpull(&reference, "imgd", STEP)
         .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", ctrd.log(), s.agent.log()));
 
     let out = ctrd
@@ -367,20 +354,7 @@ fn a_container_on_a_lazy_snapshot_survives_kill_9_of_the_agent() {
         ..Default::default()
     })
     .unwrap();
-    let mut rpull = std::process::Command::new("ctr-remote");
-    rpull
-        .arg("--address")
-        .arg(ctrd.socket())
-        .args(["--namespace", imgd_tests::containerd::NAMESPACE])
-        .args([
-            "images",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "imgd",
-            &reference,
-        ]);
-    imgd_tests::guards::run_capture(&mut rpull, "ctr-remote images rpull", STEP).unwrap();
+    ctrd.rpull(&reference, "imgd", STEP).unwrap();
 
     // The container reads a small file, then waits; on cue it reads it again (cached),
     // and on a second cue the big file it never read (uncached).

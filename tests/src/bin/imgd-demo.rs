@@ -138,18 +138,7 @@ fn main() -> Result<()> {
     println!("\n== host B, containerd with imgd as its snapshotter:");
     println!("   ctr-remote images rpull --snapshotter imgd {reference}; ctr run --snapshotter imgd ... {COMMAND:?}");
     let started = Instant::now();
-    imgd_tests::guards::run_capture(
-        ctr(&lazy, "ctr-remote").args([
-            "images",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "imgd",
-            &reference,
-        ]),
-        "ctr-remote images rpull",
-        STEP,
-    )?;
+    lazy.rpull(&reference, "imgd", STEP)?;
     let pulled = started.elapsed();
     let (first, output) = time_to_first_line(ctr(&lazy, "ctr").args([
         "run",
