@@ -184,3 +184,25 @@ pub fn push_image(
     let size = image.referenced_blobs().iter().map(|b| b.size).sum();
     Ok((image, size))
 }
+
+/// Pulls every image of `images` (`REPO:TAG` as the proxy names them) through the proxy at
+/// `proxy_addr` into one scratch layout under `scratch`, which is removed after: the proxy
+/// then holds every blob (each fetched once), so a benchmark times proxy -> host only.
+pub fn warm_proxy(proxy_addr: &str, images: &[String], scratch: &Path) -> Result<()> {
+    let warm = scratch.join("warm");
+    for image in images {
+        // Into one layout: blobs already there are not fetched again.
+        copy(
+            &format!("docker://{proxy_addr}/{image}"),
+            &format!(
+                "oci:{}:{}",
+                path_str(&warm)?,
+                image.replace(['/', ':'], "-")
+            ),
+            &["--src-tls-verify=false"],
+        )
+        .with_context(|| format!("warming the proxy with {image}"))?;
+    }
+    let _ = std::fs::remove_dir_all(&warm);
+    Ok(())
+}

@@ -25,7 +25,6 @@ use imgd_tests::containerd::{Containerd, ContainerdOptions, CriOptions};
 use imgd_tests::cri::{self, Cri};
 use imgd_tests::daemons::{Agent, AgentOptions, Proxy};
 use imgd_tests::debian_image;
-use imgd_tests::guards::path_str;
 use imgd_tests::image::{presets, ImageSpec};
 use imgd_tests::netns::{Host, Lan};
 use imgd_tests::registry::Registry;
@@ -183,16 +182,8 @@ fn main() -> Result<()> {
         &[format!("local={}", reg.url())],
     )?;
     eprintln!("warming the proxy ...");
-    for name in ["pynum:1", "pause:1"] {
-        let warm = tmp.path().join("warm");
-        skopeo::copy(
-            &format!("docker://{}/local/{name}", proxy.addr()),
-            &format!("oci:{}:w", path_str(&warm)?),
-            &["--src-tls-verify=false"],
-        )
-        .context("warming the proxy")?;
-        let _ = std::fs::remove_dir_all(&warm);
-    }
+    let warm = ["local/pynum:1".to_string(), "local/pause:1".to_string()];
+    skopeo::warm_proxy(&proxy.addr(), &warm, tmp.path())?;
     let certs = tmp.path().join("certs.d");
     let hosts = certs.join(proxy.addr());
     std::fs::create_dir_all(&hosts)?;

@@ -337,21 +337,7 @@ fn main() -> Result<()> {
         &[format!("local={}", reg.url())],
     )?;
     eprintln!("warming the proxy ...");
-    let warm = tmp.path().join("warm");
-    for image in &images {
-        // Into one layout: blobs already there are not fetched again.
-        skopeo::copy(
-            &format!("docker://{}/{image}", proxy.addr()),
-            &format!(
-                "oci:{}:{}",
-                path_str(&warm)?,
-                image.replace(['/', ':'], "-")
-            ),
-            &["--src-tls-verify=false"],
-        )
-        .context("warming the proxy")?;
-    }
-    let _ = std::fs::remove_dir_all(&warm);
+    skopeo::warm_proxy(&proxy.addr(), &images, tmp.path())?;
     let index_bytes = proxy_index_bytes(&proxy)?;
 
     let policy = tmp.path().join("policy.json");
