@@ -471,7 +471,40 @@ impl Drop for Agent {
                     .status();
             }
         }
+        // A detached mount whose files something still holds keeps its process serving:
+        // end this agent's mount processes too (found by their mount directories, which
+        // are under this agent's own data dir).
+        for pid in mount_processes(&records) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
     }
+}
+
+/// PIDs of the `imgd-mount` processes serving mounts recorded under `records`.
+fn mount_processes(records: &Path) -> Vec<u32> {
+    let Some(prefix) = records.to_str() else {
+        return Vec::new();
+    };
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_mount = args.first().is_some_and(|a| a.ends_with(b"imgd-mount"));
+        if is_mount && args.iter().any(|a| a.starts_with(prefix.as_bytes())) {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 #[cfg(test)]

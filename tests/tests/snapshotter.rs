@@ -401,7 +401,10 @@ fn a_container_on_a_lazy_snapshot_survives_kill_9_of_the_agent() {
         "{tasks}"
     );
 
-    s.agent = Agent::start(AgentOptions::local(s.proxy.url(), s.agent.data_dir.clone())).unwrap();
+    let restarted =
+        Agent::start(AgentOptions::local(s.proxy.url(), s.agent.data_dir.clone())).unwrap();
+    // The killed agent's handle is kept to the end: dropping it cleans up its mounts.
+    let _killed = std::mem::replace(&mut s.agent, restarted);
     std::fs::write(ctl.join("go2"), "").unwrap();
     let uncached = wait_file(&ctl.join("uncached"), STEP);
     let want =
