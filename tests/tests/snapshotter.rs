@@ -113,6 +113,29 @@ fn run_ctr_ns(ctrd: &Containerd, ns: &str, args: &[&str]) -> String {
         .unwrap_or_else(|e| panic!("{e:#}\ncontainerd log:\n{}", ctrd.log()))
 }
 
+/// containerd downloaded no layer of `image`: none is in its content store (namespace
+/// `ns`), and the proxy served no layer blob since `served_before` (the config alone is
+/// far smaller than any layer).
+fn assert_no_layer_downloaded(
+    s: &Setup,
+    ctrd: &Containerd,
+    ns: &str,
+    image: &ImageInfo,
+    served_before: u64,
+) {
+    let present = layers_in_content_store(ctrd, ns, image);
+    assert!(
+        present.is_empty(),
+        "layers in containerd's content store: {present:?}"
+    );
+    let served = s.proxy_blob_bytes() - served_before;
+    assert!(
+        served <= image.config.size,
+        "the proxy served {served} blob bytes to containerd (config {})",
+        image.config.size
+    );
+}
+
 /// The imgd mounts the agent reports (the snapshotter's views among them).
 fn agent_mounts(agent: &Agent) -> Vec<serde_json::Value> {
     agent.status().unwrap()["mounts"]
@@ -163,18 +186,12 @@ fn ctr_remote_rpull_runs_from_the_lazy_view_without_downloading_layers_and_gc_un
     let lines: Vec<String> = out.lines().map(|l| l.trim().to_string()).collect();
     assert_eq!(lines, expected(greeting), "{out}");
 
-    // containerd downloaded no layer: none is in its content store, and the proxy served
-    // it no layer blob (only the config, which is far smaller than any layer).
-    let present = layers_in_content_store(&ctrd, imgd_tests::containerd::NAMESPACE, &image);
-    assert!(
-        present.is_empty(),
-        "layers in containerd's content store: {present:?}"
-    );
-    let served = s.proxy_blob_bytes() - served_before;
-    assert!(
-        served <= image.config.size,
-        "the proxy served {served} blob bytes to containerd (config {})",
-        image.config.size
+    assert_no_layer_downloaded(
+        &s,
+        &ctrd,
+        imgd_tests::containerd::NAMESPACE,
+        &image,
+        served_before,
     );
     // Every layer is a placeholder; the agent read far less than the image.
     let snaps = ctrd
@@ -290,22 +307,12 @@ fn cri_starts_a_pod_from_the_lazy_view_and_a_zstd_image_takes_the_full_path() {
     let served_before = s.proxy_blob_bytes();
     cri.pull(&reference)
         .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", ctrd.log(), s.agent.log()));
-    let served = s.proxy_blob_bytes() - served_before;
-    assert!(
-        served <= image.config.size,
-        "the proxy served {served} blob bytes for the lazy image (config {})",
-        image.config.size
-    );
+    assert_no_layer_downloaded(&s, &ctrd, "k8s.io", &image, served_before);
     let pod = cri
         .run_pod("lazy", &reference, &["sh", "-c", COMMAND], &logs)
         .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", ctrd.log(), s.agent.log()));
     assert_eq!(cri.wait_exited(&pod.container_id, STEP).unwrap(), 0);
     assert_eq!(cri::log_lines(&pod.log_path), expected(greeting));
-    let present = layers_in_content_store(&ctrd, "k8s.io", &image);
-    assert!(
-        present.is_empty(),
-        "layers in containerd's content store: {present:?}"
-    );
 
     // The zstd image is unpacked by containerd on imgd's overlayfs path, and runs.
     cri.pull(&zstd_reference)

@@ -76,18 +76,7 @@ fn hosts_toml(
             message: e.to_string(),
         }
     })?;
-    let hosts = doc
-        .entry("host")
-        .or_insert_with(|| {
-            let mut t = Table::new();
-            t.set_implicit(true);
-            Item::Table(t)
-        })
-        .as_table_mut()
-        .ok_or_else(|| EngineConfigError::ExistingFileInvalid {
-            path: path.to_path_buf(),
-            message: "`host` is not a table".into(),
-        })?;
+    let hosts = super::implicit_table(doc.as_table_mut(), "host", path)?;
     hosts.remove(&key);
     // Tables print in document position order: put the mirror before the other hosts.
     let first = hosts

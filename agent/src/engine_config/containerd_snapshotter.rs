@@ -16,7 +16,7 @@
 //! hosts directory, CRI's `registry.config_path` is pointed at it too. Everything else in
 //! an existing file is kept; containerd must be restarted to read it.
 
-use super::{DesiredFile, EngineConfigError};
+use super::{implicit_table, DesiredFile, EngineConfigError};
 use std::path::{Path, PathBuf};
 use toml_edit::{value, DocumentMut, Item, Table};
 
@@ -31,26 +31,6 @@ pub fn desired_files(socket: &Path, hosts_dir: Option<&Path>) -> Vec<DesiredFile
         rel_path: PathBuf::from("config.toml"),
         render: Box::new(move |existing| config_toml(existing, &socket, hosts.as_deref())),
     }]
-}
-
-/// `table[key]` as a table, created (implicit, so only its children print) if missing.
-fn table<'a>(
-    parent: &'a mut Table,
-    key: &str,
-    path: &str,
-) -> Result<&'a mut Table, EngineConfigError> {
-    parent
-        .entry(key)
-        .or_insert_with(|| {
-            let mut t = Table::new();
-            t.set_implicit(true);
-            Item::Table(t)
-        })
-        .as_table_mut()
-        .ok_or_else(|| EngineConfigError::ExistingFileInvalid {
-            path: PathBuf::from("config.toml"),
-            message: format!("`{path}` is not a table"),
-        })
 }
 
 fn config_toml(
@@ -80,8 +60,9 @@ fn config_toml(
             )))
         }
     }
+    let file = Path::new("config.toml");
     let root = doc.as_table_mut();
-    let plugins = table(root, "proxy_plugins", "proxy_plugins")?;
+    let plugins = implicit_table(root, "proxy_plugins", file)?;
     let mut imgd = Table::new();
     imgd["type"] = value("snapshot");
     imgd["address"] = value(socket);
@@ -89,12 +70,12 @@ fn config_toml(
         "\n# imgd's lazy snapshotter, added by `imgctl configure containerd --snapshotter`.\n",
     );
     plugins.insert("imgd", Item::Table(imgd));
-    let cri = table(table(root, "plugins", "plugins")?, CRI, "plugins.cri")?;
-    let containerd = table(cri, "containerd", "plugins.cri.containerd")?;
+    let cri = implicit_table(implicit_table(root, "plugins", file)?, CRI, file)?;
+    let containerd = implicit_table(cri, "containerd", file)?;
     containerd["snapshotter"] = value("imgd");
     containerd["disable_snapshot_annotations"] = value(false);
     if let Some(dir) = hosts_dir {
-        table(cri, "registry", "plugins.cri.registry")?["config_path"] = value(dir);
+        implicit_table(cri, "registry", file)?["config_path"] = value(dir);
     }
     Ok(doc.to_string())
 }

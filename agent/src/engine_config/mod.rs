@@ -129,6 +129,27 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EngineConfig
     }
 }
 
+/// `parent[key]` as a table, created implicit (only its children print) if missing; an
+/// error naming `path` if it is something else.
+pub(crate) fn implicit_table<'a>(
+    parent: &'a mut toml_edit::Table,
+    key: &str,
+    path: &Path,
+) -> Result<&'a mut toml_edit::Table, EngineConfigError> {
+    parent
+        .entry(key)
+        .or_insert_with(|| {
+            let mut t = toml_edit::Table::new();
+            t.set_implicit(true);
+            toml_edit::Item::Table(t)
+        })
+        .as_table_mut()
+        .ok_or_else(|| EngineConfigError::ExistingFileInvalid {
+            path: path.to_path_buf(),
+            message: format!("`{key}` is not a table"),
+        })
+}
+
 /// Makes a file's new content from its current content (`None`: no file).
 pub type Render<'a> = Box<dyn Fn(Option<&str>) -> Result<String, EngineConfigError> + 'a>;
 
