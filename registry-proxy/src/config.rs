@@ -91,7 +91,8 @@ allow_devices = true               # accept device nodes
 max_index_bytes = 268435456        # encoded index size
 max_inflate_ratio = 500            # uncompressed / compressed size of a gzip layer...
 inflate_ratio_slack = 4294967296   # ...checked once this many bytes came out
-checkpoint_span = 4194304          # uncompressed bytes between gzip checkpoints
+checkpoint_span = 4194304          # at most this many uncompressed bytes between gzip checkpoints
+checkpoint_compressed_span = 1048576  # and at most this many compressed bytes
 "#;
 
 pub use imgd_core::config_file::ConfigError;

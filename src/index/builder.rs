@@ -101,6 +101,7 @@ impl IndexBuilder {
             Compression::Gzip => Mode::Gzip {
                 inflater: Box::new(
                     CheckpointingInflater::new(self.opts.checkpoint_span)?
+                        .with_compressed_span(self.opts.checkpoint_compressed_span)
                         .with_ratio_limit(self.opts.ratio_limit()),
                 ),
                 tar: Box::new(TarScanner::new(self.opts.tar())),
@@ -271,6 +272,70 @@ mod tests {
         assert!(a.checkpoints.len() > 3);
         assert_eq!(a.layer, Digest::of(&gz));
         assert_eq!(LayerIndex::decode(&a.encode()).unwrap(), a);
+    }
+
+    #[test]
+    fn default_checkpoints_are_dense_and_windows_small() {
+        // Like programs and libraries: text, and binary code of a few bits of entropy
+        // per byte; about 3 times compressible.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let words = [
+            "import ", "numpy", " as ", "np\n", "def ", "return ", "self", ".data",
+        ];
+        let mut t = TestTar::default();
+        for i in 0..6u64 {
+            let mut f = Vec::with_capacity(3 << 20);
+            while f.len() < 3 << 20 {
+                if next() % 2 == 0 {
+                    (0..2000)
+                        .for_each(|_| f.extend_from_slice(words[next() as usize % 8].as_bytes()));
+                } else {
+                    f.extend((0..8000).map(|_| (next() % 23) as u8));
+                }
+            }
+            t.file(format!("f{i}").as_bytes(), &f);
+        }
+        let tar = t.end();
+        let gz = gzip_compress(&tar, 6);
+        let idx = index_blob(&gz, IndexOptions::default()).unwrap();
+        let cps = &idx.checkpoints;
+        // Deflate blocks of level 6 are well under 256 KiB of input.
+        let max_gap = (1 << 20) + (256 << 10);
+        for w in cps.windows(2) {
+            assert!(w[1].compressed_offset - w[0].compressed_offset <= max_gap);
+            assert!(w[1].uncompressed_offset - w[0].uncompressed_offset <= (4 << 20) + (1 << 20));
+        }
+        assert!(gz.len() as u64 - cps[cps.len() - 1].compressed_offset <= max_gap);
+        // The stored windows cost less than the raw windows of version 1's sparser
+        // checkpoints (every 4 MiB of output and chunk crossing) did.
+        let stored: usize = cps.iter().map(|c| c.window.len()).sum();
+        let sparse = IndexOptions {
+            checkpoint_compressed_span: u64::MAX,
+            ..IndexOptions::default()
+        };
+        let v1 = index_blob(&gz, sparse).unwrap().checkpoints.len() - 1;
+        let old = v1 * crate::index::gzip::WINDOW_SIZE;
+        assert!(cps.len() > v1 + 1, "denser: {} vs {}", cps.len(), v1 + 1);
+        assert!(
+            stored < old,
+            "{stored} bytes of windows, raw ones every 4 MiB: {old}"
+        );
+        // And every checkpoint still restarts: read across each one.
+        for cp in cps {
+            let at = cp.uncompressed_offset.saturating_sub(5);
+            let got = crate::index::read_stored(&idx, at, 1000, &mut |r: std::ops::Range<u64>| {
+                Ok::<_, std::io::Error>(gz[r.start as usize..r.end as usize].to_vec())
+            })
+            .unwrap();
+            let end = (at as usize + 1000).min(tar.len());
+            assert!(got == tar[at as usize..end]);
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 /// First bytes of every encoded index.
 pub const MAGIC: &[u8; 8] = b"IMGDIDX\0";
 /// Current encoding version.
-pub const INDEX_VERSION: u16 = 1;
+pub const INDEX_VERSION: u16 = 2;
 
 /// How a layer blob is compressed, detected from its first bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,7 +46,8 @@ pub struct Checkpoint {
     pub bits: u8,
     /// Offset in the uncompressed (tar) stream that inflation resumes at.
     pub uncompressed_offset: u64,
-    /// The up to 32 KiB of uncompressed output before `uncompressed_offset`.
+    /// The up to 32 KiB of uncompressed output before `uncompressed_offset`, raw-deflated
+    /// ([`crate::index::gzip::pack_window`]); empty when the restart needs no window.
     #[serde(with = "serde_bytes_vec")]
     pub window: Vec<u8>,
 }

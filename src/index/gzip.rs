@@ -2,8 +2,9 @@
 //!
 //! [`CheckpointingInflater`] is fed a gzip blob in slices of any size, hands the inflated
 //! bytes to a callback, and records a [`Checkpoint`] at deflate block boundaries every
-//! `span` uncompressed bytes (and whenever the compressed position crossed a multiple of
-//! [`CHUNK_SIZE`]). [`inflate_from_checkpoint`] restarts inflation at such a checkpoint.
+//! `span` uncompressed bytes or every `compressed_span` compressed bytes, whichever comes
+//! first (and whenever the compressed position crossed a multiple of [`CHUNK_SIZE`]).
+//! [`inflate_from_checkpoint`] restarts inflation at such a checkpoint.
 //!
 //! Checkpoint conventions:
 //! - The first checkpoint is always the start of the blob (`compressed_offset` 0, `bits` 0,
@@ -23,9 +24,11 @@
 //! Limits: checkpoints can only sit at deflate block boundaries, so encoders that emit
 //! huge blocks (zlib-ng/zlib-rs level 1 compressing a buffer in one call emits a single
 //! block) get few checkpoints and reads inflate from further back (still correctly).
-//! Each checkpoint carries an uncompressed 32 KiB window: under 1% of the uncompressed
-//! size at the default 4 MiB span (SOCI's zTOC span), kept in memory while building. A
-//! read inflates at most one span (a few milliseconds) before the bytes it wants.
+//! Each checkpoint carries its 32 KiB window raw-deflated ([`window`]): with the default
+//! spacing (1 MiB of compressed input, at most 4 MiB of output) that is about 1% of the
+//! compressed size, kept in memory while building. A read fetches at most about 1 MiB of
+//! compressed input and inflates at most one span (a few milliseconds) before the bytes
+//! it wants.
 
 use crate::chunk::CHUNK_SIZE;
 use crate::index::format::Checkpoint;
@@ -34,6 +37,8 @@ use std::ffi::c_int;
 
 /// Default uncompressed distance between checkpoints: 4 MiB.
 pub const DEFAULT_SPAN: u64 = 4 << 20;
+/// Default compressed distance between checkpoints: 1 MiB.
+pub const DEFAULT_COMPRESSED_SPAN: u64 = 1 << 20;
 /// Size of a deflate window.
 pub const WINDOW_SIZE: usize = 32 * 1024;
 /// Output buffer size of the inflater.
@@ -242,6 +247,7 @@ pub struct RatioLimit {
 pub struct CheckpointingInflater {
     z: Inflate,
     span: u64,
+    compressed_span: u64,
     limit: Option<RatioLimit>,
     phase: Phase,
     /// Compressed / uncompressed bytes of the members before the current one (zlib's
@@ -260,6 +266,7 @@ impl CheckpointingInflater {
         Ok(CheckpointingInflater {
             z: Inflate::new(GZIP_BITS)?,
             span: span.max(1),
+            compressed_span: u64::MAX,
             limit: None,
             phase: Phase::InMember,
             base_in: 0,
@@ -273,6 +280,12 @@ impl CheckpointingInflater {
                 window: Vec::new(),
             }],
         })
+    }
+
+    /// Also checkpoints every `span` (at least 1) compressed bytes.
+    pub fn with_compressed_span(mut self, span: u64) -> Self {
+        self.compressed_span = span.max(1);
+        self
     }
 
     /// Fails the inflation ([`GzipError::RatioExceeded`]) once more than `limit.slack`
@@ -417,7 +430,7 @@ impl CheckpointingInflater {
                     return Err(e.into());
                 }
             }
-            self.maybe_checkpoint();
+            self.maybe_checkpoint()?;
             if pos == input.len() && self.out_len < self.out.len() {
                 return Ok(pos);
             }
@@ -433,30 +446,32 @@ impl CheckpointingInflater {
 
     /// Records a checkpoint if inflate stopped at a (non-final) block boundary and the
     /// spacing condition holds.
-    fn maybe_checkpoint(&mut self) {
+    fn maybe_checkpoint(&mut self) -> Result<(), GzipError> {
         let dt = self.z.strm.data_type;
         // 128: at a block boundary; 64: the last block was just decoded (nothing follows
         // in this member); 0x38: more than 7 pending bits would not fit `bits`.
         if dt & 128 == 0 || dt & 64 != 0 || dt & 0x38 != 0 {
-            return;
+            return Ok(());
         }
         let cin = self.total_in();
         let cout = self.total_out();
         let Some(last) = self.checkpoints.last() else {
-            return;
+            return Ok(());
         };
         let chunk = CHUNK_SIZE as u64;
         let due = cout.saturating_sub(last.uncompressed_offset) >= self.span
+            || cin.saturating_sub(last.compressed_offset) >= self.compressed_span
             || cin / chunk > last.compressed_offset / chunk;
         if !due || cin <= last.compressed_offset {
-            return;
+            return Ok(());
         }
         self.checkpoints.push(Checkpoint {
             compressed_offset: cin,
             bits: (dt & 7) as u8,
             uncompressed_offset: cout,
-            window: self.z.dictionary(),
+            window: window::pack_window(&self.z.dictionary())?,
         });
+        Ok(())
     }
 
     /// Checks the blob ended after a complete member and returns what was produced.
@@ -480,10 +495,12 @@ impl CheckpointingInflater {
 #[cfg(any(test, feature = "fuzzing"))]
 mod deflate;
 mod restart;
+pub mod window;
 
 #[cfg(any(test, feature = "fuzzing"))]
 pub use deflate::compress;
 pub use restart::{inflate_from_checkpoint, input_start, is_blob_start};
+pub use window::{pack_window, unpack_window, MAX_PACKED_WINDOW};
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -2,7 +2,7 @@
 //! [`IndexError`], which tells a hostile layer (refused) from a malformed one.
 
 use crate::index::format::{Checkpoint, Entry};
-use crate::index::gzip::{GzipError, RatioLimit, DEFAULT_SPAN};
+use crate::index::gzip::{GzipError, RatioLimit, DEFAULT_COMPRESSED_SPAN, DEFAULT_SPAN};
 use crate::index::tar::{
     TarError, TarOptions, DEFAULT_MAX_ENTRIES, DEFAULT_MAX_META_SIZE, DEFAULT_MAX_PATH_LEN,
 };
@@ -14,9 +14,12 @@ use serde::Deserialize;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IndexOptions {
-    /// Uncompressed distance between gzip checkpoints (default 4 MiB). A checkpoint is
-    /// also placed after every crossing of a chunk boundary in the compressed blob.
+    /// Largest uncompressed distance between gzip checkpoints (default 4 MiB).
     pub checkpoint_span: u64,
+    /// Largest compressed distance between gzip checkpoints (default 1 MiB): what a read
+    /// fetches at most before the bytes it wants. A checkpoint is also placed after every
+    /// crossing of a chunk boundary in the compressed blob.
+    pub checkpoint_compressed_span: u64,
     /// Maximum number of tar entries in one layer (default 500 000).
     pub max_entries: usize,
     /// Maximum length of an entry path or link target in bytes (default 4096).
@@ -39,6 +42,7 @@ impl Default for IndexOptions {
     fn default() -> Self {
         IndexOptions {
             checkpoint_span: DEFAULT_SPAN,
+            checkpoint_compressed_span: DEFAULT_COMPRESSED_SPAN,
             max_entries: DEFAULT_MAX_ENTRIES,
             max_path_len: DEFAULT_MAX_PATH_LEN,
             max_meta_size: DEFAULT_MAX_META_SIZE,

@@ -2,7 +2,7 @@
 //! (a proxy, a peer) cannot make a reader index out of bounds or overflow.
 
 use crate::index::format::{Compression, LayerIndex};
-use crate::index::gzip::WINDOW_SIZE;
+use crate::index::gzip::MAX_PACKED_WINDOW;
 
 impl LayerIndex {
     /// Checks what readers rely on: checkpoints ordered and inside the streams, their
@@ -55,7 +55,7 @@ impl LayerIndex {
         let mut prev = first;
         for (i, cp) in self.checkpoints.iter().enumerate() {
             let bad = |what: &str| Err(format!("checkpoint {i}: {what}"));
-            if cp.bits > 7 || cp.window.len() > WINDOW_SIZE {
+            if cp.bits > 7 || cp.window.len() > MAX_PACKED_WINDOW {
                 return bad("bad bit count or window size");
             }
             if cp.compressed_offset > self.compressed_size

@@ -29,7 +29,10 @@ pub fn inflate_from_checkpoint(
     skip: u64,
     len: usize,
 ) -> Result<Vec<u8>, GzipError> {
-    if cp.bits > 7 || cp.window.len() > WINDOW_SIZE || (cp.bits > 0 && cp.compressed_offset == 0) {
+    if cp.bits > 7
+        || cp.window.len() > MAX_PACKED_WINDOW
+        || (cp.bits > 0 && cp.compressed_offset == 0)
+    {
         return Err(GzipError::BadCheckpoint(format!(
             "bits {} with window of {} bytes at offset {}",
             cp.bits,
@@ -54,7 +57,7 @@ pub fn inflate_from_checkpoint(
             z.prime(bits, c_int::from(byte) >> (8 - bits))?;
             input = rest;
         }
-        z.set_dictionary(&cp.window)?;
+        z.set_dictionary(&unpack_window(&cp.window)?)?;
     }
     let mut raw = !is_blob_start(cp);
     let mut result = Vec::with_capacity(len.min(64 << 20));

@@ -63,10 +63,11 @@ fn check_restarts(blob: &[u8], data: &[u8], cps: &[Checkpoint]) {
     for (i, cp) in cps.iter().enumerate() {
         let start = input_start(cp) as usize;
         let uo = cp.uncompressed_offset as usize;
-        assert!(cp.window.len() <= WINDOW_SIZE);
+        let window = unpack_window(&cp.window).unwrap();
+        assert!(window.len() <= WINDOW_SIZE);
         if uo > 0 {
-            let w = &data[uo.saturating_sub(cp.window.len())..uo];
-            assert_eq!(cp.window.as_slice(), w, "window of checkpoint {i}");
+            let w = &data[uo.saturating_sub(window.len())..uo];
+            assert_eq!(window.as_slice(), w, "window of checkpoint {i}");
         }
         // From the checkpoint to the next one, with exactly the bytes up to it.
         let (end_in, end_out) = cps.get(i + 1).map_or((blob.len(), data.len()), |n| {
