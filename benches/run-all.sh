@@ -5,7 +5,7 @@
 # Usage: bash benches/run-all.sh [NAME...]   (default: all benchmarks)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-all=(bench-index bench-proxy-rss bench-p2p bench-swarm bench-lazy-start bench-containerd-start bench-mount-reads)
+all=(bench-index bench-proxy-rss bench-p2p bench-swarm bench-fleet-sim bench-lazy-start bench-containerd-start bench-mount-reads)
 benches=("${@:-${all[@]}}")
 out=target/bench-results
 mkdir -p "$out"

@@ -1,0 +1,112 @@
+//! The simulator's tables.
+
+use crate::params::Scenario;
+use crate::sim::Outcome;
+use std::time::Duration;
+
+/// A namespace run measured on this machine, for the model to be checked against.
+pub struct Measured {
+    pub label: String,
+    pub slowest_s: f64,
+    pub egress: f64,
+}
+
+pub fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::NAN, f64::max)
+}
+
+/// The `p`th percentile (0..=100) of `v`, nearest rank.
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut s: Vec<f64> = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
+    s[rank.clamp(1, s.len()) - 1]
+}
+
+fn egress(out: &Outcome, image_bytes: u64) -> f64 {
+    out.proxy_bytes_by_zone.iter().sum::<f64>() / image_bytes as f64
+}
+
+/// The model against a measured run: its error on the slowest host and on egress.
+pub fn check(out: &Outcome, m: &Measured, image_bytes: u64) {
+    let (slowest, egress) = (max(&out.finish), egress(out, image_bytes));
+    println!("Check against {}:", m.label);
+    println!();
+    println!("| | measured | model | model / measured |");
+    println!("|---|---|---|---|");
+    println!(
+        "| slowest host's prefetch | {:.2} s | {:.2} s | {:.2} |",
+        m.slowest_s,
+        slowest,
+        slowest / m.slowest_s
+    );
+    println!(
+        "| proxy chunk egress / image | {:.2} | {:.2} | {:.2} |",
+        m.egress,
+        egress,
+        egress / m.egress
+    );
+}
+
+pub fn prediction(label: &str, out: &Outcome, image_bytes: u64) {
+    println!(
+        "Prediction, {label}: slowest host {:.2} s, proxy egress {:.2}x the image.",
+        max(&out.finish),
+        egress(out, image_bytes)
+    );
+}
+
+pub fn fleet_header() {
+    println!("Fleets pulling a 3 GB image at once (start within 1 s), 300 MB/s per host, zones of 250 hosts on 40 Gbit/s links to the core, one proxy with a 10 Gbit/s uplink:");
+    println!();
+    fleet_header_columns();
+}
+
+pub fn fleet_header_columns() {
+    println!("| hosts | zones | policy | proxy egress (images): all / most into one zone | peer bytes across zones (images) | p50 | p99 | control messages per host, mean / max | simulated in |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+}
+
+pub fn fleet_row(s: &Scenario, out: &Outcome, took: Duration) {
+    let image = s.image_bytes as f64;
+    let per_zone: Vec<f64> = out.proxy_bytes_by_zone.iter().map(|b| b / image).collect();
+    let all = per_zone.iter().sum::<f64>();
+    let control: Vec<f64> = out.control_per_host.iter().map(|&c| c as f64).collect();
+    let control_mean = control.iter().sum::<f64>() / control.len().max(1) as f64;
+    println!(
+        "| {} | {} | {} | {:.2} / {:.2} | {:.2} | {:.1} s | {:.1} s | {:.0} / {:.0} | {:.1} s |",
+        s.hosts,
+        s.zones,
+        s.policy.name(),
+        all,
+        max(&per_zone),
+        out.cross_zone_peer_bytes / image,
+        percentile(&out.finish, 50.0),
+        percentile(&out.finish, 99.0),
+        control_mean,
+        max(&control),
+        took.as_secs_f64()
+    );
+}
+
+pub fn kraken() {
+    println!();
+    println!("Kraken's published benchmark (uber/kraken README): a 3 GB image of 2 layers to 2,600 hosts at once, 300 MB/s limit per agent, 5 trackers and 5 origins: p50 10 s (at the speed limit), p99 18 s, p99.9 22 s.");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&v, 100.0), 100.0);
+        assert_eq!(percentile(&[3.0], 99.0), 3.0);
+    }
+}
