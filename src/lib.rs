@@ -6,6 +6,7 @@
 //! - [`store`]: the content-addressed chunk store on disk and the RocksDB metadata.
 //! - [`manifest`]: the manifest parser with size, count and nesting limits.
 //! - [`peer_wire`]: the frame codec of the agents' peer-to-peer data plane.
+//! - [`single_flight`]: one cancel-safe piece of work per key, shared by concurrent callers.
 //! - [`wire`]: JSON types of the proxy's chunk API.
 
 pub mod chunk;
@@ -20,9 +21,11 @@ pub mod manifest;
 pub mod peer_wire;
 pub mod range;
 pub mod registry_path;
+pub mod single_flight;
 #[cfg(feature = "store")]
 pub mod store;
 pub mod wire;
 
 pub use chunk::{ChunkList, ChunkRef, Chunker, CHUNK_SIZE};
 pub use digest::{Digest, DigestError, Sha256};
+pub use single_flight::SingleFlight;

@@ -15,7 +15,8 @@ use crate::dataplane::{HaveMap, PeerPool};
 use crate::peers::{Peer, PeerSet, FAILURE_PENALTY};
 use crate::proxy_client::{ProxyClient, ProxyClientError, Repo};
 use bytes::Bytes;
-use imgd_core::{ChunkList, Digest};
+use imgd_core::single_flight::{Abandoned, Join};
+use imgd_core::{ChunkList, Digest, SingleFlight};
 use rand::seq::SliceRandom;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,6 +41,9 @@ pub enum FetchError {
     Proxy(#[from] ProxyClientError),
     #[error(transparent)]
     Cache(#[from] crate::cache::CacheError),
+    /// The error of a concurrent fetch of the same chunk that this call waited for.
+    #[error(transparent)]
+    Shared(Arc<FetchError>),
     #[error("chunk {digest} of blob {blob} could not be fetched from any source: {last}")]
     Exhausted {
         blob: Digest,
@@ -80,9 +84,11 @@ pub type Progress = mpsc::UnboundedSender<(u64, Source)>;
 
 /// State of a blob being fetched here, visible to peers through have-maps.
 struct Job {
-    list: ChunkList,
     in_flight: Mutex<Vec<bool>>,
 }
+
+/// What waiters of a chunk fetched for a read get from the fetch they joined.
+type ChunkOutcome = Result<Bytes, Arc<FetchError>>;
 
 /// Fetches blobs into the cache.
 pub struct Fetcher {
@@ -93,9 +99,10 @@ pub struct Fetcher {
     pub stats: FetchStats,
     node_id: String,
     settings: FetchSettings,
-    jobs: Mutex<HashMap<Digest, Arc<Job>>>,
-    /// Single flight for chunks read one by one (mount reads).
-    chunk_gates: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    /// One fetch per blob at a time; its job is what have-maps show as in flight.
+    jobs: SingleFlight<Digest, (), Job>,
+    /// One fetch per chunk read on its own (mount reads), shared by concurrent readers.
+    chunk_flights: SingleFlight<Digest, ChunkOutcome>,
     provide: Option<mpsc::Sender<crate::swarm::SwarmCommand>>,
 }
 
@@ -135,17 +142,17 @@ impl Fetcher {
             stats: FetchStats::default(),
             node_id,
             settings,
-            jobs: Mutex::new(HashMap::new()),
-            chunk_gates: Mutex::new(HashMap::new()),
+            jobs: SingleFlight::new(),
+            chunk_flights: SingleFlight::new(),
             provide,
         }
     }
 
     /// Blobs being fetched now and chunks in flight across them.
     pub fn in_flight(&self) -> (usize, usize) {
-        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let jobs = self.jobs.all_shared();
         let chunks = jobs
-            .values()
+            .iter()
             .map(|j| {
                 j.in_flight
                     .lock()
@@ -165,13 +172,7 @@ impl Fetcher {
         for (i, c) in list.chunks.iter().enumerate() {
             map.set_present(i as u32, self.cache.has_chunk(&c.digest));
         }
-        let job = self
-            .jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(blob)
-            .cloned();
-        if let Some(job) = job {
+        if let Some(job) = self.jobs.shared(blob) {
             for (i, f) in job
                 .in_flight
                 .lock()
@@ -196,8 +197,9 @@ impl Fetcher {
     }
 
     /// Chunk `i` of a blob, for a read: from the cache, else from a peer holding it, else
-    /// from the proxy (then cached). Concurrent calls for one chunk make one fetch. The
-    /// flag says whether it had to be fetched.
+    /// from the proxy (then cached). Concurrent calls for one chunk make one fetch, and
+    /// cancelling any of them (a read's time bound) leaves the others a working fetch.
+    /// The flag says whether this call fetched it.
     pub async fn chunk(&self, list: &ChunkList, i: usize) -> Result<(Bytes, bool), FetchError> {
         let Some(c) = list.chunks.get(i).copied() else {
             return Err(FetchError::Exhausted {
@@ -206,37 +208,40 @@ impl Fetcher {
                 last: format!("no chunk {i}"),
             });
         };
-        if let Some(b) = self.cache.get_chunk(&c.digest)? {
-            return Ok((b, false));
-        }
-        let gate = self
-            .chunk_gates
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(c.digest)
-            .or_default()
-            .clone();
-        let result = async {
-            let _turn = gate.lock().await;
+        loop {
             if let Some(b) = self.cache.get_chunk(&c.digest)? {
                 return Ok((b, false));
             }
-            let maps = self.refresh_maps(&list.blob).await;
-            let holders = self.holders(&maps, i);
-            let (bytes, source) = self.fetch_chunk(&list.blob, &c.digest, holders).await?;
-            self.cache.put_chunk(&c.digest, &bytes)?;
-            self.stats.add(source, bytes.len() as u64);
-            Ok((bytes, true))
+            match self.chunk_flights.join(c.digest, || ()) {
+                Join::Leader(lead) => {
+                    let result = async {
+                        let maps = self.refresh_maps(&list.blob).await;
+                        let holders = self.holders(&maps, i);
+                        let (bytes, source) =
+                            self.fetch_chunk(&list.blob, &c.digest, holders).await?;
+                        self.cache.put_chunk(&c.digest, &bytes)?;
+                        self.stats.add(source, bytes.len() as u64);
+                        Ok(bytes)
+                    }
+                    .await
+                    .map_err(Arc::new);
+                    lead.finish(result.clone());
+                    return result.map(|b| (b, true)).map_err(FetchError::Shared);
+                }
+                Join::Follower(f) => match f.wait().await {
+                    Ok(result) => return result.map(|b| (b, false)).map_err(FetchError::Shared),
+                    // Its reader was cancelled: look again, and fetch here if need be.
+                    Err(Abandoned) => continue,
+                },
+            }
         }
-        .await;
-        let mut gates = self.chunk_gates.lock().unwrap_or_else(|p| p.into_inner());
-        if Arc::strong_count(&gate) <= 2 {
-            gates.remove(&c.digest);
-        }
-        result
     }
 
     /// Brings every chunk of `blob` into the cache, reporting progress.
+    ///
+    /// One fetch of a blob runs at a time: a second caller waits for the first to end
+    /// (or be cancelled), then finds the chunks cached (reported as from the cache) and
+    /// fetches whatever is still missing itself.
     pub async fn fetch_blob(
         &self,
         repo: &Repo,
@@ -244,6 +249,17 @@ impl Fetcher {
         progress: &Progress,
     ) -> Result<ChunkList, FetchError> {
         let list = self.chunk_list(repo, blob).await?;
+        let lead = loop {
+            let job = || Job {
+                in_flight: Mutex::new(vec![false; list.chunks.len()]),
+            };
+            match self.jobs.join(*blob, job) {
+                Join::Leader(lead) => break lead,
+                Join::Follower(f) => {
+                    let _ = f.wait().await;
+                }
+            }
+        };
         let mut pending = Vec::new();
         for (i, c) in list.chunks.iter().enumerate() {
             if self.cache.has_chunk(&c.digest) {
@@ -253,23 +269,14 @@ impl Fetcher {
                 pending.push(i);
             }
         }
-        if !pending.is_empty() {
+        let result = if pending.is_empty() {
+            Ok(())
+        } else {
             pending.shuffle(&mut rand::rng());
-            let job = Arc::new(Job {
-                in_flight: Mutex::new(vec![false; list.chunks.len()]),
-                list: list.clone(),
-            });
-            self.jobs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(*blob, job.clone());
-            let result = self.run_job(blob, &job, pending, progress).await;
-            self.jobs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(blob);
-            result?;
-        }
+            self.run_job(&list, lead.shared(), pending, progress).await
+        };
+        lead.finish(());
+        result?;
         if let Some(tx) = &self.provide {
             let _ = tx.try_send(crate::swarm::SwarmCommand::Provide(*blob));
         }
@@ -278,11 +285,12 @@ impl Fetcher {
 
     async fn run_job(
         &self,
-        blob: &Digest,
+        list: &ChunkList,
         job: &Job,
         mut pending: Vec<usize>,
         progress: &Progress,
     ) -> Result<(), FetchError> {
+        let blob = &list.blob;
         let started = Instant::now();
         let mut maps: HashMap<String, HaveMap> = HashMap::new();
         let mut refreshed = Instant::now() - Duration::from_secs(3600);
@@ -294,11 +302,11 @@ impl Fetcher {
             }
             // Start work up to the parallelism limit.
             while running.len() < self.settings.parallel_chunks {
-                let Some(pos) = self.pick(&pending, job, &maps, started) else {
+                let Some(pos) = self.pick(&pending, list, &maps, started) else {
                     break;
                 };
                 let i = pending.swap_remove(pos);
-                let chunk = job.list.chunks[i];
+                let chunk = list.chunks[i];
                 let holders = self.holders(&maps, i);
                 set_flight(job, i, true);
                 running
@@ -320,7 +328,7 @@ impl Fetcher {
             if let Ok(Some((i, result))) = next {
                 set_flight(job, i, false);
                 let (bytes, source) = result?;
-                self.cache.put_chunk(&job.list.chunks[i].digest, &bytes)?;
+                self.cache.put_chunk(&list.chunks[i].digest, &bytes)?;
                 self.stats.add(source, bytes.len() as u64);
                 let _ = progress.send((bytes.len() as u64, source));
             }
@@ -377,7 +385,7 @@ impl Fetcher {
     fn pick(
         &self,
         pending: &[usize],
-        job: &Job,
+        list: &ChunkList,
         maps: &HashMap<String, HaveMap>,
         started: Instant,
     ) -> Option<usize> {
@@ -397,7 +405,7 @@ impl Fetcher {
         };
         let in_flight_elsewhere = |i: usize| maps.values().any(|m| m.is_in_flight(i as u32));
         let owner_is_me = |i: usize| {
-            let d = &job.list.chunks[i].digest;
+            let d = &list.chunks[i].digest;
             let mine = weight(d, &self.node_id);
             candidates.iter().all(|peer| weight(d, peer) < mine)
         };

@@ -7,9 +7,11 @@
 //! list and index committed in one metadata batch. On any failure the temp files are
 //! deleted: nothing is kept.
 //!
-//! Every uncached blob has one [`Flight`] (single flight): clients read it while it
-//! arrives ([`crate::flight`]) or wait for its end. It runs in its own task, so clients
-//! that disconnect do not cancel it.
+//! Every uncached blob has one [`Flight`] (single flight, [`SingleFlight`]): clients read
+//! it while it arrives ([`crate::flight`]) or wait for its end. It runs in its own task,
+//! so clients that disconnect do not cancel it; if that task dies anyway (panic, runtime
+//! shutdown), its guard removes the flight from the map and fails it for its readers, so
+//! the next client starts a new ingest instead of waiting on a dead one.
 
 use crate::flight::{Flight, FlightState};
 use crate::ledger::FileKind;
@@ -22,12 +24,12 @@ use crate::Stats;
 use bytes::Bytes;
 use futures::StreamExt;
 use imgd_core::index::{IndexBuilder, IndexError, IndexOptions, LayerIndex};
+use imgd_core::single_flight::{Join, Leader};
 use imgd_core::store::StoreError;
 use imgd_core::wire::IndexState;
-use imgd_core::{ChunkList, Digest};
-use std::collections::HashMap;
+use imgd_core::{ChunkList, Digest, SingleFlight};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
@@ -71,7 +73,46 @@ pub enum Opened {
     Flight(Arc<Flight>),
 }
 
-type Flights = Arc<Mutex<HashMap<Digest, Arc<Flight>>>>;
+/// Running ingests: the leader is the ingest task, the shared part its [`Flight`].
+type Flights = SingleFlight<Digest, (), Flight>;
+
+/// The ingest task's hold on its flight. Finished, it leaves the map and publishes the
+/// verdict; dropped unfinished (the task panicked or was aborted), it leaves the map and
+/// fails the flight, so readers are told rather than left waiting.
+struct FlightLead {
+    /// `None` once finished.
+    lead: Option<Leader<Digest, (), Flight>>,
+    flight: Arc<Flight>,
+}
+
+impl FlightLead {
+    fn new(lead: Leader<Digest, (), Flight>) -> Self {
+        FlightLead {
+            flight: lead.shared().clone(),
+            lead: Some(lead),
+        }
+    }
+
+    /// Leaves the map, then publishes `state` (the blob is stored first when `Done`).
+    fn finish(mut self, state: FlightState) {
+        if let Some(lead) = self.lead.take() {
+            lead.finish(());
+            self.flight.publish(state);
+        }
+    }
+}
+
+impl Drop for FlightLead {
+    fn drop(&mut self) {
+        if let Some(lead) = self.lead.take() {
+            drop(lead);
+            self.flight
+                .publish(FlightState::Failed(Arc::new(IngestError::Worker(
+                    "ingest abandoned before it ended".into(),
+                ))));
+        }
+    }
+}
 
 /// Runs ingests with single flight per blob digest.
 pub struct Ingestor {
@@ -98,7 +139,7 @@ impl Ingestor {
             stats,
             index_options,
             refusals: Arc::new(refusals),
-            flights: Arc::default(),
+            flights: SingleFlight::new(),
         }
     }
 
@@ -123,29 +164,35 @@ impl Ingestor {
         if let Some(list) = self.storage.blob(&digest).map_err(wrap)? {
             return Ok(Opened::Stored(list));
         }
-        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = flights.get(&digest) {
-            return Ok(Opened::Flight(f.clone()));
-        }
-        // A flight that just ended left its blob stored before leaving the map.
+        let new_flight = || {
+            Flight::new(
+                digest,
+                crate::access::key(route, &digest),
+                self.storage.dir.join("tmp").join("chunks"),
+            )
+        };
+        let lead = match self.flights.join(digest, new_flight) {
+            Join::Follower(f) => return Ok(Opened::Flight(f.shared().clone())),
+            Join::Leader(lead) => FlightLead::new(lead),
+        };
+        // A flight that just ended left its blob stored before leaving the map. (A client
+        // that joined this flight meanwhile reads the stored blob through it.)
         if let Some(list) = self.storage.blob(&digest).map_err(wrap)? {
+            lead.finish(FlightState::Done(list.clone()));
             return Ok(Opened::Stored(list));
         }
         if let Some(r) = self.refusals.lookup(&self.storage, &digest).map_err(wrap)? {
             tracing::info!(%digest, reason = r.reason, "refused layer asked for again, answered from the negative cache");
-            return Err(Arc::new(IngestError::RememberedRefusal {
+            let e = Arc::new(IngestError::RememberedRefusal {
                 digest,
                 reason: r.reason,
                 refused_at: r.refused_at,
                 expires_at: r.expires_at,
-            }));
+            });
+            lead.finish(FlightState::Failed(e.clone()));
+            return Err(e);
         }
-        let flight = Arc::new(Flight::new(
-            digest,
-            crate::access::key(route, &digest),
-            self.storage.dir.join("tmp").join("chunks"),
-        ));
-        flights.insert(digest, flight.clone());
+        let flight = lead.flight.clone();
         let span = tracing::info_span!("ingest", %digest, repo = route.repo);
         let run = Run {
             upstream: route.upstream.clone(),
@@ -155,11 +202,7 @@ impl Ingestor {
             stats: self.stats.clone(),
             index_options: self.index_options,
         };
-        let (refusals, flights, storage) = (
-            self.refusals.clone(),
-            self.flights.clone(),
-            self.storage.clone(),
-        );
+        let (refusals, storage) = (self.refusals.clone(), self.storage.clone());
         tokio::spawn(
             async move {
                 let result = run
@@ -171,16 +214,10 @@ impl Ingestor {
                         tracing::warn!(%digest, error = %e, "could not record the refusal");
                     }
                 }
-                let flight = {
-                    let mut map = flights.lock().unwrap_or_else(|p| p.into_inner());
-                    map.remove(&digest)
-                };
-                if let Some(f) = flight {
-                    f.publish(match result {
-                        Ok(list) => FlightState::Done(list),
-                        Err(e) => FlightState::Failed(Arc::new(e)),
-                    });
-                }
+                lead.finish(match result {
+                    Ok(list) => FlightState::Done(list),
+                    Err(e) => FlightState::Failed(Arc::new(e)),
+                });
             }
             .instrument(span),
         );
@@ -378,4 +415,40 @@ fn index_blob(
         Some(e) => Err(e),
         None => builder.finish(digest),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_aborted_ingest_task_leaves_no_flight_and_fails_its_readers() {
+        let flights: Flights = SingleFlight::new();
+        let digest = Digest::of(b"blob");
+        let new_flight = || Flight::new(digest, "key".into(), "/nonexistent".into());
+        let Join::Leader(lead) = flights.join(digest, new_flight) else {
+            panic!("the first open leads");
+        };
+        let lead = FlightLead::new(lead);
+        let Join::Follower(reader) = flights.join(digest, new_flight) else {
+            panic!("a second open joins the flight");
+        };
+        let flight = reader.shared().clone();
+        let task = tokio::spawn(async move {
+            let _lead = lead;
+            std::future::pending::<()>().await
+        });
+        tokio::task::yield_now().await;
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        assert!(
+            flights.is_empty(),
+            "the aborted ingest's flight left the map"
+        );
+        let verdict = tokio::time::timeout(std::time::Duration::from_secs(5), flight.finished())
+            .await
+            .expect("readers are told, not left waiting");
+        assert!(verdict.is_err(), "the flight failed");
+        assert!(matches!(flights.join(digest, new_flight), Join::Leader(_)));
+    }
 }
