@@ -2,19 +2,20 @@
 //!
 //! Tuned for an immutable tree: entry and attribute timeouts of a day, the kernel page
 //! cache kept across opens (`FOPEN_KEEP_CACHE`), cached readdir and symlinks, several
-//! worker threads. File bytes are read from the layer's tar stream through its seekable
-//! index: the compressed range from the nearest checkpoint is asked of a [`BlobSource`]
-//! (the agent: cache, peers, proxy), which must answer within a bounded time; a read
-//! that cannot be served returns `EIO`, never hangs.
+//! worker threads, read requests of up to 1 MiB. File bytes are read from the layer's tar
+//! stream by a [`SpanReader`]: from the on-disk inflated cache when present, else through
+//! the layer's seekable index: the compressed range from the nearest checkpoint is asked
+//! of a [`BlobSource`] (the agent: cache, peers, proxy), which must answer within a
+//! bounded time; a read that cannot be served returns `EIO`, never hangs.
 
-use crate::span_cache::SpanCache;
+use crate::spans::SpanReader;
 use crate::view::{ImageView, Ino, Node, NodeKind};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEntry,
     ReplyOpen, ReplyXattr, Request,
 };
-use imgd_core::index::{read_file_via, read_stored, span_of, ReadError};
+use imgd_core::index::{read_file_via, EntryKind};
 use std::ffi::OsStr;
 use std::ops::Range;
 use std::os::unix::ffi::OsStrExt;
@@ -25,12 +26,8 @@ use std::time::{Duration, UNIX_EPOCH};
 /// How long the kernel may cache entries and attributes of this immutable tree.
 const TTL: Duration = Duration::from_secs(86400);
 
-/// Byte budget of a mount's cache of inflated spans.
-const SPAN_CACHE_BYTES: usize = 64 << 20;
-
-/// Spans longer than this (encoders that emit huge deflate blocks leave few checkpoints)
-/// are not cached; reads then inflate just the range they need.
-const MAX_CACHED_SPAN: u64 = 16 << 20;
+/// Largest read request asked of the kernel (it caps it at its own maximum, 1 MiB).
+const MAX_READ: u32 = 1 << 20;
 
 /// Where the compressed bytes of layers come from.
 pub trait BlobSource: Send + Sync + 'static {
@@ -48,26 +45,30 @@ pub struct MountStats {
     pub bytes_read: AtomicU64,
     /// Reads that failed with EIO.
     pub eio: AtomicU64,
+    /// Spans inflated (from compressed chunks) and stored.
+    pub spans_inflated: AtomicU64,
+    /// Of those, spans inflated ahead of a sequential read.
+    pub spans_read_ahead: AtomicU64,
+    /// Stream reads served from the on-disk inflated cache.
+    pub disk_reads: AtomicU64,
 }
 
 /// The filesystem.
 pub struct ImageFs {
     view: Arc<ImageView>,
-    source: Arc<dyn BlobSource>,
     stats: Arc<MountStats>,
-    spans: SpanCache,
+    spans: SpanReader,
     /// Called with the path of each file opened, in order (the learned start-up trace).
     on_open: Option<Box<dyn Fn(Ino) + Send + Sync>>,
 }
 
 impl ImageFs {
-    /// A filesystem over `view`, whose files are read from `layers` through `source`.
-    pub fn new(view: Arc<ImageView>, source: Arc<dyn BlobSource>, stats: Arc<MountStats>) -> Self {
+    /// A filesystem over `view`, whose files are read through `spans`.
+    pub fn new(view: Arc<ImageView>, spans: SpanReader, stats: Arc<MountStats>) -> Self {
         ImageFs {
             view,
-            source,
             stats,
-            spans: SpanCache::new(SPAN_CACHE_BYTES),
+            spans,
             on_open: None,
         }
     }
@@ -146,7 +147,8 @@ impl ImageFs {
 
 impl Filesystem for ImageFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_readahead(MAX_READ);
+        let _ = config.set_max_write(MAX_READ);
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         Ok(())
@@ -205,43 +207,14 @@ impl Filesystem for ImageFs {
             return reply.error(Errno::EIO);
         };
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
-        let mut fetch = |range: Range<u64>| self.source.read(layer, range);
         let result = read_file_via(index, entry, offset, size as usize, |at, len| {
-            // Whole spans through the cache, so sequential reads inflate each byte once.
-            let end = at + len as u64;
-            let mut out = Vec::with_capacity(len);
-            let mut pos = at;
-            while pos < end {
-                let span = span_of(index, pos);
-                if span.end <= pos {
-                    break;
-                }
-                let stop = end.min(span.end);
-                if span.end - span.start > MAX_CACHED_SPAN {
-                    out.extend_from_slice(&read_stored(
-                        index,
-                        pos,
-                        (stop - pos) as usize,
-                        &mut fetch,
-                    )?);
-                } else {
-                    let data = self.spans.get_or_load(layer, span.start, || {
-                        read_stored(
-                            index,
-                            span.start,
-                            (span.end - span.start) as usize,
-                            &mut fetch,
-                        )
-                    })?;
-                    let (a, b) = ((pos - span.start) as usize, (stop - span.start) as usize);
-                    out.extend_from_slice(data.get(a..b).ok_or_else(|| {
-                        ReadError::BadIndex("span shorter than the index says".into())
-                    })?);
-                }
-                pos = stop;
-            }
-            Ok(out)
+            self.spans.read(layer, at, len)
         });
+        if result.is_ok() && entry.kind == EntryKind::File && entry.sparse.is_empty() {
+            let file = entry.content_offset..entry.content_offset + entry.size;
+            let read_end = file.start + offset.saturating_add(u64::from(size));
+            self.spans.read_ahead(layer, file, read_end);
+        }
         match result {
             Ok(bytes) => {
                 self.stats

@@ -1,10 +1,6 @@
-//! A small bounded cache of inflated spans of layers' tar streams.
-//!
-//! A span runs from one inflate checkpoint to the next (see
-//! [`imgd_core::index::span_of`]); inflating one costs a pass from its checkpoint.
-//! Keeping whole spans means sequential reads inflate each byte once, and concurrent
-//! reads of the same span inflate it once (a per-span gate). Least recently used spans
-//! are dropped beyond the byte budget.
+//! A small bounded memory cache of inflated spans, for layers whose spans cannot be kept
+//! on disk (see [`crate::spans`]). Least recently used spans are dropped beyond the byte
+//! budget.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,12 +16,11 @@ struct State {
 /// Inflated spans by (layer, span start), within a byte budget.
 pub struct SpanCache {
     state: Mutex<State>,
-    gates: Mutex<HashMap<Key, Arc<Mutex<()>>>>,
     budget: usize,
 }
 
 impl SpanCache {
-    /// A cache holding at most `budget` bytes of spans.
+    /// A cache holding at most `budget` bytes of spans (and always the latest one).
     pub fn new(budget: usize) -> Self {
         SpanCache {
             state: Mutex::new(State {
@@ -33,23 +28,29 @@ impl SpanCache {
                 bytes: 0,
                 tick: 0,
             }),
-            gates: Mutex::new(HashMap::new()),
             budget,
         }
     }
 
-    fn lookup(&self, key: Key) -> Option<Arc<Vec<u8>>> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The span of `layer` starting at `start`, if held.
+    pub fn get(&self, layer: usize, start: u64) -> Option<Arc<Vec<u8>>> {
+        let mut st = self.state();
         st.tick += 1;
         let tick = st.tick;
-        st.spans.get_mut(&key).map(|(data, used)| {
+        st.spans.get_mut(&(layer, start)).map(|(data, used)| {
             *used = tick;
             data.clone()
         })
     }
 
-    fn insert(&self, key: Key, data: Arc<Vec<u8>>) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+    /// Keeps a span, dropping the least recently used ones beyond the budget.
+    pub fn insert(&self, layer: usize, start: u64, data: Arc<Vec<u8>>) {
+        let key = (layer, start);
+        let mut st = self.state();
         st.tick += 1;
         let tick = st.tick;
         st.bytes += data.len();
@@ -72,86 +73,28 @@ impl SpanCache {
         }
     }
 
-    /// The span of `layer` starting at `start`, inflating it with `load` if absent.
-    /// Concurrent callers for one span wait for a single `load`.
-    pub fn get_or_load<E>(
-        &self,
-        layer: usize,
-        start: u64,
-        load: impl FnOnce() -> Result<Vec<u8>, E>,
-    ) -> Result<Arc<Vec<u8>>, E> {
-        let key = (layer, start);
-        if let Some(hit) = self.lookup(key) {
-            return Ok(hit);
-        }
-        let gate = self
-            .gates
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key)
-            .or_default()
-            .clone();
-        let result = {
-            let _turn = gate.lock().unwrap_or_else(|p| p.into_inner());
-            match self.lookup(key) {
-                Some(hit) => Ok(hit),
-                None => load().map(|data| {
-                    let data = Arc::new(data);
-                    self.insert(key, data.clone());
-                    data
-                }),
-            }
-        };
-        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
-        if Arc::strong_count(&gate) <= 2 {
-            gates.remove(&key);
-        }
-        result
-    }
-
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).bytes
+        self.state().bytes
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cell::Cell;
 
     #[test]
-    fn loads_once_and_evicts_least_recently_used_within_budget() {
+    fn evicts_least_recently_used_within_budget() {
         let cache = SpanCache::new(10);
-        let loads = Cell::new(0);
-        let load = |n: usize| {
-            loads.set(loads.get() + 1);
-            Ok::<_, ()>(vec![0u8; n])
-        };
-        cache.get_or_load(0, 0, || load(4)).unwrap();
-        cache.get_or_load(0, 0, || load(4)).unwrap();
-        assert_eq!(loads.get(), 1);
-        cache.get_or_load(0, 4, || load(4)).unwrap();
-        cache.get_or_load(0, 0, || load(4)).unwrap(); // touch span 0
-        cache.get_or_load(1, 0, || load(4)).unwrap(); // over budget: evicts (0, 4)
+        let span = |n: usize| Arc::new(vec![0u8; n]);
+        cache.insert(0, 0, span(4));
+        cache.insert(0, 4, span(4));
+        assert!(cache.get(0, 0).is_some()); // touch span 0
+        cache.insert(1, 0, span(4)); // over budget: evicts (0, 4)
         assert!(cache.bytes() <= 10);
-        assert_eq!(loads.get(), 3);
-        cache.get_or_load(0, 0, || load(4)).unwrap();
-        assert_eq!(loads.get(), 3, "the recently used span stayed");
-        cache.get_or_load(0, 4, || load(4)).unwrap();
-        assert_eq!(loads.get(), 4, "the least recently used span was evicted");
-    }
-
-    #[test]
-    fn a_failed_load_caches_nothing() {
-        let cache = SpanCache::new(100);
-        assert!(cache
-            .get_or_load(0, 0, || Err::<Vec<u8>, _>("down"))
-            .is_err());
-        assert_eq!(cache.bytes(), 0);
-        assert_eq!(
-            *cache.get_or_load(0, 0, || Ok::<_, ()>(vec![1])).unwrap(),
-            vec![1]
-        );
+        assert!(cache.get(0, 0).is_some(), "the recently used span stayed");
+        assert!(cache.get(0, 4).is_none(), "the least recently used span went");
+        cache.insert(2, 0, span(20));
+        assert!(cache.get(2, 0).is_some(), "the latest span stays even over budget");
     }
 }

@@ -22,6 +22,7 @@ use crate::startup::{self, TraceRecorder};
 use futures::StreamExt;
 use imgd_core::index::LayerIndex;
 use imgd_fuse::fs::{ImageFs, MountStats};
+use imgd_fuse::spans::{SpanReader, SpanStore};
 use imgd_fuse::view::{ImageView, ViewLimits};
 use source::ChunkSource;
 use std::io::Write;
@@ -34,6 +35,10 @@ use tokio::sync::mpsc;
 
 /// How long the process waits for the kernel to end the session after an unmount.
 const SESSION_END_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Fault injection for crash tests: milliseconds to pause halfway through writing each
+/// inflated span to disk.
+pub const SPAN_WRITE_PAUSE_ENV: &str = "IMGD_FAULT_SPAN_WRITE_PAUSE_MS";
 
 /// Why the mount process could not serve.
 #[derive(Debug, thiserror::Error)]
@@ -193,7 +198,22 @@ async fn mount(rdir: &RecordDir) -> Result<Mounted, ServeError> {
         tokio::runtime::Handle::current(),
     ));
     let stats = Arc::new(MountStats::default());
-    let mut fs = ImageFs::new(view.clone(), source.clone(), stats.clone());
+    let root = imgd_fuse::inflated::layout::root(&record.cache_dir);
+    let write_pause = std::env::var(SPAN_WRITE_PAUSE_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis);
+    let (v, src, st) = (view.clone(), source.clone(), stats.clone());
+    let spans = tokio::task::spawn_blocking(move || {
+        let store = SpanStore {
+            root: Some(&root),
+            write_pause,
+        };
+        SpanReader::new(v, src, st, store)
+    })
+    .await
+    .map_err(|e| ServeError::View(e.to_string()))?;
+    let mut fs = ImageFs::new(view.clone(), spans, stats.clone());
     let recorder = record.record_trace.then(TraceRecorder::recording);
     if let Some(rec) = &recorder {
         let hook = rec.clone();

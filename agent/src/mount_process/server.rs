@@ -48,6 +48,10 @@ async fn status(State(s): State<Arc<Shared>>) -> Json<ProcessStatus> {
         eio: get(&s.stats.eio),
         fetched_bytes: get(&s.source.fetched.bytes),
         fetched_chunks: get(&s.source.fetched.chunks),
+        chunk_reads: get(&s.source.fetched.reads),
+        spans_inflated: get(&s.stats.spans_inflated),
+        spans_read_ahead: get(&s.stats.spans_read_ahead),
+        disk_reads: get(&s.stats.disk_reads),
     })
 }
 

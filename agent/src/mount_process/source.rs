@@ -35,11 +35,13 @@ enum Failure {
     NoSource,
 }
 
-/// Chunks and bytes this mount had fetched into the cache (cache hits not counted).
+/// Chunks and bytes this mount had fetched into the cache (cache hits not counted), and
+/// every chunk it read (cache hits included).
 #[derive(Default, Debug)]
 pub struct Fetched {
     pub chunks: AtomicU64,
     pub bytes: AtomicU64,
+    pub reads: AtomicU64,
 }
 
 /// The mount's chunk source.
@@ -124,6 +126,7 @@ impl ChunkSource {
             .get(i)
             .ok_or_else(|| source(format!("no chunk {i} in layer {layer}")))?
             .digest;
+        self.fetched.reads.fetch_add(1, Ordering::Relaxed);
         if let Some(bytes) = self.cached(&digest) {
             return Ok(bytes);
         }

@@ -35,6 +35,16 @@ pub struct ProcessStatus {
     pub eio: u64,
     pub fetched_bytes: u64,
     pub fetched_chunks: u64,
+    /// Chunks read (cached or fetched), spans inflated (ahead of reads, of those), and
+    /// stream reads served from the on-disk inflated cache.
+    #[serde(default)]
+    pub chunk_reads: u64,
+    #[serde(default)]
+    pub spans_inflated: u64,
+    #[serde(default)]
+    pub spans_read_ahead: u64,
+    #[serde(default)]
+    pub disk_reads: u64,
 }
 
 /// Why a control request failed.

@@ -67,6 +67,16 @@ pub struct MountStatus {
     /// The mount process.
     #[serde(default)]
     pub pid: Option<u32>,
+    /// Chunks read, spans inflated (ahead of reads, of those), stream reads served from
+    /// the on-disk inflated cache (see [`imgd_fuse::spans`]).
+    #[serde(default)]
+    pub chunk_reads: u64,
+    #[serde(default)]
+    pub spans_inflated: u64,
+    #[serde(default)]
+    pub spans_read_ahead: u64,
+    #[serde(default)]
+    pub disk_reads: u64,
 }
 
 /// Where a mount is in its life (see the module docs; *starting* mounts are only
@@ -431,6 +441,10 @@ fn status_of(
         eio: get(|s| s.eio),
         state,
         pid,
+        chunk_reads: get(|s| s.chunk_reads),
+        spans_inflated: get(|s| s.spans_inflated),
+        spans_read_ahead: get(|s| s.spans_read_ahead),
+        disk_reads: get(|s| s.disk_reads),
     }
 }
 
