@@ -170,5 +170,25 @@ pub async fn start(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
     });
     // Before the API is up: the mount processes a previous agent left ask it for chunks.
     agent.mounts.recover(&agent).await?;
+    tokio::spawn(enforce_quota(agent.fetcher.cache.clone()));
     Ok(agent)
+}
+
+/// How often the quota is checked apart from chunk puts: mount processes add inflated
+/// layer data on their own.
+const QUOTA_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Keeps chunks and inflated layers under the quota (see [`ChunkCache::enforce_quota`]).
+async fn enforce_quota(cache: Arc<ChunkCache>) {
+    let mut tick = tokio::time::interval(QUOTA_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let c = cache.clone();
+        match tokio::task::spawn_blocking(move || c.enforce_quota()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "enforcing the cache quota"),
+            Err(e) => tracing::warn!(error = %e, "enforcing the cache quota"),
+        }
+    }
 }

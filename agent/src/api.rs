@@ -76,6 +76,9 @@ pub struct Status {
     /// The most chunk data the cache held at once since the agent started.
     #[serde(default)]
     pub cache_peak_used_bytes: u64,
+    /// Disk bytes of inflated layers (counted against the quota with the chunks).
+    #[serde(default)]
+    pub cache_inflated_bytes: u64,
     /// What opening the cache repaired (a crash's leftovers), at start.
     #[serde(default)]
     pub cache_open_repair: crate::cache::RepairReport,
@@ -216,6 +219,7 @@ async fn status(State(agent): State<Arc<Agent>>) -> Json<Status> {
         cache_used_bytes: f.cache.used_bytes(),
         cache_quota_bytes: f.cache.quota(),
         cache_peak_used_bytes: f.cache.peak_used_bytes(),
+        cache_inflated_bytes: f.cache.inflated_bytes(),
         cache_open_repair: f.cache.open_report().clone(),
         peers: agent
             .peers

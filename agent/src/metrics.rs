@@ -13,8 +13,8 @@
 //! | `imgd_agent_served_bytes_total` | counter | `to` = `peer`, `mirror` |
 //! | `imgd_agent_chunk_fetch_seconds` | histogram | `source` = `peer`, `proxy` |
 //! | `imgd_agent_verification_failures_total` | counter | `where` = `peer`, `proxy`, `cache` |
-//! | `imgd_agent_cache_size_bytes`, `imgd_agent_cache_quota_bytes`, `imgd_agent_cache_peak_bytes`, `imgd_agent_cache_chunks` | gauge | |
-//! | `imgd_agent_cache_evictions_total`, `imgd_agent_cache_evicted_bytes_total` | counter | |
+//! | `imgd_agent_cache_size_bytes`, `imgd_agent_cache_quota_bytes`, `imgd_agent_cache_peak_bytes`, `imgd_agent_cache_inflated_bytes`, `imgd_agent_cache_chunks` | gauge | |
+//! | `imgd_agent_cache_evictions_total`, `imgd_agent_cache_evicted_bytes_total`, `imgd_agent_cache_evicted_inflated_layers_total` | counter | |
 //! | `imgd_agent_peers`, `imgd_agent_peers_usable` | gauge | |
 //! | `imgd_agent_fuse_reads_total`, `imgd_agent_fuse_read_bytes_total`, `imgd_agent_fuse_eio_total`, `imgd_agent_mount_fetched_bytes_total` | counter | `mount`, `image` |
 //! | `imgd_agent_swarm_listening` | gauge | |
@@ -49,6 +49,7 @@ pub struct Events {
     served_bytes: Family<Labels, Counter>,
     evictions: Counter,
     evicted_bytes: Counter,
+    evicted_inflated_layers: Counter,
     quic_listening: AtomicBool,
 }
 
@@ -63,6 +64,7 @@ static EVENTS: LazyLock<Events> = LazyLock::new(|| Events {
     served_bytes: Family::default(),
     evictions: Counter::default(),
     evicted_bytes: Counter::default(),
+    evicted_inflated_layers: Counter::default(),
     quic_listening: AtomicBool::new(false),
 });
 
@@ -103,6 +105,12 @@ pub fn served(to: &str, bytes: u64) {
 /// Hook: the cache evicted `chunks` chunks holding `bytes` bytes.
 pub fn evicted(chunks: u64, bytes: u64) {
     EVENTS.evictions.inc_by(chunks);
+    EVENTS.evicted_bytes.inc_by(bytes);
+}
+
+/// Hook: the cache evicted `layers` inflated layers taking `bytes` bytes of disk.
+pub fn evicted_inflated(layers: u64, bytes: u64) {
+    EVENTS.evicted_inflated_layers.inc_by(layers);
     EVENTS.evicted_bytes.inc_by(bytes);
 }
 
@@ -224,6 +232,11 @@ fn snapshot(agent: &Agent, mounts: &[crate::mounts::MountStatus]) -> Snapshot {
             vec![(vec![], f.cache.peak_used_bytes())],
         ),
         (
+            "cache_inflated_bytes",
+            "Disk bytes of inflated layers (counted against the quota with the chunks)",
+            vec![(vec![], f.cache.inflated_bytes())],
+        ),
+        (
             "cache_chunks",
             "Chunks in the cache",
             vec![(vec![], f.cache.chunk_count() as u64)],
@@ -271,8 +284,13 @@ pub fn render(
     );
     registry.register(
         "cache_evicted_bytes",
-        "Bytes evicted from the cache",
+        "Bytes evicted from the cache (chunks and inflated layers)",
         EVENTS.evicted_bytes.clone(),
+    );
+    registry.register(
+        "cache_evicted_inflated_layers",
+        "Inflated layers evicted from the cache",
+        EVENTS.evicted_inflated_layers.clone(),
     );
     registry.register_collector(Box::new(snapshot(agent, mounts)));
     let mut out = String::new();

@@ -32,12 +32,24 @@ pub enum CacheError {
     /// Any other error of the metadata database.
     #[error("cache metadata: {0}")]
     Meta(#[source] MetaError),
+    /// An error of the inflated layers' files.
+    #[error("inflated layers: {op}: {source}")]
+    Inflated {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl CacheError {
     /// True for [`CacheError::DiskFull`].
     pub fn is_disk_full(&self) -> bool {
         matches!(self, CacheError::DiskFull { .. })
+    }
+
+    /// An I/O error of the inflated layers met while doing `op`.
+    pub(crate) fn io(op: &'static str, source: std::io::Error) -> CacheError {
+        CacheError::Inflated { op, source }
     }
 
     /// Classifies a content-store error met while doing `op`.

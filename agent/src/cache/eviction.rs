@@ -24,6 +24,11 @@ pub struct EvictReport {
     /// Bytes still above the target because every chunk left is pinned, protected or was
     /// just stored (0 when the target was reached).
     pub unevictable_excess: u64,
+    /// Inflated layers removed, and the disk bytes they took (see [`super::inflated`]).
+    #[serde(default)]
+    pub evicted_inflated_layers: u64,
+    #[serde(default)]
+    pub freed_inflated_bytes: u64,
 }
 
 impl ChunkCache {
@@ -31,6 +36,18 @@ impl ChunkCache {
     /// stored, sparing chunks of pinned images' blobs and of protected blobs.
     pub fn evict_to(&self, target_bytes: u64) -> Result<EvictReport, CacheError> {
         self.evict_keeping(target_bytes, None)
+    }
+
+    /// Evicts inflated layers no mount uses, then chunks (sparing `keep`), until chunks
+    /// and inflated data together are at most the low-water mark.
+    pub(super) fn make_room(&self, keep: Option<&Digest>) -> Result<EvictReport, CacheError> {
+        let low = self.low_water();
+        let inflated = self.evict_inflated(low, &super::inflated::protected(self))?;
+        let target = low.saturating_sub(self.inflated_bytes());
+        let mut report = self.evict_keeping(target, keep)?;
+        report.evicted_inflated_layers = inflated.layers;
+        report.freed_inflated_bytes = inflated.freed_bytes;
+        Ok(report)
     }
 
     /// [`ChunkCache::evict_to`], also sparing `keep`.

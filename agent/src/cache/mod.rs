@@ -6,7 +6,9 @@
 //! - `DIR/chunks/<hex[0..2]>/<hex>`: chunk files in a [`ContentStore`] (kind `chunks`),
 //!   staged in `DIR/tmp/chunks` and renamed into place after an fsync;
 //! - `DIR/meta`: a RocksDB [`MetaDb`] with the tables of [`tables`]: `chunks`, `blobs`,
-//!   `images`, `pins`.
+//!   `images`, `pins`;
+//! - `DIR/inflated`: layers' inflated tar streams, written by the mount processes
+//!   ([`imgd_fuse::inflated`]), counted against the quota by [`inflated`].
 //!
 //! # Policies
 //!
@@ -22,8 +24,12 @@
 //!   that verify (they are whole: files only appear by rename) as least recently used, so
 //!   an orphan left by an interrupted eviction is the next to go; orphans that do not
 //!   verify are deleted. [`ChunkCache::gc`] does the same at run time.
-//! - **Quota** (soft). After a put takes the cache above its quota, chunks are evicted,
-//!   least recently used first, down to the low-water mark of 90% of the quota. Chunks of
+//! - **Quota** (soft), for chunks and inflated layers together. After a put takes the
+//!   cache above its quota (and at every [`ChunkCache::enforce_quota`], which the agent
+//!   runs every few seconds because mount processes add inflated data on their own),
+//!   inflated layers that no mount uses are evicted whole, least recently used first
+//!   (they are rebuilt from chunks without the network), then chunks, least recently used
+//!   first, down to the low-water mark of 90% of the quota. Chunks of
 //!   blobs of pinned images and of protected (mounted) blobs are never evicted, nor is the
 //!   chunk just stored. If only such chunks remain the cache stays above its quota: the
 //!   put still succeeds and a warning is logged (an image being mounted must be able to
@@ -44,6 +50,7 @@ mod error;
 mod eviction;
 mod images;
 mod index;
+pub mod inflated;
 mod locks;
 mod repair;
 pub mod tables;
@@ -62,6 +69,7 @@ use index::Index;
 use locks::{lock, Stripes};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, MutexGuard};
 use tables::{unix_now, Chunks, TABLES};
 
@@ -75,6 +83,8 @@ pub struct ChunkCache {
     stripes: Stripes,
     /// Held for a whole eviction run; guards the protected blobs (digest -> count).
     eviction: Mutex<HashMap<Digest, usize>>,
+    /// Disk bytes of inflated layers as of the last scan ([`inflated`]).
+    inflated_bytes: AtomicU64,
     open_report: RepairReport,
 }
 
@@ -96,8 +106,10 @@ impl ChunkCache {
             index: Mutex::new(Index::from_rows(rows)),
             stripes: Stripes::new(),
             eviction: Mutex::new(HashMap::new()),
+            inflated_bytes: AtomicU64::new(0),
             open_report: RepairReport::default(),
         };
+        cache.scan_inflated()?;
         cache.open_report = RepairReport {
             staged_removed: staged,
             ..cache.reconcile()?
@@ -161,7 +173,8 @@ impl ChunkCache {
     }
 
     /// Stores a chunk after checking that `bytes` hash to `digest`; idempotent. Then, if
-    /// the cache is above its quota, evicts down to the low-water mark (never this chunk).
+    /// the cache (chunks and inflated layers) is above its quota, evicts down to the
+    /// low-water mark (never this chunk).
     /// A failure of that eviction is logged, not returned: the chunk is stored.
     pub fn put_chunk(&self, digest: &Digest, bytes: &[u8]) -> Result<(), CacheError> {
         if bytes.len() > CHUNK_SIZE {
@@ -178,8 +191,8 @@ impl ChunkCache {
             });
         }
         self.store_verified(digest, bytes)?;
-        if self.used_bytes() > self.quota {
-            if let Err(e) = self.evict_keeping(self.low_water(), Some(digest)) {
+        if self.used_bytes() + self.inflated_bytes() > self.quota {
+            if let Err(e) = self.make_room(Some(digest)) {
                 tracing::warn!(error = %e, "chunk cache eviction failed");
             }
         }
