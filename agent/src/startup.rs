@@ -62,11 +62,13 @@ fn path_of(view: &ImageView, ino: Ino) -> Option<Vec<u8>> {
 }
 
 /// The chunks holding the trace's files, as `(layer, chunk)` pairs in trace order, each
-/// once. Paths the view does not have are skipped.
+/// once. Paths the view does not have are skipped, and so are files whose stream range
+/// `(layer, range)` is `inflated` already (on disk, so reading them needs no chunk).
 pub fn chunks_of(
     view: &ImageView,
     lists: &[ChunkList],
     trace: &StartupTrace,
+    inflated: impl Fn(usize, std::ops::Range<u64>) -> bool,
 ) -> Vec<(usize, usize)> {
     let mut wanted: Vec<(usize, usize)> = Vec::new();
     let mut seen = HashSet::new();
@@ -80,7 +82,11 @@ pub fn chunks_of(
         let (Some(index), Some(list)) = (view.layer(layer), lists.get(layer)) else {
             continue;
         };
-        let Ok(plan) = plan_read(index, entry.content_offset, entry.stored_size()) else {
+        let stored = entry.content_offset..entry.content_offset + entry.stored_size();
+        if inflated(layer, stored.clone()) {
+            continue;
+        }
+        let Ok(plan) = plan_read(index, stored.start, stored.end - stored.start) else {
             continue;
         };
         for i in list.chunks_covering(plan.compressed) {
@@ -100,7 +106,7 @@ pub async fn warm(
     lists: &[ChunkList],
     trace: &StartupTrace,
 ) -> Result<u64, FetchError> {
-    let wanted = chunks_of(view, lists, trace);
+    let wanted = chunks_of(view, lists, trace, |_, _| false);
     let mut fetched = 0;
     let mut jobs = futures::stream::iter(wanted)
         .map(|(layer, i)| async move { fetcher.chunk(&lists[layer], i).await })

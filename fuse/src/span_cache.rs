@@ -93,8 +93,14 @@ mod tests {
         cache.insert(1, 0, span(4)); // over budget: evicts (0, 4)
         assert!(cache.bytes() <= 10);
         assert!(cache.get(0, 0).is_some(), "the recently used span stayed");
-        assert!(cache.get(0, 4).is_none(), "the least recently used span went");
+        assert!(
+            cache.get(0, 4).is_none(),
+            "the least recently used span went"
+        );
         cache.insert(2, 0, span(20));
-        assert!(cache.get(2, 0).is_some(), "the latest span stays even over budget");
+        assert!(
+            cache.get(2, 0).is_some(),
+            "the latest span stays even over budget"
+        );
     }
 }

@@ -47,7 +47,8 @@ struct Inner {
     queued: Mutex<HashSet<Key>>,
 }
 
-/// The span reader of one mount.
+/// The span reader of one mount (clones share it).
+#[derive(Clone)]
 pub struct SpanReader {
     inner: Arc<Inner>,
     readahead: SyncSender<Key>,
@@ -113,6 +114,11 @@ impl SpanReader {
     /// The `len` bytes at `at` of layer `layer`'s stream (fewer at its end).
     pub fn read(&self, layer: usize, at: u64, len: usize) -> Result<Vec<u8>, ReadError> {
         self.inner.read(layer, at, len)
+    }
+
+    /// True if `range` of layer `layer`'s stream is on disk already.
+    pub fn is_present(&self, layer: usize, range: Range<u64>) -> bool {
+        self.inner.file(layer).is_some_and(|f| f.present(&range))
     }
 
     /// Queues the spans of `file` (a stream range of `layer`) that follow `read_end`, up to
@@ -199,9 +205,7 @@ impl Inner {
             .view
             .layer(layer)
             .ok_or_else(|| ReadError::BadIndex(format!("no layer {layer}")))?;
-        let end = at
-            .saturating_add(len as u64)
-            .min(index.uncompressed_size);
+        let end = at.saturating_add(len as u64).min(index.uncompressed_size);
         if at >= end {
             return Ok(Vec::new());
         }
@@ -231,12 +235,7 @@ impl Inner {
                 out.extend_from_slice(&bytes);
             } else if span.end - span.start > MAX_SPAN {
                 let mut fetch = |r: Range<u64>| self.source.read(layer, r);
-                out.extend_from_slice(&read_stored(
-                    index,
-                    pos,
-                    (stop - pos) as usize,
-                    &mut fetch,
-                )?);
+                out.extend_from_slice(&read_stored(index, pos, (stop - pos) as usize, &mut fetch)?);
             } else {
                 let start = span.start;
                 let data = self.span(layer, span)?;
@@ -273,7 +272,9 @@ impl Inner {
                 &mut fetch,
             )?;
             if (bytes.len() as u64) < span.end - span.start {
-                return Err(ReadError::BadIndex("span shorter than the index says".into()));
+                return Err(ReadError::BadIndex(
+                    "span shorter than the index says".into(),
+                ));
             }
             self.stats.spans_inflated.fetch_add(1, Ordering::Relaxed);
             let bytes = Arc::new(bytes);

@@ -213,7 +213,7 @@ async fn mount(rdir: &RecordDir) -> Result<Mounted, ServeError> {
     })
     .await
     .map_err(|e| ServeError::View(e.to_string()))?;
-    let mut fs = ImageFs::new(view.clone(), spans, stats.clone());
+    let mut fs = ImageFs::new(view.clone(), spans.clone(), stats.clone());
     let recorder = record.record_trace.then(TraceRecorder::recording);
     if let Some(rec) = &recorder {
         let hook = rec.clone();
@@ -234,6 +234,7 @@ async fn mount(rdir: &RecordDir) -> Result<Mounted, ServeError> {
         view,
         stats,
         source,
+        spans,
         recorder,
         stop,
     });
@@ -300,9 +301,22 @@ fn unmount(dir: &Path) -> Result<(), String> {
 }
 
 /// Prefetches the chunks of a known startup trace, before they are read, through the
-/// same source as reads (so the bytes count as this mount's).
+/// same source as reads (so the bytes count as this mount's). Files already inflated on
+/// disk need no chunk and are skipped.
 async fn warm(shared: Arc<server::Shared>, trace: imgd_core::wire::StartupTrace) {
-    let wanted = startup::chunks_of(&shared.view, &shared.record.lists, &trace);
+    let s = shared.clone();
+    let files = trace.paths.len();
+    let wanted = tokio::task::spawn_blocking(move || {
+        startup::chunks_of(&s.view, &s.record.lists, &trace, |l, r| {
+            s.spans.is_present(l, r)
+        })
+    })
+    .await
+    .unwrap_or_default();
+    tracing::info!(
+        chunks = wanted.len(),
+        "prefetching the startup files' chunks"
+    );
     let before = shared.source.fetched.bytes.load(Ordering::Relaxed);
     let mut jobs = futures::stream::iter(wanted)
         .map(|(layer, i)| {
@@ -323,7 +337,7 @@ async fn warm(shared: Arc<server::Shared>, trace: imgd_core::wire::StartupTrace)
     }
     let bytes = shared.source.fetched.bytes.load(Ordering::Relaxed) - before;
     match failed {
-        None => tracing::info!(bytes, files = trace.paths.len(), "startup files prefetched"),
+        None => tracing::info!(bytes, files, "startup files prefetched"),
         Some(e) => tracing::warn!(error = %e, "startup prefetch failed"),
     }
 }

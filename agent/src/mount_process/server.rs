@@ -24,6 +24,7 @@ pub struct Shared {
     pub view: Arc<ImageView>,
     pub stats: Arc<MountStats>,
     pub source: Arc<ChunkSource>,
+    pub spans: imgd_fuse::spans::SpanReader,
     pub recorder: Option<Arc<TraceRecorder>>,
     pub stop: mpsc::Sender<StopRequest>,
 }

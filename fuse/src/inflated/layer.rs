@@ -101,9 +101,9 @@ impl LayerFile {
             dir: name.clone(),
             source,
         };
-        let lease = Self::lease(&dir).map_err(io)?.ok_or(LayerFileError::Contended {
-            dir: name.clone(),
-        })?;
+        let lease = Self::lease(&dir)
+            .map_err(io)?
+            .ok_or(LayerFileError::Contended { dir: name.clone() })?;
         let _ = lease.set_modified(std::time::SystemTime::now());
         let stream = OpenOptions::new()
             .read(true)
