@@ -155,6 +155,7 @@ fn inflated_layers_are_evicted_under_the_quota_but_never_while_mounted() {
         "the agent to see the inflated data",
         Duration::from_secs(10),
         || {
+            assert_eq!(inflated_layers(&a), both, "evicted while mounted");
             let (c, i) = used(&a);
             c + i > quota
         },

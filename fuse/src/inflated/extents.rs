@@ -89,6 +89,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::single_range_in_vec_init)]
     fn ranges_merge_and_cover() {
         let mut e = Extents::default();
         e.insert(10..20);
