@@ -3,8 +3,8 @@
 //! test below replays every saved input under `fuzz/regressions/<target>/`.
 
 use crate::index::{
-    gzip, index_blob, read_file, EntryKind, GzipError, IndexBuilder, IndexError, IndexOptions,
-    LayerIndex,
+    gzip, index_blob, index_blob_with_copy, read_file, EntryKind, GzipError, IndexBuilder,
+    IndexError, IndexOptions, LayerIndex, ZstdError,
 };
 use crate::Digest;
 use std::convert::Infallible;
@@ -104,8 +104,95 @@ fn comparable(r: &Result<LayerIndex, IndexError>) -> Result<LayerIndex, IndexErr
                 limit: *limit,
             }))
         }
+        Err(IndexError::Zstd(ZstdError::Corrupt { .. })) => {
+            Err(IndexError::Zstd(ZstdError::Corrupt {
+                offset: 0,
+                message: String::new(),
+            }))
+        }
+        Err(IndexError::Zstd(ZstdError::RatioExceeded { limit, .. })) => {
+            Err(IndexError::Zstd(ZstdError::RatioExceeded {
+                compressed: 0,
+                uncompressed: 0,
+                limit: *limit,
+            }))
+        }
+        Err(IndexError::Zstd(ZstdError::WindowTooLarge { limit, .. })) => {
+            Err(IndexError::Zstd(ZstdError::WindowTooLarge {
+                offset: 0,
+                limit: *limit,
+            }))
+        }
         other => other.clone(),
     }
+}
+
+/// `index_zstd`: `data[0]` picks how the rest is fed: as a zstd blob (after the zstd
+/// magic, so that the decoder is reached), whole and in slices of a size picked by
+/// `data[1]` (same outcome); or as a tar stream zstd-compressed first (same entries as
+/// the plain tar). Every index built must read back through its seekable copy, and the
+/// copy must decode to the layer's tar stream.
+pub fn index_zstd(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    if mode & 1 == 0 {
+        let Some((&step, body)) = rest.split_first() else {
+            return;
+        };
+        let blob = [&crate::index::zstd::ZSTD_MAGIC[..], body].concat();
+        let whole = index_blob_with_copy(&blob, options());
+        let mut b = IndexBuilder::new(options());
+        let sliced = blob
+            .chunks(usize::from(step) * 37 + 1)
+            .try_for_each(|piece| b.push(piece))
+            .and_then(|()| b.finish(Digest::of(&blob)));
+        let index_only = whole.as_ref().map(|(i, _)| i.clone()).map_err(Clone::clone);
+        assert_eq!(
+            comparable(&index_only),
+            comparable(&sliced),
+            "slicing changed the outcome"
+        );
+        if let Ok((index, copy)) = whole {
+            check_copy(&index, &copy, None);
+        }
+    } else {
+        let plain = index_blob(rest, options());
+        let Ok(zst) = zstd::bulk::compress(rest, 1) else {
+            return;
+        };
+        let packed = index_blob_with_copy(&zst, options());
+        if let Ok((index, copy)) = &packed {
+            check_copy(index, copy, Some(rest));
+        }
+        if !rest.starts_with(&[0x1f, 0x8b]) && !rest.starts_with(&crate::index::zstd::ZSTD_MAGIC) {
+            match (&plain, &packed) {
+                (Ok(p), Ok((z, _))) => assert_eq!(p.entries, z.entries, "zstd changed the entries"),
+                (Ok(_), Err(e)) => assert!(e.is_hostile(), "only zstd failed: {e}"),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A zstd index binds its copy, whose frames decode to the tar stream (`tar` if known).
+fn check_copy(index: &LayerIndex, copy: &[u8], tar: Option<&[u8]>) {
+    let bound = index.copy.as_ref().expect("a zstd index binds its copy");
+    assert_eq!(
+        (bound.digest, bound.size),
+        (Digest::of(copy), copy.len() as u64)
+    );
+    let decoded = if copy.is_empty() {
+        Vec::new()
+    } else {
+        zstd::bulk::decompress(copy, index.uncompressed_size as usize + 1)
+            .expect("the copy decodes")
+    };
+    assert_eq!(decoded.len() as u64, index.uncompressed_size);
+    if let Some(tar) = tar {
+        assert!(decoded == tar, "the copy decodes to the layer's tar stream");
+    }
+    check_built(index, copy);
 }
 
 fn check_built(index: &LayerIndex, blob: &[u8]) {
@@ -126,7 +213,7 @@ pub fn index_decode(data: &[u8]) {
     let mut signed = data.to_vec();
     signed.extend_from_slice(Digest::of(data).as_bytes());
     if let Ok(index) = LayerIndex::decode(&signed) {
-        let blob = vec![0u8; index.compressed_size.min(1 << 20) as usize];
+        let blob = vec![0u8; index.readable_blob().1.min(1 << 20) as usize];
         read_files(&index, &blob);
     }
 }
@@ -289,6 +376,11 @@ mod tests {
     #[test]
     fn manifest_parse_regressions() {
         replay("manifest_parse", super::manifest_parse);
+    }
+
+    #[test]
+    fn index_zstd_replays() {
+        replay("index_zstd", super::index_zstd);
     }
 
     #[test]

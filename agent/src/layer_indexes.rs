@@ -143,6 +143,7 @@ mod tests {
             random_access: true,
             entries: Vec::new(),
             checkpoints: Vec::new(),
+            copy: None,
         };
         store.put(&layer, &index.encode()).unwrap();
         assert_eq!(store.get(&layer), Some(index.clone()));

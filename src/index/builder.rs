@@ -4,9 +4,11 @@
 //! - gzip blobs are inflated with a [`CheckpointingInflater`] whose output feeds the
 //!   [`TarScanner`] directly; the index gets the inflater's checkpoints.
 //! - Plain tar blobs feed the scanner directly.
-//! - zstd layers are chunked and served but not indexed yet: the builder only counts
-//!   their bytes and returns an index with `random_access: false`, no entries and an
-//!   `uncompressed_size` of 0 (unknown).
+//! - zstd blobs are decoded with a [`ZstdInflater`] (window, frame count and ratio
+//!   limits) whose output feeds the [`TarScanner`] and a [`CopyWriter`], which writes the
+//!   layer's seekable copy (independent 1 MiB frames); the index gets the copy's frame
+//!   starts as checkpoints and binds the copy. The copy's chunks are taken from the
+//!   builder as they fill ([`IndexBuilder::take_copy_chunks`]) and stored by the caller.
 
 use crate::digest::Digest;
 use crate::index::format::{Compression, LayerIndex};
@@ -14,6 +16,8 @@ use crate::index::gzip::CheckpointingInflater;
 use crate::index::options::SizeFloor;
 pub use crate::index::options::{IndexError, IndexOptions};
 use crate::index::tar::TarScanner;
+use crate::index::zstd::ZstdInflater;
+use crate::index::zstd_copy::{CopyChunk, CopyWriter};
 
 /// Bytes needed to tell the compression apart.
 const DETECT_LEN: usize = 4;
@@ -26,7 +30,11 @@ enum Mode {
         tar: Box<TarScanner>,
     },
     Plain(Box<TarScanner>),
-    Zstd,
+    Zstd {
+        decoder: Box<ZstdInflater>,
+        tar: Box<TarScanner>,
+        copy: Box<CopyWriter>,
+    },
 }
 
 /// Builds a [`LayerIndex`] from a blob pushed in slices of any size.
@@ -59,7 +67,7 @@ impl IndexBuilder {
             Mode::Detect(_) => None,
             Mode::Gzip { .. } => Some(Compression::Gzip),
             Mode::Plain(_) => Some(Compression::None),
-            Mode::Zstd => Some(Compression::Zstd),
+            Mode::Zstd { .. } => Some(Compression::Zstd),
         }
     }
 
@@ -107,7 +115,11 @@ impl IndexBuilder {
                 tar: Box::new(TarScanner::new(self.opts.tar())),
             },
             Compression::None => Mode::Plain(Box::new(TarScanner::new(self.opts.tar()))),
-            Compression::Zstd => Mode::Zstd,
+            Compression::Zstd => Mode::Zstd {
+                decoder: Box::new(ZstdInflater::new(self.opts.zstd_limits())?),
+                tar: Box::new(TarScanner::new(self.opts.tar())),
+                copy: Box::new(CopyWriter::new()?),
+            },
         };
         self.feed(head)
     }
@@ -127,14 +139,39 @@ impl IndexBuilder {
                 tar.feed(data)?;
                 self.floor.add(tar.entries(), &[]);
             }
-            Mode::Zstd | Mode::Detect(_) => {}
+            Mode::Zstd { decoder, tar, copy } => {
+                decoder.feed(data, &mut |out: &[u8]| -> Result<(), IndexError> {
+                    tar.feed(out)?;
+                    copy.write(out)?;
+                    Ok(())
+                })?;
+                self.floor.add(tar.entries(), copy.checkpoints());
+            }
+            Mode::Detect(_) => {}
         }
         check_size(self.floor.bytes, self.opts.max_index_bytes)
     }
 
-    /// Checks the blob ended properly (complete gzip stream, tar end marker or end at a
-    /// header boundary) and returns its index.
-    pub fn finish(mut self, layer: Digest) -> Result<LayerIndex, IndexError> {
+    /// The chunks of the seekable copy (zstd layers) completed so far; each is returned
+    /// once. The last ones come with [`IndexBuilder::finish_with_copy`].
+    pub fn take_copy_chunks(&mut self) -> Vec<CopyChunk> {
+        match &mut self.mode {
+            Mode::Zstd { copy, .. } => copy.take_chunks(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Checks the blob ended properly (complete gzip or zstd stream, tar end marker or
+    /// end at a header boundary) and returns its index.
+    pub fn finish(self, layer: Digest) -> Result<LayerIndex, IndexError> {
+        self.finish_with_copy(layer).map(|(index, _)| index)
+    }
+
+    /// [`IndexBuilder::finish`], also returning the seekable copy's chunks not taken yet.
+    pub fn finish_with_copy(
+        mut self,
+        layer: Digest,
+    ) -> Result<(LayerIndex, Vec<CopyChunk>), IndexError> {
         if let Some(e) = self.failed {
             return Err(e);
         }
@@ -143,6 +180,7 @@ impl IndexBuilder {
             self.start(&head)?;
         }
         let size = self.size;
+        let mut copy_chunks = Vec::new();
         let index = match self.mode {
             Mode::Gzip { inflater, tar } => {
                 let summary = inflater.finish()?;
@@ -155,6 +193,7 @@ impl IndexBuilder {
                     random_access: true,
                     entries,
                     checkpoints: summary.checkpoints,
+                    copy: None,
                 }
             }
             Mode::Plain(tar) => LayerIndex {
@@ -165,16 +204,31 @@ impl IndexBuilder {
                 random_access: true,
                 entries: tar.finish()?,
                 checkpoints: Vec::new(),
+                copy: None,
             },
-            Mode::Zstd | Mode::Detect(_) => LayerIndex {
-                layer,
-                compression: Compression::Zstd,
-                compressed_size: size,
-                uncompressed_size: 0,
-                random_access: false,
-                entries: Vec::new(),
-                checkpoints: Vec::new(),
-            },
+            Mode::Zstd { decoder, tar, copy } => {
+                let uncompressed_size = decoder.finish()?;
+                let entries = tar.finish()?;
+                let done = copy.finish()?;
+                copy_chunks = done.chunks;
+                LayerIndex {
+                    layer,
+                    compression: Compression::Zstd,
+                    compressed_size: size,
+                    uncompressed_size,
+                    random_access: true,
+                    entries,
+                    checkpoints: done.checkpoints,
+                    copy: Some(done.copy),
+                }
+            }
+            // `start` above always leaves detection mode.
+            Mode::Detect(_) => {
+                return Err(IndexError::Tar(crate::index::tar::TarError::Truncated {
+                    offset: size,
+                    what: "the blob's first bytes",
+                }))
+            }
         };
         check_size(index.encoded_len(), self.opts.max_index_bytes)?;
         tracing::debug!(
@@ -184,7 +238,7 @@ impl IndexBuilder {
             checkpoints = index.checkpoints.len(),
             "indexed layer"
         );
-        Ok(index)
+        Ok((index, copy_chunks))
     }
 }
 
@@ -200,6 +254,24 @@ pub fn index_blob(blob: &[u8], opts: IndexOptions) -> Result<LayerIndex, IndexEr
     let mut b = IndexBuilder::new(opts);
     b.push(blob)?;
     b.finish(Digest::of(blob))
+}
+
+/// Builds the index of a whole in-memory blob and returns the seekable copy's bytes
+/// with it (empty unless the blob is zstd).
+pub fn index_blob_with_copy(
+    blob: &[u8],
+    opts: IndexOptions,
+) -> Result<(LayerIndex, Vec<u8>), IndexError> {
+    let mut b = IndexBuilder::new(opts);
+    b.push(blob)?;
+    let mut copy: Vec<u8> = b
+        .take_copy_chunks()
+        .iter()
+        .flat_map(|c| c.bytes.to_vec())
+        .collect();
+    let (index, rest) = b.finish_with_copy(Digest::of(blob))?;
+    copy.extend(rest.iter().flat_map(|c| c.bytes.to_vec()));
+    Ok((index, copy))
 }
 
 /// Options of the unit and property tests: a 1 MiB checkpoint span, so that test blobs of
@@ -339,12 +411,36 @@ mod tests {
     }
 
     #[test]
-    fn zstd_is_counted_not_indexed() {
-        let blob = [0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3];
-        let idx = build(&blob, &[1]).unwrap();
+    fn zstd_layers_index_the_same_entries_with_a_seekable_copy() {
+        let (tar, _) = sample_tar();
+        let plain = build(&tar, &[100_000]).unwrap();
+        let zst = crate::index::zstd::tests::zstd_compress(&tar, 3);
+        let idx = build(&zst, &[3, 1, 65_536]).unwrap();
+        assert_eq!(
+            idx,
+            build(&zst, &[zst.len()]).unwrap(),
+            "slicing must not change the index"
+        );
         assert_eq!(idx.compression, Compression::Zstd);
-        assert!(!idx.random_access && idx.entries.is_empty());
-        assert_eq!(idx.compressed_size, 7);
+        assert!(idx.random_access);
+        assert_eq!(idx.entries, plain.entries);
+        assert_eq!(
+            (idx.compressed_size, idx.uncompressed_size),
+            (zst.len() as u64, tar.len() as u64)
+        );
+        let copy = idx.copy.as_ref().unwrap();
+        assert_eq!(idx.readable_blob(), (copy.digest, copy.size));
+        assert_eq!(idx.checkpoints.len(), tar.len().div_ceil(1 << 20));
+        assert!(idx
+            .checkpoints
+            .iter()
+            .all(|c| c.window.is_empty() && c.bits == 0));
+        assert_eq!(LayerIndex::decode(&idx.encode()).unwrap(), idx);
+        let (_, copy_bytes) = index_blob_with_copy(&zst, test_options()).unwrap();
+        assert_eq!(Digest::of(&copy_bytes), copy.digest);
+        assert!(zstd::bulk::decompress(&copy_bytes, tar.len()).unwrap() == tar);
+        let err = build(&[0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3], &[1]).unwrap_err();
+        assert!(matches!(err, IndexError::Zstd(_)), "{err}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 /// First bytes of every encoded index.
 pub const MAGIC: &[u8; 8] = b"IMGDIDX\0";
 /// Current encoding version.
-pub const INDEX_VERSION: u16 = 2;
+pub const INDEX_VERSION: u16 = 3;
 
 /// How a layer blob is compressed, detected from its first bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,7 +19,8 @@ pub enum Compression {
     None,
     /// gzip: readable from the nearest [`Checkpoint`].
     Gzip,
-    /// zstd: chunked and served, but not randomly readable yet (full sequential decode).
+    /// zstd: readable from frame starts ([`Checkpoint`]s with no window) in the layer's
+    /// seekable copy ([`LayerIndex::copy`], see [`crate::index::zstd_copy`]).
     Zstd,
 }
 
@@ -36,7 +37,9 @@ impl Compression {
     }
 }
 
-/// A point in a gzip stream where inflation can restart (zran's technique).
+/// A point where decompression can restart: in a gzip stream, a deflate block boundary
+/// with its window (zran's technique); in a zstd stream, a frame start (`bits` 0, empty
+/// window: zstd frames are independent). Which one is told by [`LayerIndex::compression`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
     /// Offset in the compressed blob of the first byte not yet fully consumed.
@@ -133,12 +136,16 @@ pub struct LayerIndex {
     pub compressed_size: u64,
     /// Size of the uncompressed tar stream.
     pub uncompressed_size: u64,
-    /// False when files cannot be read at random offsets (zstd for now).
+    /// False when files cannot be read at random offsets.
     pub random_access: bool,
     /// Tar entries in archive order.
     pub entries: Vec<Entry>,
-    /// Inflate checkpoints (gzip only), ordered by offset. The first is at offset 0.
+    /// Restart checkpoints (gzip and zstd), ordered by offset. The first is at offset 0.
+    /// For a layer with a seekable copy, their compressed offsets are in the copy.
     pub checkpoints: Vec<Checkpoint>,
+    /// The derived seekable copy that reads of a plain zstd layer use (its digest, size
+    /// and chunks), `None` when reads use the layer blob itself.
+    pub copy: Option<crate::index::zstd_copy::SeekableCopy>,
 }
 
 /// Error decoding an encoded index.
@@ -283,6 +290,7 @@ mod tests {
                 uncompressed_offset: 0,
                 window: vec![],
             }],
+            copy: None,
         }
     }
 

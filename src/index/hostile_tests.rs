@@ -7,6 +7,8 @@ use crate::index::gzip::tests::gzip_compress;
 use crate::index::gzip::GzipError;
 use crate::index::tar::tests::{header, pax, seal, TestTar};
 use crate::index::tar::{TarError, BLOCK};
+use crate::index::zstd::tests::zstd_compress;
+use crate::index::zstd::ZstdError;
 use crate::Digest;
 
 fn link(name: &[u8], ty: u8, target: &[u8]) -> [u8; BLOCK] {
@@ -15,13 +17,15 @@ fn link(name: &[u8], ty: u8, target: &[u8]) -> [u8; BLOCK] {
     h
 }
 
-/// Indexes `tar` both plain and gzip-compressed; both must agree.
+/// Indexes `tar` plain, gzip-compressed and zstd-compressed; all must agree.
 fn both(tar: &[u8], opts: IndexOptions) -> Result<crate::index::LayerIndex, IndexError> {
     let plain = index_blob(tar, opts);
-    let gz = index_blob(&gzip_compress(tar, 6), opts);
-    match (&plain, &gz) {
-        (Ok(p), Ok(g)) => assert_eq!(p.entries, g.entries),
-        (p, g) => assert_eq!(p.as_ref().err(), g.as_ref().err()),
+    for packed in [gzip_compress(tar, 6), zstd_compress(tar, 3)] {
+        let other = index_blob(&packed, opts);
+        match (&plain, &other) {
+            (Ok(p), Ok(g)) => assert_eq!(p.entries, g.entries),
+            (p, g) => assert_eq!(p.as_ref().err(), g.as_ref().err()),
+        }
     }
     plain
 }
@@ -252,6 +256,81 @@ fn decompression_bombs_stop_early() {
         ..opts
     };
     assert!(index_blob(&gz, lenient).is_ok());
+}
+
+#[test]
+fn zstd_limits_refuse_bombs_huge_windows_and_frame_floods() {
+    let mut t = TestTar::default();
+    t.file(b"zeros", &vec![0u8; 64 << 20]);
+    let tar = t.end();
+    let zst = zstd_compress(&tar, 19);
+    let opts = IndexOptions {
+        max_inflate_ratio: 100,
+        inflate_ratio_slack: 1 << 20,
+        ..IndexOptions::default()
+    };
+    let err = index_blob(&zst, opts).unwrap_err();
+    assert!(
+        matches!(err, IndexError::Zstd(ZstdError::RatioExceeded { uncompressed, .. }) if uncompressed < 4 << 20),
+        "{err}"
+    );
+    assert!(
+        err.is_hostile() && err.to_string().contains("more than 100 times"),
+        "{err}"
+    );
+    assert!(
+        index_blob(&zst, IndexOptions::default()).is_ok(),
+        "a 64 MiB zero file is fine"
+    );
+    // A frame asking for a larger window than allowed: refused before decoding it.
+    let noisy: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mut t = TestTar::default();
+    t.file(b"noise", &noisy);
+    let zst = zstd_compress(&t.end(), 3);
+    let small = IndexOptions {
+        max_zstd_window_log: 16,
+        ..IndexOptions::default()
+    };
+    let err = index_blob(&zst, small).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            IndexError::Zstd(ZstdError::WindowTooLarge { limit: 65536, .. })
+        ),
+        "{err}"
+    );
+    assert!(
+        err.is_hostile() && err.to_string().contains("window larger than"),
+        "{err}"
+    );
+    // Many tiny frames.
+    let mut t = TestTar::default();
+    t.file(b"f", &[7u8; 20_000]);
+    let tar = t.end();
+    let frames: Vec<u8> = tar.chunks(100).flat_map(|c| zstd_compress(c, 1)).collect();
+    let few = IndexOptions {
+        max_zstd_frames: 50,
+        ..IndexOptions::default()
+    };
+    assert_eq!(
+        index_blob(&frames, few).unwrap_err(),
+        IndexError::Zstd(ZstdError::TooManyFrames { limit: 50 })
+    );
+    assert_eq!(
+        index_blob(&frames, IndexOptions::default())
+            .unwrap()
+            .entries
+            .len(),
+        1
+    );
+    // Truncated or followed by garbage: malformed, not hostile.
+    let zst = zstd_compress(&tar, 3);
+    let err = index_blob(&zst[..zst.len() - 3], IndexOptions::default()).unwrap_err();
+    assert!(matches!(err, IndexError::Zstd(ZstdError::Truncated { .. })) && !err.is_hostile());
+    let err = index_blob(&[&zst[..], b"junk!"].concat(), IndexOptions::default()).unwrap_err();
+    assert!(matches!(err, IndexError::Zstd(ZstdError::Corrupt { .. })) && !err.is_hostile());
 }
 
 #[test]

@@ -8,13 +8,15 @@ pub mod options;
 pub mod reader;
 pub mod tar;
 mod validate;
+pub mod zstd;
+pub mod zstd_copy;
 
 #[cfg(test)]
 mod hostile_tests;
 #[cfg(test)]
 mod proptests;
 
-pub use builder::{index_blob, IndexBuilder, IndexError, IndexOptions};
+pub use builder::{index_blob, index_blob_with_copy, IndexBuilder, IndexError, IndexOptions};
 pub use format::{
     Checkpoint, Compression, Entry, EntryKind, IndexDecodeError, LayerIndex, SparseExtent,
     INDEX_VERSION,
@@ -24,3 +26,5 @@ pub use reader::{
     plan_read, read_file, read_file_via, read_range, read_stored, span_of, ReadError, ReadPlan,
 };
 pub use tar::{TarError, TarOptions, TarScanner};
+pub use zstd::{ZstdError, ZstdInflater, ZstdLimits};
+pub use zstd_copy::{CopyChunk, CopyWriter, SeekableCopy};

@@ -6,6 +6,7 @@ use crate::index::gzip::{GzipError, RatioLimit, DEFAULT_COMPRESSED_SPAN, DEFAULT
 use crate::index::tar::{
     TarError, TarOptions, DEFAULT_MAX_ENTRIES, DEFAULT_MAX_META_SIZE, DEFAULT_MAX_PATH_LEN,
 };
+use crate::index::zstd::{ZstdError, ZstdLimits, DEFAULT_MAX_FRAMES, DEFAULT_MAX_WINDOW_LOG};
 use serde::Deserialize;
 
 /// Options of an [`IndexBuilder`](crate::index::IndexBuilder): the checkpoint spacing and the limits that bound the
@@ -30,12 +31,16 @@ pub struct IndexOptions {
     pub allow_devices: bool,
     /// Maximum size of the encoded index in bytes (default 256 MiB).
     pub max_index_bytes: u64,
-    /// Maximum uncompressed / compressed size ratio of a gzip layer (default 500; deflate
-    /// cannot exceed about 1032), checked at every 256 KiB of output...
+    /// Maximum uncompressed / compressed size ratio of a gzip or zstd layer (default 500;
+    /// deflate cannot exceed about 1032), checked at every 256 KiB of output...
     pub max_inflate_ratio: u64,
     /// ...once more than this many bytes came out (default 4 GiB), so that layers with
     /// large runs of zeros pass (a 600 MiB file of zeros compresses about 1000 times).
     pub inflate_ratio_slack: u64,
+    /// Largest window a zstd frame may need, as a power of two (default 27: 128 MiB).
+    pub max_zstd_window_log: u32,
+    /// Maximum number of frames in a zstd layer (default 2 000 000).
+    pub max_zstd_frames: u64,
 }
 
 impl Default for IndexOptions {
@@ -50,6 +55,8 @@ impl Default for IndexOptions {
             max_index_bytes: 256 << 20,
             max_inflate_ratio: 500,
             inflate_ratio_slack: 4 << 30,
+            max_zstd_window_log: DEFAULT_MAX_WINDOW_LOG,
+            max_zstd_frames: DEFAULT_MAX_FRAMES,
         }
     }
 }
@@ -72,6 +79,15 @@ impl IndexOptions {
             slack: self.inflate_ratio_slack,
         }
     }
+
+    /// The zstd decoder's limits.
+    pub fn zstd_limits(&self) -> ZstdLimits {
+        ZstdLimits {
+            max_window_log: self.max_zstd_window_log,
+            max_frames: self.max_zstd_frames,
+            ratio: Some(self.ratio_limit()),
+        }
+    }
 }
 
 /// Error building an index.
@@ -80,6 +96,9 @@ pub enum IndexError {
     /// The gzip stream is invalid.
     #[error("layer is not valid gzip: {0}")]
     Gzip(#[from] GzipError),
+    /// The zstd stream is invalid, breaks a limit, or its copy could not be written.
+    #[error("layer is not valid zstd: {0}")]
+    Zstd(#[from] ZstdError),
     /// The tar stream is invalid.
     #[error("layer is not a valid tar archive: {0}")]
     Tar(#[from] TarError),
@@ -103,6 +122,7 @@ impl IndexError {
                     | TarError::BadHardlink { .. }
                     | TarError::DeviceNode { .. }
             ),
+            IndexError::Zstd(z) => z.is_hostile(),
             IndexError::TooLarge { .. } => true,
         }
     }

@@ -185,22 +185,45 @@ fn create(root: &Path, specs: &[Spec]) -> Option<BTreeMap<u64, BTreeMap<String, 
 }
 
 fn build(blob: &[u8], slices: &[usize]) -> LayerIndex {
+    build_with_copy(blob, slices).0
+}
+
+/// The index of `blob` pushed in `slices`, and the bytes of its seekable copy (zstd).
+fn build_with_copy(blob: &[u8], slices: &[usize]) -> (LayerIndex, Vec<u8>) {
     let mut b = IndexBuilder::new(test_options());
     let (mut rest, mut k) = (blob, 0);
+    let mut copy = Vec::new();
     while !rest.is_empty() {
         let n = slices[k % slices.len()].clamp(1, rest.len());
         b.push(&rest[..n]).unwrap();
+        for c in b.take_copy_chunks() {
+            copy.extend_from_slice(&c.bytes);
+        }
         rest = &rest[n..];
         k += 1;
     }
-    b.finish(Digest::of(blob)).unwrap()
+    let (index, last) = b.finish_with_copy(Digest::of(blob)).unwrap();
+    for c in last {
+        copy.extend_from_slice(&c.bytes);
+    }
+    (index, copy)
 }
 
 fn gzip(data: &[u8], level: u32) -> Vec<u8> {
+    compress_with("gzip", &[&format!("-{level}"), "-nc"], data)
+}
+
+/// `data` compressed by the `zstd` CLI with `args`.
+fn zstd_cli(data: &[u8], args: &[&str]) -> Vec<u8> {
+    let mut all = vec!["-q", "-c"];
+    all.extend_from_slice(args);
+    compress_with("zstd", &all, data)
+}
+
+fn compress_with(program: &str, args: &[&str], data: &[u8]) -> Vec<u8> {
     use std::io::Write;
-    let mut child = Command::new("gzip")
-        .arg(format!("-{level}"))
-        .arg("-nc")
+    let mut child = Command::new(program)
+        .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -360,6 +383,20 @@ proptest! {
             prop_assert_eq!(idx.uncompressed_size, tar.len() as u64);
             prop_assert!(idx.checkpoints.len() as u64 >= tar.len() as u64 / (3 << 20));
             check_index(&idx, &blob, &root, pax, &xattrs);
+        }
+        // The `zstd` CLI (one frame; multi-threaded; two streams concatenated): read
+        // through the seekable copy.
+        let zlevel = ["-1", "-3", "-9"][level as usize % 3];
+        let zmulti = [zstd_cli(&tar[..at], &["-3"]), zstd_cli(&tar[at..], &["-1"])].concat();
+        for blob in [zstd_cli(&tar, &[zlevel]), zstd_cli(&tar, &["-T2", "-5"]), zmulti] {
+            let (idx, copy) = build_with_copy(&blob, &slices);
+            prop_assert_eq!(idx.compression, Compression::Zstd);
+            prop_assert_eq!(&idx.entries, &plain.entries);
+            prop_assert_eq!(idx.uncompressed_size, tar.len() as u64);
+            let bound = idx.copy.clone().unwrap();
+            prop_assert_eq!((Digest::of(&copy), copy.len() as u64), (bound.digest, bound.size));
+            prop_assert_eq!(idx.checkpoints.len(), tar.len().div_ceil(1 << 20));
+            check_index(&idx, &copy, &root, pax, &xattrs);
         }
     }
 }

@@ -9,16 +9,24 @@
 //! the first checkpoint at or after the end (or the blob end): inflating the bytes up to a
 //! checkpoint's `compressed_offset` is exactly what produced its `uncompressed_offset`
 //! bytes when the index was built, so no extra margin is needed.
+//!
+//! zstd is read the same way, with frame starts as checkpoints (no window, `bits` 0):
+//! the range runs from the last frame start at or before the start to the first frame
+//! start at or after the end, in the blob [`LayerIndex::readable_blob`] names (the
+//! seekable copy of a plain zstd layer). Callers fetch byte ranges of that blob and need
+//! not know which kind of checkpoint they restart from.
 
 use crate::index::format::{Compression, Entry, EntryKind, LayerIndex};
+// `input_start` of a zstd frame start (`bits` 0) is its offset.
 use crate::index::gzip::{inflate_from_checkpoint, input_start, GzipError};
+use crate::index::zstd::{decode_from_frame, ZstdError, DEFAULT_MAX_WINDOW_LOG};
 use std::ops::Range;
 
 /// Error reading through an index.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
-    /// The layer cannot be read at random offsets (zstd for now).
-    #[error("layer is not randomly readable (zstd layers must be read sequentially)")]
+    /// The layer cannot be read at random offsets (an index without checkpoints).
+    #[error("layer is not randomly readable (its index has no restart points)")]
     NotRandomAccess,
     /// The entry has no readable content.
     #[error("{path:?} is not a regular file")]
@@ -32,16 +40,20 @@ pub enum ReadError {
     /// Inflation failed.
     #[error(transparent)]
     Gzip(#[from] GzipError),
+    /// zstd decoding failed.
+    #[error(transparent)]
+    Zstd(#[from] ZstdError),
     /// The fetch callback failed.
     #[error("fetching compressed bytes failed: {0}")]
     Fetch(Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// How to read one uncompressed range: fetch the blob bytes `compressed`, restart at
-/// `checkpoint` (gzip), and discard the first `skip` bytes of output.
+/// How to read one uncompressed range: fetch the bytes `compressed` of the readable blob
+/// ([`LayerIndex::readable_blob`]), restart at `checkpoint` (gzip or zstd), and discard
+/// the first `skip` bytes of output.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReadPlan {
-    /// Index into `LayerIndex::checkpoints` (gzip), `None` for plain tar or empty reads.
+    /// Index into `LayerIndex::checkpoints` (gzip, zstd), `None` for plain tar or empty reads.
     pub checkpoint: Option<usize>,
     /// Blob byte range to fetch and pass to [`read_range`].
     pub compressed: Range<u64>,
@@ -51,7 +63,7 @@ pub struct ReadPlan {
 
 /// Plans reading `len` bytes at `offset` of the uncompressed stream (clamped to its end).
 pub fn plan_read(index: &LayerIndex, offset: u64, len: u64) -> Result<ReadPlan, ReadError> {
-    if !index.random_access || index.compression == Compression::Zstd {
+    if !index.random_access {
         return Err(ReadError::NotRandomAccess);
     }
     let end = offset.saturating_add(len).min(index.uncompressed_size);
@@ -73,13 +85,14 @@ pub fn plan_read(index: &LayerIndex, offset: u64, len: u64) -> Result<ReadPlan, 
     let i = cps
         .partition_point(|c| c.uncompressed_offset <= offset)
         .checked_sub(1)
-        .ok_or_else(|| ReadError::BadIndex("gzip index without a checkpoint at 0".into()))?;
+        .ok_or_else(|| ReadError::BadIndex("index without a checkpoint at 0".into()))?;
     let j = cps.partition_point(|c| c.uncompressed_offset < end);
     let start = input_start(&cps[i]);
+    let readable = index.readable_blob().1;
     let stop = cps
         .get(j)
-        .map_or(index.compressed_size, |c| c.compressed_offset)
-        .min(index.compressed_size);
+        .map_or(readable, |c| c.compressed_offset)
+        .min(readable);
     if stop < start {
         return Err(ReadError::BadIndex("checkpoints out of order".into()));
     }
@@ -106,9 +119,8 @@ pub fn read_range(
         });
     }
     match index.compression {
-        Compression::Zstd => Err(ReadError::NotRandomAccess),
         Compression::None => Ok(compressed[..len.min(compressed.len())].to_vec()),
-        Compression::Gzip => {
+        Compression::Gzip | Compression::Zstd => {
             let Some(i) = plan.checkpoint else {
                 return Ok(Vec::new());
             };
@@ -125,6 +137,17 @@ pub fn read_range(
                 .uncompressed_size
                 .saturating_sub(cp.uncompressed_offset.saturating_add(plan.skip));
             let want = len.min(usize::try_from(left).unwrap_or(usize::MAX));
+            if index.compression == Compression::Zstd {
+                let out = decode_from_frame(compressed, plan.skip, want, DEFAULT_MAX_WINDOW_LOG)?;
+                if out.len() < want {
+                    return Err(ZstdError::NeedMoreInput {
+                        produced: out.len(),
+                        wanted: want,
+                    }
+                    .into());
+                }
+                return Ok(out);
+            }
             let out = inflate_from_checkpoint(cp, compressed, plan.skip, want)?;
             if out.len() < want {
                 return Err(GzipError::NeedMoreInput {
@@ -226,12 +249,12 @@ pub fn read_file_via(
 pub const PLAIN_SPAN: u64 = 4 << 20;
 
 /// The span of the uncompressed stream holding `offset`: from the last checkpoint at or
-/// before it to the next checkpoint (gzip), or the aligned [`PLAIN_SPAN`] (plain tar).
+/// before it to the next checkpoint (gzip, zstd), or the aligned [`PLAIN_SPAN`] (plain tar).
 /// Inflating a whole span costs one pass from its checkpoint, so caching whole spans
 /// lets sequential reads inflate each byte once.
 pub fn span_of(index: &LayerIndex, offset: u64) -> Range<u64> {
     let total = index.uncompressed_size;
-    if index.compression != Compression::Gzip || index.checkpoints.is_empty() {
+    if index.compression == Compression::None || index.checkpoints.is_empty() {
         let start = offset / PLAIN_SPAN * PLAIN_SPAN;
         return start..(start + PLAIN_SPAN).min(total);
     }
@@ -352,6 +375,45 @@ mod tests {
                 assert!(got == tar[at as usize..end]);
             }
         }
+    }
+
+    #[test]
+    fn files_read_back_from_zstd_through_its_copy() {
+        let mut t = TestTar::default();
+        let big = test_data(9 << 20, 3);
+        let small = b"small file in the middle".to_vec();
+        t.file(b"big1", &big[..5 << 20]);
+        t.file(b"small", &small);
+        t.file(b"big2", &big[5 << 20..]);
+        let tar = t.end();
+        let zst = crate::index::zstd::tests::zstd_compress(&tar, 3);
+        let (idx, copy) =
+            crate::index::builder::index_blob_with_copy(&zst, test_options()).unwrap();
+        let log = RefCell::new(Vec::new());
+        let mut fetch = fetcher(&copy, &log);
+        let got = read_file(&idx, idx.find(b"small").unwrap(), 0, 1000, &mut fetch).unwrap();
+        assert_eq!(got, small);
+        let asked: u64 = log.borrow().iter().map(|r| r.end - r.start).sum();
+        assert!(
+            asked < copy.len() as u64 / 4,
+            "fetched {asked} of {}",
+            copy.len()
+        );
+        let big2 = idx.find(b"big2").unwrap();
+        let mid = read_file(&idx, big2, 1_234_567, 100_000, &mut fetch).unwrap();
+        assert!(mid == big[(5 << 20) + 1_234_567..(5 << 20) + 1_334_567]);
+        for cp in &idx.checkpoints {
+            let at = cp.uncompressed_offset.saturating_sub(3);
+            let got = read_stored(&idx, at, 70_000, &mut fetch).unwrap();
+            let end = (at as usize + 70_000).min(tar.len());
+            assert!(got == tar[at as usize..end]);
+            let span = span_of(&idx, cp.uncompressed_offset);
+            assert_eq!(span.start, cp.uncompressed_offset);
+            assert!(span.end - span.start <= 1 << 20);
+        }
+        // The original blob's bytes are not what the plan names: reads fail, never lie.
+        let mut wrong = fetcher(&zst, &log);
+        assert!(read_file(&idx, big2, 3 << 20, 10, &mut wrong).is_err());
     }
 
     #[test]

@@ -5,15 +5,30 @@ use crate::index::format::{Compression, LayerIndex};
 use crate::index::gzip::MAX_PACKED_WINDOW;
 
 impl LayerIndex {
-    /// Checks what readers rely on: checkpoints ordered and inside the streams, their
-    /// windows at most 32 KiB; every entry's stored bytes inside the uncompressed
+    /// Checks what readers rely on: checkpoints ordered and inside the streams (the
+    /// seekable copy's, if bound), their windows at most 32 KiB (none for zstd); every entry's stored bytes inside the uncompressed
     /// stream; sparse extents ordered, non-overlapping and inside the file. Every index
     /// the builder produces passes.
     pub fn validate(&self) -> Result<(), String> {
+        self.validate_copy()?;
         match self.compression {
             Compression::Gzip => self.validate_checkpoints()?,
+            Compression::Zstd if self.random_access => {
+                if self.uncompressed_size > 0 || !self.checkpoints.is_empty() {
+                    self.validate_checkpoints()?;
+                }
+                if self
+                    .checkpoints
+                    .iter()
+                    .any(|c| c.bits != 0 || !c.window.is_empty())
+                {
+                    return Err("zstd frame checkpoint with bits or a window".into());
+                }
+            }
             Compression::None | Compression::Zstd if !self.checkpoints.is_empty() => {
-                return Err("checkpoints in an index of a layer that is not gzip".into())
+                return Err(
+                    "checkpoints in an index of a layer that is not randomly readable".into(),
+                )
             }
             Compression::None if self.uncompressed_size != self.compressed_size => {
                 return Err("plain tar layer whose sizes differ".into())
@@ -47,8 +62,9 @@ impl LayerIndex {
 
     fn validate_checkpoints(&self) -> Result<(), String> {
         let Some(first) = self.checkpoints.first() else {
-            return Err("gzip index without checkpoints".into());
+            return Err("compressed index without checkpoints".into());
         };
+        let readable = self.readable_blob().1;
         if first.compressed_offset != 0 || first.uncompressed_offset != 0 || first.bits != 0 {
             return Err("first checkpoint is not the start of the blob".into());
         }
@@ -58,9 +74,7 @@ impl LayerIndex {
             if cp.bits > 7 || cp.window.len() > MAX_PACKED_WINDOW {
                 return bad("bad bit count or window size");
             }
-            if cp.compressed_offset > self.compressed_size
-                || cp.uncompressed_offset > self.uncompressed_size
-            {
+            if cp.compressed_offset > readable || cp.uncompressed_offset > self.uncompressed_size {
                 return bad("past the end of the layer");
             }
             if i > 0

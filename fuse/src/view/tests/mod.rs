@@ -85,6 +85,7 @@ impl Layer {
             random_access: true,
             entries: self.0,
             checkpoints: vec![],
+            copy: None,
         }
     }
 }
