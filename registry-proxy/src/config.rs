@@ -89,10 +89,14 @@ max_path_len = 4096                # bytes of an entry path or link target
 max_meta_size = 1048576            # bytes of one PAX header or GNU long name
 allow_devices = true               # accept device nodes
 max_index_bytes = 268435456        # encoded index size
-max_inflate_ratio = 500            # uncompressed / compressed size of a gzip layer...
+max_inflate_ratio = 500            # uncompressed / compressed size of a gzip or zstd layer...
 inflate_ratio_slack = 4294967296   # ...checked once this many bytes came out
 checkpoint_span = 4194304          # at most this many uncompressed bytes between gzip checkpoints
 checkpoint_compressed_span = 1048576  # and at most this many compressed bytes
+max_zstd_frames = 2000000          # frames of a zstd layer
+# A zstd frame needing a larger window (2^N bytes) is not decoded: the layer is stored
+# and served for full pulls, but not indexed (no lazy mount).
+max_zstd_window_log = 27
 "#;
 
 pub use imgd_core::config_file::ConfigError;

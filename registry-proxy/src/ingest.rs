@@ -2,10 +2,12 @@
 //!
 //! One pass over the stream feeds two workers on blocking threads: the spool (sha256 of
 //! the blob and of each 4 MiB chunk, chunks written to synced temp files as they arrive,
-//! [`crate::spool`]) and the index builder (inflate with checkpoints, tar scan). Only when
-//! the whole blob hashes to its digest are the chunks renamed into the store and the chunk
-//! list and index committed in one metadata batch. On any failure the temp files are
-//! deleted: nothing is kept.
+//! [`crate::spool`]) and the index builder (inflate with checkpoints, tar scan). For a
+//! zstd layer the builder also writes the layer's seekable copy
+//! ([`imgd_core::index::zstd_copy`]); it sends the copy's chunks to the spool, which
+//! stages them with the blob's. Only when the whole blob hashes to its digest are the
+//! chunks renamed into the store and the chunk list, index and copy committed in one
+//! metadata batch. On any failure the temp files are deleted: nothing is kept.
 //!
 //! Every uncached blob has one [`Flight`] (single flight, [`SingleFlight`]): clients read
 //! it while it arrives ([`crate::flight`]) or wait for its end. It runs in its own task,
@@ -23,7 +25,7 @@ use crate::upstream::{Upstream, UpstreamError};
 use crate::Stats;
 use bytes::Bytes;
 use futures::StreamExt;
-use imgd_core::index::{IndexBuilder, IndexError, IndexOptions, LayerIndex};
+use imgd_core::index::{CopyChunk, IndexBuilder, IndexError, IndexOptions, LayerIndex};
 use imgd_core::single_flight::{Join, Leader};
 use imgd_core::store::StoreError;
 use imgd_core::wire::IndexState;
@@ -246,7 +248,9 @@ impl Run {
         let chunker =
             tokio::task::spawn_blocking(move || spool_blob(chunk_rx, &space, flight, size));
         let opts = self.index_options;
-        let indexer = tokio::task::spawn_blocking(move || index_blob(index_rx, digest, opts));
+        let copy_tx = chunk_tx.clone();
+        let indexer =
+            tokio::task::spawn_blocking(move || index_blob(index_rx, copy_tx, digest, opts));
 
         let mut received = 0u64;
         let mut failure = None;
@@ -327,6 +331,8 @@ impl Run {
 /// verdict. A channel closed without `Commit` means the ingest failed: discard all.
 enum ChunkMsg {
     Bytes(Bytes),
+    /// A chunk of the layer's seekable copy (from the indexer).
+    Copy(CopyChunk),
     Commit {
         /// The layer index, or why there is none.
         index: Result<LayerIndex, String>,
@@ -348,17 +354,38 @@ fn spool_blob(
     let storage = space.storage();
     let mut claim = space.claim();
     let mut spool = crate::spool::Spool::new(flight, space.clone(), size);
+    let mut copy_staging = storage.chunks.staging();
+    let mut copy_chunks = Vec::new();
     let (index, access_key) = loop {
         match feed.blocking_recv() {
             Some(ChunkMsg::Bytes(bytes)) => spool.push(&mut claim, &bytes)?,
+            Some(ChunkMsg::Copy(c)) => {
+                space.stage(
+                    &mut claim,
+                    &mut copy_staging,
+                    FileKind::Chunk,
+                    c.digest,
+                    &c.bytes,
+                )?;
+                copy_chunks.push(c.digest);
+            }
             Some(ChunkMsg::Commit { index, access_key }) => break (index, access_key),
             None => return Err(IngestError::Worker("blob stream aborted".into())),
         }
     };
     let list = spool.finish(digest)?;
     let mut index_staging = storage.indexes.staging();
+    let mut copy = None;
     let index_state = match index {
         Ok(index) => {
+            if let Some(c) = &index.copy {
+                if c.chunks != copy_chunks {
+                    return Err(IngestError::Worker(
+                        "the seekable copy's chunks differ from those its index binds".into(),
+                    ));
+                }
+                copy = Some(c.chunk_list());
+            }
             let encoded = index.encode();
             let idx = Digest::of(&encoded);
             space.stage(
@@ -376,27 +403,45 @@ fn spool_blob(
         Err(reason) => IndexState::Unavailable { reason },
     };
     let files = spool.take_files();
+    // Without an index, the copy is not kept (its staged files are dropped).
+    let staged = match copy {
+        Some(_) => vec![index_staging, copy_staging],
+        None => vec![index_staging],
+    };
     space.commit(
         claim,
         files,
-        vec![index_staging],
+        staged,
         &list,
         &index_state,
+        copy.as_ref(),
         &access_key,
     )?;
+    if let Some(c) = &copy {
+        tracing::info!(%digest, copy = %c.blob, bytes = c.size, chunks = c.chunks.len(), "seekable copy stored");
+    }
     Ok((list, index_state))
 }
 
-/// Builds the layer index in the same pass. A blob that is not a tar layer gets an
-/// error, and the blob is still stored; a hostile layer's error ends the feed at once
-/// (the receiver is dropped), which aborts the ingest. `None` if the feed was aborted.
+/// Builds the layer index in the same pass, sending the chunks of a zstd layer's
+/// seekable copy to the spool (`copy_to`) as they fill. A blob that is not a tar layer
+/// gets an error, and the blob is still stored; a hostile layer's error ends the feed at
+/// once (the receiver is dropped), which aborts the ingest. `None` if the feed was
+/// aborted (or the spool stopped).
 fn index_blob(
     mut feed: Feed,
+    copy_to: mpsc::Sender<ChunkMsg>,
     digest: Digest,
     opts: IndexOptions,
 ) -> Option<Result<LayerIndex, IndexError>> {
     let mut builder = IndexBuilder::new(opts);
     let mut error = None;
+    let send = |chunks: Vec<CopyChunk>| {
+        chunks
+            .into_iter()
+            .try_for_each(|c| copy_to.blocking_send(ChunkMsg::Copy(c)).map_err(drop))
+            .is_ok()
+    };
     loop {
         match feed.blocking_recv() {
             Some(Some(bytes)) => {
@@ -404,6 +449,9 @@ fn index_blob(
                     error = builder.push(&bytes).err();
                     if let Some(e) = error.as_ref().filter(|e| e.is_hostile()) {
                         return Some(Err(e.clone()));
+                    }
+                    if !send(builder.take_copy_chunks()) {
+                        return None;
                     }
                 }
             }
@@ -413,7 +461,15 @@ fn index_blob(
     }
     Some(match error {
         Some(e) => Err(e),
-        None => builder.finish(digest),
+        None => match builder.finish_with_copy(digest) {
+            Ok((index, rest)) => {
+                if !send(rest) {
+                    return None;
+                }
+                Ok(index)
+            }
+            Err(e) => Err(e),
+        },
     })
 }
 

@@ -14,7 +14,9 @@
 //! manifest, and tags with the manifest they name.
 
 use crate::ledger::{Claim, FileKind, Freed, Ledger, SpaceUse};
-use crate::storage::{Access, BlobIndexes, Blobs, Manifests, Storage, StorageError, Tags};
+use crate::storage::{
+    Access, BlobIndexes, Blobs, Manifests, SeekableCopies, Storage, StorageError, Tags,
+};
 use imgd_core::store::{Staging, StoreError, Table};
 use imgd_core::wire::IndexState;
 use imgd_core::{ChunkList, Digest};
@@ -89,9 +91,11 @@ fn refs_of(m: &crate::storage::StoredManifest) -> Vec<Digest> {
     }
 }
 
-fn chunk_refs(list: &ChunkList) -> Vec<(Digest, u64)> {
+/// The chunk files a blob holds: its own, and those of its seekable copy if it has one.
+fn chunk_refs(list: &ChunkList, copy: Option<&ChunkList>) -> Vec<(Digest, u64)> {
     list.chunks
         .iter()
+        .chain(copy.into_iter().flat_map(|c| c.chunks.iter()))
         .map(|c| (c.digest, u64::from(c.size)))
         .collect()
 }
@@ -115,10 +119,13 @@ impl Space {
         let indexes: HashMap<Digest, IndexState> =
             storage.meta.scan::<BlobIndexes>()?.into_iter().collect();
         let used: HashMap<Digest, u64> = storage.meta.scan::<LastUsed>()?.into_iter().collect();
+        let copies: HashMap<Digest, ChunkList> =
+            storage.meta.scan::<SeekableCopies>()?.into_iter().collect();
         for (digest, list) in storage.meta.scan::<Blobs>()? {
             let index = indexes.get(&digest).and_then(index_ref);
             let last = used.get(&digest).copied().unwrap_or(0);
-            ledger.add_blob(digest, &chunk_refs(&list), index, last);
+            let refs = chunk_refs(&list, copies.get(&digest));
+            ledger.add_blob(digest, &refs, index, last);
         }
         let mut manifests = HashMap::new();
         for (digest, m) in storage.meta.scan::<Manifests>()? {
@@ -235,6 +242,9 @@ impl Space {
             .delete::<BlobIndexes>(&victim)
             .map_err(StorageError::from)?;
         batch
+            .delete::<SeekableCopies>(&victim)
+            .map_err(StorageError::from)?;
+        batch
             .delete::<LastUsed>(&victim)
             .map_err(StorageError::from)?;
         for m in &gone {
@@ -322,7 +332,10 @@ impl Space {
     }
 
     /// Commits an ingest: the staged files go into place and the blob's records are
-    /// written in one batch (with the [`Access`] record `access_key`), all under the lock.
+    /// written in one batch (with the [`Access`] record `access_key`, and the chunk list
+    /// of the layer's seekable copy `copy`, whose chunks the blob then holds), all under
+    /// the lock.
+    #[allow(clippy::too_many_arguments)]
     pub fn commit(
         &self,
         mut guard: ClaimGuard,
@@ -330,6 +343,7 @@ impl Space {
         staged: Vec<Staging<'_>>,
         list: &ChunkList,
         index: &IndexState,
+        copy: Option<&ChunkList>,
         access_key: &str,
     ) -> Result<(), SpaceError> {
         let Some(claim) = guard.claim.take() else {
@@ -349,6 +363,11 @@ impl Space {
             batch
                 .put::<BlobIndexes>(&list.blob, index)
                 .map_err(StorageError::from)?;
+            if let Some(copy) = copy {
+                batch
+                    .put::<SeekableCopies>(&list.blob, copy)
+                    .map_err(StorageError::from)?;
+            }
             batch
                 .put::<LastUsed>(&list.blob, &now)
                 .map_err(StorageError::from)?;
@@ -362,7 +381,7 @@ impl Space {
             Ok(()) => inner.ledger.commit(
                 claim,
                 list.blob,
-                &chunk_refs(list),
+                &chunk_refs(list, copy),
                 index_ref(index),
                 now_ms(),
             ),

@@ -22,6 +22,15 @@ impl Table for BlobIndexes {
     type Value = IndexState;
 }
 
+/// The chunk list of the seekable copy of each stored zstd layer, by layer digest. The
+/// copy's chunks belong to the layer: stored, counted, pinned and evicted with it.
+pub struct SeekableCopies;
+impl Table for SeekableCopies {
+    const NAME: &'static str = "seekable_copies";
+    type Key = Digest;
+    type Value = ChunkList;
+}
+
 /// A verified manifest, by its digest.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StoredManifest {
@@ -92,6 +101,7 @@ impl Storage {
                 &[
                     Blobs::NAME,
                     BlobIndexes::NAME,
+                    SeekableCopies::NAME,
                     Manifests::NAME,
                     Tags::NAME,
                     Traces::NAME,

@@ -59,13 +59,15 @@ pub enum ZstdError {
 }
 
 impl ZstdError {
-    /// Whether the layer broke a limit (hostile), rather than being malformed.
+    /// Whether the layer broke a limit meant to stop an attack (hostile: refused),
+    /// rather than being malformed or beyond what is indexed. A window over the limit is
+    /// not hostile: the decoder refuses it from the frame header, before allocating
+    /// anything, and such a layer (`zstd --long`) is legitimate: it is stored and served
+    /// for full pulls, only not indexed.
     pub fn is_hostile(&self) -> bool {
         matches!(
             self,
-            ZstdError::WindowTooLarge { .. }
-                | ZstdError::TooManyFrames { .. }
-                | ZstdError::RatioExceeded { .. }
+            ZstdError::TooManyFrames { .. } | ZstdError::RatioExceeded { .. }
         )
     }
 }
@@ -333,7 +335,7 @@ pub(crate) mod tests {
         let big: Vec<u8> = (0..1_000_000u32).map(|i| (i * 31 % 253) as u8).collect();
         let err = decode_all(&zstd_compress(&big, 3), 4096, small).unwrap_err();
         assert!(matches!(err, ZstdError::WindowTooLarge { .. }), "{err}");
-        assert!(err.is_hostile());
+        assert!(!err.is_hostile());
         let frames: Vec<u8> = (0..5).flat_map(|_| zstd_compress(b"x", 1)).collect();
         let few = ZstdLimits {
             max_frames: 4,

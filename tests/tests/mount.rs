@@ -1,11 +1,15 @@
 //! Lazy mounts: runc starts a container on an image mounted through imgd (overlayfs with
-//! the FUSE mount as lower layer), reading only a small part of the image, and the first
-//! start is learned and prefetched by later mounts.
+//! the FUSE mount as lower layer), reading only a small part of the image (gzip, and zstd
+//! through the proxy's seekable copy, while full pulls of it stay byte-identical), and
+//! the first start is learned and prefetched by later mounts.
 
 mod common;
 
 use common::{agent, bundle, runnable_image, sh};
+use imgd_core::index::{Compression, LayerIndex};
+use imgd_core::Digest;
 use imgd_tests::daemons::{Agent, Proxy};
+use imgd_tests::image;
 use imgd_tests::registry::Registry;
 use imgd_tests::skopeo;
 use std::path::Path;
@@ -59,6 +63,136 @@ fn runc_starts_a_container_on_a_lazy_mount_reading_a_small_part_of_the_image() {
     let (ok, out, err) = a.imgctl(&["umount", lower.to_str().unwrap()]).unwrap();
     assert!(ok, "{out}{err}");
     assert!(!lower.join("etc").exists(), "unmounted");
+}
+
+#[test]
+fn a_zstd_image_mounts_lazily_through_its_seekable_copy_and_pulls_byte_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start().unwrap();
+    // The runnable image with every layer recompressed by the `zstd` CLI (one frame each).
+    let built = image::build_layout(&tmp.path().join("src"), &[runnable_image()]).unwrap();
+    let zdir = tmp.path().join("zstd");
+    image::zstd_copy(&built, built.image("run").unwrap(), &zdir, "run").unwrap();
+    skopeo::push_layout(
+        &zdir,
+        "run",
+        &reg.docker_ref("zrun:1"),
+        skopeo::Format::OciExact,
+        false,
+    )
+    .unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(zdir.join("index.json")).unwrap()).unwrap();
+    let manifest_hex = index["manifests"][0]["digest"].as_str().unwrap()[7..].to_string();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(zdir.join("blobs/sha256").join(&manifest_hex)).unwrap(),
+    )
+    .unwrap();
+    let layers: Vec<Digest> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().parse().unwrap())
+        .collect();
+    let upstream: std::collections::BTreeMap<String, u64> =
+        std::fs::read_dir(zdir.join("blobs/sha256"))
+            .unwrap()
+            .flatten()
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    e.metadata().unwrap().len(),
+                )
+            })
+            .filter(|(n, _)| *n != manifest_hex)
+            .collect();
+    let image_size: u64 = upstream.values().sum();
+    let proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
+    let a = agent(&tmp.path().join("agent"), &proxy.url(), "");
+
+    let (lower, stdout) = run_container(
+        tmp.path(),
+        &a,
+        "local/zrun:1",
+        "zrunc",
+        &[
+            "/bin/sh",
+            "-c",
+            "cat /etc/hello.txt && head -c 5 /data/big-1.bin | wc -c",
+        ],
+    );
+    assert_eq!(stdout, "hello from a lazy mount\n5\n");
+    let s = a.status().unwrap();
+    let m = &s["mounts"][0];
+    let fetched = m["fetched_bytes"].as_u64().unwrap();
+    println!("zstd image {image_size} bytes; fetched {fetched} bytes to start the container");
+    assert!(
+        fetched > 0 && fetched * 4 < image_size,
+        "well under the image size: {m}"
+    );
+    assert_eq!(m["eio"].as_u64().unwrap(), 0);
+    let (ok, out, err) = a.imgctl(&["umount", lower.to_str().unwrap()]).unwrap();
+    assert!(ok, "{out}{err}");
+
+    // Each layer's index binds a seekable copy, stored at the proxy as chunks that
+    // concatenate to the bound digest and decode to the layer's tar stream.
+    let mut copies = 0u64;
+    for layer in &layers {
+        let r = proxy
+            .get(&format!("/imgd/v1/indexes/{layer}"), &[])
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let idx = LayerIndex::decode(&r.body).unwrap();
+        assert_eq!((idx.layer, idx.compression), (*layer, Compression::Zstd));
+        assert!(idx.random_access && !idx.checkpoints.is_empty());
+        let copy = idx.copy.clone().expect("the index binds a seekable copy");
+        let mut bytes = Vec::new();
+        for c in &copy.chunk_list().chunks {
+            let r = proxy
+                .get(&format!("/imgd/v1/chunks/{}", c.digest), &[])
+                .unwrap();
+            assert_eq!(r.status, 200);
+            bytes.extend_from_slice(&r.body);
+        }
+        assert_eq!(
+            (Digest::of(&bytes), bytes.len() as u64),
+            (copy.digest, copy.size)
+        );
+        let original = std::fs::read(zdir.join("blobs/sha256").join(layer.hex())).unwrap();
+        let tar = zstd::bulk::decompress(&original, idx.uncompressed_size as usize).unwrap();
+        assert!(zstd::bulk::decompress(&bytes, tar.len()).unwrap() == tar);
+        println!(
+            "layer {layer}: {} bytes, seekable copy {} bytes ({:.1}%)",
+            original.len(),
+            copy.size,
+            100.0 * copy.size as f64 / original.len() as f64
+        );
+        copies += copy.size;
+    }
+    println!("seekable copies: {copies} bytes for {image_size} bytes of image");
+
+    // Full pulls through the proxy and through the agent's mirror get upstream's blobs.
+    for (via, host) in [("proxy", proxy.addr()), ("mirror", a.mirror.clone())] {
+        let out = tmp.path().join(format!("pull-{via}"));
+        skopeo::pull_to_dir(&format!("{host}/local/zrun:1"), &out).unwrap();
+        let pulled: std::collections::BTreeMap<String, u64> = std::fs::read_dir(&out)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.len() == 64)
+            .map(|n| {
+                let bytes = std::fs::read(out.join(&n)).unwrap();
+                assert_eq!(
+                    Digest::of(&bytes).hex(),
+                    n,
+                    "{via}: blob matches its digest"
+                );
+                let size = bytes.len() as u64;
+                (n, size)
+            })
+            .collect();
+        assert_eq!(pulled, upstream, "{via}: the upstream blobs, byte for byte");
+    }
 }
 
 /// Mounts `image` at a new dir under `tmp`, runs `args` in a runc container on an

@@ -1,7 +1,8 @@
 //! imgd as containerd's proxy snapshotter, against a private containerd 1.6: images
 //! pulled with `ctr-remote images rpull` or through the CRI plugin start from imgd's lazy
-//! views without containerd downloading a layer; an image imgd cannot serve lazily (zstd)
-//! takes the ordinary overlayfs path and still runs; removing the image unmounts its view;
+//! views without containerd downloading a layer (gzip and zstd images alike); an image
+//! imgd cannot serve lazily (zstd layers with a window over the proxy's limit) takes the
+//! ordinary overlayfs path and still runs; removing the image unmounts its view;
 //! and a container keeps running through a `kill -9` of the agent.
 
 use imgd_tests::containerd::{Containerd, ContainerdOptions, CriOptions};
@@ -261,31 +262,45 @@ fn plain_http_host(certs: &Path, host: &str) {
     .unwrap();
 }
 
+impl Setup {
+    /// Pushes `app_image(greeting)` with its layers recompressed by `zstd ARGS` as `name`.
+    fn push_zstd(&self, greeting: &str, zstd_args: &[&str], name: &str) -> (ImageInfo, String) {
+        let dir = self
+            .tmp
+            .path()
+            .join(format!("img-{}", name.replace([':', '/'], "-")));
+        let built =
+            imgd_tests::image::build_layout(&dir.join("src"), &[app_image(greeting)]).unwrap();
+        let src = built.image("app").unwrap();
+        let out = dir.join("zstd");
+        let info = imgd_tests::image::zstd_copy_with(&built, src, &out, "app", zstd_args).unwrap();
+        skopeo::push_layout(
+            &out,
+            "app",
+            &self.reg.docker_ref(name),
+            Format::OciExact,
+            false,
+        )
+        .unwrap();
+        (info, format!("{}/local/{name}", self.proxy.addr()))
+    }
+}
+
 #[test]
-fn cri_starts_a_pod_from_the_lazy_view_and_a_zstd_image_takes_the_full_path() {
+fn cri_starts_pods_from_lazy_views_of_gzip_and_zstd_images_and_an_unindexable_layer_takes_the_full_path(
+) {
     let s = Setup::new();
     let greeting = "hello from a lazy CRI start";
     let (image, reference) = s.push(app_image(greeting), "app:1");
     let (_, pause) = s.push(pause_image(), "pause:1");
-    // The same kind of image with zstd layers: the proxy cannot index them (yet).
+    // The same kind of image with zstd layers (`zstd -3`): served lazily through the
+    // proxy's seekable copies.
     let zstd_greeting = "hello from a zstd image";
-    let built = imgd_tests::image::build_layout(
-        &s.tmp.path().join("img-zstd-src"),
-        &[app_image(zstd_greeting)],
-    )
-    .unwrap();
-    let zstd_dir = s.tmp.path().join("img-zstd");
-    let src = built.image("app").unwrap();
-    imgd_tests::image::zstd_copy(&built, src, &zstd_dir, "app").unwrap();
-    skopeo::push_layout(
-        &zstd_dir,
-        "app",
-        &s.reg.docker_ref("zstd:1"),
-        Format::OciExact,
-        false,
-    )
-    .unwrap();
-    let zstd_reference = format!("{}/local/zstd:1", s.proxy.addr());
+    let (zimage, zstd_reference) = s.push_zstd(zstd_greeting, &["-3"], "zstd:1");
+    // zstd layers with a 256 MiB window (`--long=28`), over the proxy's window limit:
+    // stored and served, but not indexed, so they take the full path.
+    let long_greeting = "hello from a long-window zstd image";
+    let (_, long_reference) = s.push_zstd(long_greeting, &["-3", "--long=28"], "zstd-long:1");
 
     let certs = s.tmp.path().join("certs.d");
     plain_http_host(&certs, &s.proxy.addr());
@@ -304,32 +319,52 @@ fn cri_starts_a_pod_from_the_lazy_view_and_a_zstd_image_takes_the_full_path() {
     let logs = s.tmp.path().join("pod-logs");
     std::fs::create_dir_all(&logs).unwrap();
 
-    let served_before = s.proxy_blob_bytes();
-    cri.pull(&reference)
-        .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", ctrd.log(), s.agent.log()));
-    assert_no_layer_downloaded(&s, &ctrd, "k8s.io", &image, served_before);
-    let pod = cri
-        .run_pod("lazy", &reference, &["sh", "-c", COMMAND], &logs)
-        .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", ctrd.log(), s.agent.log()));
-    assert_eq!(cri.wait_exited(&pod.container_id, STEP).unwrap(), 0);
-    assert_eq!(cri::log_lines(&pod.log_path), expected(greeting));
-
-    // The zstd image is unpacked by containerd on imgd's overlayfs path, and runs.
-    cri.pull(&zstd_reference)
-        .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", ctrd.log(), s.agent.log()));
+    let mut pods = Vec::new();
+    for (name, image, reference, greeting) in [
+        ("lazy", &image, &reference, greeting),
+        ("zstd", &zimage, &zstd_reference, zstd_greeting),
+    ] {
+        let served_before = s.proxy_blob_bytes();
+        cri.pull(reference)
+            .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", ctrd.log(), s.agent.log()));
+        assert_no_layer_downloaded(&s, &ctrd, "k8s.io", image, served_before);
+        let pod = cri
+            .run_pod(name, reference, &["sh", "-c", COMMAND], &logs)
+            .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", ctrd.log(), s.agent.log()));
+        assert_eq!(cri.wait_exited(&pod.container_id, STEP).unwrap(), 0);
+        assert_eq!(cri::log_lines(&pod.log_path), expected(greeting));
+        pods.push(pod);
+    }
     assert!(
-        s.agent.log().contains("layer takes the full path"),
-        "the agent did not say why: {}",
+        !s.agent.log().contains("layer takes the full path"),
+        "no layer of the gzip and zstd images took the full path: {}",
         s.agent.log()
     );
-    let zpod = cri
-        .run_pod("zstd", &zstd_reference, &["sh", "-c", COMMAND], &logs)
-        .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", ctrd.log(), s.agent.log()));
-    assert_eq!(cri.wait_exited(&zpod.container_id, STEP).unwrap(), 0);
-    assert_eq!(cri::log_lines(&zpod.log_path), expected(zstd_greeting));
 
-    cri.remove_pod(&pod).unwrap();
-    cri.remove_pod(&zpod).unwrap();
+    // The long-window image is unpacked by containerd on imgd's overlayfs path, and runs.
+    let served_before = s.proxy_blob_bytes();
+    cri.pull(&long_reference)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", ctrd.log(), s.agent.log()));
+    let log = s.agent.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("layer takes the full path") && l.contains("window larger than")),
+        "the agent did not say why: {log}"
+    );
+    assert!(
+        s.proxy_blob_bytes() - served_before > BIG,
+        "containerd downloaded the layers"
+    );
+    let lpod = cri
+        .run_pod("long", &long_reference, &["sh", "-c", COMMAND], &logs)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", ctrd.log(), s.agent.log()));
+    assert_eq!(cri.wait_exited(&lpod.container_id, STEP).unwrap(), 0);
+    assert_eq!(cri::log_lines(&lpod.log_path), expected(long_greeting));
+    pods.push(lpod);
+
+    for pod in &pods {
+        cri.remove_pod(pod).unwrap();
+    }
     s.agent.verify_clean().unwrap();
 }
 

@@ -1,5 +1,9 @@
 //! What a mount needs before it can be served: the layers' chunk lists and their indexes,
 //! fetched from the proxy and checked.
+//!
+//! A layer's reads fetch chunks of the blob its index names ([`LayerIndex::readable_blob`]):
+//! the layer itself, or for a plain zstd layer its seekable copy, whose chunk list comes
+//! from the index (checked by its digest), not from the proxy.
 
 use super::MountSpec;
 use crate::agent::{Agent, AgentError};
@@ -19,8 +23,8 @@ pub struct Layers {
     pub indexes: Vec<LayerIndex>,
 }
 
-/// Gets the chunk list and index of each layer (indexes from local disk, else from the
-/// proxy, checked) and checks that every index allows random access.
+/// Gets the index and the readable chunk list of each layer (indexes from local disk, else
+/// from the proxy, checked) and checks that every index allows random access.
 pub async fn fetch_layers(
     agent: &Agent,
     repo: &Repo,
@@ -34,7 +38,6 @@ pub async fn fetch_layers(
         indexes: Vec::new(),
     };
     for layer in layers {
-        out.lists.push(fetcher.chunk_list(repo, layer).await?);
         let index = agent
             .indexes
             .get_or_fetch(&fetcher.proxy, repo, layer)
@@ -43,6 +46,19 @@ pub async fn fetch_layers(
         if !index.random_access {
             return Err(fail(format!("layer {layer} has no random-access index")));
         }
+        let list = match &index.copy {
+            Some(copy) => {
+                let list = copy.chunk_list();
+                // Recorded so that peers can ask this agent which chunks of it it holds.
+                fetcher
+                    .cache
+                    .put_blob(&list)
+                    .map_err(|e| fail(format!("seekable copy of layer {layer}: {e}")))?;
+                list
+            }
+            None => fetcher.chunk_list(repo, layer).await?,
+        };
+        out.lists.push(list);
         out.index_files.push(agent.indexes.path(layer));
         out.indexes.push(index);
     }

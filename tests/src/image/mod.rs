@@ -18,7 +18,7 @@ pub use layer::{write_layer_tar, LayerInfo};
 pub use layout::{
     build_index_layout, build_layout, BlobInfo, ImageInfo, IndexInfo, LayoutInfo, LayoutWriter,
 };
-pub use zstd_copy::{zstd_copy, OCI_LAYER_ZSTD};
+pub use zstd_copy::{zstd_copy, zstd_copy_with, OCI_LAYER_ZSTD};
 
 /// The mtime of entries unless set otherwise (2023-11-14T22:13:20Z).
 pub const DEFAULT_MTIME: u64 = 1_700_000_000;

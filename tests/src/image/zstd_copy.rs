@@ -14,8 +14,27 @@ use std::process::{Command, Stdio};
 /// Media type of a zstd OCI layer.
 pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 
-/// Writes an OCI layout at `dst` holding `image` of `layout` with zstd layers, named `name`.
-pub fn zstd_copy(layout: &LayoutInfo, image: &ImageInfo, dst: &Path, name: &str) -> Result<()> {
+/// Writes an OCI layout at `dst` holding `image` of `layout` with zstd layers (`zstd -3`),
+/// named `name`. Returns the image as written.
+pub fn zstd_copy(
+    layout: &LayoutInfo,
+    image: &ImageInfo,
+    dst: &Path,
+    name: &str,
+) -> Result<ImageInfo> {
+    zstd_copy_with(layout, image, dst, name, &["-3"])
+}
+
+/// [`zstd_copy`] with the layers compressed by `zstd -q -c ARGS` (e.g. `--long=28` for a
+/// 256 MiB window).
+pub fn zstd_copy_with(
+    layout: &LayoutInfo,
+    image: &ImageInfo,
+    dst: &Path,
+    name: &str,
+    zstd_args: &[&str],
+) -> Result<ImageInfo> {
+    let mut info = image.clone();
     let blobs = dst.join("blobs/sha256");
     std::fs::create_dir_all(&blobs)?;
     std::fs::write(dst.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
@@ -30,7 +49,7 @@ pub fn zstd_copy(layout: &LayoutInfo, image: &ImageInfo, dst: &Path, name: &str)
     let layers = manifest["layers"]
         .as_array_mut()
         .context("manifest without layers")?;
-    for layer in layers.iter_mut() {
+    for (i, layer) in layers.iter_mut().enumerate() {
         let digest: Digest = layer["digest"]
             .as_str()
             .context("layer without digest")?
@@ -46,11 +65,19 @@ pub fn zstd_copy(layout: &LayoutInfo, image: &ImageInfo, dst: &Path, name: &str)
             Some(media_types::OCI_LAYER_TAR) => blob,
             other => bail!("cannot recompress a layer of type {other:?}"),
         };
-        let (d, size) = put(&zstd(&tar)?)?;
+        let (d, size) = put(&zstd(&tar, zstd_args)?)?;
         *layer = json!({"mediaType": OCI_LAYER_ZSTD, "digest": d.to_string(), "size": size});
+        let blob = &mut info
+            .layers
+            .get_mut(i)
+            .context("layer of the image info")?
+            .blob;
+        (blob.digest, blob.size, blob.media_type) = (d, size, OCI_LAYER_ZSTD.to_string());
     }
     let bytes = serde_json::to_vec(&manifest)?;
     let (d, size) = put(&bytes)?;
+    info.manifest.digest = d;
+    info.manifest.size = size;
     let index = json!({
         "schemaVersion": 2,
         "manifests": [{
@@ -61,13 +88,14 @@ pub fn zstd_copy(layout: &LayoutInfo, image: &ImageInfo, dst: &Path, name: &str)
         }],
     });
     std::fs::write(dst.join("index.json"), serde_json::to_vec(&index)?)?;
-    Ok(())
+    Ok(info)
 }
 
-/// `zstd -q -c` of `data`.
-fn zstd(data: &[u8]) -> Result<Vec<u8>> {
+/// `zstd -q -c ARGS` of `data`.
+fn zstd(data: &[u8], args: &[&str]) -> Result<Vec<u8>> {
     let mut child = Command::new("zstd")
-        .args(["-q", "-c", "-3"])
+        .args(["-q", "-c"])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
