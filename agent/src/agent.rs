@@ -89,7 +89,7 @@ pub async fn start(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         &config.data_dir.join("cache"),
         config.cache_quota_bytes,
     )?);
-    let proxy = ProxyClient::new(&config.proxy_url, config.fetch.proxy_timeout())
+    let proxy = ProxyClient::with_replicas(&config.proxies(), config.fetch.proxy_timeout())
         .map_err(|e| start_err("proxy client", &e))?
         .with_token(
             config

@@ -91,7 +91,18 @@ pub struct Status {
     pub bytes_from_cache: u64,
     pub bytes_from_peers: u64,
     pub bytes_from_proxy: u64,
+    /// The first proxy replica.
     pub proxy_url: String,
+    /// Every proxy replica and whether it is up (it did not fail a request in the last 5 s).
+    #[serde(default)]
+    pub proxies: Vec<ProxyReplicaStatus>,
+}
+
+/// One proxy replica.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProxyReplicaStatus {
+    pub url: String,
+    pub up: bool,
 }
 
 /// One known peer.
@@ -235,6 +246,13 @@ async fn status(State(agent): State<Arc<Agent>>) -> Json<Status> {
         bytes_from_peers: f.stats.from_peers.load(Ordering::Relaxed),
         bytes_from_proxy: f.stats.from_proxy.load(Ordering::Relaxed),
         proxy_url: f.proxy.base().to_string(),
+        proxies: f
+            .proxy
+            .replicas()
+            .health()
+            .into_iter()
+            .map(|(url, up)| ProxyReplicaStatus { url, up })
+            .collect(),
     })
 }
 

@@ -21,6 +21,11 @@ cache_quota_bytes = 21474836480
 # Base URL of imgd-proxy (its registry API and chunk API). Env: IMGD_PROXY_URL.
 proxy_url = "http://127.0.0.1:5000"
 
+# Several proxy replicas instead of proxy_url. Each blob, chunk and manifest goes to the
+# replica chosen by rendezvous hashing of its digest, so the fleet spreads over them, and
+# a request fails over to the others when its replica is down, failing or sends bad data.
+# proxy_urls = ["http://proxy-a:5000", "http://proxy-b:5000"]
+
 # Token for a proxy whose chunk API requires one (its `[chunk_api] token`), or a file
 # holding it. Sent as `Authorization: Bearer` with every chunk API request.
 # proxy_token = ""
@@ -99,6 +104,8 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     pub cache_quota_bytes: u64,
     pub proxy_url: String,
+    /// Several proxy replicas; when set, used instead of `proxy_url`.
+    pub proxy_urls: Vec<String>,
     pub proxy_token: Option<String>,
     pub proxy_token_file: Option<PathBuf>,
     pub socket: PathBuf,
@@ -187,6 +194,7 @@ impl Default for AgentConfig {
             data_dir: "/var/lib/imgd".into(),
             cache_quota_bytes: 20 << 30,
             proxy_url: "http://127.0.0.1:5000".into(),
+            proxy_urls: Vec::new(),
             proxy_token: None,
             proxy_token_file: None,
             socket: "/run/imgd/imgd.sock".into(),
@@ -257,6 +265,15 @@ impl AgentConfig {
         }
     }
 
+    /// The proxy replicas to use: `proxy_urls` if set, else `proxy_url`.
+    pub fn proxies(&self) -> Vec<String> {
+        if self.proxy_urls.is_empty() {
+            vec![self.proxy_url.clone()]
+        } else {
+            self.proxy_urls.clone()
+        }
+    }
+
     /// Reads a TOML file.
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
         imgd_core::config_file::load_toml(path)
@@ -265,8 +282,10 @@ impl AgentConfig {
     /// Checks values that parse but make no sense, naming the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
-        if !(self.proxy_url.starts_with("http://") || self.proxy_url.starts_with("https://")) {
-            return bad("proxy_url must start with http:// or https://");
+        for url in self.proxies() {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return bad("proxy_url and proxy_urls must start with http:// or https://");
+            }
         }
         if self.cache_quota_bytes < imgd_core::CHUNK_SIZE as u64 {
             return bad("cache_quota_bytes must hold at least one 4 MiB chunk");

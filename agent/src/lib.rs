@@ -29,6 +29,7 @@ pub mod mount_process;
 pub mod mounts;
 pub mod peers;
 pub mod proxy_client;
+pub mod proxy_replicas;
 pub mod snapshotter;
 pub mod startup;
 pub mod swarm;

@@ -19,7 +19,7 @@ struct Cli {
     /// Data directory (overrides `data_dir`).
     #[arg(long, env = "IMGD_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// imgd-proxy URL (overrides `proxy_url`).
+    /// imgd-proxy URL (overrides `proxy_url` and `proxy_urls`).
     #[arg(long, env = "IMGD_PROXY_URL")]
     proxy: Option<String>,
     /// Local API socket (overrides `socket`).
@@ -67,6 +67,7 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(p) = cli.proxy {
         config.proxy_url = p;
+        config.proxy_urls.clear();
     }
     if let Some(s) = cli.socket {
         config.socket = s;

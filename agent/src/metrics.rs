@@ -47,6 +47,7 @@ pub struct Events {
     chunk_fetch_seconds: Family<Labels, Histogram>,
     verification_failures: Family<Labels, Counter>,
     served_bytes: Family<Labels, Counter>,
+    proxy_failovers: Family<Labels, Counter>,
     evictions: Counter,
     evicted_bytes: Counter,
     evicted_inflated_layers: Counter,
@@ -62,6 +63,7 @@ static EVENTS: LazyLock<Events> = LazyLock::new(|| Events {
     chunk_fetch_seconds: Family::new_with_constructor(latency_histogram),
     verification_failures: Family::default(),
     served_bytes: Family::default(),
+    proxy_failovers: Family::default(),
     evictions: Counter::default(),
     evicted_bytes: Counter::default(),
     evicted_inflated_layers: Counter::default(),
@@ -100,6 +102,14 @@ pub fn served(to: &str, bytes: u64) {
         .served_bytes
         .get_or_create(&label("to", to))
         .inc_by(bytes);
+}
+
+/// Hook: a request failed on the proxy replica at `replica` and went to another.
+pub fn proxy_failover(replica: &str) {
+    EVENTS
+        .proxy_failovers
+        .get_or_create(&label("replica", replica))
+        .inc();
 }
 
 /// Hook: the cache evicted `chunks` chunks holding `bytes` bytes.
@@ -276,6 +286,11 @@ pub fn render(
         "served_bytes",
         "Chunk bytes served, to peers (data plane) or through the registry mirror",
         EVENTS.served_bytes.clone(),
+    );
+    registry.register(
+        "proxy_failovers",
+        "Requests that failed on a proxy replica and were sent to another, by that replica",
+        EVENTS.proxy_failovers.clone(),
     );
     registry.register(
         "cache_evictions",

@@ -1,9 +1,14 @@
 //! Client of imgd-proxy: manifests over the registry API, chunk lists, chunks and indexes
-//! over the chunk API. Everything fetched by digest is verified here.
+//! over the chunk API. Everything fetched by digest is verified here. With several proxy
+//! replicas, each request goes to the replica [`ReplicaSet`] chooses for its key and fails
+//! over to the others.
 
+use crate::proxy_replicas::ReplicaSet;
 use bytes::Bytes;
 use imgd_core::wire::{BlobInfo, StartupTrace};
 use imgd_core::{Digest, CHUNK_SIZE};
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Errors talking to the proxy.
@@ -27,6 +32,15 @@ impl ProxyClientError {
     /// True when the proxy said the thing does not exist (404).
     pub fn is_not_found(&self) -> bool {
         matches!(self, ProxyClientError::Status { status: 404, .. })
+    }
+
+    /// True when another replica may answer better: this one could not be reached, was
+    /// overloaded or failing (429, 5xx), or sent something corrupt or malformed.
+    fn fails_over(&self) -> bool {
+        match self {
+            ProxyClientError::Status { status, .. } => *status == 429 || *status >= 500,
+            _ => true,
+        }
     }
 }
 
@@ -70,10 +84,10 @@ pub struct FetchedManifest {
     pub digest: Digest,
 }
 
-/// Talks to one imgd-proxy.
+/// Talks to imgd-proxy (one, or several replicas).
 #[derive(Clone)]
 pub struct ProxyClient {
-    base: String,
+    replicas: Arc<ReplicaSet>,
     http: reqwest::Client,
     /// `Authorization` for the chunk API, if the proxy requires a token.
     token: Option<String>,
@@ -82,16 +96,31 @@ pub struct ProxyClient {
 impl ProxyClient {
     /// A client of the proxy at `base` (`http://host:port`), with a per-request timeout.
     pub fn new(base: &str, timeout: Duration) -> Result<ProxyClient, ProxyClientError> {
+        ProxyClient::with_replicas(&[base.to_string()], timeout)
+    }
+
+    /// A client of the proxy replicas at `bases` (at least one), with a per-request
+    /// timeout (per replica tried).
+    pub fn with_replicas(
+        bases: &[String],
+        timeout: Duration,
+    ) -> Result<ProxyClient, ProxyClientError> {
         let http = reqwest::Client::builder()
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .timeout(timeout)
             .build()
             .map_err(|e| ProxyClientError::Unreachable {
-                url: base.to_string(),
+                url: bases.join(", "),
                 message: e.to_string(),
             })?;
+        if bases.is_empty() {
+            return Err(ProxyClientError::Unreachable {
+                url: String::new(),
+                message: "no proxy URL configured".into(),
+            });
+        }
         Ok(ProxyClient {
-            base: base.trim_end_matches('/').to_string(),
+            replicas: Arc::new(ReplicaSet::new(bases)),
             http,
             token: None,
         })
@@ -112,17 +141,64 @@ impl ProxyClient {
         }
     }
 
-    /// The proxy's base URL.
+    /// The first proxy replica's base URL.
     pub fn base(&self) -> &str {
-        &self.base
+        self.replicas.base(0)
+    }
+
+    /// The replicas and their health.
+    pub fn replicas(&self) -> &ReplicaSet {
+        &self.replicas
+    }
+
+    /// Runs `attempt` on the replicas in `order` until one answers. A replica whose error
+    /// [fails over](ProxyClientError::fails_over) is marked down and the next one is asked
+    /// (with `not_found_fails_over`, a 404 also moves on, without marking it down); the
+    /// last error is returned when none answers.
+    async fn on_replicas<T, F, Fut>(
+        &self,
+        order: Vec<usize>,
+        not_found_fails_over: bool,
+        mut attempt: F,
+    ) -> Result<T, ProxyClientError>
+    where
+        F: FnMut(usize) -> Fut,
+        Fut: Future<Output = Result<T, ProxyClientError>>,
+    {
+        let mut last = None;
+        let n = order.len();
+        for (k, i) in order.into_iter().enumerate() {
+            match attempt(i).await {
+                Ok(v) => {
+                    self.replicas.mark_up(i);
+                    return Ok(v);
+                }
+                Err(e) => {
+                    let down = e.fails_over();
+                    if k + 1 == n || !(down || (not_found_fails_over && e.is_not_found())) {
+                        return Err(e);
+                    }
+                    if down {
+                        self.replicas.mark_down(i, &e.to_string());
+                        crate::metrics::proxy_failover(self.replicas.base(i));
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| ProxyClientError::Unreachable {
+            url: String::new(),
+            message: "no proxy replica configured".into(),
+        }))
     }
 
     async fn get(
         &self,
+        replica: usize,
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<reqwest::Response, ProxyClientError> {
-        let url = format!("{}{path}", self.base);
+        let url = format!("{}{path}", self.replicas.base(replica));
         let mut req = self.authorize(self.http.get(&url), path);
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -168,6 +244,21 @@ impl ProxyClient {
         reference: &str,
         accept: &[String],
     ) -> Result<FetchedManifest, ProxyClientError> {
+        let key = format!("{}/{reference}", repo.name);
+        let order = self.replicas.order(key.as_bytes(), None);
+        self.on_replicas(order, false, |i| {
+            self.manifest_at(i, repo, reference, accept)
+        })
+        .await
+    }
+
+    async fn manifest_at(
+        &self,
+        replica: usize,
+        repo: &Repo,
+        reference: &str,
+        accept: &[String],
+    ) -> Result<FetchedManifest, ProxyClientError> {
         let accept = if accept.is_empty() {
             imgd_core::wire::MANIFEST_MEDIA_TYPES.join(", ")
         } else {
@@ -178,7 +269,7 @@ impl ProxyClient {
             repo.name,
             repo.ns_query('?')
         );
-        let resp = self.get(&path, &[("Accept", &accept)]).await?;
+        let resp = self.get(replica, &path, &[("Accept", &accept)]).await?;
         let media_type = resp
             .headers()
             .get("content-type")
@@ -202,9 +293,26 @@ impl ProxyClient {
         })
     }
 
-    /// The chunk list and index state of a blob, which the proxy ingests if needed.
+    /// The chunk list and index state of a blob, which the proxy ingests if needed. The
+    /// replica that answers becomes the blob's route.
     pub async fn blob_info(
         &self,
+        repo: &Repo,
+        blob: &Digest,
+    ) -> Result<BlobInfo, ProxyClientError> {
+        let order = self.replicas.order(blob.as_bytes(), None);
+        self.on_replicas(order, false, |i| async move {
+            let info = self.blob_info_at(i, repo, blob).await?;
+            let chunks: Vec<Digest> = info.chunks.chunks.iter().map(|c| c.digest).collect();
+            self.replicas.remember(repo, blob, &chunks, i);
+            Ok(info)
+        })
+        .await
+    }
+
+    async fn blob_info_at(
+        &self,
+        replica: usize,
         repo: &Repo,
         blob: &Digest,
     ) -> Result<BlobInfo, ProxyClientError> {
@@ -213,7 +321,8 @@ impl ProxyClient {
             repo.name,
             repo.ns_query('&')
         );
-        let body = Self::body(self.get(&path, &[]).await?, &path, MAX_JSON_BYTES).await?;
+        let resp = self.get(replica, &path, &[]).await?;
+        let body = Self::body(resp, &path, MAX_JSON_BYTES).await?;
         let info: BlobInfo =
             serde_json::from_slice(&body).map_err(|e| ProxyClientError::Malformed {
                 what: "chunk list",
@@ -234,10 +343,42 @@ impl ProxyClient {
         Ok(info)
     }
 
-    /// A chunk, verified against its digest.
+    /// A chunk, verified against its digest: first from the replica that served its
+    /// blob's chunk list; a replica that does not hold it is told to ingest the blob.
     pub async fn chunk(&self, digest: &Digest) -> Result<Bytes, ProxyClientError> {
+        self.routed(digest, |i| self.chunk_at(i, digest)).await
+    }
+
+    /// Runs `fetch` (of `digest`, a chunk or a layer's index) on the replicas, its route's
+    /// replica first. On another replica, a 404 is answered by asking it for the blob's
+    /// chunk list (which makes it ingest the blob) and fetching again.
+    async fn routed<T, F, Fut>(&self, digest: &Digest, fetch: F) -> Result<T, ProxyClientError>
+    where
+        F: Fn(usize) -> Fut,
+        Fut: Future<Output = Result<T, ProxyClientError>>,
+    {
+        let route = self.replicas.route(digest);
+        let order = self
+            .replicas
+            .order(digest.as_bytes(), route.as_ref().map(|r| r.replica));
+        let fetch = &fetch;
+        let route = route.as_ref();
+        self.on_replicas(order, true, |i| async move {
+            match (fetch(i).await, route) {
+                (Err(e), Some(r)) if e.is_not_found() && r.replica != i => {
+                    self.blob_info_at(i, &r.repo, &r.blob).await?;
+                    fetch(i).await
+                }
+                (result, _) => result,
+            }
+        })
+        .await
+    }
+
+    async fn chunk_at(&self, replica: usize, digest: &Digest) -> Result<Bytes, ProxyClientError> {
         let path = format!("/imgd/v1/chunks/{digest}");
-        let bytes = Self::body(self.get(&path, &[]).await?, &path, CHUNK_SIZE).await?;
+        let resp = self.get(replica, &path, &[]).await?;
+        let bytes = Self::body(resp, &path, CHUNK_SIZE).await?;
         if Digest::of(&bytes) != *digest {
             crate::metrics::verification_failed("proxy");
             return Err(ProxyClientError::Corrupt {
@@ -250,18 +391,37 @@ impl ProxyClient {
 
     /// The encoded index of a layer (the caller decodes and verifies it).
     pub async fn index(&self, repo: &Repo, layer: &Digest) -> Result<Bytes, ProxyClientError> {
+        self.routed(layer, |i| self.index_at(i, repo, layer)).await
+    }
+
+    async fn index_at(
+        &self,
+        replica: usize,
+        repo: &Repo,
+        layer: &Digest,
+    ) -> Result<Bytes, ProxyClientError> {
         let path = format!(
             "/imgd/v1/indexes/{layer}?repo={}{}",
             repo.name,
             repo.ns_query('&')
         );
-        Self::body(self.get(&path, &[]).await?, &path, MAX_INDEX_BYTES).await
+        Self::body(self.get(replica, &path, &[]).await?, &path, MAX_INDEX_BYTES).await
     }
 
     /// The learned startup trace of an image, if one was stored.
     pub async fn trace(&self, manifest: &Digest) -> Result<Option<StartupTrace>, ProxyClientError> {
+        let order = self.replicas.order(manifest.as_bytes(), None);
+        self.on_replicas(order, false, |i| self.trace_at(i, manifest))
+            .await
+    }
+
+    async fn trace_at(
+        &self,
+        replica: usize,
+        manifest: &Digest,
+    ) -> Result<Option<StartupTrace>, ProxyClientError> {
         let path = format!("/imgd/v1/traces/{manifest}");
-        match self.get(&path, &[]).await {
+        match self.get(replica, &path, &[]).await {
             Ok(resp) => {
                 let body = Self::body(resp, &path, MAX_JSON_BYTES).await?;
                 serde_json::from_slice(&body)
@@ -283,13 +443,17 @@ impl ProxyClient {
         trace: &StartupTrace,
     ) -> Result<(), ProxyClientError> {
         let path = format!("/imgd/v1/traces/{manifest}");
-        let url = format!("{}{path}", self.base);
         let body = serde_json::to_vec(trace).unwrap_or_default();
-        let req = self
-            .authorize(self.http.put(&url), &path)
-            .header("content-type", "application/json")
-            .body(body);
-        send(req, url).await.map(|_| ())
+        let order = self.replicas.order(manifest.as_bytes(), None);
+        self.on_replicas(order, false, |i| {
+            let url = format!("{}{path}", self.replicas.base(i));
+            let req = self
+                .authorize(self.http.put(&url), &path)
+                .header("content-type", "application/json")
+                .body(body.clone());
+            async move { send(req, url).await.map(|_| ()) }
+        })
+        .await
     }
 }
 

@@ -241,6 +241,7 @@ const AGENT_ROOT_KEYS: &[&str] = &[
     "data_dir",
     "cache_quota_bytes",
     "proxy_url",
+    "proxy_urls",
     "proxy_token",
     "proxy_token_file",
     "socket",
@@ -397,13 +398,22 @@ impl Agent {
 
     /// The agent's status as JSON (`imgctl status` data, from the local API).
     pub fn status(&self) -> Result<serde_json::Value> {
+        self.api_get("/v1/status")
+    }
+
+    /// The agent's image list as JSON (`imgctl images` data: bytes cached and total).
+    pub fn images(&self) -> Result<serde_json::Value> {
+        self.api_get("/v1/images")
+    }
+
+    fn api_get(&self, path: &str) -> Result<serde_json::Value> {
         let out = Command::new("curl")
             .args(["-sf", "--unix-socket"])
             .arg(&self.socket)
-            .arg("http://imgd/v1/status")
+            .arg(format!("http://imgd{path}"))
             .output()?;
         if !out.status.success() {
-            bail!("status query failed");
+            bail!("GET {path} on the agent's API failed");
         }
         Ok(serde_json::from_slice(&out.stdout)?)
     }

@@ -239,7 +239,14 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Status => {
             let s: Status = get_json(&cli.socket, "GET", "/v1/status").await?;
             println!("node      {}", s.node_id);
-            println!("proxy     {}", s.proxy_url);
+            if s.proxies.len() > 1 {
+                for p in &s.proxies {
+                    let state = if p.up { "up" } else { "down (failing over)" };
+                    println!("proxy     {} {state}", p.url);
+                }
+            } else {
+                println!("proxy     {}", s.proxy_url);
+            }
             println!(
                 "cache     {} of {} quota (peak {})",
                 mb(s.cache_used_bytes),
