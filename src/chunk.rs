@@ -3,6 +3,10 @@
 //! A blob, exactly as the registry stores it, is cut at [`CHUNK_SIZE`] boundaries; the
 //! last chunk may be shorter. Each chunk is addressed by the sha256 of its bytes, and the
 //! ordered list of chunks of a blob is its [`ChunkList`].
+//!
+//! Every chunk is also cut into [`PIECE_SIZE`] pieces (the last one of a chunk may be
+//! shorter) whose sha256 digests the chunk list carries, in blob order, so that a lazy
+//! read can fetch and verify just the pieces of a chunk it needs.
 
 use crate::digest::{Digest, Sha256};
 use bytes::{Bytes, BytesMut};
@@ -11,6 +15,14 @@ use std::ops::Range;
 
 /// Size of every chunk but the last of a blob: 4 MiB.
 pub const CHUNK_SIZE: usize = 4 << 20;
+
+/// Size of every piece of a chunk but the last: 256 KiB (16 per full chunk).
+pub const PIECE_SIZE: usize = 256 << 10;
+
+/// Number of pieces of a chunk of `size` bytes.
+pub fn pieces_in(size: u32) -> usize {
+    (size as usize).div_ceil(PIECE_SIZE)
+}
 
 /// One chunk of a blob: its digest and length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,6 +37,11 @@ pub struct ChunkList {
     pub blob: Digest,
     pub size: u64,
     pub chunks: Vec<ChunkRef>,
+    /// The sha256 of every piece of every chunk, in blob order ([`PIECE_SIZE`] each but
+    /// the last of a chunk). Empty when the chunk list's producer did not compute them;
+    /// reads then fetch whole chunks.
+    #[serde(default)]
+    pub pieces: Vec<Digest>,
 }
 
 /// Error for a chunk list whose chunks do not add up to a valid blob layout.
@@ -52,8 +69,17 @@ impl ChunkList {
         first..last + 1
     }
 
+    /// The piece digests of chunk `i`, if the list has pieces and chunk `i`.
+    pub fn pieces_of(&self, i: usize) -> Option<&[Digest]> {
+        let chunk = self.chunks.get(i)?;
+        // Every chunk before `i` is a full chunk of CHUNK_SIZE / PIECE_SIZE pieces.
+        let first = i * (CHUNK_SIZE / PIECE_SIZE);
+        self.pieces.get(first..first + pieces_in(chunk.size))
+    }
+
     /// Checks the structural rules: every chunk but the last is exactly [`CHUNK_SIZE`],
-    /// the last is non-empty and at most that, and the sizes add up to `size`.
+    /// the last is non-empty and at most that, the sizes add up to `size`, and the
+    /// pieces, if any, are one per [`PIECE_SIZE`] of every chunk.
     pub fn validate(&self) -> Result<(), ChunkListError> {
         let fail = |reason: String| ChunkListError {
             blob: self.blob,
@@ -76,7 +102,57 @@ impl ChunkList {
                 )));
             }
         }
+        let pieces: usize = self.chunks.iter().map(|c| pieces_in(c.size)).sum();
+        if !self.pieces.is_empty() && self.pieces.len() != pieces {
+            return Err(fail(format!(
+                "{} piece digests, expected {pieces}",
+                self.pieces.len()
+            )));
+        }
         Ok(())
+    }
+}
+
+/// Hashes the pieces of a blob's chunks as their bytes stream past, for producers that
+/// write chunks as they arrive instead of holding them (the proxy's spool).
+#[derive(Default)]
+pub struct PieceHasher {
+    current: Sha256,
+    len: usize,
+    done: Vec<Digest>,
+}
+
+impl PieceHasher {
+    /// Feeds the next bytes of the current chunk.
+    pub fn update(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let take = (PIECE_SIZE - self.len).min(data.len());
+            self.current.update(&data[..take]);
+            self.len += take;
+            data = &data[take..];
+            if self.len == PIECE_SIZE {
+                self.end_piece();
+            }
+        }
+    }
+
+    fn end_piece(&mut self) {
+        let h = std::mem::take(&mut self.current);
+        self.done.push(h.finish());
+        self.len = 0;
+    }
+
+    /// Ends the current chunk (its last piece may be short).
+    pub fn end_chunk(&mut self) {
+        if self.len > 0 {
+            self.end_piece();
+        }
+    }
+
+    /// The piece digests of the chunks ended so far, in order.
+    pub fn finish(mut self) -> Vec<Digest> {
+        self.end_chunk();
+        self.done
     }
 }
 
@@ -89,6 +165,7 @@ pub struct Chunker {
     blob_hasher: Sha256,
     size: u64,
     chunks: Vec<ChunkRef>,
+    pieces: Vec<Digest>,
 }
 
 impl Default for Chunker {
@@ -105,6 +182,7 @@ impl Chunker {
             blob_hasher: Sha256::new(),
             size: 0,
             chunks: Vec::new(),
+            pieces: Vec::new(),
         }
     }
 
@@ -142,6 +220,7 @@ impl Chunker {
             digest: Digest::of(&bytes),
             size: bytes.len() as u32,
         };
+        self.pieces.extend(bytes.chunks(PIECE_SIZE).map(Digest::of));
         let i = self.chunks.len();
         self.chunks.push(chunk);
         emit(i, chunk, bytes)
@@ -159,6 +238,7 @@ impl Chunker {
             blob: self.blob_hasher.finish(),
             size: self.size,
             chunks: self.chunks,
+            pieces: self.pieces,
         })
     }
 }
@@ -193,9 +273,29 @@ mod tests {
             assert_eq!(list.chunks.len(), 3);
             assert_eq!(chunks.concat(), data);
             list.validate().unwrap();
-            for (r, b) in list.chunks.iter().zip(&chunks) {
+            for (i, (r, b)) in list.chunks.iter().zip(&chunks).enumerate() {
                 assert_eq!(r.digest, Digest::of(b));
+                let pieces = list.pieces_of(i).unwrap();
+                assert_eq!(pieces.len(), b.len().div_ceil(PIECE_SIZE));
+                for (d, p) in pieces.iter().zip(b.chunks(PIECE_SIZE)) {
+                    assert_eq!(*d, Digest::of(p));
+                }
             }
+            assert_eq!(list.pieces.len(), 16 * 2 + 1);
+            let mut streamed = PieceHasher::default();
+            for b in &chunks {
+                for part in b.chunks(100_000) {
+                    streamed.update(part);
+                }
+                streamed.end_chunk();
+            }
+            assert_eq!(streamed.finish(), list.pieces);
+            let mut bad = list.clone();
+            bad.pieces.pop();
+            assert!(bad.validate().is_err(), "a piece missing");
+            bad.pieces.clear();
+            bad.validate().unwrap();
+            assert!(bad.pieces_of(0).is_none(), "no pieces: whole chunks");
         }
     }
 
@@ -205,6 +305,7 @@ mod tests {
             blob: Digest::of(b""),
             size: CHUNK_SIZE as u64 * 2 + 10,
             chunks: vec![],
+            pieces: vec![],
         };
         let c = CHUNK_SIZE as u64;
         assert_eq!(list.chunks_covering(0..1), 0..1);

@@ -26,6 +26,6 @@ pub mod single_flight;
 pub mod store;
 pub mod wire;
 
-pub use chunk::{ChunkList, ChunkRef, Chunker, CHUNK_SIZE};
+pub use chunk::{ChunkList, ChunkRef, Chunker, PieceHasher, CHUNK_SIZE, PIECE_SIZE};
 pub use digest::{Digest, DigestError, Sha256};
 pub use single_flight::SingleFlight;

@@ -33,6 +33,8 @@ pub struct Agent {
     pub mounts: crate::mounts::Mounts,
     /// Layer indexes fetched before, on local disk.
     pub indexes: Arc<crate::layer_indexes::LayerIndexes>,
+    /// Partial chunks: the pieces lazy reads fetched.
+    pub pieces: Arc<crate::pieces::Pieces>,
     /// Where the chunk data plane listens (the bound address, so a `:0` port is real).
     pub data_addr: Option<std::net::SocketAddr>,
 }
@@ -159,7 +161,17 @@ pub async fn start(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
     }
     let indexes = crate::layer_indexes::LayerIndexes::open(&config.data_dir.join("indexes"))
         .map_err(|e| start_err("opening the layer index store", &e))?;
+    let (cache, proxy) = (fetcher.cache.clone(), fetcher.proxy.clone());
+    let pieces = tokio::task::spawn_blocking(move || {
+        crate::pieces::Pieces::open(cache, proxy, crate::pieces::COMPLETE_AFTER)
+    })
+    .await
+    .map_err(|e| start_err("opening the piece store", &e))?
+    .map_err(|e| start_err("opening the piece store", &e))?;
+    let pieces = Arc::new(pieces);
+    tokio::spawn(pieces.clone().run_completer());
     let agent = Arc::new(Agent {
+        pieces,
         indexes: Arc::new(indexes),
         config,
         node_id,

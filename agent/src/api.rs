@@ -11,6 +11,7 @@
 //! | `POST /v1/pin` `{"image": REF, "pinned": BOOL}` | empty; the image must be cached |
 //! | `GET /v1/verify` | a full re-verification of every cached chunk (changes nothing) |
 //! | `GET /v1/chunks/ID/LAYER/CHUNK` | a chunk of a layer of mount ID, for its mount process; header `x-imgd-fetched: 1` if it had to be fetched |
+//! | `GET /v1/pieces/ID/LAYER/CHUNK/FIRST/COUNT` | pieces `FIRST..FIRST+COUNT` of that chunk, concatenated ([`crate::pieces`]); header `x-imgd-fetched-bytes: N` |
 
 use crate::agent::{Agent, PrefetchSummary};
 use crate::fetch::Source;
@@ -125,6 +126,10 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/umount", post(umount))
         .route("/v1/pin", post(pin))
         .route("/v1/chunks/{id}/{layer}/{chunk}", get(chunk))
+        .route(
+            "/v1/pieces/{id}/{layer}/{chunk}/{first}/{count}",
+            get(pieces),
+        )
         .with_state(agent)
 }
 
@@ -315,6 +320,35 @@ async fn chunk(
             [(
                 crate::mount_process::source::FETCHED_HEADER,
                 if fetched { "1" } else { "0" },
+            )],
+            bytes,
+        )
+            .into_response(),
+        Some(Err(e)) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    }
+}
+
+async fn pieces(
+    State(agent): State<Arc<Agent>>,
+    axum::extract::Path((id, layer, chunk, first, count)): axum::extract::Path<(
+        String,
+        usize,
+        usize,
+        usize,
+        usize,
+    )>,
+) -> Response {
+    let wanted = first..first.saturating_add(count);
+    match agent.mounts.pieces(&agent, &id, layer, chunk, wanted).await {
+        None => (
+            StatusCode::NOT_FOUND,
+            format!("mount {id} has no pieces {first}+{count} of chunk {layer}/{chunk}"),
+        )
+            .into_response(),
+        Some(Ok((bytes, fetched))) => (
+            [(
+                crate::mount_process::source::FETCHED_BYTES_HEADER,
+                fetched.to_string(),
             )],
             bytes,
         )

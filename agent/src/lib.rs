@@ -5,6 +5,7 @@
 //! - [`swarm`]: discovery and membership on libp2p (QUIC, mDNS, Kademlia, identify).
 //! - [`peers`]: known peers and their penalties.
 //! - [`fetch`]: the fetch policy: cache, then peers, then the proxy.
+//! - [`pieces`]: partial chunks: the verified 256 KiB pieces lazy reads fetch.
 //! - [`proxy_client`], [`image`]: talking to imgd-proxy and resolving images.
 //! - [`snapshotter`]: the containerd proxy snapshotter serving lazy mounts to containers.
 //! - [`mounts`]: lazy mounts, each served by its own [`mount_process`] (`imgd-mount`),
@@ -28,6 +29,7 @@ pub mod mirror;
 pub mod mount_process;
 pub mod mounts;
 pub mod peers;
+pub mod pieces;
 pub mod proxy_client;
 pub mod proxy_replicas;
 pub mod snapshotter;

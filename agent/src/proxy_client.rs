@@ -389,6 +389,39 @@ impl ProxyClient {
         Ok(bytes)
     }
 
+    /// Bytes `range` of a chunk, by `Range` (not verified here: the caller checks each
+    /// piece against its digest).
+    pub async fn chunk_range(
+        &self,
+        digest: &Digest,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, ProxyClientError> {
+        let path = format!("/imgd/v1/chunks/{digest}");
+        let want = range.end.saturating_sub(range.start);
+        if want == 0 || range.end > CHUNK_SIZE as u64 {
+            return Err(ProxyClientError::Malformed {
+                what: "chunk range",
+                message: format!("{range:?} of chunk {digest}"),
+            });
+        }
+        let asked = format!("bytes={}-{}", range.start, range.end - 1);
+        let resp = self.get(&path, &[("Range", &asked)]).await?;
+        if resp.status().as_u16() != 206 {
+            return Err(ProxyClientError::Malformed {
+                what: "chunk range",
+                message: format!("{path}: answered {} to a Range request", resp.status()),
+            });
+        }
+        let bytes = Self::body(resp, &path, want as usize).await?;
+        if bytes.len() as u64 != want {
+            return Err(ProxyClientError::Malformed {
+                what: "chunk range",
+                message: format!("{path}: {} bytes for {asked}", bytes.len()),
+            });
+        }
+        Ok(bytes)
+    }
+
     /// The encoded index of a layer (the caller decodes and verifies it).
     pub async fn index(&self, repo: &Repo, layer: &Digest) -> Result<Bytes, ProxyClientError> {
         self.routed(layer, |i| self.index_at(i, repo, layer)).await

@@ -10,6 +10,7 @@ use imgd_core::wire::{StartupTrace, MAX_TRACE_PATHS};
 use imgd_core::ChunkList;
 use imgd_fuse::view::{ImageView, Ino};
 use std::collections::HashSet;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 /// Records the regular files opened on a mount, first open of each, in order.
@@ -61,6 +62,40 @@ fn path_of(view: &ImageView, ino: Ino) -> Option<Vec<u8>> {
     Some(parts.join(&b'/'))
 }
 
+/// The compressed ranges a read of each of the trace's files needs (from its checkpoint
+/// to its end), as `(layer, blob range)` in trace order. Paths the view does not have
+/// are skipped, and so are files whose stream range `(layer, range)` is `inflated`
+/// already (on disk, so reading them needs no chunk).
+pub fn ranges_of(
+    view: &ImageView,
+    trace: &StartupTrace,
+    inflated: impl Fn(usize, Range<u64>) -> bool,
+) -> Vec<(usize, Range<u64>)> {
+    let mut wanted = Vec::new();
+    for path in &trace.paths {
+        let Some((layer, entry)) = view
+            .resolve_path(path)
+            .and_then(|ino| view.file_source(ino))
+        else {
+            continue;
+        };
+        let Some(index) = view.layer(layer) else {
+            continue;
+        };
+        let stored = entry.content_offset..entry.content_offset + entry.stored_size();
+        if inflated(layer, stored.clone()) {
+            continue;
+        }
+        let Ok(plan) = plan_read(index, stored.start, stored.end - stored.start) else {
+            continue;
+        };
+        if !plan.compressed.is_empty() {
+            wanted.push((layer, plan.compressed));
+        }
+    }
+    wanted
+}
+
 /// The chunks holding the trace's files, as `(layer, chunk)` pairs in trace order, each
 /// once. Paths the view does not have are skipped, and so are files whose stream range
 /// `(layer, range)` is `inflated` already (on disk, so reading them needs no chunk).
@@ -72,24 +107,11 @@ pub fn chunks_of(
 ) -> Vec<(usize, usize)> {
     let mut wanted: Vec<(usize, usize)> = Vec::new();
     let mut seen = HashSet::new();
-    for path in &trace.paths {
-        let Some((layer, entry)) = view
-            .resolve_path(path)
-            .and_then(|ino| view.file_source(ino))
-        else {
+    for (layer, range) in ranges_of(view, trace, inflated) {
+        let Some(list) = lists.get(layer) else {
             continue;
         };
-        let (Some(index), Some(list)) = (view.layer(layer), lists.get(layer)) else {
-            continue;
-        };
-        let stored = entry.content_offset..entry.content_offset + entry.stored_size();
-        if inflated(layer, stored.clone()) {
-            continue;
-        }
-        let Ok(plan) = plan_read(index, stored.start, stored.end - stored.start) else {
-            continue;
-        };
-        for i in list.chunks_covering(plan.compressed) {
+        for i in list.chunks_covering(range) {
             if seen.insert((layer, i)) {
                 wanted.push((layer, i));
             }

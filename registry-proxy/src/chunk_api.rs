@@ -102,11 +102,13 @@ pub async fn blob_info(
     Ok(Json(BlobInfo { chunks, index }))
 }
 
-/// `GET /imgd/v1/chunks/{digest}`: a stored chunk's bytes.
+/// `GET /imgd/v1/chunks/{digest}`: a stored chunk's bytes; with `Range: bytes=A-B`,
+/// just those (206), so that an agent fetches only the pieces a read needs.
 pub async fn chunk(
     _: Authorized,
     State(state): State<Arc<AppState>>,
     Path(digest): Path<String>,
+    headers: axum::http::HeaderMap,
 ) -> Result<Response, ProxyError> {
     let digest = parse_digest(&digest)?;
     let store = state.clone();
@@ -119,12 +121,34 @@ pub async fn chunk(
             }
             other => ProxyError::Storage(other.into()),
         })?;
+    let size = bytes.len() as u64;
+    let asked = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let range = crate::blob_body::parse_range(asked, size)?;
+    let body = match &range {
+        Some(r) => bytes.slice(r.start as usize..r.end as usize),
+        None => bytes,
+    };
     state.stats.chunks_served.fetch_add(1, Ordering::Relaxed);
     state
         .stats
         .chunk_bytes_served
-        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+        .fetch_add(body.len() as u64, Ordering::Relaxed);
+    let octets = (header::CONTENT_TYPE, "application/octet-stream".to_string());
+    Ok(match range {
+        Some(r) => (
+            axum::http::StatusCode::PARTIAL_CONTENT,
+            [
+                octets,
+                (
+                    header::CONTENT_RANGE,
+                    format!("bytes {}-{}/{size}", r.start, r.end - 1),
+                ),
+            ],
+            body,
+        )
+            .into_response(),
+        None => ([octets], body).into_response(),
+    })
 }
 
 /// `GET /imgd/v1/indexes/{layer digest}?repo=`: the encoded layer index.

@@ -12,7 +12,7 @@ use crate::flight::Flight;
 use crate::ingest::IngestError;
 use crate::space::{ClaimGuard, Space};
 use crate::upstream::UpstreamError;
-use imgd_core::{ChunkList, ChunkRef, Digest, Sha256, CHUNK_SIZE};
+use imgd_core::{ChunkList, ChunkRef, Digest, PieceHasher, Sha256, CHUNK_SIZE};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
@@ -32,6 +32,8 @@ pub struct Spool {
     size: Option<u64>,
     received: u64,
     blob: Sha256,
+    /// The pieces of the chunks, hashed as they are written.
+    pieces: PieceHasher,
     open: Option<Open>,
     /// Finished chunks: temp file and reference.
     done: Vec<(PathBuf, ChunkRef)>,
@@ -47,6 +49,7 @@ impl Spool {
             size,
             received: 0,
             blob: Sha256::new(),
+            pieces: PieceHasher::default(),
             open: None,
             done: Vec::new(),
             committed: false,
@@ -93,6 +96,7 @@ impl Spool {
                 .write_all(piece)
                 .map_err(|e| store_io("write", &path, e))?;
             open.hasher.update(piece);
+            self.pieces.update(piece);
             self.blob.update(piece);
             open.len += take as u64;
             self.received += take as u64;
@@ -117,6 +121,7 @@ impl Spool {
             digest: open.hasher.finish(),
             size: open.len as u32,
         };
+        self.pieces.end_chunk();
         self.done.push((path, c));
         Ok(())
     }
@@ -136,6 +141,7 @@ impl Spool {
             blob,
             size: self.received,
             chunks: self.done.iter().map(|(_, c)| *c).collect(),
+            pieces: std::mem::take(&mut self.pieces).finish(),
         })
     }
 

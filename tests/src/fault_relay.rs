@@ -3,7 +3,7 @@
 //! Requests are forwarded unchanged (one request per connection); responses whose path
 //! matches a rule are altered: a replaced status and body (e.g. 429 with `Retry-After`, or
 //! a 307 redirect), a body cut short while the `Content-Length` still promises all of it,
-//! or a body slowed down. Every request is recorded (method, path, headers) so tests can
+//! a body slowed down, or a body with a byte flipped. Every request is recorded (method, path, headers) so tests can
 //! count attempts and check what was sent where. A [`Gate`] can answer requests before the
 //! rules (the token-auth front of [`crate::token_auth`] is one). With rules that answer
 //! every path, a relay is also a small static HTTP server (e.g. standing in for blob
@@ -31,6 +31,9 @@ pub enum Fault {
     Truncate { after: usize },
     /// Forward, sending the body at about this many bytes per second.
     Throttle { bytes_per_sec: u64 },
+    /// Forward, with the body's byte at this offset flipped (same length: wrong bytes
+    /// only a digest check can tell).
+    FlipByte { at: usize },
 }
 
 /// A request as the relay received it.
@@ -306,6 +309,14 @@ fn relay(client: TcpStream, target: &str, shared: &Shared) -> Result<()> {
         }
         Some(Fault::Throttle { bytes_per_sec }) => {
             throttled_copy(&mut up_r, &mut client_w, bytes_per_sec)?
+        }
+        Some(Fault::FlipByte { at }) => {
+            let mut body = Vec::new();
+            up_r.read_to_end(&mut body)?;
+            if let Some(b) = body.get_mut(at) {
+                *b ^= 0xff;
+            }
+            client_w.write_all(&body)?;
         }
         _ => {
             std::io::copy(&mut up_r, &mut client_w)?;

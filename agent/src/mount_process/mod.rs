@@ -29,7 +29,7 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
@@ -300,31 +300,28 @@ fn unmount(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Prefetches the chunks of a known startup trace, before they are read, through the
-/// same source as reads (so the bytes count as this mount's). Files already inflated on
-/// disk need no chunk and are skipped.
+/// Prefetches what reads of a known startup trace's files need (the pieces from each
+/// file's checkpoint to its end), before they are read, in trace order a few at once,
+/// through the same source as reads (so the bytes count as this mount's). Files already
+/// inflated on disk need no chunk and are skipped.
 async fn warm(shared: Arc<server::Shared>, trace: imgd_core::wire::StartupTrace) {
+    use imgd_fuse::fs::BlobSource;
     let s = shared.clone();
     let files = trace.paths.len();
     let wanted = tokio::task::spawn_blocking(move || {
-        startup::chunks_of(&s.view, &s.record.lists, &trace, |l, r| {
-            s.spans.is_present(l, r)
-        })
+        startup::ranges_of(&s.view, &trace, |l, r| s.spans.is_present(l, r))
     })
     .await
     .unwrap_or_default();
     tracing::info!(
-        chunks = wanted.len(),
-        "prefetching the startup files' chunks"
+        files = wanted.len(),
+        "prefetching what the startup files need"
     );
     let before = shared.source.fetched.bytes.load(Ordering::Relaxed);
     let mut jobs = futures::stream::iter(wanted)
-        .map(|(layer, i)| {
+        .map(|(layer, range)| {
             let source = shared.source.clone();
-            tokio::task::spawn_blocking(move || {
-                let deadline = Instant::now() + source.bound();
-                source.chunk(layer, i, deadline)
-            })
+            tokio::task::spawn_blocking(move || source.read(layer, range).map(drop))
         })
         .buffered(startup::WARM_PARALLEL);
     let mut failed = None;

@@ -1,15 +1,21 @@
 //! Where a mount process gets chunk bytes: a chunk the cache holds is read from its
-//! content-addressed file (and its sha256 checked), whether or not the agent is up; any
-//! other is asked of the agent (`GET /v1/chunks/ID/LAYER/CHUNK`: cache, peers, proxy).
+//! content-addressed file (and its sha256 checked), whether or not the agent is up. Of
+//! any other, a read needs only the 256 KiB pieces covering it (when the chunk list has
+//! piece digests): stored pieces are read from their files (and checked), the missing
+//! ones asked of the agent (`GET /v1/pieces/ID/LAYER/CHUNK/FIRST/COUNT`), which fetches
+//! and verifies them; each piece it returns is checked here again. Without piece digests
+//! the whole chunk is asked of the agent (`GET /v1/chunks/ID/LAYER/CHUNK`: cache, peers,
+//! proxy).
 //! While the agent does not answer, such a read retries it until the read bound, then
 //! fails (EIO), so a read never hangs, and the first answer of a new agent ends the wait.
 
 use crate::mounts::control::AgentLink;
 use crate::mounts::record::MountRecord;
+use crate::pieces::store::{piece_path, read_piece};
 use crate::unix_http::{self, UnixHttpError};
 use bytes::Bytes;
 use imgd_core::store::ContentStore;
-use imgd_core::{ChunkList, Digest};
+use imgd_core::{ChunkList, Digest, PIECE_SIZE};
 use imgd_fuse::fs::BlobSource;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -131,6 +137,94 @@ impl ChunkSource {
             return Ok(bytes);
         }
         let path = format!("/v1/chunks/{}/{layer}/{i}", self.record.id);
+        let reply = self.ask_agent(&path, &digest, deadline)?;
+        if Digest::of(&reply.body) != digest {
+            return Err(source(format!(
+                "the agent sent wrong bytes for chunk {digest}"
+            )));
+        }
+        if reply.headers.get(FETCHED_HEADER).is_some_and(|v| v == "1") {
+            self.fetched.chunks.fetch_add(1, Ordering::Relaxed);
+            self.fetched
+                .bytes
+                .fetch_add(reply.body.len() as u64, Ordering::Relaxed);
+        }
+        Ok(reply.body)
+    }
+
+    /// Pieces `pieces` of chunk `i` of layer `layer`, concatenated, by `deadline`: the
+    /// stored ones from their files, the others from the agent; every one checked against
+    /// its digest. Blocks.
+    fn pieces_or_why(
+        &self,
+        layer: usize,
+        i: usize,
+        pieces: Range<usize>,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, (String, Failure)> {
+        let source = |e: String| (e, Failure::NoSource);
+        let list = self.list(layer).map_err(source)?;
+        let (Some(chunk), Some(digests)) = (list.chunks.get(i), list.pieces_of(i)) else {
+            return Err(source(format!("no pieces of chunk {i} in layer {layer}")));
+        };
+        let digests = digests
+            .get(pieces.clone())
+            .ok_or_else(|| source(format!("no pieces {pieces:?} in chunk {}", chunk.digest)))?;
+        let mut have: Vec<Option<Bytes>> = digests
+            .iter()
+            .map(|d| read_piece(&piece_path(&self.record.cache_dir, d), d))
+            .collect();
+        if let (Some(a), Some(b)) = (
+            have.iter().position(Option::is_none),
+            have.iter().rposition(Option::is_none),
+        ) {
+            let (first, count) = (pieces.start + a, b + 1 - a);
+            let path = format!("/v1/pieces/{}/{layer}/{i}/{first}/{count}", self.record.id);
+            let reply = self.ask_agent(&path, &chunk.digest, deadline)?;
+            let mut at = 0usize;
+            for k in a..=b {
+                let len = piece_len(chunk.size, pieces.start + k);
+                let part = reply.body.get(at..at + len).ok_or_else(|| {
+                    source(format!(
+                        "the agent sent too few bytes for chunk {}",
+                        chunk.digest
+                    ))
+                })?;
+                if Digest::of(part) != digests[k] {
+                    return Err(source(format!(
+                        "the agent sent a wrong piece {} of chunk {}",
+                        pieces.start + k,
+                        chunk.digest
+                    )));
+                }
+                have[k] = Some(reply.body.slice(at..at + len));
+                at += len;
+            }
+            let fetched: u64 = reply
+                .headers
+                .get(FETCHED_BYTES_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if fetched > 0 {
+                self.fetched.bytes.fetch_add(fetched, Ordering::Relaxed);
+            }
+        }
+        let mut out = Vec::with_capacity(have.iter().flatten().map(|b| b.len()).sum());
+        for piece in have.into_iter().flatten() {
+            out.extend_from_slice(&piece);
+        }
+        Ok(out)
+    }
+
+    /// Asks the agent for `path` (about `digest`) until it answers or `deadline`.
+    fn ask_agent(
+        &self,
+        path: &str,
+        digest: &Digest,
+        deadline: Instant,
+    ) -> Result<unix_http::Reply, (String, Failure)> {
+        let source = |e: String| (e, Failure::NoSource);
         let socket = &self.record.agent_socket;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -146,25 +240,14 @@ impl ChunkSource {
             let asked = self.rt.block_on(unix_http::request(
                 socket,
                 http::Method::GET,
-                &path,
+                path,
                 None,
                 left,
             ));
             match asked {
                 Ok(reply) if reply.status.is_success() => {
                     self.set_link(AgentLink::Connected, None);
-                    if Digest::of(&reply.body) != digest {
-                        return Err(source(format!(
-                            "the agent sent wrong bytes for chunk {digest}"
-                        )));
-                    }
-                    if reply.headers.get(FETCHED_HEADER).is_some_and(|v| v == "1") {
-                        self.fetched.chunks.fetch_add(1, Ordering::Relaxed);
-                        self.fetched
-                            .bytes
-                            .fetch_add(reply.body.len() as u64, Ordering::Relaxed);
-                    }
-                    return Ok(reply.body);
+                    return Ok(reply);
                 }
                 Ok(reply) => {
                     self.set_link(AgentLink::Connected, None);
@@ -209,15 +292,42 @@ impl ChunkSource {
         let deadline = Instant::now() + self.bound;
         let mut out = Vec::with_capacity((range.end - range.start) as usize);
         for i in list.chunks_covering(range.clone()) {
-            let bytes = self.chunk_or_why(layer, i, deadline)?;
             let start = list.chunk_offset(i);
+            let size = list.chunks[i].size as usize;
             let from = range.start.saturating_sub(start) as usize;
-            let to = (range.end - start).min(bytes.len() as u64) as usize;
+            let to = ((range.end - start) as usize).min(size);
+            let whole =
+                ContentStore::path_in(&self.record.cache_dir, "chunks", &list.chunks[i].digest);
+            if list.pieces_of(i).is_some() && !whole.is_file() && from < to {
+                let pieces = from / PIECE_SIZE..(to - 1) / PIECE_SIZE + 1;
+                let base = pieces.start * PIECE_SIZE;
+                let bytes = self.pieces_or_why(layer, i, pieces, deadline)?;
+                let slice = bytes.get(from - base..to - base).ok_or_else(|| {
+                    (
+                        "pieces shorter than their chunk".to_string(),
+                        Failure::NoSource,
+                    )
+                })?;
+                out.extend_from_slice(slice);
+                continue;
+            }
+            let bytes = self.chunk_or_why(layer, i, deadline)?;
+            let to = to.min(bytes.len());
             out.extend_from_slice(&bytes[from.min(to)..to]);
         }
         Ok(out)
     }
 }
+
+/// Length of piece `p` of a chunk of `size` bytes.
+fn piece_len(size: u32, p: usize) -> usize {
+    (size as usize)
+        .saturating_sub(p * PIECE_SIZE)
+        .min(PIECE_SIZE)
+}
+
+/// The header with which the agent says how many bytes it had to fetch for pieces.
+pub const FETCHED_BYTES_HEADER: &str = "x-imgd-fetched-bytes";
 
 /// The header with which the agent says a chunk had to be fetched (`1`) or was cached.
 pub const FETCHED_HEADER: &str = "x-imgd-fetched";

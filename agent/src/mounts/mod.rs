@@ -393,6 +393,52 @@ impl Mounts {
         )
     }
 
+    /// Pieces `wanted` of chunk `chunk` of layer `layer` of mount `id`, concatenated, and
+    /// the bytes fetched for them (`None`: no such mount, chunk or pieces). A piece that
+    /// fails its digest makes the read fall back to the whole chunk (cache, peers,
+    /// proxy), verified as a whole.
+    pub async fn pieces(
+        &self,
+        agent: &Agent,
+        id: &str,
+        layer: usize,
+        chunk: usize,
+        wanted: std::ops::Range<usize>,
+    ) -> Option<Result<(Bytes, u64), AgentError>> {
+        let record = lock(&self.state)
+            .live
+            .values()
+            .find(|e| e.record.id == id)
+            .map(|e| e.record.clone())?;
+        let list = record.lists.get(layer)?;
+        let c = *list.chunks.get(chunk)?;
+        let n = list.pieces_of(chunk)?.len();
+        if wanted.is_empty() || wanted.end > n {
+            return None;
+        }
+        let bound = agent.config.mount.read_timeout();
+        let read = async {
+            match agent.pieces.read(list, chunk, wanted.clone()).await {
+                Ok(r) => Ok(r),
+                Err(e) => {
+                    tracing::warn!(chunk = %c.digest, error = %e, "pieces failed; fetching the whole chunk");
+                    let (whole, fetched) = agent.fetcher.chunk(list, chunk).await?;
+                    let start = wanted.start * imgd_core::PIECE_SIZE;
+                    let end = (wanted.end * imgd_core::PIECE_SIZE).min(whole.len());
+                    let n = if fetched { whole.len() as u64 } else { 0 };
+                    Ok((whole.slice(start.min(end)..end), n))
+                }
+            }
+        };
+        Some(match tokio::time::timeout(bound, read).await {
+            Ok(r) => r,
+            Err(_) => Err(AgentError::Mount(format!(
+                "no source delivered pieces {wanted:?} of chunk {chunk} of {} within {bound:?}",
+                list.blob
+            ))),
+        })
+    }
+
     /// Status of every mount, as its process reports it.
     pub async fn status(&self) -> Vec<MountStatus> {
         let entries: Vec<_> = lock(&self.state)

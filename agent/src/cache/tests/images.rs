@@ -20,6 +20,7 @@ fn blob_layouts_are_validated_and_report_what_is_cached() {
                 size: 4,
             },
         ],
+        pieces: vec![],
     };
     let mut bad = list.clone();
     bad.size += 1;

@@ -32,6 +32,7 @@ pub(super) fn blob_of(digest: Digest, bytes: &[u8]) -> ChunkList {
             digest,
             size: bytes.len() as u32,
         }],
+        pieces: vec![],
     }
 }
 
