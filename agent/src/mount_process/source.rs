@@ -167,6 +167,8 @@ impl ChunkSource {
         let (Some(chunk), Some(digests)) = (list.chunks.get(i), list.pieces_of(i)) else {
             return Err(source(format!("no pieces of chunk {i} in layer {layer}")));
         };
+        // A read of part of a chunk is a chunk read.
+        self.fetched.reads.fetch_add(1, Ordering::Relaxed);
         let digests = digests
             .get(pieces.clone())
             .ok_or_else(|| source(format!("no pieces {pieces:?} in chunk {}", chunk.digest)))?;
