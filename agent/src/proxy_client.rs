@@ -396,6 +396,16 @@ impl ProxyClient {
         digest: &Digest,
         range: std::ops::Range<u64>,
     ) -> Result<Bytes, ProxyClientError> {
+        self.routed(digest, |i| self.chunk_range_at(i, digest, range.clone()))
+            .await
+    }
+
+    async fn chunk_range_at(
+        &self,
+        replica: usize,
+        digest: &Digest,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, ProxyClientError> {
         let path = format!("/imgd/v1/chunks/{digest}");
         let want = range.end.saturating_sub(range.start);
         if want == 0 || range.end > CHUNK_SIZE as u64 {
@@ -405,7 +415,7 @@ impl ProxyClient {
             });
         }
         let asked = format!("bytes={}-{}", range.start, range.end - 1);
-        let resp = self.get(&path, &[("Range", &asked)]).await?;
+        let resp = self.get(replica, &path, &[("Range", &asked)]).await?;
         if resp.status().as_u16() != 206 {
             return Err(ProxyClientError::Malformed {
                 what: "chunk range",

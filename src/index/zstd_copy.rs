@@ -56,6 +56,8 @@ impl SeekableCopy {
                     size: (self.size.saturating_sub(i as u64 * chunk)).min(chunk) as u32,
                 })
                 .collect(),
+            // No piece digests: reads of the copy fetch whole chunks.
+            pieces: Vec::new(),
         }
     }
 }
