@@ -21,6 +21,7 @@ pub mod manifest;
 pub mod peer_wire;
 pub mod range;
 pub mod registry_path;
+pub mod rendezvous;
 pub mod single_flight;
 #[cfg(feature = "store")]
 pub mod store;

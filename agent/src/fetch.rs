@@ -114,13 +114,7 @@ const GATHER: Duration = Duration::from_millis(600);
 
 /// Rendezvous weight of `node` for `chunk`: the node with the highest weight owns it.
 fn weight(chunk: &Digest, node: &str) -> u64 {
-    let mut h = imgd_core::Sha256::new();
-    h.update(chunk.as_bytes());
-    h.update(node.as_bytes());
-    let d = h.finish();
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&d.as_bytes()[..8]);
-    u64::from_be_bytes(w)
+    imgd_core::rendezvous::weight(chunk.as_bytes(), node.as_bytes())
 }
 
 impl Fetcher {

@@ -9,7 +9,7 @@
 //! replica that does not hold them is first told to ingest the blob.
 
 use crate::proxy_client::Repo;
-use imgd_core::{Digest, Sha256};
+use imgd_core::Digest;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -89,10 +89,10 @@ impl ReplicaSet {
     pub fn order(&self, key: &[u8], first: Option<usize>) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.len()).collect();
         order.sort_by_key(|&i| {
-            let mut h = Sha256::new();
-            h.update(key);
-            h.update(self.replicas[i].base.as_bytes());
-            std::cmp::Reverse(h.finish().as_bytes()[..8].to_vec())
+            std::cmp::Reverse(imgd_core::rendezvous::weight(
+                key,
+                self.replicas[i].base.as_bytes(),
+            ))
         });
         if let Some(f) = first.filter(|&f| f < self.len()) {
             order.retain(|&i| i != f);

@@ -150,10 +150,11 @@ fn inflated_layers_are_evicted_under_the_quota_but_never_while_mounted() {
     let layer_b: Vec<_> = both.iter().filter(|l| !layers_a.contains(l)).collect();
 
     // Over the quota, with both mounted: the agent checks every 2 s; after three checks
-    // both are still there.
+    // both are still there. The reads fetched pieces, which count once the background
+    // completer has made them whole chunks (after 10 s without reads).
     wait_for(
-        "the agent to see the inflated data",
-        Duration::from_secs(10),
+        "the agent to see the inflated data and the completed chunks",
+        Duration::from_secs(40),
         || {
             assert_eq!(inflated_layers(&a), both, "evicted while mounted");
             let (c, i) = used(&a);

@@ -20,15 +20,9 @@ pub fn node_id(h: u32) -> String {
     format!("12D3KooWsimulatedhost{h:06}")
 }
 
-/// Rendezvous weight of `node` for `chunk` (as in `agent/src/fetch.rs`).
+/// Rendezvous weight of `node` for `chunk`, the agent's own function.
 pub fn weight(chunk: &Digest, node: &str) -> u64 {
-    let mut h = Sha256::new();
-    h.update(chunk.as_bytes());
-    h.update(node.as_bytes());
-    let d = h.finish();
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&d.as_bytes()[..8]);
-    u64::from_be_bytes(w)
+    imgd_core::rendezvous::weight(chunk.as_bytes(), node.as_bytes())
 }
 
 /// For each chunk, its owner among `hosts`: the host with the highest weight.
