@@ -92,6 +92,10 @@ pub struct Status {
     pub bytes_from_cache: u64,
     pub bytes_from_peers: u64,
     pub bytes_from_proxy: u64,
+    /// Bytes of verified 256 KiB pieces fetched from the proxy (lazy reads and the
+    /// completion of partial chunks), apart from `bytes_from_proxy`'s whole chunks.
+    #[serde(default)]
+    pub bytes_from_proxy_pieces: u64,
     /// The first proxy replica.
     pub proxy_url: String,
     /// Every proxy replica and whether it is up (it did not fail a request in the last 5 s).
@@ -250,6 +254,8 @@ async fn status(State(agent): State<Arc<Agent>>) -> Json<Status> {
         bytes_from_cache: f.stats.from_cache.load(Ordering::Relaxed),
         bytes_from_peers: f.stats.from_peers.load(Ordering::Relaxed),
         bytes_from_proxy: f.stats.from_proxy.load(Ordering::Relaxed),
+        bytes_from_proxy_pieces: agent.pieces.stats.read_bytes.load(Ordering::Relaxed)
+            + agent.pieces.stats.completion_bytes.load(Ordering::Relaxed),
         proxy_url: f.proxy.base().to_string(),
         proxies: f
             .proxy

@@ -263,10 +263,11 @@ async fn run(cli: Cli) -> Result<()> {
                 r.orphans_removed
             );
             println!(
-                "received  {} from cache, {} from peers, {} from proxy",
+                "received  {} from cache, {} from peers, {} from proxy ({} more as pieces)",
                 mb(s.bytes_from_cache),
                 mb(s.bytes_from_peers),
-                mb(s.bytes_from_proxy)
+                mb(s.bytes_from_proxy),
+                mb(s.bytes_from_proxy_pieces)
             );
             println!(
                 "in flight {} blobs, {} chunks",

@@ -8,8 +8,8 @@
 //! on a bridge, links shaped to 1 Gbit/s) each run an `imgd` agent; host A has the image
 //! cached already (`imgctl prefetch`). On host B a private containerd with imgd as its
 //! snapshotter pulls the image with `ctr-remote images rpull` (no layer downloaded) and
-//! runs it: the container's reads are fetched lazily, from host A where it holds the
-//! chunks. Then a fresh containerd on host B does the ordinary thing, `ctr images pull` and
+//! runs it: the container's reads are fetched lazily, as verified 256 KiB pieces from the
+//! proxy (pieces do not come from peers yet; whole chunks would come from host A). Then a fresh containerd on host B does the ordinary thing, `ctr images pull` and
 //! `ctr run` with its overlayfs snapshotter. Both times and the bytes are printed.
 //!
 //! Needs root (namespaces, FUSE, containerd, runc): the test suite's packages
@@ -158,7 +158,8 @@ fn main() -> Result<()> {
     let status = b.status()?;
     let (peers, from_proxy) = (
         status["bytes_from_peers"].as_u64().unwrap_or(0),
-        status["bytes_from_proxy"].as_u64().unwrap_or(0),
+        status["bytes_from_proxy"].as_u64().unwrap_or(0)
+            + status["bytes_from_proxy_pieces"].as_u64().unwrap_or(0),
     );
     let content = lazy.run_ctr(&["content", "ls", "-q"], STEP)?;
     let downloaded = image
@@ -202,7 +203,7 @@ fn main() -> Result<()> {
         image.layers.len()
     );
     println!(
-        "   chunk bytes host B fetched: {} of the image's {} of layers: {} from host A (a peer), {} from the proxy",
+        "   bytes host B fetched: {} of the image's {} of layers: {} from host A (a peer), {} from the proxy (whole chunks and pieces)",
         mb(peers + from_proxy),
         mb(layers),
         mb(peers),
