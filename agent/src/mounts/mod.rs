@@ -365,6 +365,15 @@ impl Mounts {
         Ok(())
     }
 
+    /// The record of live mount `id`, if there is one.
+    fn live_record(&self, id: &str) -> Option<Arc<MountRecord>> {
+        lock(&self.state)
+            .live
+            .values()
+            .find(|e| e.record.id == id)
+            .map(|e| e.record.clone())
+    }
+
     /// Chunk `chunk` of layer `layer` of mount `id`, through the fetcher within the read
     /// bound, and whether it had to be fetched. `None`: no such mount or chunk.
     pub async fn chunk(
@@ -374,11 +383,7 @@ impl Mounts {
         layer: usize,
         chunk: usize,
     ) -> Option<Result<(Bytes, bool), AgentError>> {
-        let record = lock(&self.state)
-            .live
-            .values()
-            .find(|e| e.record.id == id)
-            .map(|e| e.record.clone())?;
+        let record = self.live_record(id)?;
         let list = record.lists.get(layer)?;
         list.chunks.get(chunk)?;
         let bound = agent.config.mount.read_timeout();
@@ -405,11 +410,7 @@ impl Mounts {
         chunk: usize,
         wanted: std::ops::Range<usize>,
     ) -> Option<Result<(Bytes, u64), AgentError>> {
-        let record = lock(&self.state)
-            .live
-            .values()
-            .find(|e| e.record.id == id)
-            .map(|e| e.record.clone())?;
+        let record = self.live_record(id)?;
         let list = record.lists.get(layer)?;
         let c = *list.chunks.get(chunk)?;
         let n = list.pieces_of(chunk)?.len();
