@@ -82,7 +82,7 @@ impl Agent {
 }
 
 /// Opens the cache, starts the swarm and the data plane, and returns the agent.
-pub async fn start(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
+pub async fn start(mut config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
     let start_err =
         |what: &str, e: &dyn std::fmt::Display| AgentError::Start(format!("{what}: {e}"));
     config.validate().map_err(|e| start_err("config", &e))?;
@@ -102,6 +102,19 @@ pub async fn start(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         .map_err(|e| start_err("node key", &e))?;
     let node_id = keypair.public().to_peer_id().to_string();
     let swarm_key = config.swarm_key().map_err(|e| start_err("swarm key", &e))?;
+    if config.swarm.enabled && swarm_key.is_none() {
+        // The safe default: without a key of its own a host would share its cache with
+        // any host on the network, so it joins no swarm at all.
+        tracing::warn!(
+            "NO SWARM: swarm.key_file is not set, so this agent joins no swarm and serves \
+             no peer (cache and proxy only). Give every host of the swarm the same key \
+             (`openssl rand -hex 32 > /etc/imgd/swarm.key`, then swarm.key_file), or set \
+             swarm.enabled = false to silence this"
+        );
+        config.swarm.enabled = false;
+    }
+    // Unused without a swarm (no data plane serves and no peer is known).
+    let swarm_key = swarm_key.unwrap_or_else(rand::random);
     let peers = Arc::new(PeerSet::default());
     let mut dp_cfg = DataPlaneConfig::new(swarm_key, node_id.as_bytes().to_vec());
     dp_cfg.allow_list = config
@@ -125,7 +138,7 @@ pub async fn start(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         let data_port = bound.port();
         let settings = crate::swarm::SwarmSettings {
             keypair,
-            quic_listen: config.swarm.quic_listen,
+            listen: config.swarm.listen,
             data_port,
             swarm_key,
             allow_list: config.swarm.allow_list.clone(),

@@ -84,6 +84,12 @@ pub struct Status {
     #[serde(default)]
     pub cache_open_repair: crate::cache::RepairReport,
     pub peers: Vec<PeerStatus>,
+    /// Whether this agent is in a swarm: `on`, or `off: WHY`.
+    #[serde(default)]
+    pub swarm: String,
+    /// Peer ids in the swarm's Kademlia routing table.
+    #[serde(default)]
+    pub routing_table: Vec<String>,
     /// Blobs being fetched now.
     pub blobs_in_flight: usize,
     /// Chunk transfers in flight now.
@@ -251,6 +257,12 @@ async fn status(State(agent): State<Arc<Agent>>) -> Json<Status> {
                 penalty: p.penalty,
             })
             .collect(),
+        swarm: match (&agent.config.swarm.enabled, &agent.config.swarm.key_file) {
+            (true, _) => "on".into(),
+            (false, None) => "off: no swarm.key_file".into(),
+            (false, Some(_)) => "off: swarm.enabled = false".into(),
+        },
+        routing_table: agent.peers.routing_table(),
         bytes_from_cache: f.stats.from_cache.load(Ordering::Relaxed),
         bytes_from_peers: f.stats.from_peers.load(Ordering::Relaxed),
         bytes_from_proxy: f.stats.from_proxy.load(Ordering::Relaxed),

@@ -48,18 +48,20 @@ log_format = "text"
 # Set false to run without peers (cache and proxy only). Flag: --no-swarm
 # (env IMGD_NO_SWARM=true).
 enabled = true
-# libp2p QUIC listen address (UDP), used for discovery and membership.
-quic_listen = "0.0.0.0:7400"
+# libp2p listen address (TCP, a private network under the swarm key), used for
+# discovery and membership. The old name quic_listen is still accepted.
+listen = "0.0.0.0:7400"
 # Chunk data plane listen address (TCP), authenticated with the swarm key.
 data_listen = "0.0.0.0:7401"
-# File holding the 32-byte swarm key as 64 hex digits. Agents with different keys never
-# exchange chunks or chunk lists. Unset: a built-in development key (do not use in
-# production).
+# File holding the 32-byte swarm key as 64 hex digits (make one with
+# `openssl rand -hex 32`). Only agents with the same key see each other: a host without
+# it cannot connect, join Kademlia or fetch. Unset: the agent joins no swarm (cache and
+# proxy only) and says so at start.
 # key_file = "/etc/imgd/swarm.key"
 # If non-empty, only these node ids (libp2p peer ids) may fetch from this agent.
 allow_list = []
 # Multiaddrs of bootstrap peers for networks without multicast, e.g.
-# "/ip4/198.18.0.2/udp/7400/quic-v1/p2p/12D3Koo...".
+# "/ip4/198.18.0.2/tcp/7400/p2p/12D3Koo...".
 bootstrap = []
 # mDNS discovery on the LAN.
 mdns = true
@@ -170,7 +172,8 @@ impl MountConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct SwarmConfig {
     pub enabled: bool,
-    pub quic_listen: SocketAddr,
+    #[serde(alias = "quic_listen")]
+    pub listen: SocketAddr,
     pub data_listen: SocketAddr,
     pub key_file: Option<PathBuf>,
     pub allow_list: Vec<String>,
@@ -212,7 +215,7 @@ impl Default for SwarmConfig {
     fn default() -> Self {
         SwarmConfig {
             enabled: true,
-            quic_listen: SocketAddr::from(([0, 0, 0, 0], 7400)),
+            listen: SocketAddr::from(([0, 0, 0, 0], 7400)),
             data_listen: SocketAddr::from(([0, 0, 0, 0], 7401)),
             key_file: None,
             allow_list: Vec::new(),
@@ -247,9 +250,6 @@ impl FetchConfig {
         Duration::from_millis(self.owner_wait_ms)
     }
 }
-
-/// The development swarm key used when no `key_file` is set.
-pub const DEV_SWARM_KEY: [u8; 32] = *b"imgd-development-swarm-key-v1!!!";
 
 impl AgentConfig {
     /// Where the snapshotter listens: `snapshotter.socket`, or `snapshotter.sock` next to
@@ -316,10 +316,11 @@ impl AgentConfig {
         }
     }
 
-    /// The swarm key: from `swarm.key_file` (64 hex digits), else the development key.
-    pub fn swarm_key(&self) -> Result<[u8; 32], ConfigError> {
+    /// The swarm key from `swarm.key_file` (64 hex digits); `None` when it is unset (then
+    /// the agent joins no swarm).
+    pub fn swarm_key(&self) -> Result<Option<[u8; 32]>, ConfigError> {
         let Some(path) = &self.swarm.key_file else {
-            return Ok(DEV_SWARM_KEY);
+            return Ok(None);
         };
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.clone(),
@@ -339,7 +340,7 @@ impl AgentConfig {
                 path.display()
             )));
         }
-        Ok(key)
+        Ok(Some(key))
     }
 }
 
@@ -358,5 +359,24 @@ mod tests {
         assert_eq!(parsed.fetch.owner_wait_ms, d.fetch.owner_wait_ms);
         let err = toml::from_str::<AgentConfig>("[swarm]\nmdsn = true").unwrap_err();
         assert!(err.to_string().contains("mdsn"), "{err}");
+    }
+
+    #[test]
+    fn no_key_file_means_no_swarm_key_and_the_old_listen_name_still_parses() {
+        assert_eq!(AgentConfig::default().swarm_key().unwrap(), None);
+        let c: AgentConfig = toml::from_str("[swarm]\nquic_listen = \"0.0.0.0:9\"").unwrap();
+        assert_eq!(c.swarm.listen.port(), 9);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("swarm.key");
+        std::fs::write(&path, format!("{}\n", "0f".repeat(32))).unwrap();
+        let mut c = AgentConfig::default();
+        c.swarm.key_file = Some(path.clone());
+        assert_eq!(c.swarm_key().unwrap(), Some([0x0f; 32]));
+        std::fs::write(&path, "short").unwrap();
+        assert!(c
+            .swarm_key()
+            .unwrap_err()
+            .to_string()
+            .contains("64 hex digits"));
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! - [`cache`]: the verified chunk cache (files + RocksDB) with quota and pins.
 //! - [`dataplane`]: the authenticated TCP protocol peers exchange chunks over.
-//! - [`swarm`]: discovery and membership on libp2p (QUIC, mDNS, Kademlia, identify).
+//! - [`swarm`]: discovery and membership on libp2p (a TCP private network under the swarm key, mDNS, Kademlia, identify).
 //! - [`peers`]: known peers and their penalties.
 //! - [`fetch`]: the fetch policy: cache, then peers, then the proxy.
 //! - [`pieces`]: partial chunks: the verified 256 KiB pieces lazy reads fetch.

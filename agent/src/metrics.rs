@@ -17,7 +17,7 @@
 //! | `imgd_agent_cache_evictions_total`, `imgd_agent_cache_evicted_bytes_total`, `imgd_agent_cache_evicted_inflated_layers_total` | counter | |
 //! | `imgd_agent_peers`, `imgd_agent_peers_usable` | gauge | |
 //! | `imgd_agent_fuse_reads_total`, `imgd_agent_fuse_read_bytes_total`, `imgd_agent_fuse_eio_total`, `imgd_agent_mount_fetched_bytes_total` | counter | `mount`, `image` |
-//! | `imgd_agent_swarm_listening` | gauge | |
+//! | `imgd_agent_swarm_listening`, `imgd_agent_routing_table_peers` | gauge | |
 
 use crate::agent::Agent;
 use crate::fetch::{FetchError, Source};
@@ -51,7 +51,7 @@ pub struct Events {
     evictions: Counter,
     evicted_bytes: Counter,
     evicted_inflated_layers: Counter,
-    quic_listening: AtomicBool,
+    swarm_listening: AtomicBool,
 }
 
 fn latency_histogram() -> Histogram {
@@ -67,7 +67,7 @@ static EVENTS: LazyLock<Events> = LazyLock::new(|| Events {
     evictions: Counter::default(),
     evicted_bytes: Counter::default(),
     evicted_inflated_layers: Counter::default(),
-    quic_listening: AtomicBool::new(false),
+    swarm_listening: AtomicBool::new(false),
 });
 
 fn source_name(s: Source) -> &'static str {
@@ -124,14 +124,14 @@ pub fn evicted_inflated(layers: u64, bytes: u64) {
     EVENTS.evicted_bytes.inc_by(bytes);
 }
 
-/// Hook: the swarm's QUIC transport is listening.
-pub fn quic_listening() {
-    EVENTS.quic_listening.store(true, Ordering::Relaxed);
+/// Hook: the swarm's libp2p transport is listening.
+pub fn swarm_listening() {
+    EVENTS.swarm_listening.store(true, Ordering::Relaxed);
 }
 
-/// True once the swarm's QUIC transport listens on an address.
-pub fn is_quic_listening() -> bool {
-    EVENTS.quic_listening.load(Ordering::Relaxed)
+/// True once the swarm's libp2p transport listens on an address.
+pub fn is_swarm_listening() -> bool {
+    EVENTS.swarm_listening.load(Ordering::Relaxed)
 }
 
 /// One metric read at scrape time: name, help, and a value per label set.
@@ -258,9 +258,14 @@ fn snapshot(agent: &Agent, mounts: &[crate::mounts::MountStatus]) -> Snapshot {
             vec![(vec![], usable)],
         ),
         (
+            "routing_table_peers",
+            "Peers in the swarm's Kademlia routing table",
+            vec![(vec![], agent.peers.routing_table().len() as u64)],
+        ),
+        (
             "swarm_listening",
-            "1 when the swarm's QUIC transport listens",
-            vec![(vec![], u64::from(is_quic_listening()))],
+            "1 when the swarm's libp2p transport listens",
+            vec![(vec![], u64::from(is_swarm_listening()))],
         ),
     ];
     Snapshot { counters, gauges }
@@ -314,7 +319,7 @@ pub fn render(
 }
 
 /// The readiness report: `(ready, body)`. Ready when the cache's database answers a read
-/// and, with the swarm enabled, QUIC listens (the data plane is bound before start ends).
+/// and, with the swarm enabled, the swarm listens (the data plane is bound before start ends).
 pub fn readiness(agent: &Agent) -> (bool, String) {
     let mut ready = true;
     let mut lines = Vec::new();
@@ -326,11 +331,11 @@ pub fn readiness(agent: &Agent) -> (bool, String) {
         }
     }
     if agent.config.swarm.enabled {
-        if is_quic_listening() {
-            lines.push("quic: listening".into());
+        if is_swarm_listening() {
+            lines.push("swarm: listening".into());
         } else {
             ready = false;
-            lines.push("quic: not listening yet".into());
+            lines.push("swarm: not listening yet".into());
         }
         match agent.data_addr {
             Some(addr) => lines.push(format!("data_plane: bound {addr}")),

@@ -54,6 +54,8 @@ pub struct Peer {
 #[derive(Default)]
 pub struct PeerSet {
     peers: RwLock<HashMap<String, Peer>>,
+    /// The peer ids in the swarm's Kademlia routing table, as last copied out.
+    routing_table: RwLock<Vec<String>>,
 }
 
 impl PeerSet {
@@ -119,6 +121,23 @@ impl PeerSet {
             .collect();
         out.sort_by_key(|p| p.penalty);
         out
+    }
+
+    /// Records the peer ids of the Kademlia routing table (the swarm copies it out).
+    pub fn set_routing_table(&self, mut ids: Vec<String>) {
+        ids.sort();
+        *self
+            .routing_table
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = ids;
+    }
+
+    /// The peer ids of the Kademlia routing table, sorted.
+    pub fn routing_table(&self) -> Vec<String> {
+        self.routing_table
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Every known peer, banned or not.

@@ -1,6 +1,15 @@
-//! Discovery and membership on libp2p: QUIC transport, mDNS on the LAN, Kademlia with
+//! Discovery and membership on libp2p: a private network (TCP, then libp2p `pnet` with a
+//! key derived from the swarm key, then noise and yamux), mDNS on the LAN, Kademlia with
 //! bootstrap peers for wider networks, and identify, which carries each agent's chunk
 //! data-plane port (`imgd/VERSION dp=PORT` as agent version).
+//!
+//! **Admission.** `pnet` encrypts every byte of a connection, from its first, with the
+//! pre-shared key, so a host without the swarm key cannot finish any handshake: it never
+//! reaches Kademlia or identify, and so never enters a member's routing table (Kademlia
+//! inserts only peers that connected). mDNS announcements are not authenticated, so a
+//! peer found by mDNS is only dialled, never added to the routing table before it has
+//! connected. (QUIC would be faster, but `pnet` works over TCP only; libp2p carries no
+//! chunk bytes, so its speed does not matter.) See `docs/security.md`.
 //!
 //! libp2p carries no chunk bytes and no chunk lists: those flow over the data plane, which
 //! authenticates every connection with the swarm key. Kademlia provider records are keyed
@@ -11,8 +20,10 @@ use crate::peers::PeerSet;
 use futures::StreamExt;
 use hmac::{KeyInit, Mac};
 use imgd_core::Digest;
+use libp2p::core::upgrade::Version;
+use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{identify, identity, kad, mdns, Multiaddr, PeerId};
+use libp2p::{identify, identity, kad, mdns, noise, tcp, yamux, Multiaddr, PeerId, Transport};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -42,7 +53,8 @@ pub enum SwarmCommand {
 /// Settings of the discovery layer.
 pub struct SwarmSettings {
     pub keypair: identity::Keypair,
-    pub quic_listen: SocketAddr,
+    /// The libp2p listen address (TCP).
+    pub listen: SocketAddr,
     pub data_port: u16,
     pub swarm_key: [u8; 32],
     pub allow_list: Vec<String>,
@@ -66,12 +78,21 @@ pub fn provider_key(swarm_key: &[u8; 32], blob: &Digest) -> kad::RecordKey {
     kad::RecordKey::new(&mac.finalize().into_bytes().as_slice())
 }
 
-fn quic_addr(a: SocketAddr) -> Multiaddr {
+/// The key of the libp2p private network: derived from the swarm key, so no two
+/// protocols share one key.
+fn pnet_key(swarm_key: &[u8; 32]) -> PreSharedKey {
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(swarm_key)
+        .expect("HMAC takes any key length");
+    mac.update(b"imgd-pnet-v1");
+    PreSharedKey::new(mac.finalize().into_bytes().into())
+}
+
+fn tcp_addr(a: SocketAddr) -> Multiaddr {
     let ip = match a.ip() {
         IpAddr::V4(ip) => format!("/ip4/{ip}"),
         IpAddr::V6(ip) => format!("/ip6/{ip}"),
     };
-    format!("{ip}/udp/{}/quic-v1", a.port())
+    format!("{ip}/tcp/{}", a.port())
         .parse()
         .unwrap_or_else(|_| Multiaddr::empty())
 }
@@ -103,9 +124,21 @@ pub fn start(
         settings.data_port
     );
     let mdns_on = settings.mdns;
+    let psk = pnet_key(&settings.swarm_key);
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(settings.keypair.clone())
         .with_tokio()
-        .with_quic()
+        .with_other_transport(|key| {
+            let noise = noise::Config::new(key)?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                    .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                    .upgrade(Version::V1Lazy)
+                    .authenticate(noise)
+                    .multiplex(yamux::Config::default())
+                    .timeout(Duration::from_secs(10)),
+            )
+        })
+        .map_err(|x| e(&x))?
         .with_behaviour(|key| {
             let id = key.public().to_peer_id();
             let mdns = if mdns_on {
@@ -132,7 +165,7 @@ pub fn start(
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
         .build();
     swarm
-        .listen_on(quic_addr(settings.quic_listen))
+        .listen_on(tcp_addr(settings.listen))
         .map_err(|x| e(&x))?;
     for b in &settings.bootstrap {
         let addr: Multiaddr = b
@@ -154,6 +187,8 @@ pub fn start(
         // Remote IP of each connected peer, to pair with the port identify reports.
         let mut remote_ip: HashMap<PeerId, IpAddr> = HashMap::new();
         let mut bootstrap_tick = tokio::time::interval(Duration::from_secs(30));
+        // How often the routing table is copied out for status and metrics.
+        let mut table_tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
@@ -167,6 +202,15 @@ pub fn start(
                 },
                 _ = bootstrap_tick.tick() => {
                     let _ = swarm.behaviour_mut().kad.bootstrap();
+                }
+                _ = table_tick.tick() => {
+                    let table = swarm
+                        .behaviour_mut()
+                        .kad
+                        .kbuckets()
+                        .flat_map(|b| b.iter().map(|e| e.node.key.preimage().to_string()).collect::<Vec<_>>())
+                        .collect();
+                    peers.set_routing_table(table);
                 }
                 event = swarm.select_next_some() => match event {
                     SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
@@ -184,10 +228,18 @@ pub fn start(
                         peers.remove(&peer_id.to_string());
                         tracing::info!(%peer_id, "peer left");
                     }
+                    SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                        // A host without the swarm key fails here (the pnet handshake).
+                        tracing::info!(?peer_id, %error, "swarm connection failed");
+                    }
+                    SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
+                        tracing::info!(from = %send_back_addr, %error, "swarm connection refused");
+                    }
                     SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                        // Unauthenticated announcements: dial, and let Kademlia add the
+                        // peer only once it connected (which proves the swarm key).
                         for (peer, addr) in found {
                             if peer != local_id && !swarm.is_connected(&peer) {
-                                swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
                                 let _ = swarm.dial(addr);
                             }
                         }
@@ -218,7 +270,7 @@ pub fn start(
                         }
                     }
                     SwarmEvent::NewListenAddr { address, .. } => {
-                        crate::metrics::quic_listening();
+                        crate::metrics::swarm_listening();
                         tracing::info!(%address, "swarm listening")
                     }
                     _ => {}

@@ -27,6 +27,15 @@ pub fn workspace_bin(name: &str) -> Result<PathBuf> {
     )
 }
 
+/// The swarm key of every test agent (and of the evil peer), so test agents form one
+/// swarm. Agents started with `key_file` in their `extra_toml` use theirs instead.
+pub const TEST_SWARM_KEY: [u8; 32] = *b"imgd-tests-swarm-key-32-bytes!!!";
+
+/// [`TEST_SWARM_KEY`] as the 64 hex digits of a `swarm.key_file`.
+pub fn test_swarm_key_hex() -> String {
+    TEST_SWARM_KEY.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A running `imgd-proxy` with its own storage directory.
 pub struct Proxy {
     guard: ChildGuard,
@@ -319,14 +328,16 @@ impl Agent {
         let socket = opts.data_dir.join("imgd.sock");
         // In a namespace the host has its own loopback and ports; in the root namespace
         // pick free ones.
-        let (mirror_port, quic, data) = match opts.host {
+        let (mirror_port, listen, data) = match opts.host {
             Some(_) => (5050, 7400, 7401),
             None => (free_port()?, free_port()?, free_port()?),
         };
         let mirror = format!("127.0.0.1:{mirror_port}");
+        let key_file = opts.data_dir.join("swarm.key");
+        std::fs::write(&key_file, test_swarm_key_hex())?;
         let base = format!(
             "data_dir = {:?}\nproxy_url = {:?}\nsocket = {:?}\nmirror_listen = {mirror:?}\ncache_quota_bytes = 4294967296\n\
-             [swarm]\nenabled = {}\nquic_listen = \"0.0.0.0:{quic}\"\ndata_listen = \"0.0.0.0:{data}\"\n",
+             [swarm]\nenabled = {}\nlisten = \"0.0.0.0:{listen}\"\ndata_listen = \"0.0.0.0:{data}\"\nkey_file = {key_file:?}\n",
             opts.data_dir.join("data"),
             opts.proxy_url,
             socket,

@@ -112,7 +112,7 @@ fn metrics_health_and_readiness_of_proxy_and_agent_count_what_a_pull_and_a_read_
     };
     assert_eq!(status, 200, "{body}");
     let lines: Vec<&str> = body.lines().collect();
-    assert_eq!(lines[..3], ["ready", "storage: ok", "quic: listening"]);
+    assert_eq!(lines[..3], ["ready", "storage: ok", "swarm: listening"]);
     assert!(lines[3].starts_with("data_plane: bound "), "{body}");
 
     let p0 = scrape(&proxy.url());
@@ -301,7 +301,7 @@ fn loopback_multiaddr(a: &Agent) -> String {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let log = a.log();
-        if let Some(at) = log.find("/ip4/127.0.0.1/udp/") {
+        if let Some(at) = log.find("/ip4/127.0.0.1/tcp/") {
             let addr: String = log[at..]
                 .chars()
                 .take_while(|c| !c.is_whitespace())

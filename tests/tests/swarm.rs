@@ -3,7 +3,7 @@
 //! from its peer.
 
 use imgd_core::Digest;
-use imgd_tests::daemons::Agent;
+use imgd_tests::daemons::{Agent, AgentOptions};
 use imgd_tests::lan_setup::LanSetup;
 use std::time::{Duration, Instant};
 
@@ -140,4 +140,101 @@ fn skopeo_pulls_through_an_agent_mirror_and_a_second_host_gets_the_image_from_it
         "mostly from the peer: {s}"
     );
     assert_cache_clean(&agents[1]);
+}
+
+/// The peer ids in an agent's Kademlia routing table and peer set, from its status.
+fn routing_and_peers(a: &Agent) -> (Vec<String>, Vec<String>) {
+    let s = a.status().unwrap();
+    let ids = |v: &serde_json::Value, f: &dyn Fn(&serde_json::Value) -> Option<String>| {
+        v.as_array()
+            .map(|a| a.iter().filter_map(f).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    (
+        ids(&s["routing_table"], &|v| v.as_str().map(String::from)),
+        ids(&s["peers"], &|p| p["id"].as_str().map(String::from)),
+    )
+}
+
+#[test]
+fn a_host_without_the_swarm_key_gets_into_no_members_routing_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lan = imgd_tests::netns::Lan::new(3).unwrap();
+    // No chunk moves here: the proxy URL is never asked.
+    let start = |h: usize, extra: String| {
+        Agent::start(AgentOptions {
+            host: Some(&lan.hosts[h]),
+            proxy_url: format!("http://{}:1", lan.gateway),
+            data_dir: tmp.path().join(&lan.hosts[h].ns),
+            extra_toml: extra,
+            swarm: true,
+        })
+        .unwrap()
+    };
+    // Two members (mDNS on, as by default), then an outsider with a key of its own that
+    // both hears them on mDNS and bootstraps to the first one directly.
+    let members = [start(0, String::new()), start(1, String::new())];
+    let ids: Vec<String> = members
+        .iter()
+        .map(|a| a.status().unwrap()["node_id"].as_str().unwrap().to_string())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (i, a) in members.iter().enumerate() {
+        loop {
+            let (table, _) = routing_and_peers(a);
+            if table.contains(&ids[1 - i]) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "members did not meet:\n{}",
+                a.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let other_key = tmp.path().join("other.key");
+    std::fs::write(&other_key, "ab".repeat(32)).unwrap();
+    let outsider = start(
+        2,
+        format!(
+            "key_file = {other_key:?}\nbootstrap = [\"/ip4/{}/tcp/7400/p2p/{}\"]\n",
+            lan.hosts[0].addr, ids[0]
+        ),
+    );
+    let outsider_id = outsider.status().unwrap()["node_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Until the outsider's dial of the bootstrap member failed in the handshake (or it got
+    // in, which the checks below catch).
+    let let_in = |a: &Agent| {
+        let (table, peers) = routing_and_peers(a);
+        table.contains(&outsider_id) || peers.contains(&outsider_id)
+    };
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while !outsider.log().contains("swarm connection failed") && !members.iter().any(let_in) {
+        assert!(
+            Instant::now() < deadline,
+            "the outsider neither failed nor got in:\n{}",
+            outsider.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Several routing-table copies later (every 500 ms), and mDNS rounds, it is nowhere.
+    std::thread::sleep(Duration::from_secs(4));
+    for (i, a) in members.iter().enumerate() {
+        let (table, peers) = routing_and_peers(a);
+        assert!(
+            !table.contains(&outsider_id) && !peers.contains(&outsider_id),
+            "member {i} let the outsider in: table {table:?}, peers {peers:?}\n{}",
+            a.log()
+        );
+        assert!(
+            table.contains(&ids[1 - i]),
+            "member {i} still has the other member: {table:?}"
+        );
+    }
+    let (_, peers) = routing_and_peers(&outsider);
+    assert!(peers.is_empty(), "the outsider knows no member: {peers:?}");
 }

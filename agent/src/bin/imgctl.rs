@@ -248,6 +248,12 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("proxy     {}", s.proxy_url);
             }
             println!(
+                "swarm     {} ({} peers known, {} in the routing table)",
+                s.swarm,
+                s.peers.len(),
+                s.routing_table.len()
+            );
+            println!(
                 "cache     {} of {} quota (peak {})",
                 mb(s.cache_used_bytes),
                 mb(s.cache_quota_bytes),

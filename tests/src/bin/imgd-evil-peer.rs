@@ -12,7 +12,7 @@
 //!
 //! As a **probe** (`--probe IP:PORT`) it is an outsider trying to read an agent's data
 //! plane: it runs the client handshake (with `--wrong-key`, a random key instead of the
-//! development swarm key), then sends `GetChunk` and `Have` for the image's first layer
+//! test swarm key), then sends `GetChunk` and `Have` for the image's first layer
 //! whatever the handshake said, and prints one JSON line: the handshake outcome and the
 //! bytes, chunk and have-map it got back. `--print-id` prints the node id of `--dir`'s key.
 //!
@@ -24,13 +24,13 @@
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use imgd_agent::config::DEV_SWARM_KEY;
 use imgd_agent::dataplane::wire::{self, FrameLimits, Message, HEADER_LEN};
 use imgd_agent::dataplane::{handshake, DataPlaneConfig, HaveMap, Limits};
 use imgd_agent::image::{self, ImageRef};
 use imgd_agent::peers::PeerSet;
 use imgd_agent::proxy_client::ProxyClient;
 use imgd_core::{ChunkList, Digest};
+use imgd_tests::daemons::TEST_SWARM_KEY;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -113,7 +113,7 @@ async fn main() -> Result<()> {
         println!("{node_id}");
         return Ok(());
     }
-    let mut cfg = DataPlaneConfig::new(DEV_SWARM_KEY, node_id.clone().into_bytes());
+    let mut cfg = DataPlaneConfig::new(TEST_SWARM_KEY, node_id.clone().into_bytes());
     if let Some(target) = arg("--probe") {
         if flag("--wrong-key") {
             cfg.key.0 = rand_key();
@@ -128,9 +128,9 @@ async fn main() -> Result<()> {
     let listener = tokio::net::TcpListener::bind("0.0.0.0:7401").await?;
     let settings = imgd_agent::swarm::SwarmSettings {
         keypair,
-        quic_listen: "0.0.0.0:7400".parse()?,
+        listen: "0.0.0.0:7400".parse()?,
         data_port: 7401,
-        swarm_key: DEV_SWARM_KEY,
+        swarm_key: TEST_SWARM_KEY,
         allow_list: vec![],
         bootstrap: vec![],
         mdns: true,
