@@ -11,6 +11,7 @@
 //! another source, and the first verified answer wins.
 
 use crate::cache::ChunkCache;
+use crate::chunk_state::{ChunkStates, Fetcher as By, Transition};
 use crate::dataplane::{HaveMap, PeerPool};
 use crate::peers::{Peer, PeerSet, FAILURE_PENALTY};
 use crate::proxy_client::{ProxyClient, ProxyClientError, Repo};
@@ -82,9 +83,23 @@ pub struct FetchSettings {
 /// Progress reports: `(bytes, source)` per chunk that became available.
 pub type Progress = mpsc::UnboundedSender<(u64, Source)>;
 
-/// State of a blob being fetched here, visible to peers through have-maps.
+/// State of a blob being fetched here, visible to peers through have-maps: the life of
+/// each of its chunks ([`crate::chunk_state`]).
 struct Job {
-    in_flight: Mutex<Vec<bool>>,
+    states: Mutex<ChunkStates>,
+}
+
+impl Job {
+    fn states(&self) -> std::sync::MutexGuard<'_, ChunkStates> {
+        self.states.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves chunk `i` on; a move the state machine refuses is a bug here, logged.
+    fn mark(&self, i: usize, t: Transition) {
+        if let Err(e) = self.states().apply(i, t) {
+            tracing::error!(chunk = i, error = %e, "chunk state machine refused a transition");
+        }
+    }
 }
 
 /// What waiters of a chunk fetched for a read get from the fetch they joined.
@@ -145,17 +160,7 @@ impl Fetcher {
     /// Blobs being fetched now and chunks in flight across them.
     pub fn in_flight(&self) -> (usize, usize) {
         let jobs = self.jobs.all_shared();
-        let chunks = jobs
-            .iter()
-            .map(|j| {
-                j.in_flight
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .iter()
-                    .filter(|f| **f)
-                    .count()
-            })
-            .sum();
+        let chunks = jobs.iter().map(|j| j.states().in_flight()).sum();
         (jobs.len(), chunks)
     }
 
@@ -167,14 +172,8 @@ impl Fetcher {
             map.set_present(i as u32, self.cache.has_chunk(&c.digest));
         }
         if let Some(job) = self.jobs.shared(blob) {
-            for (i, f) in job
-                .in_flight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .enumerate()
-            {
-                map.set_in_flight(i as u32, *f);
+            for (i, state) in job.states().iter().enumerate() {
+                map.set_in_flight(i as u32, state.is_in_flight());
             }
         }
         Some(map)
@@ -245,7 +244,7 @@ impl Fetcher {
         let list = self.chunk_list(repo, blob).await?;
         let lead = loop {
             let job = || Job {
-                in_flight: Mutex::new(vec![false; list.chunks.len()]),
+                states: Mutex::new(ChunkStates::new(list.chunks.len())),
             };
             match self.jobs.join(*blob, job) {
                 Join::Leader(lead) => break lead,
@@ -257,6 +256,7 @@ impl Fetcher {
         let mut pending = Vec::new();
         for (i, c) in list.chunks.iter().enumerate() {
             if self.cache.has_chunk(&c.digest) {
+                lead.shared().mark(i, Transition::Found);
                 self.stats.add(Source::Cache, u64::from(c.size));
                 let _ = progress.send((u64::from(c.size), Source::Cache));
             } else {
@@ -302,7 +302,7 @@ impl Fetcher {
                 let i = pending.swap_remove(pos);
                 let chunk = list.chunks[i];
                 let holders = self.holders(&maps, i);
-                set_flight(job, i, true);
+                job.mark(i, Transition::Start(By::Blob));
                 running
                     .push(async move { (i, self.fetch_chunk(blob, &chunk.digest, holders).await) });
             }
@@ -320,9 +320,15 @@ impl Fetcher {
             )
             .await;
             if let Ok(Some((i, result))) = next {
-                set_flight(job, i, false);
-                let (bytes, source) = result?;
-                self.cache.put_chunk(&list.chunks[i].digest, &bytes)?;
+                let stored = result.and_then(|(bytes, source)| {
+                    self.cache.put_chunk(&list.chunks[i].digest, &bytes)?;
+                    Ok((bytes, source))
+                });
+                let Ok((bytes, source)) = stored else {
+                    job.mark(i, Transition::Failed);
+                    return stored.map(|_| ());
+                };
+                job.mark(i, Transition::Verified);
                 self.stats.add(source, bytes.len() as u64);
                 let _ = progress.send((bytes.len() as u64, source));
             }
@@ -511,16 +517,5 @@ impl Fetcher {
                 return Err(last);
             }
         }
-    }
-}
-
-fn set_flight(job: &Job, i: usize, v: bool) {
-    if let Some(f) = job
-        .in_flight
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get_mut(i)
-    {
-        *f = v;
     }
 }

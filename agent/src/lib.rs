@@ -4,7 +4,8 @@
 //! - [`dataplane`]: the authenticated TCP protocol peers exchange chunks over.
 //! - [`swarm`]: discovery and membership on libp2p (a TCP private network under the swarm key, mDNS, Kademlia, identify).
 //! - [`peers`]: known peers and their penalties.
-//! - [`fetch`]: the fetch policy: cache, then peers, then the proxy.
+//! - [`fetch`]: the fetch policy: cache, then peers, then the proxy; [`chunk_state`]: a
+//!   chunk's life there (absent, in flight, present, evicted) as a state machine.
 //! - [`pieces`]: partial chunks: the verified 256 KiB pieces lazy reads fetch.
 //! - [`proxy_client`], [`image`]: talking to imgd-proxy and resolving images.
 //! - [`snapshotter`]: the containerd proxy snapshotter serving lazy mounts to containers.
@@ -17,6 +18,7 @@ pub mod agent;
 pub mod api;
 pub mod cache;
 pub mod chunk_source;
+pub mod chunk_state;
 pub mod config;
 pub mod dataplane;
 pub mod engine_config;
