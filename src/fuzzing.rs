@@ -352,6 +352,19 @@ mod tests {
             ("not_found", Message::NotFound),
             ("have_map", Message::HaveMap(map)),
             ("unknown", Message::Unknown),
+            (
+                "get_pieces",
+                Message::GetPieces {
+                    chunk: crate::Digest::of(b"c"),
+                    first: 1,
+                    count: 3,
+                },
+            ),
+            (
+                "pieces",
+                Message::Pieces(bytes::Bytes::from_static(b"some piece bytes")),
+            ),
+            ("pending", Message::Pending),
             ("error", Message::Error("no such chunk".into())),
         ];
         let limits = FrameLimits {

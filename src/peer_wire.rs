@@ -2,14 +2,24 @@
 //!
 //! ```text
 //! header: len: u32 BE (body bytes) | kind: u8 | request_id: u32 BE
-//! GetChunk  0x01  digest[32]                       -> Chunk | NotFound | Error
+//! GetChunk  0x01  digest[32]                       -> Chunk | Pending | NotFound | Error
 //! Have      0x02  blob digest[32]                  -> HaveMap | Unknown | Error
+//! GetPieces 0x04  chunk digest[32] | first: u32 BE | count: u32 BE
+//!                                                  -> Pieces | Pending | NotFound | Error
 //! Chunk     0x81  the chunk's bytes (<= max_chunk)
 //! NotFound  0x82  (empty)
 //! HaveMap   0x83  chunk_count: u32 BE | present bitmap | in-flight bitmap
 //! Unknown   0x84  (empty)
+//! Pieces    0x85  pieces first..first+count of the chunk, concatenated (<= max_chunk)
+//! Pending   0x86  (empty): not here yet, but this node is fetching it now; ask again
 //! Error     0xee  UTF-8 message
 //! ```
+//!
+//! `GetPieces` and `Pending` are new in version 2 of the protocol (`imgd-dp-v2`, the
+//! handshake's tag): a lazy read asks a peer for just the 256 KiB pieces it needs, and a
+//! peer that is fetching the chunk says so instead of "not found", so the reader waits
+//! for it rather than asking the proxy too. Pieces are checked by the receiver against
+//! their digests from the chunk list, like chunks.
 //!
 //! Bitmaps are `ceil(chunk_count / 8)` bytes, chunk `i` is bit `i % 8` (LSB first) of
 //! byte `i / 8`, and padding bits must be zero. A response echoes its request's id.
@@ -28,6 +38,8 @@ use have_map::{bitmap_len, malformed};
 
 /// Size of a frame header.
 pub const HEADER_LEN: usize = 9;
+/// Size of a `GetPieces` body: chunk digest, first piece, piece count.
+pub const GET_PIECES_LEN: usize = 40;
 /// Longest message an encoded [`Message::Error`] carries; longer ones are truncated.
 pub const MAX_ERROR_MESSAGE: usize = 1024;
 
@@ -37,6 +49,8 @@ pub mod kind {
     pub const GET_CHUNK: u8 = 0x01;
     /// Request: which chunks of this blob do you hold?
     pub const HAVE: u8 = 0x02;
+    /// Request: send me these 256 KiB pieces of this chunk.
+    pub const GET_PIECES: u8 = 0x04;
     /// Response: the chunk's bytes.
     pub const CHUNK: u8 = 0x81;
     /// Response: I do not hold that chunk.
@@ -45,6 +59,10 @@ pub mod kind {
     pub const HAVE_MAP: u8 = 0x83;
     /// Response: I know nothing of that blob.
     pub const UNKNOWN: u8 = 0x84;
+    /// Response: the pieces asked for, concatenated.
+    pub const PIECES: u8 = 0x85;
+    /// Response: I am fetching it now; ask again shortly.
+    pub const PENDING: u8 = 0x86;
     /// Response: the request failed; the body is a UTF-8 message.
     pub const ERROR: u8 = 0xee;
 }
@@ -96,12 +114,23 @@ pub enum WireError {
 /// One data plane message (request or response).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
-    GetChunk { digest: Digest },
-    Have { blob: Digest },
+    GetChunk {
+        digest: Digest,
+    },
+    Have {
+        blob: Digest,
+    },
+    GetPieces {
+        chunk: Digest,
+        first: u32,
+        count: u32,
+    },
     Chunk(Bytes),
     NotFound,
     HaveMap(HaveMap),
     Unknown,
+    Pieces(Bytes),
+    Pending,
     Error(String),
 }
 
@@ -111,10 +140,13 @@ impl Message {
         match self {
             Message::GetChunk { .. } => kind::GET_CHUNK,
             Message::Have { .. } => kind::HAVE,
+            Message::GetPieces { .. } => kind::GET_PIECES,
             Message::Chunk(_) => kind::CHUNK,
             Message::NotFound => kind::NOT_FOUND,
             Message::HaveMap(_) => kind::HAVE_MAP,
             Message::Unknown => kind::UNKNOWN,
+            Message::Pieces(_) => kind::PIECES,
+            Message::Pending => kind::PENDING,
             Message::Error(_) => kind::ERROR,
         }
     }
@@ -124,10 +156,13 @@ fn kind_name(k: u8) -> &'static str {
     match k {
         kind::GET_CHUNK => "GetChunk",
         kind::HAVE => "Have",
+        kind::GET_PIECES => "GetPieces",
         kind::CHUNK => "Chunk",
         kind::NOT_FOUND => "NotFound",
         kind::HAVE_MAP => "HaveMap",
         kind::UNKNOWN => "Unknown",
+        kind::PIECES => "Pieces",
+        kind::PENDING => "Pending",
         kind::ERROR => "Error",
         _ => "unknown",
     }
@@ -160,8 +195,9 @@ fn check_len(k: u8, len: usize, limits: &FrameLimits) -> Result<(), WireError> {
     };
     match k {
         kind::GET_CHUNK | kind::HAVE => exact(32),
-        kind::NOT_FOUND | kind::UNKNOWN => exact(0),
-        kind::CHUNK => at_most(limits.max_chunk),
+        kind::GET_PIECES => exact(GET_PIECES_LEN),
+        kind::NOT_FOUND | kind::UNKNOWN | kind::PENDING => exact(0),
+        kind::CHUNK | kind::PIECES => at_most(limits.max_chunk),
         kind::HAVE_MAP | kind::ERROR => at_most(limits.max_control),
         other => Err(WireError::UnknownKind(other)),
     }
@@ -209,7 +245,36 @@ pub fn decode_body(header: &Header, body: &[u8]) -> Result<Message, WireError> {
     Ok(match header.kind {
         kind::GET_CHUNK => Message::GetChunk { digest: digest()? },
         kind::HAVE => Message::Have { blob: digest()? },
+        kind::GET_PIECES => {
+            // 40 bytes exactly (checked by the header): digest, first, count.
+            let bad = |reason| WireError::Malformed {
+                kind: "GetPieces",
+                reason,
+            };
+            let field = |at: usize| -> Result<u32, WireError> {
+                let b: [u8; 4] = body
+                    .get(at..at + 4)
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or(bad("shorter than 40 bytes"))?;
+                Ok(u32::from_be_bytes(b))
+            };
+            let chunk: [u8; 32] = body
+                .get(..32)
+                .and_then(|b| b.try_into().ok())
+                .ok_or(bad("shorter than a digest"))?;
+            let (first, count) = (field(32)?, field(36)?);
+            if count == 0 {
+                return Err(bad("asks for no pieces"));
+            }
+            Message::GetPieces {
+                chunk: Digest::from_bytes(chunk),
+                first,
+                count,
+            }
+        }
         kind::CHUNK => Message::Chunk(Bytes::copy_from_slice(body)),
+        kind::PIECES => Message::Pieces(Bytes::copy_from_slice(body)),
+        kind::PENDING => Message::Pending,
         kind::NOT_FOUND => Message::NotFound,
         kind::UNKNOWN => Message::Unknown,
         kind::ERROR => Message::Error(String::from_utf8_lossy(body).into_owned()),
@@ -262,8 +327,19 @@ pub fn encode_frame(
     let body = match msg {
         Message::GetChunk { digest } => Bytes::copy_from_slice(digest.as_bytes()),
         Message::Have { blob } => Bytes::copy_from_slice(blob.as_bytes()),
-        Message::Chunk(b) => b.clone(),
-        Message::NotFound | Message::Unknown => Bytes::new(),
+        Message::GetPieces {
+            chunk,
+            first,
+            count,
+        } => {
+            let mut v = Vec::with_capacity(GET_PIECES_LEN);
+            v.extend_from_slice(chunk.as_bytes());
+            v.extend_from_slice(&first.to_be_bytes());
+            v.extend_from_slice(&count.to_be_bytes());
+            Bytes::from(v)
+        }
+        Message::Chunk(b) | Message::Pieces(b) => b.clone(),
+        Message::NotFound | Message::Unknown | Message::Pending => Bytes::new(),
         Message::HaveMap(m) => {
             let mut v = Vec::with_capacity(m.encoded_len());
             v.extend_from_slice(&m.chunk_count().to_be_bytes());

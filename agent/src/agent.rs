@@ -154,6 +154,7 @@ pub async fn start(mut config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         peer_timeout: config.fetch.peer_timeout(),
         parallel_chunks: config.fetch.parallel_chunks,
         owner_wait: config.fetch.owner_wait(),
+        read_owner_wait: config.fetch.read_owner_wait(),
     };
     let fetcher = Arc::new(Fetcher::new(
         cache,
@@ -164,24 +165,27 @@ pub async fn start(mut config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         settings,
         provide,
     ));
+    let indexes = crate::layer_indexes::LayerIndexes::open(&config.data_dir.join("indexes"))
+        .map_err(|e| start_err("opening the layer index store", &e))?;
+    let f = fetcher.clone();
+    let pieces = tokio::task::spawn_blocking(move || {
+        crate::pieces::Pieces::open(f, crate::pieces::COMPLETE_AFTER)
+    })
+    .await
+    .map_err(|e| start_err("opening the piece store", &e))?
+    .map_err(|e| start_err("opening the piece store", &e))?;
+    let pieces = Arc::new(pieces);
     if let Some(listener) = data_listener {
-        let source = Arc::new(crate::chunk_source::CacheSource(fetcher.clone()));
+        let source = Arc::new(crate::chunk_source::CacheSource {
+            fetcher: fetcher.clone(),
+            pieces: pieces.clone(),
+        });
         tokio::spawn(async move {
             if let Err(e) = dataplane::serve(listener, dp_cfg, source).await {
                 tracing::error!(error = %e, "data plane stopped");
             }
         });
     }
-    let indexes = crate::layer_indexes::LayerIndexes::open(&config.data_dir.join("indexes"))
-        .map_err(|e| start_err("opening the layer index store", &e))?;
-    let (cache, proxy) = (fetcher.cache.clone(), fetcher.proxy.clone());
-    let pieces = tokio::task::spawn_blocking(move || {
-        crate::pieces::Pieces::open(cache, proxy, crate::pieces::COMPLETE_AFTER)
-    })
-    .await
-    .map_err(|e| start_err("opening the piece store", &e))?
-    .map_err(|e| start_err("opening the piece store", &e))?;
-    let pieces = Arc::new(pieces);
     tokio::spawn(pieces.clone().run_completer());
     let agent = Arc::new(Agent {
         pieces,

@@ -1,23 +1,44 @@
-//! What this agent offers peers over the data plane: verified chunks from its cache and
-//! have-maps of the blobs it holds or is fetching.
+//! What this agent offers peers over the data plane: verified chunks from its cache, the
+//! verified pieces of partial chunks, and have-maps of the blobs it holds or is fetching
+//! (blob fetches and reads alike).
 
-use crate::dataplane::{ChunkSource, HaveMap};
+use crate::dataplane::{ChunkSource, HaveMap, PiecesAnswer};
 use crate::fetch::Fetcher;
+use crate::pieces::Pieces;
 use bytes::Bytes;
 use imgd_core::Digest;
 use std::sync::Arc;
 
-/// The cache (through the fetcher, which also knows chunks in flight) as a chunk source.
-pub struct CacheSource(pub Arc<Fetcher>);
+/// The cache and the piece store (through the fetcher, which also knows chunks in
+/// flight) as a chunk source.
+pub struct CacheSource {
+    pub fetcher: Arc<Fetcher>,
+    pub pieces: Arc<Pieces>,
+}
 
 impl ChunkSource for CacheSource {
     fn chunk(&self, digest: &Digest) -> Option<Bytes> {
-        let bytes = self.0.cache.get_chunk(digest).ok().flatten();
+        let bytes = self.fetcher.cache.get_chunk(digest).ok().flatten();
         crate::metrics::served("peer", bytes.as_ref().map_or(0, |b| b.len() as u64));
         bytes
     }
 
     fn have(&self, blob: &Digest) -> Option<HaveMap> {
-        self.0.have_map(blob)
+        self.fetcher.have_map(blob)
+    }
+
+    fn pieces(&self, chunk: &Digest, first: u32, count: u32) -> PiecesAnswer {
+        match self.pieces.stored_pieces(chunk, first, count) {
+            Some(b) => {
+                crate::metrics::served("peer", b.len() as u64);
+                PiecesAnswer::Here(b)
+            }
+            None if self.fetcher.reads.states.fetching(chunk) => PiecesAnswer::Pending,
+            None => PiecesAnswer::NotHere,
+        }
+    }
+
+    fn fetching(&self, chunk: &Digest) -> bool {
+        self.fetcher.reads.states.fetching(chunk)
     }
 }

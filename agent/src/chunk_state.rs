@@ -17,11 +17,17 @@
 //! - **Present**: in the cache, verified (every source's bytes are checked against the
 //!   chunk's sha256 before they get here).
 //! - **Evicted**: was present, the cache evicted it (quota); it may be fetched again.
+//! - **Partial**: a lazy read's fetch ended with some of its verified 256 KiB pieces
+//!   stored ([`crate::pieces`]), not the whole chunk. Peers see it as in flight (it is
+//!   completed in the background) and may ask for its pieces. A further read of other
+//!   pieces starts a fetch again (Partial → InFlight); its completion, or the whole chunk
+//!   found in the cache, makes it Present.
 //!
 //! Transitions ([`Transition`]): `Start` (Absent or Evicted → InFlight), `Verified`
 //! (InFlight → Present), `Failed` (InFlight → Absent: the fetch failed or was
 //! cancelled, so another may start), `Found` (Absent or Evicted → Present: it was in the
-//! cache after all) and `Evict` (Present → Evicted). Anything else is refused
+//! cache after all; also Partial → Present), `Evict` (Present → Evicted) and `Pieces`
+//! (InFlight → Partial: the fetch got pieces, not the whole chunk). Anything else is refused
 //! ([`IllegalTransition`]): a second `Start` of a chunk in flight (two fetches of one
 //! chunk), `Verified` of a chunk nobody fetched, or evicting a chunk that is not there.
 
@@ -41,6 +47,7 @@ pub enum ChunkState {
     InFlight { by: Fetcher },
     Present,
     Evicted,
+    Partial,
 }
 
 /// What happens to a chunk.
@@ -56,6 +63,8 @@ pub enum Transition {
     Found,
     /// The cache evicted it.
     Evict,
+    /// Its fetch ended with verified pieces stored, not the whole chunk.
+    Pieces,
 }
 
 /// A transition the chunk's state does not allow.
@@ -72,10 +81,11 @@ impl ChunkState {
         use ChunkState::*;
         use Transition::*;
         match (self, t) {
-            (Absent | Evicted, Start(by)) => Ok(InFlight { by }),
+            (Absent | Evicted | Partial, Start(by)) => Ok(InFlight { by }),
             (InFlight { .. }, Verified) => Ok(Present),
             (InFlight { .. }, Failed) => Ok(Absent),
-            (Absent | Evicted, Found) => Ok(Present),
+            (InFlight { .. }, Pieces) => Ok(Partial),
+            (Absent | Evicted | Partial, Found) => Ok(Present),
             (Present, Evict) => Ok(Evicted),
             (from, transition) => Err(IllegalTransition { from, transition }),
         }
@@ -84,6 +94,12 @@ impl ChunkState {
     /// Whether a fetch of this agent is getting the chunk now.
     pub fn is_in_flight(self) -> bool {
         matches!(self, ChunkState::InFlight { .. })
+    }
+
+    /// Whether peers should see the chunk as coming here: in flight, or partial (being
+    /// completed, and its pieces can be asked for).
+    pub fn shows_in_flight(self) -> bool {
+        matches!(self, ChunkState::InFlight { .. } | ChunkState::Partial)
     }
 }
 
@@ -132,15 +148,23 @@ mod tests {
     use super::Transition::*;
     use super::*;
 
-    const ALL_STATES: [ChunkState; 5] = [
+    const ALL_STATES: [ChunkState; 6] = [
         Absent,
         InFlight { by: Blob },
         InFlight { by: Read },
         Present,
         Evicted,
+        Partial,
     ];
-    const ALL_TRANSITIONS: [Transition; 6] =
-        [Start(Blob), Start(Read), Verified, Failed, Found, Evict];
+    const ALL_TRANSITIONS: [Transition; 7] = [
+        Start(Blob),
+        Start(Read),
+        Verified,
+        Failed,
+        Found,
+        Evict,
+        Pieces,
+    ];
 
     /// The whole table, written out: every (state, transition) and its outcome.
     fn expected(s: ChunkState, t: Transition) -> Option<ChunkState> {
@@ -149,8 +173,11 @@ mod tests {
             (Evicted, Start(by)) => Some(InFlight { by }),
             (InFlight { .. }, Verified) => Some(Present),
             (InFlight { .. }, Failed) => Some(Absent),
+            (InFlight { .. }, Pieces) => Some(Partial),
+            (Partial, Start(by)) => Some(InFlight { by }),
             (Absent, Found) => Some(Present),
             (Evicted, Found) => Some(Present),
+            (Partial, Found) => Some(Present),
             (Present, Evict) => Some(Evicted),
             _ => None,
         }
@@ -179,9 +206,9 @@ mod tests {
                 }
             }
         }
-        // Absent: 2 starts + found; Evicted: the same; each InFlight: verified + failed;
-        // Present: evict.
-        assert_eq!(allowed, 3 + 3 + 2 * 2 + 1);
+        // Absent: 2 starts + found; Evicted and Partial: the same; each InFlight:
+        // verified, failed, pieces; Present: evict.
+        assert_eq!(allowed, 3 + 3 + 3 + 2 * 3 + 1);
     }
 
     #[test]
@@ -203,6 +230,23 @@ mod tests {
         assert_eq!(s, Present);
         assert!(Present.apply(Verified).is_err(), "no second verification");
         assert!(Absent.apply(Evict).is_err(), "nothing to evict");
+    }
+
+    #[test]
+    fn a_read_that_got_pieces_leaves_the_chunk_partial_until_it_is_completed() {
+        let mut s = Absent;
+        for t in [Start(Read), Pieces, Start(Read), Pieces] {
+            s = s.apply(t).unwrap();
+        }
+        assert_eq!(s, Partial);
+        assert!(s.shows_in_flight() && !s.is_in_flight());
+        assert!(s.apply(Verified).is_err(), "only a fetch verifies");
+        assert!(
+            s.apply(Evict).is_err(),
+            "a partial chunk is not in the cache"
+        );
+        assert_eq!(s.apply(Start(Read)).unwrap().apply(Verified), Ok(Present));
+        assert_eq!(s.apply(Found), Ok(Present));
     }
 
     #[test]

@@ -94,6 +94,9 @@ parallel_chunks = 4
 # How long to wait for a chunk another host is already fetching from the proxy before
 # fetching it from the proxy too, in milliseconds.
 owner_wait_ms = 4000
+# How long a lazy read waits for the chunk's owner among the hosts reading the image to
+# start fetching it before asking the proxy itself, in milliseconds.
+read_owner_wait_ms = 400
 "#;
 
 pub use imgd_core::config_file::ConfigError;
@@ -189,6 +192,7 @@ pub struct FetchConfig {
     pub proxy_timeout_ms: u64,
     pub parallel_chunks: usize,
     pub owner_wait_ms: u64,
+    pub read_owner_wait_ms: u64,
 }
 
 impl Default for AgentConfig {
@@ -232,6 +236,7 @@ impl Default for FetchConfig {
             proxy_timeout_ms: 30000,
             parallel_chunks: 4,
             owner_wait_ms: 4000,
+            read_owner_wait_ms: 400,
         }
     }
 }
@@ -248,6 +253,10 @@ impl FetchConfig {
     /// Owner wait as a duration.
     pub fn owner_wait(&self) -> Duration {
         Duration::from_millis(self.owner_wait_ms)
+    }
+    /// Read owner wait as a duration.
+    pub fn read_owner_wait(&self) -> Duration {
+        Duration::from_millis(self.read_owner_wait_ms)
     }
 }
 

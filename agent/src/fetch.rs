@@ -9,6 +9,13 @@
 //! proxy itself, so a dead or slow peer costs time, never correctness. Peer requests are
 //! hedged: a chunk a peer has not delivered within half the peer timeout is also asked of
 //! another source, and the first verified answer wins.
+//!
+//! A mount's reads join the same scheme chunk by chunk ([`read_swarm`]): their chunks in
+//! flight show in have-maps, owners are split among the hosts reading the blob, and a
+//! read waits boundedly for a peer fetching its chunk rather than asking the proxy too.
+
+mod read_swarm;
+pub use read_swarm::{ReadFlight, ReadStates, Want};
 
 use crate::cache::ChunkCache;
 use crate::chunk_state::{ChunkStates, Fetcher as By, Transition};
@@ -62,7 +69,7 @@ pub struct FetchStats {
 }
 
 impl FetchStats {
-    fn add(&self, source: Source, n: u64) {
+    pub(crate) fn add(&self, source: Source, n: u64) {
         let c = match source {
             Source::Cache => &self.from_cache,
             Source::Peer => &self.from_peers,
@@ -78,6 +85,9 @@ pub struct FetchSettings {
     pub peer_timeout: Duration,
     pub parallel_chunks: usize,
     pub owner_wait: Duration,
+    /// How long a read waits for a chunk's owner to start fetching it before asking the
+    /// proxy itself.
+    pub read_owner_wait: Duration,
 }
 
 /// Progress reports: `(bytes, source)` per chunk that became available.
@@ -118,6 +128,8 @@ pub struct Fetcher {
     jobs: SingleFlight<Digest, (), Job>,
     /// One fetch per chunk read on its own (mount reads), shared by concurrent readers.
     chunk_flights: SingleFlight<Digest, ChunkOutcome>,
+    /// What reads are fetching, and the have-maps they use ([`read_swarm`]).
+    pub reads: read_swarm::Reads,
     provide: Option<mpsc::Sender<crate::swarm::SwarmCommand>>,
 }
 
@@ -153,6 +165,7 @@ impl Fetcher {
             settings,
             jobs: SingleFlight::new(),
             chunk_flights: SingleFlight::new(),
+            reads: Default::default(),
             provide,
         }
     }
@@ -160,8 +173,8 @@ impl Fetcher {
     /// Blobs being fetched now and chunks in flight across them.
     pub fn in_flight(&self) -> (usize, usize) {
         let jobs = self.jobs.all_shared();
-        let chunks = jobs.iter().map(|j| j.states().in_flight()).sum();
-        (jobs.len(), chunks)
+        let chunks: usize = jobs.iter().map(|j| j.states().in_flight()).sum();
+        (jobs.len(), chunks + self.reads.states.in_flight())
     }
 
     /// What this node has of `blob`, for a peer's have query (`None`: blob unknown here).
@@ -170,10 +183,13 @@ impl Fetcher {
         let mut map = HaveMap::new(list.chunks.len() as u32);
         for (i, c) in list.chunks.iter().enumerate() {
             map.set_present(i as u32, self.cache.has_chunk(&c.digest));
+            map.set_in_flight(i as u32, self.reads.states.shows_in_flight(&c.digest));
         }
         if let Some(job) = self.jobs.shared(blob) {
             for (i, state) in job.states().iter().enumerate() {
-                map.set_in_flight(i as u32, state.is_in_flight());
+                if state.is_in_flight() {
+                    map.set_in_flight(i as u32, true);
+                }
             }
         }
         Some(map)
@@ -189,10 +205,11 @@ impl Fetcher {
         Ok(info.chunks)
     }
 
-    /// Chunk `i` of a blob, for a read: from the cache, else from a peer holding it, else
-    /// from the proxy (then cached). Concurrent calls for one chunk make one fetch, and
-    /// cancelling any of them (a read's time bound) leaves the others a working fetch.
-    /// The flag says whether this call fetched it.
+    /// Chunk `i` of a blob, for a read: from the cache, else from a peer holding it (or
+    /// fetching or owning it, waited for boundedly: [`read_swarm`]), else from the proxy
+    /// (then cached), in flight for peers to see meanwhile. Concurrent calls for one
+    /// chunk make one fetch, and cancelling any of them (a read's time bound) leaves the
+    /// others a working fetch. The flag says whether this call fetched it.
     pub async fn chunk(&self, list: &ChunkList, i: usize) -> Result<(Bytes, bool), FetchError> {
         let Some(c) = list.chunks.get(i).copied() else {
             return Err(FetchError::Exhausted {
@@ -208,11 +225,20 @@ impl Fetcher {
             match self.chunk_flights.join(c.digest, || ()) {
                 Join::Leader(lead) => {
                     let result = async {
-                        let maps = self.refresh_maps(&list.blob).await;
-                        let holders = self.holders(&maps, i);
+                        if let Some(bytes) = self
+                            .read_from_peers(&list.blob, i, c.digest, Want::Chunk)
+                            .await
+                        {
+                            self.cache.put_chunk(&c.digest, &bytes)?;
+                            return Ok(bytes);
+                        }
+                        let flight = self.reads.states.begin(c.digest);
                         let (bytes, source) =
-                            self.fetch_chunk(&list.blob, &c.digest, holders).await?;
+                            self.fetch_chunk(&list.blob, &c.digest, Vec::new()).await?;
                         self.cache.put_chunk(&c.digest, &bytes)?;
+                        if let Some(f) = flight {
+                            f.end(Transition::Verified);
+                        }
                         self.stats.add(source, bytes.len() as u64);
                         Ok(bytes)
                     }

@@ -33,6 +33,13 @@ fn every_message_round_trips() {
         Message::HaveMap(map),
         Message::HaveMap(HaveMap::new(0)),
         Message::Unknown,
+        Message::GetPieces {
+            chunk: Digest::of(b"c"),
+            first: 3,
+            count: 2,
+        },
+        Message::Pieces(Bytes::from_static(b"two pieces")),
+        Message::Pending,
         Message::Error("no such thing".into()),
     ];
     for (i, msg) in msgs.iter().enumerate() {
@@ -97,4 +104,31 @@ fn random_bytes_never_panic() {
         let len = (state >> 8) as usize % buf.len();
         let _ = decode_frame(&buf[..len], &LIMITS);
     }
+}
+
+#[test]
+fn a_piece_request_for_no_pieces_or_of_the_wrong_length_is_refused() {
+    let zero = Message::GetPieces {
+        chunk: Digest::of(b"c"),
+        first: 0,
+        count: 0,
+    };
+    let bytes = encode(1, &zero);
+    assert!(matches!(
+        decode_frame(&bytes, &LIMITS),
+        Err(WireError::Malformed {
+            kind: "GetPieces",
+            ..
+        })
+    ));
+    let short = encode_header(kind::GET_PIECES, 1, 36);
+    assert!(matches!(
+        decode_header(&short, &LIMITS),
+        Err(WireError::BadLength { expected: 40, .. })
+    ));
+    let pending = encode_header(kind::PENDING, 1, 1);
+    assert!(
+        decode_header(&pending, &LIMITS).is_err(),
+        "Pending has no body"
+    );
 }

@@ -185,6 +185,29 @@ impl Lan {
     }
 }
 
+impl Lan {
+    /// Bytes the root namespace sent into the bridge (what the proxy, which listens on
+    /// the gateway, sent the hosts, plus a little ARP and mDNS), counted by the kernel.
+    /// Frames the bridge forwards between hosts do not count here.
+    pub fn bridge_tx_bytes(&self) -> Result<u64> {
+        let out = Command::new("ip")
+            .args(["-j", "-s", "link", "show", "dev", &self.bridge])
+            .output()
+            .context("running ip")?;
+        if !out.status.success() {
+            bail!(
+                "ip -s link show dev {}: {}",
+                self.bridge,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        links[0]["stats64"]["tx"]["bytes"]
+            .as_u64()
+            .context("no tx bytes in ip -j -s link")
+    }
+}
+
 impl Drop for Lan {
     fn drop(&mut self) {
         for h in &self.hosts {

@@ -11,7 +11,7 @@ use super::wire::{self, FrameLimits, Message, HEADER_LEN};
 use super::Result;
 use super::{handshake, tune_socket, with_timeout, DataPlaneConfig, DataPlaneError, HaveMap};
 use bytes::{BufMut, Bytes, BytesMut};
-use imgd_core::{Digest, Sha256};
+use imgd_core::{Digest, Sha256, PIECE_SIZE};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -31,6 +31,29 @@ enum State {
     /// was cancelled mid-exchange and the stream is out of step.
     Busy,
     Broken,
+}
+
+/// What a peer answered to a request for something it may hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer<T> {
+    /// Here it is (verified).
+    Here(T),
+    /// The peer is fetching it now: ask again shortly.
+    Pending,
+    /// The peer does not hold it.
+    NotHere,
+}
+
+/// What the bytes of a reply must match.
+enum Verify {
+    Nothing,
+    /// A whole chunk: its sha256.
+    Chunk(Digest),
+    /// Pieces of a chunk: each 256 KiB piece's sha256 in order, and their total length.
+    Pieces {
+        digests: Vec<Digest>,
+        len: usize,
+    },
 }
 
 /// One authenticated connection to a peer, carrying one request at a time.
@@ -83,11 +106,54 @@ impl PeerClient {
     /// verified; wrong ones give [`DataPlaneError::Corrupt`] (the connection stays
     /// usable, the peer is to blame).
     pub async fn get_chunk(&mut self, digest: &Digest, timeout: Duration) -> Result<Option<Bytes>> {
+        Ok(match self.chunk_answer(digest, timeout).await? {
+            Answer::Here(bytes) => Some(bytes),
+            Answer::Pending | Answer::NotHere => None,
+        })
+    }
+
+    /// Like [`get_chunk`](Self::get_chunk), telling "being fetched there" apart.
+    pub async fn chunk_answer(
+        &mut self,
+        digest: &Digest,
+        timeout: Duration,
+    ) -> Result<Answer<Bytes>> {
         let req = Message::GetChunk { digest: *digest };
-        match self.exchange(&req, Some(*digest), timeout).await? {
-            Message::Chunk(bytes) => Ok(Some(bytes)),
-            Message::NotFound => Ok(None),
+        match self.exchange(&req, Verify::Chunk(*digest), timeout).await? {
+            Message::Chunk(bytes) => Ok(Answer::Here(bytes)),
+            Message::Pending => Ok(Answer::Pending),
+            Message::NotFound => Ok(Answer::NotHere),
             other => self.unexpected(other, "GetChunk"),
+        }
+    }
+
+    /// Pieces `first..first + digests.len()` of chunk `chunk`, `len` bytes in all. Each
+    /// piece is checked against its digest in `digests`; a wrong one (or a wrong length)
+    /// gives [`DataPlaneError::Corrupt`] naming the piece's digest.
+    pub async fn get_pieces(
+        &mut self,
+        chunk: &Digest,
+        first: u32,
+        digests: &[Digest],
+        len: usize,
+        timeout: Duration,
+    ) -> Result<Answer<Bytes>> {
+        let count = u32::try_from(digests.len())
+            .map_err(|_| DataPlaneError::Protocol("too many pieces".into()))?;
+        let req = Message::GetPieces {
+            chunk: *chunk,
+            first,
+            count,
+        };
+        let verify = Verify::Pieces {
+            digests: digests.to_vec(),
+            len,
+        };
+        match self.exchange(&req, verify, timeout).await? {
+            Message::Pieces(bytes) => Ok(Answer::Here(bytes)),
+            Message::Pending => Ok(Answer::Pending),
+            Message::NotFound => Ok(Answer::NotHere),
+            other => self.unexpected(other, "GetPieces"),
         }
     }
 
@@ -95,7 +161,7 @@ impl PeerClient {
     /// the blob.
     pub async fn have(&mut self, blob: &Digest, timeout: Duration) -> Result<Option<HaveMap>> {
         match self
-            .exchange(&Message::Have { blob: *blob }, None, timeout)
+            .exchange(&Message::Have { blob: *blob }, Verify::Nothing, timeout)
             .await?
         {
             Message::HaveMap(map) => Ok(Some(map)),
@@ -120,7 +186,7 @@ impl PeerClient {
     async fn exchange(
         &mut self,
         req: &Message,
-        verify: Option<Digest>,
+        verify: Verify,
         timeout: Duration,
     ) -> Result<Message> {
         if self.state != State::Ready {
@@ -138,12 +204,7 @@ impl PeerClient {
         result
     }
 
-    async fn exchange_inner(
-        &mut self,
-        id: u32,
-        req: &Message,
-        verify: Option<Digest>,
-    ) -> Result<Message> {
+    async fn exchange_inner(&mut self, id: u32, req: &Message, verify: Verify) -> Result<Message> {
         let protocol = |e: wire::WireError| DataPlaneError::Protocol(e.to_string());
         let (head, body) = wire::encode_frame(id, req, &self.limits).map_err(protocol)?;
         let mut frame = Vec::with_capacity(HEADER_LEN + body.len());
@@ -161,7 +222,7 @@ impl PeerClient {
             )));
         }
         match (header.kind, verify) {
-            (wire::kind::CHUNK, Some(digest)) => {
+            (wire::kind::CHUNK, Verify::Chunk(digest)) => {
                 let (bytes, actual) = self.read_hashed(header.len).await?;
                 if actual != digest {
                     return Err(DataPlaneError::Corrupt {
@@ -171,12 +232,37 @@ impl PeerClient {
                 }
                 Ok(Message::Chunk(bytes))
             }
-            (wire::kind::GET_CHUNK | wire::kind::HAVE | wire::kind::CHUNK, _) => {
-                Err(DataPlaneError::Protocol(format!(
-                    "unexpected frame kind {:#04x} from the server",
-                    header.kind
-                )))
+            (wire::kind::PIECES, Verify::Pieces { digests, len }) => {
+                let mut body = vec![0u8; header.len];
+                read_exact_or_closed(&mut self.stream, &mut body).await?;
+                let body = Bytes::from(body);
+                let wrong = |digest| DataPlaneError::Corrupt {
+                    peer: self.peer,
+                    digest,
+                };
+                if body.len() != len {
+                    return Err(wrong(digests.last().copied().unwrap_or(Digest::of(b""))));
+                }
+                for (k, d) in digests.iter().enumerate() {
+                    let piece =
+                        body.slice((k * PIECE_SIZE).min(len)..((k + 1) * PIECE_SIZE).min(len));
+                    if piece.is_empty() || Digest::of(&piece) != *d {
+                        return Err(wrong(*d));
+                    }
+                }
+                Ok(Message::Pieces(body))
             }
+            (
+                wire::kind::GET_CHUNK
+                | wire::kind::HAVE
+                | wire::kind::GET_PIECES
+                | wire::kind::CHUNK
+                | wire::kind::PIECES,
+                _,
+            ) => Err(DataPlaneError::Protocol(format!(
+                "unexpected frame kind {:#04x} from the server",
+                header.kind
+            ))),
             _ => {
                 // A control frame: its length is within max_control (decode_header).
                 let mut body = vec![0u8; header.len];
@@ -221,10 +307,16 @@ struct Slot {
 enum Op {
     Chunk(Digest),
     Have(Digest),
+    Pieces {
+        chunk: Digest,
+        first: u32,
+        digests: Vec<Digest>,
+        len: usize,
+    },
 }
 
 enum Reply {
-    Chunk(Option<Bytes>),
+    Chunk(Answer<Bytes>),
     Have(Option<HaveMap>),
 }
 
@@ -257,7 +349,42 @@ impl PeerPool {
         digest: &Digest,
         timeout: Duration,
     ) -> Result<Option<Bytes>> {
+        Ok(match self.chunk_answer(addr, digest, timeout).await? {
+            Answer::Here(bytes) => Some(bytes),
+            Answer::Pending | Answer::NotHere => None,
+        })
+    }
+
+    /// [`PeerClient::chunk_answer`] on a pooled connection to `addr`.
+    pub async fn chunk_answer(
+        &self,
+        addr: SocketAddr,
+        digest: &Digest,
+        timeout: Duration,
+    ) -> Result<Answer<Bytes>> {
         match self.run(addr, Op::Chunk(*digest), timeout).await? {
+            Reply::Chunk(c) => Ok(c),
+            Reply::Have(_) => Err(DataPlaneError::Protocol("mismatched reply".into())),
+        }
+    }
+
+    /// [`PeerClient::get_pieces`] on a pooled connection to `addr`.
+    pub async fn get_pieces(
+        &self,
+        addr: SocketAddr,
+        chunk: &Digest,
+        first: u32,
+        digests: &[Digest],
+        len: usize,
+        timeout: Duration,
+    ) -> Result<Answer<Bytes>> {
+        let op = Op::Pieces {
+            chunk: *chunk,
+            first,
+            digests: digests.to_vec(),
+            len,
+        };
+        match self.run(addr, op, timeout).await? {
             Reply::Chunk(c) => Ok(c),
             Reply::Have(_) => Err(DataPlaneError::Protocol("mismatched reply".into())),
         }
@@ -319,9 +446,18 @@ impl PeerPool {
                     .map_err(|_| DataPlaneError::Timeout("connect"))??,
             };
             let left = deadline.saturating_duration_since(Instant::now());
-            let result = match op {
-                Op::Chunk(d) => client.get_chunk(&d, left).await.map(Reply::Chunk),
-                Op::Have(b) => client.have(&b, left).await.map(Reply::Have),
+            let result = match &op {
+                Op::Chunk(d) => client.chunk_answer(d, left).await.map(Reply::Chunk),
+                Op::Have(b) => client.have(b, left).await.map(Reply::Have),
+                Op::Pieces {
+                    chunk,
+                    first,
+                    digests,
+                    len,
+                } => client
+                    .get_pieces(chunk, *first, digests, *len, left)
+                    .await
+                    .map(Reply::Chunk),
             };
             if client.is_usable() {
                 lock(&slot.idle).push(client);

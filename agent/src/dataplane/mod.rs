@@ -8,7 +8,7 @@
 //! # Protocol
 //!
 //! 1. **Handshake** ([`handshake`]): over a fresh TCP connection both sides exchange a
-//!    hello (`"imgd-dp-v1"`, a random 32-byte nonce, their node id) and then prove
+//!    hello (`"imgd-dp-v2"`, a random 32-byte nonce, their node id) and then prove
 //!    knowledge of the 32-byte pre-shared swarm key with an HMAC-SHA256 over both nonces
 //!    and both ids. The client proves first; the server answers only a peer that proved
 //!    the key and, when an allow-list is configured, is on it. Anything else is
@@ -16,8 +16,9 @@
 //! 2. **Frames** ([`wire`]): a 9-byte header (`len: u32 BE`, `kind: u8`,
 //!    `request_id: u32 BE`) and a body of at most [`Limits::max_chunk`] bytes for chunk
 //!    bodies and [`Limits::max_control`] for everything else. Requests are
-//!    `GetChunk { digest }` and `Have { blob }`; responses are `Chunk`, `NotFound`,
-//!    `HaveMap`, `Unknown` or `Error`.
+//!    `GetChunk { digest }`, `GetPieces { chunk, first, count }` (256 KiB pieces, for
+//!    lazy reads) and `Have { blob }`; responses are `Chunk`, `Pieces`, `Pending` (being
+//!    fetched here now: ask again), `NotFound`, `HaveMap`, `Unknown` or `Error`.
 //! 3. **Concurrency model**: a connection carries one request at a time (the server
 //!    answers in order, so pipelining would also work, and the echoed request id lets the
 //!    client check it). Parallelism comes from a small pool of connections per peer
@@ -45,9 +46,9 @@ mod have_map;
 pub mod server;
 pub mod wire;
 
-pub use client::{PeerClient, PeerPool};
+pub use client::{Answer, PeerClient, PeerPool};
 pub use have_map::HaveMap;
-pub use server::{serve, ChunkSource};
+pub use server::{serve, ChunkSource, PiecesAnswer};
 
 use imgd_core::{Digest, CHUNK_SIZE};
 use std::fmt;

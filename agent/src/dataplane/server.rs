@@ -1,4 +1,5 @@
-//! The data plane server: answers `GetChunk` and `Have` from a [`ChunkSource`].
+//! The data plane server: answers `GetChunk`, `GetPieces` and `Have` from a
+//! [`ChunkSource`].
 //!
 //! Every accepted connection must pass the [`handshake`] first. A connection is then
 //! served one request at a time, in order (a client may pipeline). The number of
@@ -31,6 +32,30 @@ pub trait ChunkSource: Send + Sync + 'static {
 
     /// Which chunks of blob `blob` are held or being fetched, if the blob is known.
     fn have(&self, blob: &Digest) -> Option<HaveMap>;
+
+    /// Pieces `first..first + count` (256 KiB each, the last of a chunk shorter) of the
+    /// chunk with this digest, from the whole chunk or from stored pieces. The receiver
+    /// checks each against its digest.
+    fn pieces(&self, _chunk: &Digest, _first: u32, _count: u32) -> PiecesAnswer {
+        PiecesAnswer::NotHere
+    }
+
+    /// Whether this node is fetching the chunk now (a `GetChunk` of a chunk not held is
+    /// then answered `Pending` rather than `NotFound`).
+    fn fetching(&self, _chunk: &Digest) -> bool {
+        false
+    }
+}
+
+/// What a [`ChunkSource`] has of some pieces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PiecesAnswer {
+    /// The pieces, concatenated.
+    Here(Bytes),
+    /// Not all here, but this node is fetching the chunk now.
+    Pending,
+    /// Not here, and not coming.
+    NotHere,
 }
 
 struct Shared {
@@ -145,12 +170,15 @@ async fn read_request(
     let protocol = |id, e: wire::WireError| (id, DataPlaneError::Protocol(e.to_string()));
     let header = wire::decode_header(head, &shared.limits).map_err(|e| protocol(0, e))?;
     let id = header.request_id;
-    if !matches!(header.kind, wire::kind::GET_CHUNK | wire::kind::HAVE) {
+    if !matches!(
+        header.kind,
+        wire::kind::GET_CHUNK | wire::kind::HAVE | wire::kind::GET_PIECES
+    ) {
         let e = format!("expected a request, got frame kind {:#04x}", header.kind);
         return Err((id, DataPlaneError::Protocol(e)));
     }
-    // Requests are exactly 32 bytes (checked by decode_header).
-    let mut body = [0u8; 32];
+    // Requests are exactly 32 or 40 bytes (checked by decode_header).
+    let mut body = [0u8; wire::GET_PIECES_LEN];
     let limit = shared.cfg.limits.write_timeout;
     with_timeout(limit, "reading a request", async {
         Ok(stream.read_exact(&mut body[..header.len]).await?)
@@ -175,7 +203,20 @@ async fn answer(request: Message, shared: &Shared) -> Message {
                 Message::Error(format!("chunk {digest} is larger than the frame limit"))
             }
             Some(b) => Message::Chunk(b),
+            None if source.fetching(&digest) => Message::Pending,
             None => Message::NotFound,
+        },
+        Message::GetPieces {
+            chunk,
+            first,
+            count,
+        } => match source.pieces(&chunk, first, count) {
+            PiecesAnswer::Here(b) if b.len() > max_chunk => {
+                Message::Error(format!("pieces of {chunk} are larger than the frame limit"))
+            }
+            PiecesAnswer::Here(b) => Message::Pieces(b),
+            PiecesAnswer::Pending => Message::Pending,
+            PiecesAnswer::NotHere => Message::NotFound,
         },
         Message::Have { blob } => match source.have(&blob) {
             Some(m) => Message::HaveMap(m),

@@ -1,8 +1,13 @@
 //! Partial chunks: the verified 256 KiB pieces of chunks that lazy reads needed.
 //!
 //! A lazy read needs a few hundred KiB of a 4 MiB chunk, so it fetches just the pieces
-//! covering it ([`Pieces::read`]): by `Range` from the proxy, each piece checked against
-//! its sha256 from the chunk list before it is stored or used. Whole chunks stay the unit
+//! covering it ([`Pieces::read`]): from a peer that holds the chunk or its pieces (or is
+//! fetching them, or owns the chunk among the hosts reading the image, waited for
+//! boundedly: `fetch::read_swarm`), else by `Range` from the proxy; each piece checked
+//! against its sha256 from the chunk list before it is stored or used. While a read
+//! fetches pieces from the proxy the chunk is in flight in this host's have-maps, and
+//! afterwards partial (also shown as in flight): peers ask for its pieces
+//! ([`Pieces::stored_pieces`] answers them). Whole chunks stay the unit
 //! of the cache, the P2P prefetch and dedup: a partial chunk is completed in the
 //! background ([`Pieces::run_completer`]) once reads left it alone for a while, by
 //! fetching its missing pieces, checking the whole chunk against its digest and putting
@@ -14,13 +19,16 @@
 //! ([`Pieces::open`]) checks the pieces of every marked chunk again, drops any that does
 //! not verify, and completes the chunk.
 //!
-//! A piece that does not match its digest is an error (counted as a verification
-//! failure of its source); the read then falls back to the whole chunk through the
-//! fetcher (cache, peers, proxy), which verifies it as a whole.
+//! A piece from a peer that does not match its digest gets the peer penalised (banned)
+//! and the pieces are asked elsewhere. One from the proxy is an error (counted as a
+//! verification failure of the proxy); the read then falls back to the whole chunk
+//! through the fetcher (cache, peers, proxy), which verifies it as a whole.
 
 pub mod store;
 
 use crate::cache::ChunkCache;
+use crate::chunk_state::Transition;
+use crate::fetch::{Fetcher, Want};
 use crate::proxy_client::{ProxyClient, ProxyClientError};
 use bytes::Bytes;
 use imgd_core::chunk::pieces_in;
@@ -83,6 +91,8 @@ struct Partial {
 pub struct PieceStats {
     /// Piece bytes fetched from the proxy for reads.
     pub read_bytes: AtomicU64,
+    /// Piece bytes fetched from peers (for reads and completions).
+    pub peer_bytes: AtomicU64,
     /// Bytes fetched to complete partial chunks.
     pub completion_bytes: AtomicU64,
     /// Pieces refused because they did not match their digest.
@@ -96,6 +106,7 @@ pub struct Pieces {
     store: Arc<PieceStore>,
     cache: Arc<ChunkCache>,
     proxy: ProxyClient,
+    fetcher: Arc<Fetcher>,
     partial: Mutex<HashMap<Digest, Partial>>,
     gates: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
     complete_after: Duration,
@@ -106,6 +117,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Bytes a fetch of pieces got, by source.
+#[derive(Default)]
+struct FetchedBytes {
+    proxy: u64,
+    peers: u64,
+}
+
 /// Byte range of piece `p` in a chunk of `size` bytes.
 fn piece_range(size: u32, p: usize) -> Range<u64> {
     let start = (p * PIECE_SIZE) as u64;
@@ -113,14 +131,11 @@ fn piece_range(size: u32, p: usize) -> Range<u64> {
 }
 
 impl Pieces {
-    /// Opens the piece store of `cache` and takes back the partial chunks a previous run
-    /// left: each stored piece is checked again (a damaged one is removed), and a chunk
-    /// the cache meanwhile holds whole loses its pieces. Blocking.
-    pub fn open(
-        cache: Arc<ChunkCache>,
-        proxy: ProxyClient,
-        complete_after: Duration,
-    ) -> Result<Pieces, PieceError> {
+    /// Opens the piece store of the fetcher's cache and takes back the partial chunks a
+    /// previous run left: each stored piece is checked again (a damaged one is removed),
+    /// and a chunk the cache meanwhile holds whole loses its pieces. Blocking.
+    pub fn open(fetcher: Arc<Fetcher>, complete_after: Duration) -> Result<Pieces, PieceError> {
+        let (cache, proxy) = (fetcher.cache.clone(), fetcher.proxy.clone());
         let store = PieceStore::open(cache.dir()).map_err(|e| PieceError::Store {
             chunk: Digest::of(b""),
             message: e.to_string(),
@@ -134,6 +149,7 @@ impl Pieces {
             }
             let present: Vec<bool> = mark.pieces.iter().map(|d| store.get(d).is_some()).collect();
             tracing::info!(%chunk, pieces = present.iter().filter(|p| **p).count(), of = present.len(), "partial chunk taken back");
+            fetcher.reads.states.mark_partial(chunk);
             partial.insert(
                 chunk,
                 Partial {
@@ -147,6 +163,7 @@ impl Pieces {
             store: Arc::new(store),
             cache,
             proxy,
+            fetcher,
             partial: Mutex::new(partial),
             gates: Mutex::new(HashMap::new()),
             complete_after,
@@ -168,6 +185,36 @@ impl Pieces {
             },
             None => ChunkState::Absent,
         }
+    }
+
+    /// Pieces `first..first + count` of `chunk` for a peer, concatenated, if every one
+    /// is here: from the whole chunk in the cache, else from stored pieces (each checked
+    /// again as it is read). Blocking.
+    pub fn stored_pieces(&self, chunk: &Digest, first: u32, count: u32) -> Option<Bytes> {
+        let (first, count) = (first as usize, count as usize);
+        let end = first.checked_add(count)?;
+        if let Some(whole) = self.cache.get_chunk(chunk).ok().flatten() {
+            let size = u32::try_from(whole.len()).ok()?;
+            if count == 0 || end > pieces_in(size) {
+                return None;
+            }
+            let a = piece_range(size, first).start as usize;
+            let b = piece_range(size, end - 1).end as usize;
+            return Some(whole.slice(a..b));
+        }
+        let digests = {
+            let partial = lock(&self.partial);
+            let p = partial.get(chunk)?;
+            if count == 0 || end > p.present.len() || !p.present[first..end].iter().all(|x| *x) {
+                return None;
+            }
+            p.mark.pieces[first..end].to_vec()
+        };
+        let mut out = bytes::BytesMut::new();
+        for d in &digests {
+            out.extend_from_slice(&self.store.get(d)?);
+        }
+        Some(out.freeze())
     }
 
     /// Partial chunks tracked now.
@@ -241,10 +288,16 @@ impl Pieces {
             pieces: list.pieces_of(i).unwrap_or_default().to_vec(),
         };
         let mut have = self.stored(&mark, pieces.clone()).await;
-        let fetched = self
+        let got = self
             .fetch_missing(&chunk.digest, &mark, &mut have, pieces.start)
             .await?;
-        self.stats.read_bytes.fetch_add(fetched, Ordering::Relaxed);
+        self.stats
+            .read_bytes
+            .fetch_add(got.proxy, Ordering::Relaxed);
+        self.stats
+            .peer_bytes
+            .fetch_add(got.peers, Ordering::Relaxed);
+        let fetched = got.proxy + got.peers;
         let mut out = bytes::BytesMut::with_capacity((bytes.end - bytes.start) as usize);
         for piece in have.into_iter().flatten() {
             out.extend_from_slice(&piece);
@@ -261,17 +314,17 @@ impl Pieces {
             .unwrap_or_default()
     }
 
-    /// Fetches the pieces missing from `have` (which holds pieces `first..`) from the
-    /// proxy, one request per run of missing pieces; verifies, stores and marks them.
-    /// Returns the bytes fetched.
+    /// Fetches the pieces missing from `have` (which holds pieces `first..`) from peers
+    /// or the proxy, one request per run of missing pieces; verifies, stores and marks
+    /// them. Returns the bytes fetched from each.
     async fn fetch_missing(
         &self,
         chunk: &Digest,
         mark: &PartialMark,
         have: &mut [Option<Bytes>],
         first: usize,
-    ) -> Result<u64, PieceError> {
-        let mut fetched = 0u64;
+    ) -> Result<FetchedBytes, PieceError> {
+        let mut fetched = FetchedBytes::default();
         let mut k = 0;
         while k < have.len() {
             if have[k].is_some() {
@@ -284,25 +337,54 @@ impl Pieces {
             }
             let (a, b) = (first + run_start, first + k);
             let range = piece_range(mark.size, a).start..piece_range(mark.size, b - 1).end;
-            let body = self.proxy.chunk_range(chunk, range.clone()).await?;
-            fetched += body.len() as u64;
+            let want = Want::Pieces {
+                first: a,
+                digests: &mark.pieces[a..b],
+                len: (range.end - range.start) as usize,
+            };
+            let from_peer = self
+                .fetcher
+                .read_from_peers(&mark.blob, mark.index, *chunk, want)
+                .await;
+            // In flight for peers while the proxy is asked; partial once kept.
+            let peer = from_peer.is_some();
+            let (body, flight) = match from_peer {
+                Some(body) => {
+                    fetched.peers += body.len() as u64;
+                    (body, None)
+                }
+                None => {
+                    let flight = self.fetcher.reads.states.begin(*chunk);
+                    let body = self.proxy.chunk_range(chunk, range.clone()).await?;
+                    fetched.proxy += body.len() as u64;
+                    (body, flight)
+                }
+            };
             let mut verified = Vec::with_capacity(b - a);
             for p in a..b {
                 let r = piece_range(mark.size, p);
-                let part =
-                    body.slice((r.start - range.start) as usize..(r.end - range.start) as usize);
-                if Digest::of(&part) != mark.pieces[p] {
-                    crate::metrics::verification_failed("proxy");
+                let part = body
+                    .get((r.start - range.start) as usize..(r.end - range.start) as usize)
+                    .map(|_| {
+                        body.slice((r.start - range.start) as usize..(r.end - range.start) as usize)
+                    });
+                let Some(part) = part.filter(|part| Digest::of(part) == mark.pieces[p]) else {
+                    crate::metrics::verification_failed(if peer { "peer" } else { "proxy" });
                     self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
                     return Err(PieceError::Corrupt {
-                        from: "the proxy",
+                        from: if peer { "a peer" } else { "the proxy" },
                         chunk: *chunk,
                         piece: p,
                     });
-                }
+                };
                 verified.push((p, part));
             }
             self.keep(chunk, mark, &verified).await?;
+            if let Some(f) = flight {
+                f.end(Transition::Pieces);
+            } else {
+                self.fetcher.reads.states.mark_partial(*chunk);
+            }
             for (p, part) in verified {
                 have[p - first] = Some(part);
             }
@@ -387,10 +469,13 @@ impl Pieces {
             if !self.cache.has_chunk(chunk) {
                 let all = 0..mark.pieces.len();
                 let mut have = self.stored(&mark, all).await;
-                let fetched = self.fetch_missing(chunk, &mark, &mut have, 0).await?;
+                let got = self.fetch_missing(chunk, &mark, &mut have, 0).await?;
                 self.stats
                     .completion_bytes
-                    .fetch_add(fetched, Ordering::Relaxed);
+                    .fetch_add(got.proxy, Ordering::Relaxed);
+                self.stats
+                    .peer_bytes
+                    .fetch_add(got.peers, Ordering::Relaxed);
                 let mut whole = Vec::with_capacity(mark.size as usize);
                 for piece in have.into_iter().flatten() {
                     whole.extend_from_slice(&piece);
@@ -411,6 +496,7 @@ impl Pieces {
             })
             .await;
             lock(&self.partial).remove(chunk);
+            self.fetcher.reads.states.completed(chunk);
             self.stats.completed.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%chunk, "partial chunk completed");
             Ok(())

@@ -2,8 +2,8 @@
 //!
 //! As a **liar** it joins the swarm like an agent (libp2p discovery, the data plane with the
 //! swarm key), claims in its have-maps to hold every chunk of an image, and answers chunk
-//! requests according to `--mode`:
-//! - `flip`: the chunk with one byte flipped;
+//! and piece requests (`GetChunk`, `GetPieces`) according to `--mode`:
+//! - `flip`: the chunk (or the pieces) with one byte flipped;
 //! - `truncate`: a chunk frame announcing the whole chunk, half the bytes, then a hang-up;
 //! - `drip`: a chunk frame announcing the whole chunk, then a few bytes per second;
 //! - `phantom`: it does not hold the chunks it advertises: `NotFound` or an error frame.
@@ -29,7 +29,7 @@ use imgd_agent::dataplane::{handshake, DataPlaneConfig, HaveMap, Limits};
 use imgd_agent::image::{self, ImageRef};
 use imgd_agent::peers::PeerSet;
 use imgd_agent::proxy_client::ProxyClient;
-use imgd_core::{ChunkList, Digest};
+use imgd_core::{ChunkList, Digest, PIECE_SIZE};
 use imgd_tests::daemons::TEST_SWARM_KEY;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -184,6 +184,30 @@ async fn lie(mut s: TcpStream, cfg: &DataPlaneConfig, img: &Image, mode: Mode) -
                 }
                 None => Message::Unknown,
             },
+            Message::GetPieces {
+                chunk,
+                first,
+                count,
+            } => {
+                let Some(bytes) = img.chunks.get(&chunk) else {
+                    send(&mut s, id, &Message::NotFound).await?;
+                    continue;
+                };
+                served += 1;
+                let a = (first as usize * PIECE_SIZE).min(bytes.len());
+                let b = ((first as usize + count as usize) * PIECE_SIZE).min(bytes.len());
+                let mut v = bytes[a..b].to_vec();
+                match mode {
+                    Mode::Phantom => Message::NotFound,
+                    _ if v.is_empty() => Message::NotFound,
+                    _ => {
+                        // Every other mode lies with a flipped byte in the last piece.
+                        let at = v.len() - 1;
+                        v[at] ^= 0x5a;
+                        Message::Pieces(Bytes::from(v))
+                    }
+                }
+            }
             Message::GetChunk { digest } => {
                 let Some(bytes) = img.chunks.get(&digest) else {
                     send(&mut s, id, &Message::NotFound).await?;
