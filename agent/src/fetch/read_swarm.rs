@@ -240,7 +240,7 @@ impl Fetcher {
                 .max_by_key(|(w, _)| *w)
                 .map(|(_, p)| p);
             let owner_started = owner
-                .and_then(|p| map(p))
+                .and_then(&map)
                 .is_some_and(|m| m.is_in_flight(i as u32) || m.is_present(i as u32));
             let mut targets: Vec<&Peer> = known
                 .iter()
