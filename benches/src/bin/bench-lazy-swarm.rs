@@ -70,7 +70,7 @@ fn parse_args() -> Result<Args> {
             other => bail!("unknown argument {other:?}"),
         }
     }
-    if a.hosts.iter().any(|&n| n < 2 || n > 50) {
+    if a.hosts.iter().any(|n| !(2..=50).contains(n)) {
         bail!("--hosts: between 2 and 50 hosts");
     }
     Ok(a)
