@@ -5,6 +5,7 @@
 //! - [`index`]: the seekable layer index (file table + inflate checkpoints) and its reader.
 //! - [`store`]: the content-addressed chunk store on disk and the RocksDB metadata.
 //! - [`manifest`]: the manifest parser with size, count and nesting limits.
+//! - [`endpoints`]: interchangeable HTTP endpoints tried in rendezvous order, with health.
 //! - [`peer_wire`]: the frame codec of the agents' peer-to-peer data plane.
 //! - [`single_flight`]: one cancel-safe piece of work per key, shared by concurrent callers.
 //! - [`wire`]: JSON types of the proxy's chunk API.
@@ -12,6 +13,7 @@
 pub mod chunk;
 pub mod config_file;
 pub mod digest;
+pub mod endpoints;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod index;

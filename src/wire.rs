@@ -54,8 +54,14 @@ pub struct ProxyStats {
     pub chunk_bytes_served: u64,
     /// Chunks served through the chunk API.
     pub chunks_served: u64,
-    /// Bytes of blobs served through the registry API.
+    /// Bytes of blobs served through the registry API (and to peer replicas).
     pub blob_bytes_served: u64,
+    /// Blob bytes received from peer replicas instead of upstream.
+    #[serde(default)]
+    pub peer_blob_bytes: u64,
+    /// Blobs ingested from peer replicas (each verified and stored).
+    #[serde(default)]
+    pub peer_blob_fetches: u64,
 }
 
 /// Most paths a startup trace may hold.

@@ -9,13 +9,10 @@
 //! replica that does not hold them is first told to ingest the blob.
 
 use crate::proxy_client::Repo;
+use imgd_core::endpoints::Endpoints;
 use imgd_core::Digest;
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
-/// How long a replica that failed a request is tried only after the others.
-const DOWN_FOR: Duration = Duration::from_secs(5);
 
 /// At most this many chunk and blob routes are remembered (about 1 TiB of 4 MiB chunks);
 /// past it they are forgotten all at once, and requests go by rendezvous order again.
@@ -30,14 +27,9 @@ pub struct Route {
     pub replica: usize,
 }
 
-struct Replica {
-    base: String,
-    down_until: Mutex<Option<Instant>>,
-}
-
-/// The replicas, their health and the routes learnt from chunk lists.
+/// The replicas, their health ([`Endpoints`]) and the routes learnt from chunk lists.
 pub struct ReplicaSet {
-    replicas: Vec<Replica>,
+    replicas: Endpoints,
     routes: Mutex<HashMap<Digest, Route>>,
 }
 
@@ -45,13 +37,7 @@ impl ReplicaSet {
     /// The replicas at `bases` (`http://host:port`, without a trailing `/`).
     pub fn new(bases: &[String]) -> ReplicaSet {
         ReplicaSet {
-            replicas: bases
-                .iter()
-                .map(|b| Replica {
-                    base: b.trim_end_matches('/').to_string(),
-                    down_until: Mutex::new(None),
-                })
-                .collect(),
+            replicas: Endpoints::new(bases, "proxy replica"),
             routes: Mutex::new(HashMap::new()),
         }
     }
@@ -66,59 +52,28 @@ impl ReplicaSet {
 
     /// The base URL of replica `i`.
     pub fn base(&self, i: usize) -> &str {
-        self.replicas.get(i).map(|r| r.base.as_str()).unwrap_or("")
+        self.replicas.base(i)
     }
 
-    /// Every replica's base URL and whether it is up (not failed in the last [`DOWN_FOR`]).
+    /// Every replica's base URL and whether it is up.
     pub fn health(&self) -> Vec<(String, bool)> {
-        (0..self.len())
-            .map(|i| (self.replicas[i].base.clone(), self.is_up(i)))
-            .collect()
-    }
-
-    fn is_up(&self, i: usize) -> bool {
-        let down = self.replicas[i]
-            .down_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        down.is_none_or(|until| Instant::now() >= until)
+        self.replicas.health()
     }
 
     /// The order to try the replicas in for `key`: `first` (a route's replica) if given,
     /// then by rendezvous weight; replicas that are down go last, in the same order.
     pub fn order(&self, key: &[u8], first: Option<usize>) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.len()).collect();
-        order.sort_by_key(|&i| {
-            std::cmp::Reverse(imgd_core::rendezvous::weight(
-                key,
-                self.replicas[i].base.as_bytes(),
-            ))
-        });
-        if let Some(f) = first.filter(|&f| f < self.len()) {
-            order.retain(|&i| i != f);
-            order.insert(0, f);
-        }
-        let (up, down): (Vec<usize>, Vec<usize>) = order.into_iter().partition(|&i| self.is_up(i));
-        up.into_iter().chain(down).collect()
+        self.replicas.order(key, first)
     }
 
-    /// Replica `i` failed a request: it is tried last for [`DOWN_FOR`].
+    /// Replica `i` failed a request: it is tried last for a while.
     pub fn mark_down(&self, i: usize, why: &str) {
-        let Some(r) = self.replicas.get(i) else {
-            return;
-        };
-        let mut down = r.down_until.lock().unwrap_or_else(|p| p.into_inner());
-        if down.is_none_or(|until| Instant::now() >= until) {
-            tracing::warn!(replica = %r.base, error = why, "proxy replica failed a request; trying the others first for {DOWN_FOR:?}");
-        }
-        *down = Some(Instant::now() + DOWN_FOR);
+        self.replicas.mark_down(i, why)
     }
 
     /// Replica `i` answered: it is up again.
     pub fn mark_up(&self, i: usize) {
-        if let Some(r) = self.replicas.get(i) {
-            *r.down_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        }
+        self.replicas.mark_up(i)
     }
 
     /// Remembers that replica `replica` holds `blob` and its `chunks`.
@@ -157,34 +112,6 @@ mod tests {
     fn set(n: usize) -> ReplicaSet {
         let bases: Vec<String> = (0..n).map(|i| format!("http://replica{i}:5000")).collect();
         ReplicaSet::new(&bases)
-    }
-
-    #[test]
-    fn keys_spread_over_the_replicas_and_every_agent_agrees() {
-        let (a, b) = (set(3), set(3));
-        let mut firsts = [0usize; 3];
-        for i in 0..300u32 {
-            let key = Digest::of(&i.to_be_bytes());
-            let order = a.order(key.as_bytes(), None);
-            assert_eq!(order, b.order(key.as_bytes(), None));
-            let mut sorted = order.clone();
-            sorted.sort();
-            assert_eq!(sorted, vec![0, 1, 2]);
-            firsts[order[0]] += 1;
-        }
-        assert!(firsts.iter().all(|&n| n > 60), "{firsts:?}");
-    }
-
-    #[test]
-    fn a_down_replica_goes_last_until_it_answers_again() {
-        let s = set(2);
-        let key = b"blob";
-        let first = s.order(key, None)[0];
-        s.mark_down(first, "connection refused");
-        assert_eq!(s.order(key, None), vec![1 - first, first]);
-        assert_eq!(s.health().iter().filter(|(_, up)| !up).count(), 1);
-        s.mark_up(first);
-        assert_eq!(s.order(key, None)[0], first);
     }
 
     #[test]

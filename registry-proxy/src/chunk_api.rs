@@ -102,6 +102,35 @@ pub async fn blob_info(
     Ok(Json(BlobInfo { chunks, index }))
 }
 
+/// `GET /imgd/v1/blobs/{digest}/data`: a stored blob's bytes, for peer replicas
+/// ([`crate::peers`]). Never fetches: a blob that is not stored is 404.
+pub async fn blob_data(
+    _: Authorized,
+    State(state): State<Arc<AppState>>,
+    Path(digest): Path<String>,
+) -> Result<Response, ProxyError> {
+    let digest = parse_digest(&digest)?;
+    let unknown = || ProxyError::BlobUnknown(format!("{digest} (not stored here)"));
+    let list = state.storage.blob(&digest)?.ok_or_else(unknown)?;
+    let lease = state.space.lease(&digest).ok_or_else(unknown)?;
+    let size = list.size;
+    let body = crate::blob_body::blob_body(
+        state.storage.clone(),
+        state.stats.clone(),
+        list,
+        0..size,
+        lease,
+    );
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, size.to_string()),
+        ],
+        body,
+    )
+        .into_response())
+}
+
 /// `GET /imgd/v1/chunks/{digest}`: a stored chunk's bytes; with `Range: bytes=A-B`,
 /// just those (206), so that an agent fetches only the pieces a read needs.
 pub async fn chunk(

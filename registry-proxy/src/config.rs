@@ -31,6 +31,12 @@ storage_quota_bytes = 0
 # client would pull it through this proxy, e.g. "docker.io/library/alpine:3".
 pins = []
 
+# Other imgd-proxy replicas of the fleet (base URLs, e.g. "http://proxy-b:5000"). An
+# uncached blob that one of them stores is ingested from it instead of from upstream,
+# after upstream confirmed the client's repository holds it. The peers must accept this
+# proxy's own [chunk_api] token (a fleet shares one). Env: IMGD_PROXY_PEERS (commas).
+peers = []
+
 # Log format on stderr: "text" (human-readable) or "json" (one JSON object a line).
 # The level filter comes from RUST_LOG (default "info"). Env: IMGD_LOG_FORMAT.
 log_format = "text"
@@ -112,6 +118,8 @@ pub struct ProxyConfig {
     pub storage_quota_bytes: u64,
     /// Images pinned by configuration.
     pub pins: Vec<String>,
+    /// Peer replicas' base URLs ([`crate::peers`]).
+    pub peers: Vec<String>,
     pub upstream_timeout_secs: u64,
     pub max_manifest_bytes: usize,
     /// How long a refused layer is remembered (the negative cache), in seconds.
@@ -209,6 +217,7 @@ impl Default for ProxyConfig {
             storage_dir: PathBuf::from("/var/lib/imgd-proxy"),
             storage_quota_bytes: 0,
             pins: Vec::new(),
+            peers: Vec::new(),
             upstream_timeout_secs: 60,
             max_manifest_bytes: 4 << 20,
             refused_layer_ttl_secs: 3600,
@@ -264,6 +273,13 @@ impl ProxyConfig {
                 return bad(format!("{key}.name {:?} is used twice", u.name));
             }
         }
+        for (i, p) in self.peers.iter().enumerate() {
+            if !(p.starts_with("http://") || p.starts_with("https://")) {
+                return bad(format!(
+                    "peers[{i}] must start with http:// or https://, got {p:?}"
+                ));
+            }
+        }
         if self.retry.max_attempts == 0 {
             return bad("retry.max_attempts must be at least 1".into());
         }
@@ -286,6 +302,7 @@ mod tests {
         assert_eq!(parsed.storage_dir, d.storage_dir);
         assert_eq!(parsed.storage_quota_bytes, d.storage_quota_bytes);
         assert_eq!(parsed.pins, d.pins);
+        assert_eq!(parsed.peers, d.peers);
         assert_eq!(parsed.upstream_timeout_secs, d.upstream_timeout_secs);
         assert_eq!(parsed.max_manifest_bytes, d.max_manifest_bytes);
         assert_eq!(parsed.refused_layer_ttl_secs, d.refused_layer_ttl_secs);

@@ -17,11 +17,12 @@
 
 use crate::flight::{Flight, FlightState};
 use crate::ledger::FileKind;
+use crate::peers::{PeerBlob, Peers};
 use crate::refusals::Refusals;
 use crate::routing::Route;
 use crate::space::{Space, SpaceError};
 use crate::storage::{Storage, StorageError};
-use crate::upstream::{Upstream, UpstreamError};
+use crate::upstream::{BlobStream, Upstream, UpstreamError};
 use crate::Stats;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -123,17 +124,21 @@ pub struct Ingestor {
     stats: Arc<Stats>,
     index_options: IndexOptions,
     refusals: Arc<Refusals>,
+    /// Other replicas an uncached blob may be ingested from ([`crate::peers`]).
+    peers: Arc<Peers>,
     flights: Flights,
 }
 
 impl Ingestor {
     /// An ingestor writing into the storage of `space`, indexing layers with
-    /// `index_options` and remembering refused layers in `refusals`.
+    /// `index_options`, remembering refused layers in `refusals` and asking `peers` for
+    /// blobs before upstream.
     pub fn new(
         space: Arc<Space>,
         stats: Arc<Stats>,
         index_options: IndexOptions,
         refusals: Refusals,
+        peers: Peers,
     ) -> Self {
         Ingestor {
             storage: space.storage_arc(),
@@ -141,6 +146,7 @@ impl Ingestor {
             stats,
             index_options,
             refusals: Arc::new(refusals),
+            peers: Arc::new(peers),
             flights: SingleFlight::new(),
         }
     }
@@ -199,6 +205,7 @@ impl Ingestor {
         let run = Run {
             upstream: route.upstream.clone(),
             repo: route.repo.clone(),
+            peers: self.peers.clone(),
             flight: flight.clone(),
             space: self.space.clone(),
             stats: self.stats.clone(),
@@ -231,16 +238,70 @@ impl Ingestor {
 struct Run {
     upstream: Arc<Upstream>,
     repo: String,
+    peers: Arc<Peers>,
     flight: Arc<Flight>,
     space: Arc<Space>,
     stats: Arc<Stats>,
     index_options: IndexOptions,
 }
 
+/// Where an ingest's bytes come from.
+#[derive(Clone, Copy)]
+enum Origin {
+    Upstream,
+    /// A peer replica ([`Peers::base`]).
+    Peer(usize),
+}
+
 impl Run {
     async fn ingest(self) -> Result<ChunkList, IngestError> {
+        let (blob, origin) = self.open_stream().await?;
+        let peers = self.peers.clone();
+        let result = self.ingest_stream(blob, origin).await;
+        if let (Origin::Peer(i), Err(IngestError::Upstream(e))) = (origin, &result) {
+            peers.mark_down(i, &format!("its blob failed: {e}"));
+        }
+        result
+    }
+
+    /// The blob's stream: from a peer replica that stores it, or from upstream. A peer is
+    /// asked only once upstream confirmed that the repository holds the blob (or the
+    /// route is on record), so peers never widen who sees what.
+    async fn open_stream(&self) -> Result<(BlobStream, Origin), IngestError> {
         let digest = self.flight.digest;
-        let mut blob = self.upstream.blob(&self.repo, &digest).await?;
+        if !self.peers.is_empty() {
+            let recorded = self
+                .space
+                .storage()
+                .meta
+                .contains::<crate::storage::Access>(&self.flight.access_key)
+                .map_err(StorageError::from)?;
+            if !recorded {
+                self.upstream.check_blob(&self.repo, &digest).await?;
+            }
+            if let Some(PeerBlob { peer, stream }) = self.peers.blob(&digest).await {
+                return Ok((stream, Origin::Peer(peer)));
+            }
+        }
+        Ok((
+            self.upstream.blob(&self.repo, &digest).await?,
+            Origin::Upstream,
+        ))
+    }
+
+    async fn ingest_stream(
+        self,
+        mut blob: BlobStream,
+        origin: Origin,
+    ) -> Result<ChunkList, IngestError> {
+        let digest = self.flight.digest;
+        let (bytes_counter, fetch_counter) = match origin {
+            Origin::Upstream => (
+                &self.stats.upstream_blob_bytes,
+                &self.stats.upstream_blob_fetches,
+            ),
+            Origin::Peer(_) => (&self.stats.peer_blob_bytes, &self.stats.peer_blob_fetches),
+        };
         self.flight.publish_received(blob.size, 0);
         let (chunk_tx, chunk_rx) = mpsc::channel(16);
         let (index_tx, index_rx) = mpsc::channel(16);
@@ -258,9 +319,7 @@ impl Run {
             match piece {
                 Ok(bytes) => {
                     received += bytes.len() as u64;
-                    self.stats
-                        .upstream_blob_bytes
-                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    bytes_counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     if index_tx.send(Some(bytes.clone())).await.is_err() {
                         break; // the indexer refused the layer; its error is reported below
                     }
@@ -319,9 +378,7 @@ impl Run {
             return Err(e.into());
         }
         let (list, index_state) = chunked??;
-        self.stats
-            .upstream_blob_fetches
-            .fetch_add(1, Ordering::Relaxed);
+        fetch_counter.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%digest, bytes = list.size, chunks = list.chunks.len(), index = ?index_state, "blob stored");
         Ok(list)
     }

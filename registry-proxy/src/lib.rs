@@ -10,6 +10,7 @@ pub mod flight;
 pub mod ingest;
 pub mod ledger;
 pub mod metrics;
+pub mod peers;
 pub mod pins;
 pub mod refusals;
 pub mod registry_api;
@@ -31,6 +32,9 @@ pub struct Stats {
     pub chunk_bytes_served: AtomicU64,
     pub chunks_served: AtomicU64,
     pub blob_bytes_served: AtomicU64,
+    /// Blob bytes and blobs ingested from peer replicas instead of upstream.
+    pub peer_blob_bytes: AtomicU64,
+    pub peer_blob_fetches: AtomicU64,
 }
 
 impl Stats {
@@ -43,6 +47,8 @@ impl Stats {
             chunk_bytes_served: get(&self.chunk_bytes_served),
             chunks_served: get(&self.chunks_served),
             blob_bytes_served: get(&self.blob_bytes_served),
+            peer_blob_bytes: get(&self.peer_blob_bytes),
+            peer_blob_fetches: get(&self.peer_blob_fetches),
         }
     }
 }

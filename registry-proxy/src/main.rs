@@ -33,6 +33,15 @@ struct Cli {
         value_delimiter = ','
     )]
     upstreams: Vec<String>,
+    /// Add a peer replica's base URL (see `peers`). In the environment variable, several
+    /// are separated by commas.
+    #[arg(
+        long = "peer",
+        value_name = "URL",
+        env = "IMGD_PROXY_PEERS",
+        value_delimiter = ','
+    )]
+    peers: Vec<String>,
     /// Print the documented default configuration and exit.
     #[arg(long)]
     print_default_config: bool,
@@ -163,6 +172,7 @@ fn main() -> anyhow::Result<()> {
             .upstreams
             .push(parse_upstream(s, no_default && i == 0)?);
     }
+    config.peers.extend(cli.peers);
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
         let listen = config.listen;

@@ -11,6 +11,7 @@
 //! | `imgd_proxy_chunks_served_total` | counter | |
 //! | `imgd_proxy_upstream_received_bytes_total` | counter | |
 //! | `imgd_proxy_upstream_blob_fetches_total` | counter | |
+//! | `imgd_proxy_peer_received_bytes_total`, `imgd_proxy_peer_blob_fetches_total` | counter | (blobs ingested from peer replicas) |
 //! | `imgd_proxy_upstream_errors_total` | counter | `status` = HTTP code or `timeout`, `unreachable`, ... |
 //! | `imgd_proxy_verification_failures_total` | counter | `where` = `upstream` |
 //! | `imgd_proxy_refused_layers_total` | counter | `answer` = `judged` (downloaded and refused) or `remembered` (answered from the negative cache) |
@@ -205,6 +206,18 @@ impl Collector for Snapshot {
             "Blobs fetched from upstreams and stored",
             &[(vec![], s.upstream_blob_fetches)],
         )?;
+        encode_counters(
+            &mut enc,
+            "peer_received_bytes",
+            "Blob bytes received from peer replicas instead of upstream",
+            &[(vec![], s.peer_blob_bytes)],
+        )?;
+        encode_counters(
+            &mut enc,
+            "peer_blob_fetches",
+            "Blobs fetched from peer replicas and stored",
+            &[(vec![], s.peer_blob_fetches)],
+        )?;
         let sp = &self.space;
         encode_gauges(
             &mut enc,
@@ -276,7 +289,9 @@ static LAST_WALK: Mutex<Option<(PathBuf, u64, Usage)>> = Mutex::new(None);
 /// directories are walked again only when a blob was stored or evicted since the last walk.
 fn storage_usage(state: &AppState) -> Usage {
     let dir = &state.config.storage_dir;
-    let stored = state.stats.snapshot().upstream_blob_fetches + state.space.usage().evictions;
+    let snap = state.stats.snapshot();
+    let stored =
+        snap.upstream_blob_fetches + snap.peer_blob_fetches + state.space.usage().evictions;
     let mut last = LAST_WALK.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((d, n, usage)) = last.as_ref() {
         if d == dir && *n == stored {

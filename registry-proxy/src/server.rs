@@ -71,7 +71,9 @@ impl AppState {
         let space = Arc::new(Space::open(storage.clone(), quota, pause)?);
         let chunk_api_token = config.chunk_api.required_token()?;
         let state = AppState {
-            chunk_api_token: chunk_api_token.map(|t| imgd_core::Digest::of(t.as_bytes())),
+            chunk_api_token: chunk_api_token
+                .as_ref()
+                .map(|t| imgd_core::Digest::of(t.as_bytes())),
             upstreams: Upstreams::new(entries, default),
             ingestor: Ingestor::new(
                 space.clone(),
@@ -80,6 +82,11 @@ impl AppState {
                 crate::refusals::Refusals::new(std::time::Duration::from_secs(
                     config.refused_layer_ttl_secs,
                 )),
+                crate::peers::Peers::new(
+                    &config.peers,
+                    chunk_api_token.clone(),
+                    config.upstream_timeout(),
+                )?,
             ),
             storage,
             space,
@@ -96,6 +103,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v2/", get(registry_api::version_check))
         .route("/imgd/v1/blobs/{digest}", get(chunk_api::blob_info))
+        .route("/imgd/v1/blobs/{digest}/data", get(chunk_api::blob_data))
         .route("/imgd/v1/chunks/{digest}", get(chunk_api::chunk))
         .route("/imgd/v1/indexes/{digest}", get(chunk_api::index))
         .route("/imgd/v1/stats", get(chunk_api::stats))
