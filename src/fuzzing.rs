@@ -130,8 +130,8 @@ fn comparable(r: &Result<LayerIndex, IndexError>) -> Result<LayerIndex, IndexErr
 /// `index_zstd`: `data[0]` picks how the rest is fed: as a zstd blob (after the zstd
 /// magic, so that the decoder is reached), whole and in slices of a size picked by
 /// `data[1]` (same outcome); or as a tar stream zstd-compressed first (same entries as
-/// the plain tar). Every index built must read back through its seekable copy, and the
-/// copy must decode to the layer's tar stream.
+/// the plain tar). Every index built must read back (through its seekable copy, which
+/// must decode to the layer's tar stream, or from the blob's own frames).
 pub fn index_zstd(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else {
         return;
@@ -154,7 +154,7 @@ pub fn index_zstd(data: &[u8]) {
             "slicing changed the outcome"
         );
         if let Ok((index, copy)) = whole {
-            check_copy(&index, &copy, None);
+            check_copy(&index, &copy, &blob, None);
         }
     } else {
         let plain = index_blob(rest, options());
@@ -163,7 +163,7 @@ pub fn index_zstd(data: &[u8]) {
         };
         let packed = index_blob_with_copy(&zst, options());
         if let Ok((index, copy)) = &packed {
-            check_copy(index, copy, Some(rest));
+            check_copy(index, copy, &zst, Some(rest));
         }
         if !rest.starts_with(&[0x1f, 0x8b]) && !rest.starts_with(&crate::index::zstd::ZSTD_MAGIC) {
             match (&plain, &packed) {
@@ -175,9 +175,14 @@ pub fn index_zstd(data: &[u8]) {
     }
 }
 
-/// A zstd index binds its copy, whose frames decode to the tar stream (`tar` if known).
-fn check_copy(index: &LayerIndex, copy: &[u8], tar: Option<&[u8]>) {
-    let bound = index.copy.as_ref().expect("a zstd index binds its copy");
+/// A zstd index either binds its copy, whose frames decode to the tar stream (`tar` if
+/// known), and reads back through it; or reads back from the blob's own frames.
+fn check_copy(index: &LayerIndex, copy: &[u8], blob: &[u8], tar: Option<&[u8]>) {
+    let Some(bound) = index.copy.as_ref() else {
+        assert!(copy.is_empty(), "copy bytes without a copy binding");
+        check_built(index, blob);
+        return;
+    };
     assert_eq!(
         (bound.digest, bound.size),
         (Digest::of(copy), copy.len() as u64)
@@ -193,6 +198,56 @@ fn check_copy(index: &LayerIndex, copy: &[u8], tar: Option<&[u8]>) {
         assert!(decoded == tar, "the copy decodes to the layer's tar stream");
     }
     check_built(index, copy);
+}
+
+/// The zstd:chunked trailer after `data_frames`: `toc` (JSON) zstd-compressed in a
+/// skippable frame, and a 64-byte footer pointing at it.
+pub fn zstd_chunked_trailer(data_frames: &[u8], toc: &[u8]) -> Vec<u8> {
+    let skippable = |out: &mut Vec<u8>, data: &[u8]| {
+        out.extend_from_slice(&[0x50, 0x2a, 0x4d, 0x18]);
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        out.extend_from_slice(data);
+    };
+    let packed = zstd::bulk::compress(toc, 1).unwrap_or_default();
+    let mut blob = data_frames.to_vec();
+    let offset = blob.len() as u64 + 8;
+    skippable(&mut blob, &packed);
+    let mut footer = Vec::with_capacity(64);
+    for v in [offset, packed.len() as u64, toc.len() as u64, 1, 0, 0, 0] {
+        footer.extend_from_slice(&v.to_le_bytes());
+    }
+    footer.extend_from_slice(b"GNUlInUx");
+    skippable(&mut blob, &footer);
+    blob
+}
+
+/// `index_zstd_chunked`: `data` is a u32 (LE) length `n`, `n` bytes of zstd data frames
+/// and a TOC (JSON); the target appends the TOC and a footer pointing at it, so the TOC
+/// check is reached with any TOC. An index built must read back from the blob's own
+/// frames (or through its copy); a TOC it binds must be the one appended. Errors are
+/// fine, but a TOC's disagreement must never be hostile (the blob is still served).
+pub fn index_zstd_chunked(data: &[u8]) {
+    let Some((len, rest)) = data.split_first_chunk::<4>() else {
+        return;
+    };
+    let n = (u32::from_le_bytes(*len) as usize).min(rest.len());
+    let (frames, toc) = rest.split_at(n);
+    let blob = zstd_chunked_trailer(frames, toc);
+    match index_blob_with_copy(&blob, options()) {
+        Ok((index, copy)) => {
+            if let Some(bound) = &index.toc {
+                assert!(index.copy.is_none(), "a TOC bound with a copy");
+                let at = bound.offset as usize;
+                assert_eq!(
+                    bound.digest,
+                    Digest::of(&blob[at..at + bound.size as usize])
+                );
+            }
+            check_copy(&index, &copy, &blob, None);
+        }
+        Err(e @ IndexError::ZstdChunked(_)) => assert!(!e.is_hostile(), "{e}"),
+        Err(_) => {}
+    }
 }
 
 fn check_built(index: &LayerIndex, blob: &[u8]) {
@@ -394,6 +449,64 @@ mod tests {
     #[test]
     fn index_zstd_replays() {
         replay("index_zstd", super::index_zstd);
+    }
+
+    #[test]
+    fn index_zstd_chunked_replays() {
+        replay("index_zstd_chunked", super::index_zstd_chunked);
+    }
+
+    /// Writes `fuzz/seeds/index_zstd_chunked` from the tar seeds of `index_builder`,
+    /// written as zstd:chunked by the tests' writer (and each with a TOC that lies):
+    /// `cargo test -p imgd-core --lib write_index_zstd_chunked_seeds -- --ignored`.
+    #[test]
+    #[ignore = "regenerates seed files"]
+    fn write_index_zstd_chunked_seeds() {
+        use crate::index::zstd_chunked_tests::{data_frames, write};
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+        let out = root.join("index_zstd_chunked");
+        std::fs::create_dir_all(&out).unwrap();
+        let mut small = crate::index::tar::tests::TestTar::default();
+        small.entry(crate::index::tar::tests::header(b"d/", b'5', 0, false), b"");
+        small.file(b"d/empty", b"");
+        small.file(b"d/text", &b"zstd:chunked ".repeat(900));
+        let mut tars = vec![("small".to_string(), small.end())];
+        for f in std::fs::read_dir(root.join("index_builder")).unwrap() {
+            let path = f.unwrap().path();
+            let data = std::fs::read(&path).unwrap();
+            if data.first() == Some(&0)
+                && crate::index::index_blob(&data[2..], super::options()).is_ok()
+            {
+                tars.push((
+                    path.file_name().unwrap().to_string_lossy().into_owned(),
+                    data[2..].to_vec(),
+                ));
+            }
+        }
+        for (name, tar) in tars {
+            let (blob, mut toc) = write(&tar, 4096);
+            let frames = data_frames(&blob);
+            let seed = |toc: &serde_json::Value| {
+                let mut s = (frames.len() as u32).to_le_bytes().to_vec();
+                s.extend_from_slice(frames);
+                s.extend_from_slice(&serde_json::to_vec(toc).unwrap());
+                s
+            };
+            let good = seed(&toc);
+            let built = crate::index::index_blob_with_copy(
+                &super::zstd_chunked_trailer(frames, &good[4 + frames.len()..]),
+                super::options(),
+            );
+            // The tests' writer knows no GNU sparse files: skip those tars.
+            if !built.is_ok_and(|(index, _)| index.toc.is_some()) {
+                continue;
+            }
+            std::fs::write(out.join(format!("{name}.chunked")), &good).unwrap();
+            if let Some(e) = toc["entries"].as_array_mut().and_then(|e| e.first_mut()) {
+                e["mode"] = serde_json::json!(0o7777);
+            }
+            std::fs::write(out.join(format!("{name}.lying.chunked")), seed(&toc)).unwrap();
+        }
     }
 
     #[test]

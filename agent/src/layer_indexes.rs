@@ -144,6 +144,7 @@ mod tests {
             entries: Vec::new(),
             checkpoints: Vec::new(),
             copy: None,
+            toc: None,
         };
         store.put(&layer, &index.encode()).unwrap();
         assert_eq!(store.get(&layer), Some(index.clone()));

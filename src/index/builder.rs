@@ -16,8 +16,8 @@ use crate::index::gzip::CheckpointingInflater;
 use crate::index::options::SizeFloor;
 pub use crate::index::options::{IndexError, IndexOptions};
 use crate::index::tar::TarScanner;
-use crate::index::zstd::ZstdInflater;
-use crate::index::zstd_copy::{CopyChunk, CopyWriter};
+use crate::index::zstd_copy::CopyChunk;
+use crate::index::zstd_layer::ZstdLayer;
 
 /// Bytes needed to tell the compression apart.
 const DETECT_LEN: usize = 4;
@@ -30,11 +30,7 @@ enum Mode {
         tar: Box<TarScanner>,
     },
     Plain(Box<TarScanner>),
-    Zstd {
-        decoder: Box<ZstdInflater>,
-        tar: Box<TarScanner>,
-        copy: Box<CopyWriter>,
-    },
+    Zstd(Box<ZstdLayer>),
 }
 
 /// Builds a [`LayerIndex`] from a blob pushed in slices of any size.
@@ -67,7 +63,7 @@ impl IndexBuilder {
             Mode::Detect(_) => None,
             Mode::Gzip { .. } => Some(Compression::Gzip),
             Mode::Plain(_) => Some(Compression::None),
-            Mode::Zstd { .. } => Some(Compression::Zstd),
+            Mode::Zstd(_) => Some(Compression::Zstd),
         }
     }
 
@@ -115,11 +111,7 @@ impl IndexBuilder {
                 tar: Box::new(TarScanner::new(self.opts.tar())),
             },
             Compression::None => Mode::Plain(Box::new(TarScanner::new(self.opts.tar()))),
-            Compression::Zstd => Mode::Zstd {
-                decoder: Box::new(ZstdInflater::new(self.opts.zstd_limits())?),
-                tar: Box::new(TarScanner::new(self.opts.tar())),
-                copy: Box::new(CopyWriter::new()?),
-            },
+            Compression::Zstd => Mode::Zstd(Box::new(ZstdLayer::new(&self.opts)?)),
         };
         self.feed(head)
     }
@@ -139,13 +131,9 @@ impl IndexBuilder {
                 tar.feed(data)?;
                 self.floor.add(tar.entries(), &[]);
             }
-            Mode::Zstd { decoder, tar, copy } => {
-                decoder.feed(data, &mut |out: &[u8]| -> Result<(), IndexError> {
-                    tar.feed(out)?;
-                    copy.write(out)?;
-                    Ok(())
-                })?;
-                self.floor.add(tar.entries(), copy.checkpoints());
+            Mode::Zstd(layer) => {
+                layer.feed(data)?;
+                self.floor.add(layer.entries(), layer.checkpoints());
             }
             Mode::Detect(_) => {}
         }
@@ -156,7 +144,7 @@ impl IndexBuilder {
     /// once. The last ones come with [`IndexBuilder::finish_with_copy`].
     pub fn take_copy_chunks(&mut self) -> Vec<CopyChunk> {
         match &mut self.mode {
-            Mode::Zstd { copy, .. } => copy.take_chunks(),
+            Mode::Zstd(layer) => layer.take_copy_chunks(),
             _ => Vec::new(),
         }
     }
@@ -194,6 +182,7 @@ impl IndexBuilder {
                     entries,
                     checkpoints: summary.checkpoints,
                     copy: None,
+                    toc: None,
                 }
             }
             Mode::Plain(tar) => LayerIndex {
@@ -205,21 +194,21 @@ impl IndexBuilder {
                 entries: tar.finish()?,
                 checkpoints: Vec::new(),
                 copy: None,
+                toc: None,
             },
-            Mode::Zstd { decoder, tar, copy } => {
-                let uncompressed_size = decoder.finish()?;
-                let entries = tar.finish()?;
-                let done = copy.finish()?;
-                copy_chunks = done.chunks;
+            Mode::Zstd(zstd) => {
+                let done = zstd.finish()?;
+                copy_chunks = done.copy_chunks;
                 LayerIndex {
                     layer,
                     compression: Compression::Zstd,
                     compressed_size: size,
-                    uncompressed_size,
+                    uncompressed_size: done.uncompressed_size,
                     random_access: true,
-                    entries,
+                    entries: done.entries,
                     checkpoints: done.checkpoints,
-                    copy: Some(done.copy),
+                    copy: done.copy,
+                    toc: done.toc,
                 }
             }
             // `start` above always leaves detection mode.

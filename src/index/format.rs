@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 /// First bytes of every encoded index.
 pub const MAGIC: &[u8; 8] = b"IMGDIDX\0";
 /// Current encoding version.
-pub const INDEX_VERSION: u16 = 3;
+pub const INDEX_VERSION: u16 = 4;
 
 /// How a layer blob is compressed, detected from its first bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,8 +19,9 @@ pub enum Compression {
     None,
     /// gzip: readable from the nearest [`Checkpoint`].
     Gzip,
-    /// zstd: readable from frame starts ([`Checkpoint`]s with no window) in the layer's
-    /// seekable copy ([`LayerIndex::copy`], see [`crate::index::zstd_copy`]).
+    /// zstd: readable from frame starts ([`Checkpoint`]s with no window), the layer's
+    /// own frames when they are small (zstd:chunked, see [`crate::index::zstd_layer`]),
+    /// else those of its seekable copy ([`LayerIndex::copy`], [`crate::index::zstd_copy`]).
     Zstd,
 }
 
@@ -146,6 +147,8 @@ pub struct LayerIndex {
     /// The derived seekable copy that reads of a plain zstd layer use (its digest, size
     /// and chunks), `None` when reads use the layer blob itself.
     pub copy: Option<crate::index::zstd_copy::SeekableCopy>,
+    /// The zstd:chunked TOC that was checked against the stream, if the layer has one.
+    pub toc: Option<crate::index::zstd_chunked::TocBinding>,
 }
 
 /// Error decoding an encoded index.
@@ -291,6 +294,7 @@ mod tests {
                 window: vec![],
             }],
             copy: None,
+            toc: None,
         }
     }
 

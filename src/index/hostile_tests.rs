@@ -17,10 +17,13 @@ fn link(name: &[u8], ty: u8, target: &[u8]) -> [u8; BLOCK] {
     h
 }
 
-/// Indexes `tar` plain, gzip-compressed and zstd-compressed; all must agree.
+/// Indexes `tar` plain, gzip-compressed, zstd-compressed and as zstd:chunked (the tests'
+/// writer, 4 KiB content frames); all must agree. (The TOC's own hostile cases are in
+/// `zstd_chunked_tests`.)
 fn both(tar: &[u8], opts: IndexOptions) -> Result<crate::index::LayerIndex, IndexError> {
     let plain = index_blob(tar, opts);
-    for packed in [gzip_compress(tar, 6), zstd_compress(tar, 3)] {
+    let chunked = crate::index::zstd_chunked_tests::write(tar, 4096).0;
+    for packed in [gzip_compress(tar, 6), zstd_compress(tar, 3), chunked] {
         let other = index_blob(&packed, opts);
         match (&plain, &other) {
             (Ok(p), Ok(g)) => assert_eq!(p.entries, g.entries),

@@ -9,12 +9,17 @@ pub mod reader;
 pub mod tar;
 mod validate;
 pub mod zstd;
+pub mod zstd_chunked;
 pub mod zstd_copy;
+pub mod zstd_frames;
+pub mod zstd_layer;
 
 #[cfg(test)]
 mod hostile_tests;
 #[cfg(test)]
 mod proptests;
+#[cfg(test)]
+pub(crate) mod zstd_chunked_tests;
 
 pub use builder::{index_blob, index_blob_with_copy, IndexBuilder, IndexError, IndexOptions};
 pub use format::{
@@ -27,4 +32,5 @@ pub use reader::{
 };
 pub use tar::{TarError, TarOptions, TarScanner};
 pub use zstd::{ZstdError, ZstdInflater, ZstdLimits};
+pub use zstd_chunked::{TocBinding, ZstdChunkedError};
 pub use zstd_copy::{CopyChunk, CopyWriter, SeekableCopy};

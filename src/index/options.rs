@@ -7,6 +7,7 @@ use crate::index::tar::{
     TarError, TarOptions, DEFAULT_MAX_ENTRIES, DEFAULT_MAX_META_SIZE, DEFAULT_MAX_PATH_LEN,
 };
 use crate::index::zstd::{ZstdError, ZstdLimits, DEFAULT_MAX_FRAMES, DEFAULT_MAX_WINDOW_LOG};
+use crate::index::zstd_chunked::ZstdChunkedError;
 use serde::Deserialize;
 
 /// Options of an [`IndexBuilder`](crate::index::IndexBuilder): the checkpoint spacing and the limits that bound the
@@ -41,6 +42,9 @@ pub struct IndexOptions {
     pub max_zstd_window_log: u32,
     /// Maximum number of frames in a zstd layer (default 2 000 000).
     pub max_zstd_frames: u64,
+    /// Largest zstd:chunked TOC, compressed or not, in bytes (default 64 MiB); a layer
+    /// with a larger one is not indexed.
+    pub max_zstd_toc_bytes: u64,
 }
 
 impl Default for IndexOptions {
@@ -57,6 +61,7 @@ impl Default for IndexOptions {
             inflate_ratio_slack: 4 << 30,
             max_zstd_window_log: DEFAULT_MAX_WINDOW_LOG,
             max_zstd_frames: DEFAULT_MAX_FRAMES,
+            max_zstd_toc_bytes: 64 << 20,
         }
     }
 }
@@ -99,6 +104,10 @@ pub enum IndexError {
     /// The zstd stream is invalid, breaks a limit, or its copy could not be written.
     #[error("layer is not valid zstd: {0}")]
     Zstd(#[from] ZstdError),
+    /// The layer's zstd:chunked TOC disagrees with its stream, or is too large or
+    /// unreadable: the layer is not indexed (not hostile: the blob is still served).
+    #[error("layer is not a valid zstd:chunked layer: {0}")]
+    ZstdChunked(#[from] ZstdChunkedError),
     /// The tar stream is invalid.
     #[error("layer is not a valid tar archive: {0}")]
     Tar(#[from] TarError),
@@ -123,6 +132,7 @@ impl IndexError {
                     | TarError::DeviceNode { .. }
             ),
             IndexError::Zstd(z) => z.is_hostile(),
+            IndexError::ZstdChunked(_) => false,
             IndexError::TooLarge { .. } => true,
         }
     }

@@ -7,6 +7,7 @@ use crate::index::builder::{test_options, IndexBuilder};
 use crate::index::format::{Compression, Entry, EntryKind, LayerIndex};
 use crate::index::gzip::tests::gzip_compress;
 use crate::index::reader::read_file;
+use crate::index::zstd_layer::DIRECT_FRAME;
 use crate::Digest;
 use proptest::prelude::*;
 use std::cell::RefCell;
@@ -259,6 +260,19 @@ fn read_whole(
 type Xattrs = Option<BTreeMap<u64, BTreeMap<String, Vec<u8>>>>;
 
 fn check_index(idx: &LayerIndex, blob: &[u8], root: &Path, pax: bool, xattrs: &Xattrs) {
+    check_index_reads(idx, blob, root, pax, xattrs, true)
+}
+
+/// [`check_index`]; `small_reads`: a small file's read must fetch at most half the blob
+/// (when the layer is over 5 MiB).
+fn check_index_reads(
+    idx: &LayerIndex,
+    blob: &[u8],
+    root: &Path,
+    pax: bool,
+    xattrs: &Xattrs,
+    small_reads: bool,
+) {
     let mut seen = 0;
     for e in &idx.entries {
         let src = root.join(std::str::from_utf8(&e.path).unwrap());
@@ -293,7 +307,7 @@ fn check_index(idx: &LayerIndex, blob: &[u8], root: &Path, pax: bool, xattrs: &X
                 let (whole, part, fetched) = read_whole(idx, blob, e, sub);
                 assert!(whole == want, "{what}: content differs");
                 assert!(part == want[sub.0 as usize..(sub.0 as usize + sub.1).min(want.len())]);
-                if idx.uncompressed_size > 5 << 20 && want.len() < 64 << 10 {
+                if small_reads && idx.uncompressed_size > 5 << 20 && want.len() < 64 << 10 {
                     assert!(
                         fetched <= blob.len() as u64 / 2,
                         "{what}: fetched {fetched} of {}",
@@ -385,19 +399,131 @@ proptest! {
             check_index(&idx, &blob, &root, pax, &xattrs);
         }
         // The `zstd` CLI (one frame; multi-threaded; two streams concatenated): read
-        // through the seekable copy.
+        // through the seekable copy when a frame decodes to more than 4 MiB, else from
+        // the layer's own frames.
         let zlevel = ["-1", "-3", "-9"][level as usize % 3];
         let zmulti = [zstd_cli(&tar[..at], &["-3"]), zstd_cli(&tar[at..], &["-1"])].concat();
-        for blob in [zstd_cli(&tar, &[zlevel]), zstd_cli(&tar, &["-T2", "-5"]), zmulti] {
+        let single = tar.len() as u64 > DIRECT_FRAME;
+        let two = if at == 0 { single } else { at as u64 > DIRECT_FRAME };
+        for (blob, copied) in [
+            (zstd_cli(&tar, &[zlevel]), single),
+            (zstd_cli(&tar, &["-T2", "-5"]), single),
+            (zmulti, two),
+        ] {
             let (idx, copy) = build_with_copy(&blob, &slices);
             prop_assert_eq!(idx.compression, Compression::Zstd);
             prop_assert_eq!(&idx.entries, &plain.entries);
             prop_assert_eq!(idx.uncompressed_size, tar.len() as u64);
-            let bound = idx.copy.clone().unwrap();
-            prop_assert_eq!((Digest::of(&copy), copy.len() as u64), (bound.digest, bound.size));
-            prop_assert_eq!(idx.checkpoints.len(), tar.len().div_ceil(1 << 20));
-            check_index(&idx, &copy, &root, pax, &xattrs);
+            prop_assert!(idx.toc.is_none());
+            prop_assert_eq!(idx.copy.is_some(), copied);
+            match idx.copy.clone() {
+                Some(bound) => {
+                    prop_assert_eq!((Digest::of(&copy), copy.len() as u64), (bound.digest, bound.size));
+                    prop_assert_eq!(idx.checkpoints.len(), tar.len().div_ceil(1 << 20));
+                    check_index(&idx, &copy, &root, pax, &xattrs);
+                }
+                None => {
+                    prop_assert!(copy.is_empty());
+                    check_index_reads(&idx, &blob, &root, pax, &xattrs, false);
+                }
+            }
         }
+        // zstd:chunked as containers/storage describes it (the test's own writer), with
+        // contents cut into frames at a random size: read from its own frames, its TOC
+        // checked.
+        let chunk = [4096, 65_536, 1 << 20][level as usize % 3];
+        let (blob, _) = crate::index::zstd_chunked_tests::write(&tar, chunk);
+        let (idx, copy) = build_with_copy(&blob, &slices);
+        prop_assert!(idx.copy.is_none() && copy.is_empty() && idx.toc.is_some());
+        prop_assert_eq!(&idx.entries, &plain.entries);
+        check_index(&idx, &blob, &root, pax, &xattrs);
+    }
+}
+
+/// The zstd:chunked blob of a layer tar made by `podman push --compression-format
+/// zstd:chunked`, and the layer's annotations in the pushed manifest. `None` when
+/// podman's compressor fails with "short write" (Debian's podman 4.3 does, now and then,
+/// on trees it imported fine).
+fn podman_zstd_chunked(dir: &Path, tar: &Path) -> Option<(Vec<u8>, serde_json::Value)> {
+    let podman = |args: &[&str]| {
+        let mut cmd = Command::new("podman");
+        cmd.arg("--root").arg(dir.join("storage"));
+        cmd.arg("--runroot").arg(dir.join("run"));
+        cmd.args(["--storage-driver", "vfs"]).args(args);
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success() || err.contains("short write"),
+            "podman {args:?}: {err}"
+        );
+        out.status.success()
+    };
+    podman(&["import", "-q", tar.to_str().unwrap(), "localhost/prop:1"]);
+    let oci = dir.join("oci");
+    let dest = format!("oci:{}", oci.display());
+    if !podman(&[
+        "push",
+        "-q",
+        "--compression-format",
+        "zstd:chunked",
+        "localhost/prop:1",
+        &dest,
+    ]) {
+        return None;
+    }
+    let blob = |digest: &str| fs::read(oci.join("blobs/sha256").join(&digest[7..])).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(oci.join("index.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
+    let layer = &manifest["layers"][0];
+    Some((
+        blob(layer["digest"].as_str().unwrap()),
+        layer["annotations"].clone(),
+    ))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// zstd:chunked layers made by podman (Debian's 4.3: the first footer version, and
+    /// `io.containers.zstd-chunked.*` annotations) index, check their TOC and read back
+    /// from their own frames; the index's TOC is the one the annotations name.
+    #[test]
+    fn podman_zstd_chunked_layers_index_and_read_back(
+        specs in prop::collection::vec(spec(), 1..12),
+        slices in prop::collection::vec(1usize..300_000, 1..6),
+        big in prop::option::of((1usize << 20)..(6usize << 20)),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir(&root).unwrap();
+        let xattrs = create(&root, &specs);
+        if let Some(size) = big {
+            fs::write(root.join("big.bin"), contents(size, size as u64)).unwrap();
+        }
+        let tar_path = dir.path().join("layer.tar");
+        let mut cmd = Command::new("tar");
+        cmd.arg("-C").arg(&root).args(["--sort=name", "--numeric-owner", "--format=pax"]);
+        cmd.args(["--xattrs", "--xattrs-include=user.*"]);
+        run(cmd.arg("-cf").arg(&tar_path).arg("."));
+        let plain = build(&fs::read(&tar_path).unwrap(), &slices);
+        let made = podman_zstd_chunked(dir.path(), &tar_path);
+        prop_assume!(made.is_some(), "podman could not compress this tree");
+        let (blob, notes) = made.unwrap();
+        let (idx, copy) = build_with_copy(&blob, &slices);
+        prop_assert!(idx.copy.is_none() && copy.is_empty());
+        let toc = idx.toc.clone().expect("podman's TOC is found and checked");
+        let key = |k: &str| ["io.github.containers", "io.containers"].iter()
+            .find_map(|p| notes[format!("{p}.zstd-chunked.{k}")].as_str().map(str::to_string))
+            .unwrap();
+        prop_assert_eq!(key("manifest-checksum"), toc.digest.to_string());
+        let position: Vec<u64> = key("manifest-position").split(':').map(|n| n.parse().unwrap()).collect();
+        prop_assert_eq!((position[0], position[1]), (toc.offset, toc.size));
+        // podman re-packs the tar (Go's archive/tar): same files, maybe other headers.
+        let paths = |i: &LayerIndex| i.entries.iter().map(|e| e.path.clone()).collect::<Vec<_>>();
+        prop_assert_eq!(paths(&idx), paths(&plain));
+        check_index_reads(&idx, &blob, &root, true, &xattrs, true);
     }
 }
 

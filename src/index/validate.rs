@@ -11,6 +11,11 @@ impl LayerIndex {
     /// the builder produces passes.
     pub fn validate(&self) -> Result<(), String> {
         self.validate_copy()?;
+        if self.toc.is_some() && (self.compression != Compression::Zstd || self.copy.is_some()) {
+            return Err(
+                "zstd:chunked TOC bound to a layer not read from its own zstd frames".into(),
+            );
+        }
         match self.compression {
             Compression::Gzip => self.validate_checkpoints()?,
             Compression::Zstd if self.random_access => {

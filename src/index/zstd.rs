@@ -223,6 +223,11 @@ impl ZstdInflater {
         Ok(self.produced)
     }
 
+    /// Whether the input so far ended exactly at the end of a frame (or is empty).
+    pub fn at_frame_boundary(&self) -> bool {
+        !self.in_frame
+    }
+
     /// Bytes decoded so far.
     pub fn produced(&self) -> u64 {
         self.produced

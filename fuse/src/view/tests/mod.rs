@@ -86,6 +86,7 @@ impl Layer {
             entries: self.0,
             checkpoints: vec![],
             copy: None,
+            toc: None,
         }
     }
 }
