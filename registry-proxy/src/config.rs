@@ -103,6 +103,9 @@ max_zstd_frames = 2000000          # frames of a zstd layer
 # A zstd frame needing a larger window (2^N bytes) is not decoded: the layer is stored
 # and served for full pulls, but not indexed (no lazy mount).
 max_zstd_window_log = 27
+# A zstd:chunked TOC larger than this (compressed or not), or one that disagrees with the
+# layer's stream, is an error: the layer is stored and served, but not indexed.
+max_zstd_toc_bytes = 67108864
 "#;
 
 pub use imgd_core::config_file::ConfigError;

@@ -1,11 +1,13 @@
 //! Lazy mounts: runc starts a container on an image mounted through imgd (overlayfs with
-//! the FUSE mount as lower layer), reading only a small part of the image (gzip, and zstd
-//! through the proxy's seekable copy, while full pulls of it stay byte-identical), and
+//! the FUSE mount as lower layer), reading only a small part of the image (gzip; zstd
+//! through the proxy's seekable copy; zstd:chunked from its own frames; full pulls of the
+//! zstd images stay byte-identical), and
 //! the first start is learned and prefetched by later mounts.
 
 mod common;
 
 use common::{agent, bundle, runnable_image, sh};
+use imgd_core::index::zstd_layer::DIRECT_FRAME;
 use imgd_core::index::{Compression, LayerIndex};
 use imgd_core::Digest;
 use imgd_tests::daemons::{Agent, Proxy};
@@ -68,15 +70,90 @@ fn runc_starts_a_container_on_a_lazy_mount_reading_a_small_part_of_the_image() {
 #[test]
 fn a_zstd_image_mounts_lazily_through_its_seekable_copy_and_pulls_byte_identical() {
     let tmp = tempfile::tempdir().unwrap();
-    let reg = Registry::start().unwrap();
     // The runnable image with every layer recompressed by the `zstd` CLI (one frame each).
     let built = image::build_layout(&tmp.path().join("src"), &[runnable_image()]).unwrap();
     let zdir = tmp.path().join("zstd");
     image::zstd_copy(&built, built.image("run").unwrap(), &zdir, "run").unwrap();
+    let copies = std::cell::Cell::new(0u64);
+    lazy_start_and_full_pulls(tmp.path(), &zdir, "zrun", &|proxy, layer, idx, original| {
+        // A layer whose one frame decodes to more than 4 MiB is read through its
+        // seekable copy, stored at the proxy as chunks that concatenate to the bound
+        // digest and decode to the layer's tar stream; a smaller one from its frame.
+        assert!(idx.toc.is_none());
+        let Some(copy) = idx.copy.clone() else {
+            assert!(idx.uncompressed_size <= DIRECT_FRAME, "layer {layer}");
+            println!(
+                "layer {layer}: {} bytes, read from its own frame",
+                original.len()
+            );
+            return;
+        };
+        assert!(idx.uncompressed_size > DIRECT_FRAME);
+        let mut bytes = Vec::new();
+        for c in &copy.chunk_list().chunks {
+            let r = proxy
+                .get(&format!("/imgd/v1/chunks/{}", c.digest), &[])
+                .unwrap();
+            assert_eq!(r.status, 200);
+            bytes.extend_from_slice(&r.body);
+        }
+        assert_eq!(
+            (Digest::of(&bytes), bytes.len() as u64),
+            (copy.digest, copy.size)
+        );
+        let tar = zstd::bulk::decompress(original, idx.uncompressed_size as usize).unwrap();
+        assert!(zstd::bulk::decompress(&bytes, tar.len()).unwrap() == tar);
+        println!(
+            "layer {layer}: {} bytes, seekable copy {} bytes ({:.1}%)",
+            original.len(),
+            copy.size,
+            100.0 * copy.size as f64 / original.len() as f64
+        );
+        copies.set(copies.get() + copy.size);
+    });
+    assert!(copies.get() > 0, "the big layer has a seekable copy");
+    println!("seekable copies: {} bytes", copies.get());
+}
+
+#[test]
+fn a_zstd_chunked_image_mounts_lazily_from_its_own_frames_and_pulls_byte_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The runnable image pushed by podman with --compression-format zstd:chunked.
+    image::build_layout(&tmp.path().join("src"), &[runnable_image()]).unwrap();
+    let zdir = tmp.path().join("chunked");
+    let work = tmp.path().join("podman");
+    image::zstd_chunked_copy(&tmp.path().join("src"), "run", &zdir, &work).unwrap();
+    lazy_start_and_full_pulls(tmp.path(), &zdir, "crun", &|_, layer, idx, original| {
+        // Read from the layer's own frames: no copy; the TOC the annotations name was
+        // found, and checked against the stream.
+        assert!(idx.copy.is_none(), "layer {layer}: no seekable copy");
+        let toc = idx.toc.clone().expect("the index binds the checked TOC");
+        assert!(idx.checkpoints.len() > 2, "frame checkpoints");
+        println!(
+            "layer {layer}: {} bytes, TOC {} at {} ({} entries), {} frame checkpoints",
+            original.len(),
+            toc.digest,
+            toc.offset,
+            toc.entries,
+            idx.checkpoints.len()
+        );
+    });
+}
+
+/// What a zstd layer's index is checked for: `(proxy, layer, its index, its blob)`.
+type LayerCheck<'a> = &'a dyn Fn(&Proxy, &Digest, &LayerIndex, &[u8]);
+
+/// Pushes image `name` ("run") of the zstd layout `zdir` to a registry as `repo:1`,
+/// starts a container on a lazy mount of it through a proxy and an agent (which must
+/// fetch under a quarter of the image), checks every layer's index with `check` (and
+/// that zstd:chunked annotations name the TOC the index binds), and pulls the image in
+/// full through the proxy and through the agent's mirror: upstream's blobs, byte for byte.
+fn lazy_start_and_full_pulls(tmp: &Path, zdir: &Path, repo: &str, check: LayerCheck<'_>) {
+    let reg = Registry::start().unwrap();
     skopeo::push_layout(
-        &zdir,
+        zdir,
         "run",
-        &reg.docker_ref("zrun:1"),
+        &reg.docker_ref(&format!("{repo}:1")),
         skopeo::Format::OciExact,
         false,
     )
@@ -88,11 +165,14 @@ fn a_zstd_image_mounts_lazily_through_its_seekable_copy_and_pulls_byte_identical
         &std::fs::read(zdir.join("blobs/sha256").join(&manifest_hex)).unwrap(),
     )
     .unwrap();
-    let layers: Vec<Digest> = manifest["layers"]
+    let layers: Vec<(Digest, serde_json::Value)> = manifest["layers"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|l| l["digest"].as_str().unwrap().parse().unwrap())
+        .map(|l| {
+            let d = l["digest"].as_str().unwrap().parse().unwrap();
+            (d, l["annotations"].clone())
+        })
         .collect();
     let upstream: std::collections::BTreeMap<String, u64> =
         std::fs::read_dir(zdir.join("blobs/sha256"))
@@ -108,13 +188,13 @@ fn a_zstd_image_mounts_lazily_through_its_seekable_copy_and_pulls_byte_identical
             .collect();
     let image_size: u64 = upstream.values().sum();
     let proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
-    let a = agent(&tmp.path().join("agent"), &proxy.url(), "");
+    let a = agent(&tmp.join("agent"), &proxy.url(), "");
 
     let (lower, stdout) = run_container(
-        tmp.path(),
+        tmp,
         &a,
-        "local/zrun:1",
-        "zrunc",
+        &format!("local/{repo}:1"),
+        &format!("{repo}c"),
         &[
             "/bin/sh",
             "-c",
@@ -125,7 +205,10 @@ fn a_zstd_image_mounts_lazily_through_its_seekable_copy_and_pulls_byte_identical
     let s = a.status().unwrap();
     let m = &s["mounts"][0];
     let fetched = m["fetched_bytes"].as_u64().unwrap();
-    println!("zstd image {image_size} bytes; fetched {fetched} bytes to start the container");
+    println!(
+        "{repo}: image {image_size} bytes; fetched {fetched} bytes to start the container ({:.1}%)",
+        100.0 * fetched as f64 / image_size as f64
+    );
     assert!(
         fetched > 0 && fetched * 4 < image_size,
         "well under the image size: {m}"
@@ -134,10 +217,7 @@ fn a_zstd_image_mounts_lazily_through_its_seekable_copy_and_pulls_byte_identical
     let (ok, out, err) = a.imgctl(&["umount", lower.to_str().unwrap()]).unwrap();
     assert!(ok, "{out}{err}");
 
-    // Each layer's index binds a seekable copy, stored at the proxy as chunks that
-    // concatenate to the bound digest and decode to the layer's tar stream.
-    let mut copies = 0u64;
-    for layer in &layers {
+    for (layer, notes) in &layers {
         let r = proxy
             .get(&format!("/imgd/v1/indexes/{layer}"), &[])
             .unwrap();
@@ -145,36 +225,26 @@ fn a_zstd_image_mounts_lazily_through_its_seekable_copy_and_pulls_byte_identical
         let idx = LayerIndex::decode(&r.body).unwrap();
         assert_eq!((idx.layer, idx.compression), (*layer, Compression::Zstd));
         assert!(idx.random_access && !idx.checkpoints.is_empty());
-        let copy = idx.copy.clone().expect("the index binds a seekable copy");
-        let mut bytes = Vec::new();
-        for c in &copy.chunk_list().chunks {
-            let r = proxy
-                .get(&format!("/imgd/v1/chunks/{}", c.digest), &[])
-                .unwrap();
-            assert_eq!(r.status, 200);
-            bytes.extend_from_slice(&r.body);
-        }
-        assert_eq!(
-            (Digest::of(&bytes), bytes.len() as u64),
-            (copy.digest, copy.size)
-        );
         let original = std::fs::read(zdir.join("blobs/sha256").join(layer.hex())).unwrap();
-        let tar = zstd::bulk::decompress(&original, idx.uncompressed_size as usize).unwrap();
-        assert!(zstd::bulk::decompress(&bytes, tar.len()).unwrap() == tar);
-        println!(
-            "layer {layer}: {} bytes, seekable copy {} bytes ({:.1}%)",
-            original.len(),
-            copy.size,
-            100.0 * copy.size as f64 / original.len() as f64
-        );
-        copies += copy.size;
+        check(&proxy, layer, &idx, &original);
+        let note = |k: &str| {
+            ["io.github.containers", "io.containers"]
+                .iter()
+                .find_map(|p| notes[format!("{p}.zstd-chunked.{k}")].as_str())
+                .map(str::to_string)
+        };
+        if let Some(sum) = note("manifest-checksum") {
+            let toc = idx.toc.clone().expect("annotated zstd:chunked: TOC bound");
+            assert_eq!(sum, toc.digest.to_string());
+            let position = note("manifest-position").unwrap();
+            assert!(position.starts_with(&format!("{}:{}:", toc.offset, toc.size)));
+        }
     }
-    println!("seekable copies: {copies} bytes for {image_size} bytes of image");
 
     // Full pulls through the proxy and through the agent's mirror get upstream's blobs.
     for (via, host) in [("proxy", proxy.addr()), ("mirror", a.mirror.clone())] {
-        let out = tmp.path().join(format!("pull-{via}"));
-        skopeo::pull_to_dir(&format!("{host}/local/zrun:1"), &out).unwrap();
+        let out = tmp.join(format!("pull-{repo}-{via}"));
+        skopeo::pull_to_dir(&format!("{host}/local/{repo}:1"), &out).unwrap();
         let pulled: std::collections::BTreeMap<String, u64> = std::fs::read_dir(&out)
             .unwrap()
             .flatten()

@@ -1,6 +1,9 @@
 //! Indexing throughput: chunk + index a gzip layer of 100+ MB, against `gzip -dc` of the
-//! same file and against a plain inflate with the same inflate library (zlib-rs), all
-//! measured in this run.
+//! same file and against a plain inflate with the same inflate library (zlib-rs); then the
+//! same tar as plain zstd (`zstd -3`, indexed with its seekable copy written) and as
+//! zstd:chunked (made by `podman push --compression-format zstd:chunked`, read from its
+//! own frames, TOC checked), each against `zstd -dc` of the same blob; all measured in
+//! this run.
 //!
 //! `cargo run --release -p imgd-benches --bin bench-index [-- MB]` (MB of tar, default 320)
 
@@ -15,6 +18,8 @@ use std::sync::mpsc;
 
 const PIECE: usize = 256 << 10;
 
+/// Writes `dir/layer.tar` from `tar_mb` MiB of files, and `dir/layer.tar.gz` (gzip -6);
+/// returns the gzip blob.
 fn make_layer(dir: &Path, tar_mb: usize) -> anyhow::Result<Vec<u8>> {
     let root = dir.join("root");
     std::fs::create_dir_all(root.join("usr/share/data"))?;
@@ -34,9 +39,10 @@ fn make_layer(dir: &Path, tar_mb: usize) -> anyhow::Result<Vec<u8>> {
     let status = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "tar -C {} -cf - . | gzip -6 > {}",
-            root.display(),
-            layer.display()
+            "tar -C {root} -cf {dir}/layer.tar . && gzip -6 -c {dir}/layer.tar > {layer}",
+            root = root.display(),
+            dir = dir.display(),
+            layer = layer.display()
         ))
         .status()?;
     if !status.success() {
@@ -44,6 +50,98 @@ fn make_layer(dir: &Path, tar_mb: usize) -> anyhow::Result<Vec<u8>> {
     }
     std::fs::remove_dir_all(&root)?;
     Ok(std::fs::read(&layer)?)
+}
+
+/// `dir/layer.tar` as `dir/layer.tar.zst` (`zstd -3`).
+fn make_zstd(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    let st = Command::new("zstd")
+        .args(["-q", "-3", "-f", "-o"])
+        .arg(dir.join("layer.tar.zst"))
+        .arg(dir.join("layer.tar"))
+        .status()?;
+    if !st.success() {
+        bail!("zstd failed");
+    }
+    Ok(std::fs::read(dir.join("layer.tar.zst"))?)
+}
+
+/// `dir/layer.tar` as a zstd:chunked blob made by podman (private store under `dir`),
+/// written to `dir/layer.zstd-chunked`.
+fn make_zstd_chunked(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    let podman = |args: &[&str]| -> anyhow::Result<()> {
+        let st = Command::new("podman")
+            .arg("--root")
+            .arg(dir.join("podman/storage"))
+            .arg("--runroot")
+            .arg(dir.join("podman/run"))
+            .args(["--storage-driver", "vfs"])
+            .args(args)
+            .stdout(Stdio::null())
+            .status()?;
+        if !st.success() {
+            bail!("podman {args:?} failed");
+        }
+        Ok(())
+    };
+    let tar = dir.join("layer.tar");
+    podman(&[
+        "import",
+        "-q",
+        &tar.to_string_lossy(),
+        "localhost/bench-index:1",
+    ])?;
+    let oci = dir.join("oci");
+    let dest = format!("oci:{}", oci.display());
+    podman(&[
+        "push",
+        "-q",
+        "--compression-format",
+        "zstd:chunked",
+        "localhost/bench-index:1",
+        &dest,
+    ])?;
+    let read = |d: &str| {
+        std::fs::read(
+            oci.join("blobs/sha256")
+                .join(d.trim_start_matches("sha256:")),
+        )
+    };
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(oci.join("index.json"))?)?;
+    let digest = |v: &serde_json::Value| v["digest"].as_str().map(str::to_string);
+    let manifest_digest =
+        digest(&index["manifests"][0]).ok_or_else(|| anyhow::anyhow!("no manifest"))?;
+    let manifest: serde_json::Value = serde_json::from_slice(&read(&manifest_digest)?)?;
+    let layer = digest(&manifest["layers"][0]).ok_or_else(|| anyhow::anyhow!("no layer"))?;
+    let blob = read(&layer)?;
+    std::fs::remove_dir_all(dir.join("podman"))?;
+    std::fs::remove_dir_all(&oci)?;
+    std::fs::write(dir.join("layer.zstd-chunked"), &blob)?;
+    Ok(blob)
+}
+
+fn zstd_dc(path: &Path) -> anyhow::Result<()> {
+    let st = Command::new("zstd")
+        .arg("-qdc")
+        .arg(path)
+        .stdout(Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("zstd -dc failed");
+    }
+    Ok(())
+}
+
+/// Indexes `blob` in one thread (the copy's chunks of a plain zstd layer are dropped as
+/// they fill, where the proxy stores them); returns the entry count and whether the
+/// layer is read from its own frames with a checked TOC.
+fn index_only(blob: &[u8]) -> anyhow::Result<(usize, bool)> {
+    let mut b = IndexBuilder::new(IndexOptions::default());
+    for piece in blob.chunks(PIECE) {
+        b.push(piece)?;
+        drop(b.take_copy_chunks());
+    }
+    let index = b.finish(Digest::of(b""))?;
+    Ok((index.entries.len(), index.toc.is_some()))
 }
 
 fn gzip_dc(path: &Path) -> anyhow::Result<()> {
@@ -107,6 +205,7 @@ fn chunk_and_index(blob: &[u8], store: Option<&ContentStore>) -> anyhow::Result<
             let mut b = IndexBuilder::new(IndexOptions::default());
             for piece in rx {
                 b.push(piece)?;
+                drop(b.take_copy_chunks());
             }
             Ok(b.finish(digest)?.entries.len())
         });
@@ -151,13 +250,7 @@ fn main() -> anyhow::Result<()> {
     let runs = 3;
     let (t_gzip, _) = best_of(runs, || gzip_dc(&layer))?;
     let (t_plain, out) = best_of(runs, || plain_inflate(&blob))?;
-    let (t_index_only, _) = best_of(runs, || {
-        let mut b = IndexBuilder::new(IndexOptions::default());
-        for piece in blob.chunks(PIECE) {
-            b.push(piece)?;
-        }
-        Ok(b.finish(Digest::of(b""))?.entries.len())
-    })?;
+    let (t_index_only, _) = best_of(runs, || index_only(&blob))?;
     let (t_index, entries) = best_of(runs, || chunk_and_index(&blob, None))?;
     let (t_store, _) = best_of(runs, || {
         let store_dir = tempfile::tempdir_in(dir.path())?;
@@ -199,5 +292,53 @@ fn main() -> anyhow::Result<()> {
         ratio(t_gzip, t_store),
         "x",
     );
+
+    eprintln!("compressing the same tar with zstd -3 and as zstd:chunked (podman) ...");
+    for (name, blob, path) in [
+        (
+            "zstd",
+            make_zstd(dir.path())?,
+            dir.path().join("layer.tar.zst"),
+        ),
+        (
+            "zstd:chunked",
+            make_zstd_chunked(dir.path())?,
+            dir.path().join("layer.zstd-chunked"),
+        ),
+    ] {
+        let n = blob.len() as u64;
+        let (t_dc, _) = best_of(runs, || zstd_dc(&path))?;
+        let (t_only, (_, toc)) = best_of(runs, || index_only(&blob))?;
+        let (t_both, _) = best_of(runs, || chunk_and_index(&blob, None))?;
+        let how = if toc {
+            "own frames, TOC checked"
+        } else {
+            "seekable copy written"
+        };
+        println!(
+            "{name}: {:.1} MB ({how}); MB/s of compressed input",
+            n as f64 / 1e6
+        );
+        report(
+            &format!("{name}: zstd -dc (baseline)"),
+            mb_per_s(n, t_dc),
+            "MB/s",
+        );
+        report(
+            &format!("{name}: index only, one thread"),
+            mb_per_s(n, t_only),
+            "MB/s",
+        );
+        report(
+            &format!("{name}: chunk + index"),
+            mb_per_s(n, t_both),
+            "MB/s",
+        );
+        report(
+            &format!("ratio {name} chunk+index / zstd -dc"),
+            ratio(t_dc, t_both),
+            "x",
+        );
+    }
     Ok(())
 }

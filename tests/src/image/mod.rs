@@ -11,6 +11,7 @@ mod layer;
 mod layout;
 pub mod merge_cases;
 pub mod presets;
+mod zstd_chunked;
 mod zstd_copy;
 
 pub use content::{Content, SplitMix64};
@@ -18,6 +19,7 @@ pub use layer::{write_layer_tar, LayerInfo};
 pub use layout::{
     build_index_layout, build_layout, BlobInfo, ImageInfo, IndexInfo, LayoutInfo, LayoutWriter,
 };
+pub use zstd_chunked::zstd_chunked_copy;
 pub use zstd_copy::{zstd_copy, zstd_copy_with, OCI_LAYER_ZSTD};
 
 /// The mtime of entries unless set otherwise (2023-11-14T22:13:20Z).

@@ -115,6 +115,27 @@ fn synthetic(mib: u64) -> Result<ImageSpec> {
     Ok(ImageSpec::new(BASE, layers))
 }
 
+/// The zstd variant of the prepared image: every layer decompressed and compressed again
+/// by the `zstd` CLI (`zstd -3`, one frame per layer; skopeo 1.9 does not recompress gzip
+/// to zstd), in a layout of its own under `dir`, named `zbase`. Returns the layout and
+/// the image's compressed size (config + layers).
+pub fn zstd_variant(prepared: &Prepared, dir: &Path) -> Result<(LayoutInfo, u64)> {
+    const NAME: &str = "zbase";
+    let base = prepared
+        .layout
+        .image(&prepared.name)
+        .context("image in layout")?;
+    let mut info = image::zstd_copy(&prepared.layout, base, dir, NAME)?;
+    info.name = NAME.to_string();
+    let compressed = info.referenced_blobs().iter().map(|b| b.size).sum();
+    let layout = LayoutInfo {
+        dir: dir.to_path_buf(),
+        images: vec![info],
+        indexes: Vec::new(),
+    };
+    Ok((layout, compressed))
+}
+
 /// Adds `n` images to the layout that share every layer of image `name` and differ only
 /// in a comment appended to their config's last `Cmd` word (so each has its own manifest
 /// digest, hence no startup trace yet); they are named `{name}-1` .. `{name}-n`.

@@ -15,6 +15,10 @@
 //! sampled when `imgctl mount` returns (what a mount needs before its first read) and at
 //! the container's first line. The agent's own count of chunk bytes is shown beside them.
 //!
+//! The image's zstd variant (every layer recompressed by the `zstd` CLI, so lazy reads go
+//! through the proxy's seekable copy of each layer) is started lazily too, at every rate,
+//! and its time and bytes are reported against the gzip image's first start.
+//!
 //! With learned prefetch in the agent, two more variants: a later start of the image (its
 //! startup trace, recorded by the first start, is warmed in the background at mount), and a
 //! start after `imgctl prefetch --startup` (timed apart). Every lazy run uses a fresh agent
@@ -296,6 +300,8 @@ fn proxy_index_bytes(proxy: &Proxy) -> Result<u64> {
 pub struct RateResult {
     pub mbit: u32,
     pub first: LazyRun,
+    /// The first start of the zstd variant.
+    pub zstd: LazyRun,
     pub learned: Option<(LazyRun, LazyRun)>,
     pub full: [Duration; 4],
 }
@@ -313,21 +319,29 @@ fn main() -> Result<()> {
     // One image per lazy run and rate, each without a startup trace until its first start.
     let per_rate = LAZY_RUNS;
     let variants = images::add_variants(&prepared.layout, &prepared.name, per_rate * rates.len())?;
+    eprintln!("recompressing the layers with zstd ...");
+    let (zlayout, zsize) = images::zstd_variant(&prepared, &tmp.path().join("zimg"))?;
+    let zvariants = images::add_variants(&zlayout, "zbase", per_rate * rates.len())?;
     let reg = Registry::start()?;
-    let images: Vec<String> = (1..=variants.len())
-        .map(|i| format!("local/lazy:{i}"))
-        .collect();
-    eprintln!("pushing {} variants ...", variants.len());
-    for (i, v) in variants.iter().enumerate() {
-        skopeo::push_layout(
-            &prepared.layout.dir,
-            v,
-            &reg.docker_ref(&format!("lazy:{}", i + 1)),
-            Format::OciExact,
-            false,
-        )?;
-    }
+    let push = |layout: &Path, variants: &[String], repo: &str| -> Result<Vec<String>> {
+        eprintln!("pushing {} variants of {repo} ...", variants.len());
+        let mut refs = Vec::new();
+        for (i, v) in variants.iter().enumerate() {
+            skopeo::push_layout(
+                layout,
+                v,
+                &reg.docker_ref(&format!("{repo}:{}", i + 1)),
+                Format::OciExact,
+                false,
+            )?;
+            refs.push(format!("local/{repo}:{}", i + 1));
+        }
+        Ok(refs)
+    };
+    let images = push(&prepared.layout.dir, &variants, "lazy")?;
+    let zimages = push(&zlayout.dir, &zvariants, "zlazy")?;
     let _ = std::fs::remove_dir_all(&prepared.layout.dir);
+    let _ = std::fs::remove_dir_all(&zlayout.dir);
 
     let lan = Lan::new(1)?;
     let host = &lan.hosts[0];
@@ -337,7 +351,8 @@ fn main() -> Result<()> {
         &[format!("local={}", reg.url())],
     )?;
     eprintln!("warming the proxy ...");
-    skopeo::warm_proxy(&proxy.addr(), &images, tmp.path())?;
+    let all: Vec<String> = images.iter().chain(&zimages).cloned().collect();
+    skopeo::warm_proxy(&proxy.addr(), &all, tmp.path())?;
     let index_bytes = proxy_index_bytes(&proxy)?;
 
     let policy = tmp.path().join("policy.json");
@@ -369,6 +384,8 @@ fn main() -> Result<()> {
         host.shape(mbit)?;
         let imgs = &images[r * per_rate..(r + 1) * per_rate];
         let first = bench.best_lazy(imgs, Mode::First, "lazy first start")?;
+        let zimgs = &zimages[r * per_rate..(r + 1) * per_rate];
+        let zstd = bench.best_lazy(zimgs, Mode::First, "lazy first start, zstd variant")?;
         let learned = if learned_available {
             Some((
                 bench.best_lazy(imgs, Mode::Learned, "learned start")?,
@@ -389,6 +406,7 @@ fn main() -> Result<()> {
         results.push(RateResult {
             mbit,
             first,
+            zstd,
             learned,
             full: full.context("no baseline run")?,
         });
@@ -415,8 +433,12 @@ fn main() -> Result<()> {
     println!(
         "link bytes: received by the host's namespace (indexes, manifests, chunks, TCP/IP headers)"
     );
+    println!(
+        "zstd variant: the same layers recompressed by `zstd -3`, {:.1} MB compressed; lazy reads use the proxy's seekable copies",
+        zsize as f64 / 1e6
+    );
     for r in &results {
-        output::print_rate(r, size);
+        output::print_rate(r, size, zsize);
     }
     drop(bench);
     drop(proxy);

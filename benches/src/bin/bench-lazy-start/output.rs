@@ -3,8 +3,9 @@
 use crate::{LazyRun, RateResult};
 use imgd_benches::report;
 
-/// Prints the figures at one rate; percentages are of the compressed image (`size`).
-pub fn print_rate(r: &RateResult, size: u64) {
+/// Prints the figures at one rate; percentages are of the compressed image (`size`, and
+/// `zsize` for the zstd variant).
+pub fn print_rate(r: &RateResult, size: u64, zsize: u64) {
     let base = r.full[0].as_secs_f64();
     let pct = |x: f64| 100.0 * x;
     let of_image = |b: u64| pct(b as f64 / size as f64);
@@ -53,6 +54,33 @@ pub fn print_rate(r: &RateResult, size: u64) {
         );
     };
     lazy("lazy first start (no startup trace yet)", &r.first);
+    let (z, g) = (&r.zstd, &r.first);
+    report("zstd variant: lazy first start", z.took.as_secs_f64(), "s");
+    report(
+        "  / gzip lazy first start",
+        z.took.as_secs_f64() / g.took.as_secs_f64(),
+        "x",
+    );
+    report(
+        "  link bytes by the first line",
+        z.by_first_line as f64 / 1e6,
+        "MB",
+    );
+    report(
+        "  / gzip link bytes by the first line",
+        z.by_first_line as f64 / g.by_first_line.max(1) as f64,
+        "x",
+    );
+    report(
+        "  / compressed zstd image",
+        pct(z.by_first_line as f64 / zsize as f64),
+        "%",
+    );
+    report(
+        "  agent's chunk bytes (fetched_bytes)",
+        z.fetched as f64 / 1e6,
+        "MB",
+    );
     match &r.learned {
         Some((l, p)) => {
             lazy("learned start (trace warmed at mount)", l);
