@@ -67,10 +67,29 @@ pub struct ProxyStats {
 /// Most paths a startup trace may hold.
 pub const MAX_TRACE_PATHS: usize = 20_000;
 
-/// The files an image's first container start read, in order: later mounts of the image
-/// fetch them first, in the background.
+/// Most byte ranges a startup trace keeps per file; a file read in more places is kept
+/// as fewer, wider ranges (the closest ones merged).
+pub const MAX_TRACE_RANGES: usize = 64;
+
+/// The files an image's first container start read, in order, and which bytes of each:
+/// later mounts of the image fetch just those first, in the background.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StartupTrace {
     /// Paths as in the image's rootfs, relative, raw bytes.
     pub paths: Vec<Vec<u8>>,
+    /// For each path, the byte ranges of the file the start read, `[start, end)`, sorted
+    /// and disjoint (empty: opened, never read). A trace without them (`reads` empty)
+    /// stands for the whole of every file.
+    #[serde(default)]
+    pub reads: Vec<Vec<(u64, u64)>>,
+}
+
+impl StartupTrace {
+    /// The ranges read of path `k`: `None` for the whole file (no ranges recorded).
+    pub fn ranges(&self, k: usize) -> Option<&[(u64, u64)]> {
+        if self.reads.len() != self.paths.len() {
+            return None;
+        }
+        self.reads.get(k).map(Vec::as_slice)
+    }
 }

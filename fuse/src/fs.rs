@@ -60,6 +60,8 @@ pub struct ImageFs {
     spans: SpanReader,
     /// Called with the path of each file opened, in order (the learned start-up trace).
     on_open: Option<Box<dyn Fn(Ino) + Send + Sync>>,
+    /// Called with each read's file, offset and size (the trace's ranges).
+    on_read: Option<Box<dyn Fn(Ino, u64, u32) + Send + Sync>>,
 }
 
 impl ImageFs {
@@ -70,12 +72,19 @@ impl ImageFs {
             stats,
             spans,
             on_open: None,
+            on_read: None,
         }
     }
 
     /// Sets a hook called with each regular file opened.
     pub fn on_open(mut self, hook: impl Fn(Ino) + Send + Sync + 'static) -> Self {
         self.on_open = Some(Box::new(hook));
+        self
+    }
+
+    /// Sets a hook called with the file, offset and size of each read.
+    pub fn on_read(mut self, hook: impl Fn(Ino, u64, u32) + Send + Sync + 'static) -> Self {
+        self.on_read = Some(Box::new(hook));
         self
     }
 
@@ -207,6 +216,9 @@ impl Filesystem for ImageFs {
             return reply.error(Errno::EIO);
         };
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        if let Some(hook) = &self.on_read {
+            hook(ino.0, offset, size);
+        }
         let result = read_file_via(index, entry, offset, size as usize, |at, len| {
             self.spans.read(layer, at, len)
         });

@@ -13,7 +13,9 @@ use axum::http::header;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use imgd_core::wire::{BlobInfo, IndexState, StartupTrace, INDEX_DIGEST_HEADER, MAX_TRACE_PATHS};
+use imgd_core::wire::{
+    BlobInfo, IndexState, StartupTrace, INDEX_DIGEST_HEADER, MAX_TRACE_PATHS, MAX_TRACE_RANGES,
+};
 use imgd_core::{ChunkList, Digest};
 use serde::Deserialize;
 use std::sync::atomic::Ordering;
@@ -226,12 +228,8 @@ pub async fn get_trace(
     Path(digest): Path<String>,
 ) -> Result<Json<StartupTrace>, ProxyError> {
     let digest = parse_digest(&digest)?;
-    match state
-        .storage
-        .meta
-        .get::<Traces>(&digest)
-        .map_err(StorageError::from)?
-    {
+    // A trace stored by an earlier version (without ranges) no longer decodes: none.
+    match state.storage.meta.get::<Traces>(&digest).ok().flatten() {
         Some(t) => Ok(Json(t)),
         None => Err(ProxyError::BlobUnknown(format!(
             "startup trace of {digest}"
@@ -247,15 +245,16 @@ pub async fn put_trace(
     Json(trace): Json<StartupTrace>,
 ) -> Result<Response, ProxyError> {
     let digest = parse_digest(&digest)?;
-    if trace.paths.len() > MAX_TRACE_PATHS || trace.paths.iter().any(|p| p.len() > 4096) {
+    if trace.paths.len() > MAX_TRACE_PATHS
+        || trace.paths.iter().any(|p| p.len() > 4096)
+        || trace.reads.len() > trace.paths.len()
+        || trace.reads.iter().any(|r| r.len() > MAX_TRACE_RANGES)
+    {
         return Err(ProxyError::BadRequest("startup trace too large".into()));
     }
     let meta = &state.storage.meta;
-    if meta
-        .get::<Traces>(&digest)
-        .map_err(StorageError::from)?
-        .is_none()
-    {
+    // A trace stored by an earlier version (without ranges) no longer decodes: replaced.
+    if !matches!(meta.get::<Traces>(&digest), Ok(Some(_))) {
         meta.put::<Traces>(&digest, &trace)
             .map_err(StorageError::from)?;
     }

@@ -218,6 +218,8 @@ async fn mount(rdir: &RecordDir) -> Result<Mounted, ServeError> {
     if let Some(rec) = &recorder {
         let hook = rec.clone();
         fs = fs.on_open(move |ino| hook.opened(ino));
+        let hook = rec.clone();
+        fs = fs.on_read(move |ino, offset, size| hook.read(ino, offset, size));
     }
     let config = fuse_config(&record);
     let dir = record.dir.clone();
