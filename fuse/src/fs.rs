@@ -61,8 +61,11 @@ pub struct ImageFs {
     /// Called with the path of each file opened, in order (the learned start-up trace).
     on_open: Option<Box<dyn Fn(Ino) + Send + Sync>>,
     /// Called with each read's file, offset and size (the trace's ranges).
-    on_read: Option<Box<dyn Fn(Ino, u64, u32) + Send + Sync>>,
+    on_read: Option<ReadHook>,
 }
+
+/// A hook called with each read's file, offset and size.
+type ReadHook = Box<dyn Fn(Ino, u64, u32) + Send + Sync>;
 
 impl ImageFs {
     /// A filesystem over `view`, whose files are read through `spans`.
