@@ -243,7 +243,10 @@ mod tests {
         r.read(7, 4096, 4096);
         r.read(7, 0, 4096);
         let st = r.state.lock().unwrap();
-        let merged = std::ops::Range { start: 0, end: 8192 };
+        let merged = std::ops::Range {
+            start: 0,
+            end: 8192,
+        };
         assert_eq!(st.reads.get(&7), Some(&vec![merged]));
     }
 }
