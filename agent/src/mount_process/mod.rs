@@ -168,8 +168,6 @@ async fn mount_and_serve(rdir: RecordDir) -> Result<(), ServeError> {
             .await
     });
     report(&Ok(()));
-    let d = shared.record.dir.clone();
-    tokio::task::spawn_blocking(move || raise_readahead(&d));
     tracing::info!(dir = %shared.record.dir.display(), label = %shared.record.label, pid = std::process::id(), "mount process serving");
     if let Some(trace) = shared.record.warm.clone() {
         tokio::spawn(warm(shared.clone(), trace));
@@ -286,30 +284,6 @@ async fn serve_until_unmounted(
             }
             return;
         }
-    }
-}
-
-/// Kernel readahead of the mount, in KiB: as large as a FUSE read request (1 MiB), so a
-/// file read sequentially has several requests in flight on the worker threads (the
-/// kernel's default for a FUSE mount is 128 KiB).
-const READAHEAD_KB: u32 = 1024;
-
-/// Sets the mount's readahead (`/sys/class/bdi/MAJOR:MINOR/read_ahead_kb`); called once
-/// the session serves, since finding the mount's device asks it for the root's
-/// attributes. A failure only costs speed.
-fn raise_readahead(dir: &Path) {
-    use std::os::unix::fs::MetadataExt;
-    let set = std::fs::metadata(dir).and_then(|m| {
-        let dev = m.dev();
-        let bdi = format!(
-            "/sys/class/bdi/{}:{}/read_ahead_kb",
-            libc::major(dev),
-            libc::minor(dev)
-        );
-        std::fs::write(bdi, READAHEAD_KB.to_string())
-    });
-    if let Err(e) = set {
-        tracing::debug!(dir = %dir.display(), error = %e, "could not raise the mount's readahead");
     }
 }
 
