@@ -24,6 +24,7 @@ pub mod containerd;
 pub mod cri;
 pub mod daemons;
 pub mod debian_image;
+pub mod evil_peer;
 pub mod fault_relay;
 pub mod guards;
 pub mod image;

@@ -5,15 +5,13 @@
 //! banned, and the read still gets the right bytes.
 
 use imgd_core::Digest;
-use imgd_tests::daemons::{workspace_bin, Agent, Proxy};
+use imgd_tests::daemons::{Agent, Proxy};
+use imgd_tests::evil_peer::start_liar;
 use imgd_tests::guards::path_str;
 use imgd_tests::image::{EntryKind, FileSpec, ImageSpec, LayerSpec};
 use imgd_tests::netns::{Host, Lan};
-use imgd_tests::process::ChildGuard;
 use imgd_tests::registry::Registry;
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -194,29 +192,6 @@ fn four_hosts_starting_one_lazy_image_at_once_cost_the_proxy_about_one_start() {
     }
 }
 
-/// `imgd-evil-peer --mode flip` on `host`: it claims every chunk and corrupts every
-/// piece it serves. Returns its guard and node id.
-fn start_liar(host: &Host, proxy: &Proxy, dir: &Path) -> (ChildGuard, String) {
-    let bin = workspace_bin("imgd-evil-peer").unwrap();
-    let log = dir.join("evil.log");
-    let mut cmd = host.command(path_str(&bin).unwrap());
-    cmd.args(["--proxy", &proxy.url(), "--image", IMAGE])
-        .args(["--mode", "flip", "--dir"])
-        .arg(dir.join("evil"))
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap());
-    let mut evil = ChildGuard::spawn(&mut cmd, "imgd-evil-peer").unwrap();
-    let mut line = String::new();
-    let stdout = evil.child_mut().stdout.take().unwrap();
-    std::io::BufReader::new(stdout)
-        .read_line(&mut line)
-        .unwrap();
-    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(line.contains("ready"), "evil peer: {line}{log_text}");
-    let id = line.split_whitespace().nth(2).unwrap().to_string();
-    (evil, id)
-}
-
 /// A scrape of `a`'s metrics, from inside `host` (its mirror listens there).
 fn metrics(host: &Host, a: &Agent) -> imgd_tests::scrape::Scrape {
     let out = host
@@ -258,7 +233,7 @@ fn a_lazy_read_takes_pieces_from_a_peer_and_a_peer_serving_a_wrong_piece_is_bann
 
     // Host B meets only the liar: its read must catch the wrong pieces, ban the liar and
     // get the right bytes from the proxy.
-    let (_evil, liar) = start_liar(&lan.hosts[0], proxy, tmp.path());
+    let (_evil, liar) = start_liar(&lan.hosts[0], proxy, tmp.path(), IMAGE, "flip");
     let b_dir = tmp.path().join("b");
     let b = Agent::start_on_host(&lan.hosts[1], proxy, &b_dir, "").unwrap();
     b.wait_for_peers(1, Duration::from_secs(30)).unwrap();

@@ -4,13 +4,11 @@
 //! allow-list, gets no chunk and no have-map.
 
 use imgd_tests::daemons::{workspace_bin, Agent, Proxy};
+use imgd_tests::evil_peer::start_liar;
 use imgd_tests::guards::{path_str, run_capture};
 use imgd_tests::lan_setup::LanSetup;
 use imgd_tests::netns::Host;
-use imgd_tests::process::ChildGuard;
-use std::io::BufRead;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// Peer timeout of the agents here: a dripping peer costs this much per chunk asked.
@@ -19,28 +17,6 @@ const PEER_TIMEOUT_MS: u64 = 2000;
 /// The longest a prefetch of the 24 MiB image may take with a liar in the swarm (alone
 /// with the proxy it takes about a second; a drip costs a few peer timeouts).
 const PREFETCH_BOUND: Duration = Duration::from_secs(60);
-
-/// `imgd-evil-peer` lying in `mode` on `host`; returns its guard and node id.
-fn start_liar(host: &Host, proxy: &Proxy, dir: &Path, mode: &str) -> (ChildGuard, String) {
-    let bin = workspace_bin("imgd-evil-peer").unwrap();
-    let log = dir.join("evil.log");
-    let mut cmd = host.command(path_str(&bin).unwrap());
-    cmd.args(["--proxy", &proxy.url(), "--image", "local/big:1"])
-        .args(["--mode", mode, "--dir"])
-        .arg(dir.join("evil"))
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap());
-    let mut evil = ChildGuard::spawn(&mut cmd, "imgd-evil-peer").unwrap();
-    let mut line = String::new();
-    let stdout = evil.child_mut().stdout.take().unwrap();
-    std::io::BufReader::new(stdout)
-        .read_line(&mut line)
-        .unwrap();
-    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(line.contains("ready"), "evil peer: {line}{log_text}");
-    let id = line.split_whitespace().nth(2).unwrap().to_string();
-    (evil, id)
-}
 
 /// Prefetches the image, within the bound; returns the time it took.
 fn prefetch(a: &Agent) -> Duration {
@@ -86,7 +62,7 @@ fn lying_peers_are_detected_penalised_and_routed_around() {
     for (mode, least_penalty) in cases {
         let dir = tmp.path().join(mode);
         std::fs::create_dir_all(&dir).unwrap();
-        let (_evil, liar) = start_liar(&lan.hosts[0], proxy, &dir, mode);
+        let (_evil, liar) = start_liar(&lan.hosts[0], proxy, &dir, "local/big:1", mode);
         let a = Agent::start_on_host(&lan.hosts[1], proxy, &dir, &extra).unwrap();
         a.wait_for_peers(1, Duration::from_secs(30)).unwrap();
 
