@@ -23,6 +23,7 @@ pub mod config;
 pub mod dataplane;
 pub mod engine_config;
 pub mod fetch;
+pub mod fresh_port_tcp;
 pub mod identity;
 pub mod image;
 pub mod layer_indexes;

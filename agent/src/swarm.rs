@@ -16,12 +16,14 @@
 //! by HMAC(swarm key, blob digest), so a node outside the swarm cannot tell which blobs a
 //! member holds. Peers outside a non-empty allow-list are disconnected at once.
 
+use crate::fresh_port_tcp::FreshPortTcp;
 use crate::peers::PeerSet;
 use futures::StreamExt;
 use hmac::{KeyInit, Mac};
 use imgd_core::Digest;
 use libp2p::core::upgrade::Version;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{identify, identity, kad, mdns, noise, tcp, yamux, Multiaddr, PeerId, Transport};
 use std::collections::{HashMap, HashSet};
@@ -111,6 +113,17 @@ fn data_port(agent_version: &str) -> Option<u16> {
         .find_map(|w| w.strip_prefix("dp=")?.parse().ok())
 }
 
+/// How often peers announced by mDNS but not connected are dialled again.
+const REDIAL_EVERY: Duration = Duration::from_secs(3);
+
+/// A dial of an mDNS-announced peer: skipped while connected or already dialling.
+fn announced_dial(peer: PeerId, addrs: &[Multiaddr]) -> DialOpts {
+    DialOpts::peer_id(peer)
+        .condition(PeerCondition::DisconnectedAndNotDialing)
+        .addresses(addrs.to_vec())
+        .build()
+}
+
 /// Starts the swarm in a background task; returns the local peer id and a command sender.
 pub fn start(
     settings: SwarmSettings,
@@ -130,12 +143,14 @@ pub fn start(
         .with_other_transport(|key| {
             let noise = noise::Config::new(key)?;
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
-                tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
-                    .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
-                    .upgrade(Version::V1Lazy)
-                    .authenticate(noise)
-                    .multiplex(yamux::Config::default())
-                    .timeout(Duration::from_secs(10)),
+                FreshPortTcp(tcp::tokio::Transport::new(
+                    tcp::Config::default().nodelay(true),
+                ))
+                .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                .upgrade(Version::V1Lazy)
+                .authenticate(noise)
+                .multiplex(yamux::Config::default())
+                .timeout(Duration::from_secs(10)),
             )
         })
         .map_err(|x| e(&x))?
@@ -186,6 +201,10 @@ pub fn start(
     tokio::spawn(async move {
         // Remote IP of each connected peer, to pair with the port identify reports.
         let mut remote_ip: HashMap<PeerId, IpAddr> = HashMap::new();
+        // Peers mDNS announced and has not expired: redialled while not connected, since
+        // mDNS reports a peer only once and a first dial can fail.
+        let mut announced: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+        let mut redial_tick = tokio::time::interval(REDIAL_EVERY);
         let mut bootstrap_tick = tokio::time::interval(Duration::from_secs(30));
         // How often the routing table is copied out for status and metrics.
         let mut table_tick = tokio::time::interval(Duration::from_millis(500));
@@ -202,6 +221,14 @@ pub fn start(
                 },
                 _ = bootstrap_tick.tick() => {
                     let _ = swarm.behaviour_mut().kad.bootstrap();
+                }
+                _ = redial_tick.tick() => {
+                    for (peer, addrs) in &announced {
+                        if !swarm.is_connected(peer) {
+                            tracing::debug!(%peer, "redialling an announced peer");
+                            let _ = swarm.dial(announced_dial(*peer, addrs));
+                        }
+                    }
                 }
                 _ = table_tick.tick() => {
                     let table = swarm
@@ -239,8 +266,25 @@ pub fn start(
                         // Unauthenticated announcements: dial, and let Kademlia add the
                         // peer only once it connected (which proves the swarm key).
                         for (peer, addr) in found {
-                            if peer != local_id && !swarm.is_connected(&peer) {
-                                let _ = swarm.dial(addr);
+                            if peer == local_id {
+                                continue;
+                            }
+                            let addrs = announced.entry(peer).or_default();
+                            if !addrs.contains(&addr) {
+                                addrs.push(addr);
+                            }
+                            if !swarm.is_connected(&peer) {
+                                let _ = swarm.dial(announced_dial(peer, addrs));
+                            }
+                        }
+                    }
+                    SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(gone))) => {
+                        for (peer, addr) in gone {
+                            if let Some(addrs) = announced.get_mut(&peer) {
+                                addrs.retain(|a| a != &addr);
+                                if addrs.is_empty() {
+                                    announced.remove(&peer);
+                                }
                             }
                         }
                     }

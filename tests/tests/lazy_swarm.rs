@@ -109,7 +109,6 @@ fn status_u64(a: &Agent, key: &str) -> u64 {
 const EXTRA: &str = "[fetch]\nread_owner_wait_ms = 1000\n";
 
 #[test]
-#[ignore = "flaky on main at 16:40 on 2026-12-01: 2 of 6 runs failed (a read got EIO once; once one host took nothing from peers); run with --ignored"]
 fn four_hosts_starting_one_lazy_image_at_once_cost_the_proxy_about_one_start() {
     let tmp = tempfile::tempdir().unwrap();
     let net = net(tmp.path(), 4);
@@ -213,7 +212,6 @@ fn penalty_of(a: &Agent, peer: &str) -> u64 {
 }
 
 #[test]
-#[ignore = "flaky on main at 16:40 on 2026-12-01: 1 of 6 runs failed (host B did not find the liar within 30 s: noise handshake to a stale peer id at the same address); run with --ignored"]
 fn a_lazy_read_takes_pieces_from_a_peer_and_a_peer_serving_a_wrong_piece_is_banned() {
     let tmp = tempfile::tempdir().unwrap();
     let net = net(tmp.path(), 3);

@@ -46,7 +46,6 @@ fn penalty_of(a: &Agent, liar: &str) -> u64 {
 }
 
 #[test]
-#[ignore = "flaky since pnet (2026-12-01 17:10): passed in the suite at 16:30, then 3 runs failed at 'agent found 0 of 1 peers' (libp2p handshake 'input error'); run with --ignored"]
 fn lying_peers_are_detected_penalised_and_routed_around() {
     let tmp = tempfile::tempdir().unwrap();
     let net = LanSetup::start(tmp.path(), 24, 3).unwrap();
