@@ -342,7 +342,10 @@ async fn chunk(
             bytes,
         )
             .into_response(),
-        Some(Err(e)) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+        Some(Err(e)) => {
+            tracing::warn!(mount = %id, layer, chunk, error = %e, "a mount's chunk could not be had");
+            (StatusCode::BAD_GATEWAY, e.to_string()).into_response()
+        }
     }
 }
 
@@ -371,7 +374,10 @@ async fn pieces(
             bytes,
         )
             .into_response(),
-        Some(Err(e)) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+        Some(Err(e)) => {
+            tracing::warn!(mount = %id, layer, chunk, first, count, error = %e, "a mount's pieces could not be had");
+            (StatusCode::BAD_GATEWAY, e.to_string()).into_response()
+        }
     }
 }
 

@@ -73,7 +73,13 @@ fn a_learned_start_warms_only_the_bytes_the_first_start_read() {
         "only about what was read (with readahead): {ranges:?}"
     );
 
+    // The second agent registers a mount only 500 ms after its process serves, while
+    // the process's startup prefetch asks for chunks at once: they must be served (they
+    // once got "no such mount", and every read of those chunks failed for a while).
+    // The only test in this binary, so setting the variable races nothing.
+    std::env::set_var(imgd_agent::mounts::REGISTER_PAUSE_ENV, "500");
     let second = Agent::start(AgentOptions::local(proxy.url(), tmp.path().join("second"))).unwrap();
+    std::env::remove_var(imgd_agent::mounts::REGISTER_PAUSE_ENV);
     let lower = mount(&second, &tmp.path().join("second-lower"));
     let deadline = Instant::now() + Duration::from_secs(30);
     while !second.log().contains("startup files prefetched") {
@@ -88,6 +94,11 @@ fn a_learned_start_warms_only_the_bytes_the_first_start_read() {
     let warmed = status["mounts"][0]["fetched_bytes"].as_u64().unwrap();
     println!("image {size} bytes; the warm-up fetched {warmed} bytes for a {READ}-byte read of a 20 MiB file");
     assert!(warmed > 0, "the warm-up fetched something: {status}");
+    assert!(
+        !second.log().contains("startup prefetch failed"),
+        "the warm-up was served while the mount was being registered:\n{}",
+        second.log()
+    );
     assert!(
         warmed <= 3 << 20,
         "the warm-up fetched what the read needs, not the whole library: {warmed} bytes of a {size}-byte image"

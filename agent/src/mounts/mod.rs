@@ -32,7 +32,7 @@ use imgd_core::Digest;
 pub use prepare::{image_spec, startup_prefetch};
 use process::Process;
 use record::{MountRecord, RecordDir};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -100,7 +100,9 @@ struct Entry {
 #[derive(Default)]
 struct State {
     live: HashMap<PathBuf, Entry>,
-    starting: HashSet<PathBuf>,
+    /// Directories being mounted, with their record once it exists: its mount process
+    /// may ask for chunks before it is registered as live.
+    starting: HashMap<PathBuf, Option<Arc<MountRecord>>>,
 }
 
 /// The mounts of this agent, by directory.
@@ -109,6 +111,11 @@ pub struct Mounts {
     state: Arc<Mutex<State>>,
 }
 
+/// Fault injection for tests: milliseconds to wait between a mount process serving and
+/// its registration as live (the window in which its first requests used to find no
+/// mount).
+pub const REGISTER_PAUSE_ENV: &str = "IMGD_FAULT_MOUNT_REGISTER_PAUSE_MS";
+
 /// How long `umount` waits for the process to exit after it unmounted.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -116,6 +123,15 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 struct Reservation {
     state: Arc<Mutex<State>>,
     dir: PathBuf,
+}
+
+impl Reservation {
+    /// The mount's record, served to its process from now on (until it is live).
+    fn set_record(&self, record: Arc<MountRecord>) {
+        if let Some(r) = lock(&self.state).starting.get_mut(&self.dir) {
+            *r = Some(record);
+        }
+    }
 }
 
 impl Drop for Reservation {
@@ -148,17 +164,18 @@ impl Mounts {
     /// True if `dir` is a mount of this agent (or one being made).
     pub fn is_mounted(&self, dir: &Path) -> bool {
         let st = lock(&self.state);
-        st.live.contains_key(dir) || st.starting.contains(dir)
+        st.live.contains_key(dir) || st.starting.contains_key(dir)
     }
 
     fn reserve(&self, dir: &Path) -> Result<Reservation, AgentError> {
         let mut st = lock(&self.state);
-        if st.live.contains_key(dir) || !st.starting.insert(dir.to_path_buf()) {
+        if st.live.contains_key(dir) || st.starting.contains_key(dir) {
             return Err(AgentError::Mount(format!(
                 "{} is already an imgd mount",
                 dir.display()
             )));
         }
+        st.starting.insert(dir.to_path_buf(), None);
         Ok(Reservation {
             state: self.state.clone(),
             dir: dir.to_path_buf(),
@@ -174,7 +191,7 @@ impl Mounts {
         dir: &Path,
     ) -> Result<MountStatus, AgentError> {
         let fail = |m: String| AgentError::Mount(m);
-        let _reserved = self.reserve(dir)?;
+        let reserved = self.reserve(dir)?;
         if !dir.is_dir() {
             return Err(fail(format!("{} is not a directory", dir.display())));
         }
@@ -208,12 +225,14 @@ impl Mounts {
             trace_secs: agent.config.mount.trace_secs,
             created_unix: record::unix_now(),
         };
+        let record = Arc::new(record);
         let (r, w) = (rdir.clone(), record.clone());
         tokio::task::spawn_blocking(move || r.write(&w))
             .await
             .map_err(|e| fail(e.to_string()))?
             .map_err(|e| fail(format!("writing the mount record: {e}")))?;
         fetcher.cache.protect(&spec.layers);
+        reserved.set_record(record.clone());
         let process = match process::start(&rdir, agent.config.log_format).await {
             Ok(p) => p,
             Err(msg) => {
@@ -224,7 +243,13 @@ impl Mounts {
                 return Err(fail(format!("mounting at {}: {msg}", dir.display())));
             }
         };
-        self.serve(agent, Arc::new(record), rdir, process);
+        if let Some(ms) = std::env::var(REGISTER_PAUSE_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        self.serve(agent, record, rdir, process);
         tracing::info!(label = %spec.label, dir = %dir.display(), "mounted");
         self.status_of(dir)
             .await
@@ -365,13 +390,15 @@ impl Mounts {
         Ok(())
     }
 
-    /// The record of live mount `id`, if there is one.
+    /// The record of mount `id`: live, or being started (its process serves already).
     fn live_record(&self, id: &str) -> Option<Arc<MountRecord>> {
-        lock(&self.state)
-            .live
+        let st = lock(&self.state);
+        st.live
             .values()
-            .find(|e| e.record.id == id)
-            .map(|e| e.record.clone())
+            .map(|e| &e.record)
+            .chain(st.starting.values().flatten())
+            .find(|r| r.id == id)
+            .cloned()
     }
 
     /// Chunk `chunk` of layer `layer` of mount `id`, through the fetcher within the read
