@@ -178,13 +178,20 @@ fn four_hosts_starting_one_lazy_image_at_once_cost_the_proxy_about_one_start() {
         let bytes = std::fs::read(m.join("app/f00.bin")).unwrap();
         assert_eq!(bytes.len(), 1 << 20);
     }
+    // Without sharing the proxy sends about 4x one start. The target, <= 1.25x, is what
+    // `bench-lazy-swarm` measures on a quiet machine; this test runs beside the rest of
+    // the suite on 2 cores, where 25 runs (main and branch scale) gave 1.03x-1.37x, so it guards the sharing
+    // itself with room for timing.
     assert!(
-        ratio <= 1.25,
+        ratio <= 1.5,
         "four simultaneous starts cost the proxy {ratio:.2}x one start (without sharing ~4x)"
     );
+    // One host may have owned, or been first to, every chunk it read; the others took
+    // theirs from peers.
+    let sharing = from_peers.iter().filter(|b| **b > 0).count();
     assert!(
-        from_peers.iter().all(|b| *b > 0),
-        "every host took some of its start from peers: {from_peers:?}"
+        sharing >= 3,
+        "at least three of four hosts took some of their start from peers: {from_peers:?}"
     );
     for (a, m) in agents.iter().zip(&mnts) {
         umount(a, m);
