@@ -12,6 +12,7 @@
 //! | `GET /v1/verify` | a full re-verification of every cached chunk (changes nothing) |
 //! | `GET /v1/chunks/ID/LAYER/CHUNK` | a chunk of a layer of mount ID, for its mount process; header `x-imgd-fetched: 1` if it had to be fetched |
 //! | `GET /v1/pieces/ID/LAYER/CHUNK/FIRST/COUNT` | pieces `FIRST..FIRST+COUNT` of that chunk, concatenated ([`crate::pieces`]); header `x-imgd-fetched-bytes: N` |
+//! | `GET /v1/windows/ID/LAYER/OFFSET/LEN/SHA256` | the checkpoint window at `OFFSET`, `LEN` bytes, of the index of that layer, checked against `SHA256` ([`crate::layer_indexes`]) |
 
 use crate::agent::{Agent, PrefetchSummary};
 use crate::fetch::Source;
@@ -139,6 +140,10 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route(
             "/v1/pieces/{id}/{layer}/{chunk}/{first}/{count}",
             get(pieces),
+        )
+        .route(
+            "/v1/windows/{id}/{layer}/{offset}/{len}/{sha256}",
+            get(window),
         )
         .with_state(agent)
 }
@@ -378,6 +383,51 @@ async fn pieces(
             tracing::warn!(mount = %id, layer, chunk, first, count, error = %e, "a mount's pieces could not be had");
             (StatusCode::BAD_GATEWAY, e.to_string()).into_response()
         }
+    }
+}
+
+async fn window(
+    State(agent): State<Arc<Agent>>,
+    axum::extract::Path((id, layer, offset, len, sha)): axum::extract::Path<(
+        String,
+        usize,
+        u64,
+        u32,
+        String,
+    )>,
+) -> Response {
+    let Ok(sha256) = format!("sha256:{sha}").parse::<imgd_core::Digest>() else {
+        return (StatusCode::BAD_REQUEST, "bad window digest").into_response();
+    };
+    let Some(record) = agent.mounts.live_record(&id) else {
+        return (StatusCode::NOT_FOUND, format!("no mount {id}")).into_response();
+    };
+    let Some(digest) = record.layers.get(layer) else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("mount {id} has no layer {layer}"),
+        )
+            .into_response();
+    };
+    let repo = crate::proxy_client::Repo {
+        name: record.repo.clone(),
+        ns: record.repo_ns.clone(),
+    };
+    let w = imgd_core::index::WindowRef {
+        offset,
+        len,
+        sha256,
+    };
+    let bound = agent.config.mount.read_timeout();
+    let fetch = agent.indexes.window(&agent.fetcher.proxy, &repo, digest, w);
+    match tokio::time::timeout(bound, fetch).await {
+        Ok(Ok(bytes)) => bytes.into_response(),
+        Ok(Err(e)) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+        Err(_) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("no window {sha256} of layer {digest} within {bound:?}"),
+        )
+            .into_response(),
     }
 }
 

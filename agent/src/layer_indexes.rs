@@ -1,14 +1,21 @@
 //! Layer indexes kept on local disk, so a layer's index crosses the network once per
 //! host: the snapshotter's check of a layer and every later mount of it read it here.
 //!
-//! One file per layer, `DIR/LAYER_HEX`, holding the encoded index as the proxy served it
-//! (written to a temp file, synced, renamed). An index is decoded on every read, which
-//! checks its trailing sha256, and must name its layer; a file that fails either is
-//! removed and fetched again. They are small (a few % of their layer) and not counted
-//! against the chunk quota.
+//! One file per layer, `DIR/LAYER_HEX`, holding the main part of the encoded index as the
+//! proxy served it (written to a temp file, synced, renamed). An index is decoded on every
+//! read, which checks its trailing sha256 (and its version: an index of an earlier
+//! version is refused, removed and fetched again), and must name its layer; a file that
+//! fails either is removed and fetched again. They are small (about 1% of their layer)
+//! and not counted against the chunk quota.
+//!
+//! Checkpoint windows are not in the main part: each is fetched when a read first needs
+//! it ([`LayerIndexes::window`], a `Range` of the proxy's windows part), checked against
+//! its sha256 from the main part, and stored under that digest, `DIR/windows/HEX`; one
+//! that fails the check is an error and is not stored.
 
 use crate::proxy_client::{ProxyClient, ProxyClientError, Repo};
-use imgd_core::index::LayerIndex;
+use bytes::Bytes;
+use imgd_core::index::{LayerIndex, WindowRef};
 use imgd_core::Digest;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -25,6 +32,15 @@ pub enum LayerIndexError {
     },
     #[error("index of layer {layer} is invalid: {message}")]
     Invalid { layer: Digest, message: String },
+    #[error("window {window} of the index of layer {layer}: {source}")]
+    WindowProxy {
+        layer: Digest,
+        window: Digest,
+        #[source]
+        source: ProxyClientError,
+    },
+    #[error("window {window} of the index of layer {layer}: the proxy sent other bytes (not used, not stored)")]
+    WindowMismatch { layer: Digest, window: Digest },
     #[error("storing the index of layer {layer}: {source}")]
     Store {
         layer: Digest,
@@ -41,10 +57,12 @@ pub struct LayerIndexes {
 impl LayerIndexes {
     /// Opens (creating) the store in `dir`, removing temp files a crash left.
     pub fn open(dir: &Path) -> std::io::Result<LayerIndexes> {
-        std::fs::create_dir_all(dir)?;
-        for entry in std::fs::read_dir(dir)?.flatten() {
-            if entry.file_name().to_string_lossy().ends_with(".tmp") {
-                let _ = std::fs::remove_file(entry.path());
+        std::fs::create_dir_all(dir.join("windows"))?;
+        for d in [dir.to_path_buf(), dir.join("windows")] {
+            for entry in std::fs::read_dir(d)?.flatten() {
+                if entry.file_name().to_string_lossy().ends_with(".tmp") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
             }
         }
         Ok(LayerIndexes {
@@ -76,13 +94,62 @@ impl LayerIndexes {
 
     /// Stores the encoded index of `layer` atomically (blocking).
     pub fn put(&self, layer: &Digest, encoded: &[u8]) -> std::io::Result<()> {
-        let path = self.path(layer);
-        let tmp = self.dir.join(format!("{}.tmp", layer.hex()));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(encoded)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        Ok(())
+        write_atomic(&self.path(layer), encoded)
+    }
+
+    /// Where a window with sha256 `digest` is stored (a mount process reads it there).
+    pub fn window_path(dir: &Path, digest: &Digest) -> PathBuf {
+        dir.join("windows").join(digest.hex())
+    }
+
+    /// The stored window `w`, if stored and intact (blocking).
+    pub fn stored_window(dir: &Path, w: &WindowRef) -> Option<Vec<u8>> {
+        let bytes = std::fs::read(Self::window_path(dir, &w.sha256)).ok()?;
+        w.matches(&bytes).then_some(bytes)
+    }
+
+    /// Window `w` of the index of `layer`: stored, else fetched from the proxy (a `Range`
+    /// of the index's windows part), checked against its sha256 and stored. A window that
+    /// fails the check is an error and is not stored.
+    pub async fn window(
+        self: &Arc<Self>,
+        proxy: &ProxyClient,
+        repo: &Repo,
+        layer: &Digest,
+        w: WindowRef,
+    ) -> Result<Bytes, LayerIndexError> {
+        let dir = self.dir.clone();
+        if let Ok(Some(b)) =
+            tokio::task::spawn_blocking(move || Self::stored_window(&dir, &w)).await
+        {
+            return Ok(b.into());
+        }
+        let bytes = proxy
+            .index_windows(repo, layer, w.range())
+            .await
+            .map_err(|source| LayerIndexError::WindowProxy {
+                layer: *layer,
+                window: w.sha256,
+                source,
+            })?;
+        if !w.matches(&bytes) {
+            tracing::warn!(%layer, window = %w.sha256, "the proxy sent a wrong index window");
+            return Err(LayerIndexError::WindowMismatch {
+                layer: *layer,
+                window: w.sha256,
+            });
+        }
+        let path = Self::window_path(&self.dir, &w.sha256);
+        let stored = bytes.clone();
+        let put = tokio::task::spawn_blocking(move || write_atomic(&path, &stored)).await;
+        if let Err(e) = put
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|r| r)
+        {
+            // Not fatal: the window is verified and used; fetched again next time.
+            tracing::warn!(%layer, error = %e, "could not store an index window");
+        }
+        Ok(bytes)
     }
 
     /// The index of `layer`: stored, else fetched from the proxy, checked and stored.
@@ -126,6 +193,17 @@ impl LayerIndexes {
     }
 }
 
+/// Writes `bytes` to `path` through a synced temp file and a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +223,8 @@ mod tests {
             checkpoints: Vec::new(),
             copy: None,
             toc: None,
+            windows_size: 0,
+            windows: None,
         };
         store.put(&layer, &index.encode()).unwrap();
         assert_eq!(store.get(&layer), Some(index.clone()));

@@ -432,7 +432,8 @@ impl ProxyClient {
         Ok(bytes)
     }
 
-    /// The encoded index of a layer (the caller decodes and verifies it).
+    /// The main part of the encoded index of a layer (the caller decodes and verifies it;
+    /// windows are fetched apart, [`ProxyClient::index_windows`]).
     pub async fn index(&self, repo: &Repo, layer: &Digest) -> Result<Bytes, ProxyClientError> {
         self.routed(layer, |i| self.index_at(i, repo, layer)).await
     }
@@ -449,6 +450,57 @@ impl ProxyClient {
             repo.ns_query('&')
         );
         Self::body(self.get(replica, &path, &[]).await?, &path, MAX_INDEX_BYTES).await
+    }
+
+    /// Bytes `range` of the windows part of a layer's index, by `Range` (not verified
+    /// here: the caller checks each window against its sha256 from the main part).
+    pub async fn index_windows(
+        &self,
+        repo: &Repo,
+        layer: &Digest,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, ProxyClientError> {
+        self.routed(layer, |i| {
+            self.index_windows_at(i, repo, layer, range.clone())
+        })
+        .await
+    }
+
+    async fn index_windows_at(
+        &self,
+        replica: usize,
+        repo: &Repo,
+        layer: &Digest,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, ProxyClientError> {
+        let path = format!(
+            "/imgd/v1/indexes/{layer}/windows?repo={}{}",
+            repo.name,
+            repo.ns_query('&')
+        );
+        let want = range.end.saturating_sub(range.start);
+        if want == 0 || want > MAX_INDEX_BYTES as u64 {
+            return Err(ProxyClientError::Malformed {
+                what: "index windows range",
+                message: format!("{range:?} of the index of {layer}"),
+            });
+        }
+        let asked = format!("bytes={}-{}", range.start, range.end - 1);
+        let resp = self.get(replica, &path, &[("Range", &asked)]).await?;
+        if resp.status().as_u16() != 206 {
+            return Err(ProxyClientError::Malformed {
+                what: "index windows range",
+                message: format!("{path}: answered {} to a Range request", resp.status()),
+            });
+        }
+        let bytes = Self::body(resp, &path, want as usize).await?;
+        if bytes.len() as u64 != want {
+            return Err(ProxyClientError::Malformed {
+                what: "index windows range",
+                message: format!("{path}: {} bytes for {asked}", bytes.len()),
+            });
+        }
+        Ok(bytes)
     }
 
     /// The learned startup trace of an image, if one was stored.

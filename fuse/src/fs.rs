@@ -15,7 +15,7 @@ use fuser::{
     KernelConfig, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEntry,
     ReplyOpen, ReplyXattr, Request,
 };
-use imgd_core::index::{read_file_via, EntryKind};
+use imgd_core::index::{read_file_via, EntryKind, WindowRef};
 use std::ffi::OsStr;
 use std::ops::Range;
 use std::os::unix::ffi::OsStrExt;
@@ -34,6 +34,17 @@ pub trait BlobSource: Send + Sync + 'static {
     /// The bytes `range` of layer `layer`'s blob, or an error message. Must return within
     /// a bounded time.
     fn read(&self, layer: usize, range: Range<u64>) -> Result<Vec<u8>, String>;
+
+    /// The packed window `window` of checkpoint `checkpoint` of layer `layer` (from the
+    /// index's windows part, which a mount does not hold), or an error message. Must
+    /// return within a bounded time; the reader checks it against `window.sha256` before
+    /// use, so a wrong one fails the read (`EIO`).
+    fn window(
+        &self,
+        layer: usize,
+        checkpoint: usize,
+        window: &WindowRef,
+    ) -> Result<Vec<u8>, String>;
 }
 
 /// Counters of one mount.

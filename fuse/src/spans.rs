@@ -12,7 +12,7 @@ use crate::fs::{BlobSource, MountStats};
 use crate::inflated::LayerFile;
 use crate::span_cache::SpanCache;
 use crate::view::ImageView;
-use imgd_core::index::{read_stored, span_of, ReadError};
+use imgd_core::index::{read_stored_with, span_of, ReadError, WindowRef};
 use std::collections::HashSet;
 use std::ops::Range;
 use std::path::Path;
@@ -191,6 +191,22 @@ impl Inner {
             .remove(key);
     }
 
+    /// The window callback of reads of `layer`: from the source (the reader checks each
+    /// against its sha256).
+    fn windows(
+        &self,
+        layer: usize,
+    ) -> impl FnMut(usize, &WindowRef) -> Result<Vec<u8>, ReadError> + '_ {
+        move |checkpoint, w| {
+            self.source
+                .window(layer, checkpoint, w)
+                .map_err(|message| ReadError::WindowFetch {
+                    checkpoint,
+                    message,
+                })
+        }
+    }
+
     fn file(&self, layer: usize) -> Option<&LayerFile> {
         self.files.get(layer).and_then(Option::as_ref)
     }
@@ -235,7 +251,9 @@ impl Inner {
                 out.extend_from_slice(&bytes);
             } else if span.end - span.start > MAX_SPAN {
                 let mut fetch = |r: Range<u64>| self.source.read(layer, r);
-                out.extend_from_slice(&read_stored(index, pos, (stop - pos) as usize, &mut fetch)?);
+                let n = (stop - pos) as usize;
+                let bytes = read_stored_with(index, pos, n, &mut fetch, &mut self.windows(layer))?;
+                out.extend_from_slice(&bytes);
             } else {
                 let start = span.start;
                 let data = self.span(layer, span)?;
@@ -265,11 +283,12 @@ impl Inner {
                 return Ok(Arc::new(bytes));
             }
             let mut fetch = |r: Range<u64>| self.source.read(layer, r);
-            let bytes = read_stored(
+            let bytes = read_stored_with(
                 index,
                 span.start,
                 (span.end - span.start) as usize,
                 &mut fetch,
+                &mut self.windows(layer),
             )?;
             if (bytes.len() as u64) < span.end - span.start {
                 return Err(ReadError::BadIndex(

@@ -1,4 +1,5 @@
-//! The chunk API for agents: chunk lists, chunks by digest, layer indexes, counters.
+//! The chunk API for agents: chunk lists, chunks by digest, counters (layer indexes:
+//! [`crate::index_api`]).
 //! Routes and answers are listed in [`imgd_core::wire`].
 //!
 //! With `[chunk_api] token` set, every route but `stats` requires
@@ -13,9 +14,7 @@ use axum::http::header;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use imgd_core::wire::{
-    BlobInfo, IndexState, StartupTrace, INDEX_DIGEST_HEADER, MAX_TRACE_PATHS, MAX_TRACE_RANGES,
-};
+use imgd_core::wire::{BlobInfo, IndexState, StartupTrace, MAX_TRACE_PATHS, MAX_TRACE_RANGES};
 use imgd_core::{ChunkList, Digest};
 use serde::Deserialize;
 use std::sync::atomic::Ordering;
@@ -54,11 +53,11 @@ impl FromRequestParts<Arc<AppState>> for Authorized {
 /// Query of the blob and index routes: the repository to fetch from if not stored.
 #[derive(Deserialize)]
 pub struct RepoQuery {
-    repo: Option<String>,
-    ns: Option<String>,
+    pub(crate) repo: Option<String>,
+    pub(crate) ns: Option<String>,
 }
 
-fn parse_digest(s: &str) -> Result<Digest, ProxyError> {
+pub(crate) fn parse_digest(s: &str) -> Result<Digest, ProxyError> {
     s.parse()
         .map_err(|e| ProxyError::BadRequest(format!("{e}")))
 }
@@ -66,7 +65,11 @@ fn parse_digest(s: &str) -> Result<Digest, ProxyError> {
 /// The chunk list of `digest`. With `?repo=`, the blob is fetched if not stored and the
 /// repository must be allowed to see it ([`crate::access`]); without, only a stored blob
 /// is answered (the chunk API's clients are trusted with everything cached).
-async fn ensure(state: &AppState, digest: Digest, q: &RepoQuery) -> Result<ChunkList, ProxyError> {
+pub(crate) async fn ensure(
+    state: &AppState,
+    digest: Digest,
+    q: &RepoQuery,
+) -> Result<ChunkList, ProxyError> {
     let Some(repo) = q.repo.as_deref() else {
         // Asked for counts as a use (LRU).
         drop(state.space.lease(&digest));
@@ -80,7 +83,7 @@ async fn ensure(state: &AppState, digest: Digest, q: &RepoQuery) -> Result<Chunk
     Ok(list)
 }
 
-fn index_state(state: &AppState, digest: &Digest) -> Result<IndexState, ProxyError> {
+pub(crate) fn index_state(state: &AppState, digest: &Digest) -> Result<IndexState, ProxyError> {
     Ok(state
         .storage
         .meta
@@ -180,40 +183,6 @@ pub async fn chunk(
             .into_response(),
         None => ([octets], body).into_response(),
     })
-}
-
-/// `GET /imgd/v1/indexes/{layer digest}?repo=`: the encoded layer index.
-pub async fn index(
-    _: Authorized,
-    State(state): State<Arc<AppState>>,
-    Path(digest): Path<String>,
-    Query(q): Query<RepoQuery>,
-) -> Result<Response, ProxyError> {
-    let digest = parse_digest(&digest)?;
-    ensure(&state, digest, &q).await?;
-    match index_state(&state, &digest)? {
-        IndexState::Indexed { digest: idx, .. } => {
-            let bytes = state
-                .storage
-                .indexes
-                .read(&idx)
-                .map_err(StorageError::from)?;
-            Ok((
-                [
-                    (
-                        header::CONTENT_TYPE.as_str(),
-                        "application/vnd.imgd.index.v1".to_string(),
-                    ),
-                    (INDEX_DIGEST_HEADER, idx.to_string()),
-                ],
-                bytes,
-            )
-                .into_response())
-        }
-        IndexState::Unavailable { reason } => Err(ProxyError::BlobUnknown(format!(
-            "index of {digest}: {reason}"
-        ))),
-    }
 }
 
 /// `GET /imgd/v1/stats`: counters since start.

@@ -7,6 +7,7 @@ pub mod chunk_api;
 pub mod config;
 pub mod errors;
 pub mod flight;
+pub mod index_api;
 pub mod ingest;
 pub mod ledger;
 pub mod metrics;

@@ -105,7 +105,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/imgd/v1/blobs/{digest}", get(chunk_api::blob_info))
         .route("/imgd/v1/blobs/{digest}/data", get(chunk_api::blob_data))
         .route("/imgd/v1/chunks/{digest}", get(chunk_api::chunk))
-        .route("/imgd/v1/indexes/{digest}", get(chunk_api::index))
+        .route("/imgd/v1/indexes/{digest}", get(crate::index_api::index))
+        .route(
+            "/imgd/v1/indexes/{digest}/windows",
+            get(crate::index_api::windows),
+        )
         .route("/imgd/v1/stats", get(chunk_api::stats))
         .route("/imgd/v1/verify", get(chunk_api::verify))
         .route("/imgd/v1/pins", get(crate::pins::get_pins))

@@ -125,15 +125,19 @@ impl IndexBuilder {
                 inflater.feed(data, &mut |out: &[u8]| {
                     tar.feed(out).map_err(IndexError::Tar)
                 })?;
-                self.floor.add(tar.entries(), inflater.checkpoints());
+                self.floor.add(
+                    tar.entries(),
+                    inflater.checkpoints(),
+                    inflater.windows_len(),
+                );
             }
             Mode::Plain(tar) => {
                 tar.feed(data)?;
-                self.floor.add(tar.entries(), &[]);
+                self.floor.add(tar.entries(), &[], 0);
             }
             Mode::Zstd(layer) => {
                 layer.feed(data)?;
-                self.floor.add(layer.entries(), layer.checkpoints());
+                self.floor.add(layer.entries(), layer.checkpoints(), 0);
             }
             Mode::Detect(_) => {}
         }
@@ -183,6 +187,8 @@ impl IndexBuilder {
                     checkpoints: summary.checkpoints,
                     copy: None,
                     toc: None,
+                    windows_size: summary.windows.len() as u64,
+                    windows: (!summary.windows.is_empty()).then(|| summary.windows.into()),
                 }
             }
             Mode::Plain(tar) => LayerIndex {
@@ -195,6 +201,8 @@ impl IndexBuilder {
                 checkpoints: Vec::new(),
                 copy: None,
                 toc: None,
+                windows_size: 0,
+                windows: None,
             },
             Mode::Zstd(zstd) => {
                 let done = zstd.finish()?;
@@ -209,6 +217,8 @@ impl IndexBuilder {
                     checkpoints: done.checkpoints,
                     copy: done.copy,
                     toc: done.toc,
+                    windows_size: 0,
+                    windows: None,
                 }
             }
             // `start` above always leaves detection mode.
@@ -219,7 +229,10 @@ impl IndexBuilder {
                 }))
             }
         };
-        check_size(index.encoded_len(), self.opts.max_index_bytes)?;
+        check_size(
+            index.encoded_len().saturating_add(index.windows_size),
+            self.opts.max_index_bytes,
+        )?;
         tracing::debug!(
             layer = %index.layer,
             compression = ?index.compression,
@@ -367,25 +380,32 @@ mod tests {
         let idx = index_blob(&gz, IndexOptions::default()).unwrap();
         let cps = &idx.checkpoints;
         // Deflate blocks of level 6 are well under 256 KiB of input.
-        let max_gap = (1 << 20) + (256 << 10);
+        let max_gap = (256 << 10) + (256 << 10);
         for w in cps.windows(2) {
             assert!(w[1].compressed_offset - w[0].compressed_offset <= max_gap);
             assert!(w[1].uncompressed_offset - w[0].uncompressed_offset <= (4 << 20) + (1 << 20));
         }
         assert!(gz.len() as u64 - cps[cps.len() - 1].compressed_offset <= max_gap);
-        // The stored windows cost less than the raw windows of version 1's sparser
-        // checkpoints (every 4 MiB of output and chunk crossing) did.
-        let stored: usize = cps.iter().map(|c| c.window.len()).sum();
+        // The windows are compressed, and they are not in the main part: each denser
+        // checkpoint costs the main part less than 64 bytes.
+        let stored = idx.windows_size as usize;
+        let raw = (cps.len() - 1) * crate::index::gzip::WINDOW_SIZE;
+        assert!(stored < raw * 3 / 4, "{stored} bytes of windows, raw {raw}");
         let sparse = IndexOptions {
             checkpoint_compressed_span: u64::MAX,
             ..IndexOptions::default()
         };
-        let v1 = index_blob(&gz, sparse).unwrap().checkpoints.len() - 1;
-        let old = v1 * crate::index::gzip::WINDOW_SIZE;
-        assert!(cps.len() > v1 + 1, "denser: {} vs {}", cps.len(), v1 + 1);
+        let v1 = index_blob(&gz, sparse).unwrap();
         assert!(
-            stored < old,
-            "{stored} bytes of windows, raw ones every 4 MiB: {old}"
+            cps.len() > v1.checkpoints.len(),
+            "denser: {} vs {}",
+            cps.len(),
+            v1.checkpoints.len()
+        );
+        let more = idx.encoded_len() - v1.encoded_len();
+        assert!(
+            more < 64 * (cps.len() - v1.checkpoints.len()) as u64,
+            "main part grew by {more} bytes"
         );
         // And every checkpoint still restarts: read across each one.
         for cp in cps {
@@ -423,7 +443,7 @@ mod tests {
         assert!(idx
             .checkpoints
             .iter()
-            .all(|c| c.window.is_empty() && c.bits == 0));
+            .all(|c| c.window.is_none() && c.bits == 0));
         assert_eq!(LayerIndex::decode(&idx.encode()).unwrap(), idx);
         let (_, copy_bytes) = index_blob_with_copy(&zst, test_options()).unwrap();
         assert_eq!(Digest::of(&copy_bytes), copy.digest);

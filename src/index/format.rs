@@ -1,7 +1,16 @@
 //! The seekable layer index: types and the versioned, self-verifying binary encoding.
 //!
-//! Encoding: `MAGIC` (8 bytes) | version (u16 LE) | postcard([`LayerIndex`]) | sha256 of
-//! everything before it (32 bytes). The sha256 of the whole encoding is the index digest.
+//! Encoding (version 5), in two parts:
+//! - the **main part**: `MAGIC` (8 bytes) | version (u16 LE) | body length (u32 LE) |
+//!   postcard([`LayerIndex`]) | sha256 of everything before it (32 bytes). It holds the
+//!   file table and the checkpoints, each with the location and sha256 of its window;
+//! - the **windows part**: the checkpoints' packed windows back to back, in checkpoint
+//!   order ([`LayerIndex::windows_size`] bytes). Each is checked against the sha256 the
+//!   main part gives it before it is used.
+//!
+//! The proxy stores both parts in one file (its sha256 is the index digest) and serves
+//! them apart: an agent fetches the main part before a mount and each window when a read
+//! first restarts at its checkpoint ([`crate::index::windows`]).
 
 use crate::digest::{Digest, Sha256};
 use serde::{Deserialize, Serialize};
@@ -9,8 +18,11 @@ use std::collections::BTreeMap;
 
 /// First bytes of every encoded index.
 pub const MAGIC: &[u8; 8] = b"IMGDIDX\0";
+/// Bytes before the postcard body: magic, version, body length.
+pub const HEADER_LEN: usize = 14;
+const HEADER: usize = HEADER_LEN;
 /// Current encoding version.
-pub const INDEX_VERSION: u16 = 4;
+pub const INDEX_VERSION: u16 = 5;
 
 /// How a layer blob is compressed, detected from its first bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,10 +62,33 @@ pub struct Checkpoint {
     pub bits: u8,
     /// Offset in the uncompressed (tar) stream that inflation resumes at.
     pub uncompressed_offset: u64,
-    /// The up to 32 KiB of uncompressed output before `uncompressed_offset`, raw-deflated
-    /// ([`crate::index::gzip::pack_window`]); empty when the restart needs no window.
-    #[serde(with = "serde_bytes_vec")]
-    pub window: Vec<u8>,
+    /// Where the up to 32 KiB of uncompressed output before `uncompressed_offset`,
+    /// raw-deflated ([`crate::index::gzip::pack_window`]), is in the windows part; `None`
+    /// when the restart needs no window (the blob start, zstd frames).
+    pub window: Option<WindowRef>,
+}
+
+/// The location and digest of one checkpoint's packed window in the windows part.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowRef {
+    /// Offset in the windows part.
+    pub offset: u64,
+    /// Length of the packed window (1..=[`crate::index::gzip::MAX_PACKED_WINDOW`]).
+    pub len: u32,
+    /// sha256 of the packed window.
+    pub sha256: Digest,
+}
+
+impl WindowRef {
+    /// The byte range of the window in the windows part.
+    pub fn range(&self) -> std::ops::Range<u64> {
+        self.offset..self.offset + u64::from(self.len)
+    }
+
+    /// Whether `packed` is this window (its length and sha256).
+    pub fn matches(&self, packed: &[u8]) -> bool {
+        packed.len() == self.len as usize && Digest::of(packed) == self.sha256
+    }
 }
 
 /// Type of a tar entry.
@@ -149,6 +184,13 @@ pub struct LayerIndex {
     pub copy: Option<crate::index::zstd_copy::SeekableCopy>,
     /// The zstd:chunked TOC that was checked against the stream, if the layer has one.
     pub toc: Option<crate::index::zstd_chunked::TocBinding>,
+    /// Size of the windows part (0 for layers without windows: plain tar, zstd).
+    pub windows_size: u64,
+    /// The windows part, when this index has it in memory (built here, or decoded from
+    /// both parts); `None` when only the main part was decoded, so windows are fetched
+    /// as reads need them. Not part of the main part's encoding.
+    #[serde(skip)]
+    pub windows: Option<std::sync::Arc<[u8]>>,
 }
 
 /// Error decoding an encoded index.
@@ -166,54 +208,130 @@ pub enum IndexDecodeError {
     Body(#[from] postcard::Error),
     #[error("inconsistent index: {0}")]
     Invalid(String),
+    #[error("index windows part of {got} bytes, the main part says {want}")]
+    WindowsSize { got: u64, want: u64 },
+    #[error("window of checkpoint {checkpoint} does not match its sha256")]
+    WindowDigest { checkpoint: usize },
 }
 
 impl LayerIndex {
-    /// Encodes the index. The digest of the returned bytes identifies it.
+    /// Encodes the main part, then the windows part if this index has it in memory. The
+    /// digest of the returned bytes identifies the index.
     pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.encode_main();
+        if let Some(w) = &self.windows {
+            out.extend_from_slice(w);
+        }
+        out
+    }
+
+    /// Encodes the main part only (what an agent fetches before a mount).
+    pub fn encode_main(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(1024);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&INDEX_VERSION.to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
         // Serialising plain data into a Vec cannot fail.
         out = postcard::to_extend(self, out).unwrap_or_default();
+        let body = u32::try_from(out.len() - HEADER).unwrap_or(u32::MAX);
+        out[10..HEADER].copy_from_slice(&body.to_le_bytes());
         let mut h = Sha256::new();
         h.update(&out);
         out.extend_from_slice(h.finish().as_bytes());
         out
     }
 
-    /// Length in bytes of [`LayerIndex::encode`]'s output, without encoding.
+    /// Length in bytes of [`LayerIndex::encode_main`]'s output, without encoding.
     pub fn encoded_len(&self) -> u64 {
         let size = postcard::ser_flavors::Size::default();
         let body = postcard::serialize_with_flavor(self, size).unwrap_or(usize::MAX);
-        (MAGIC.len() + 2 + 32).saturating_add(body) as u64
+        (HEADER + 32).saturating_add(body) as u64
     }
 
-    /// Decodes and verifies an encoded index.
-    pub fn decode(bytes: &[u8]) -> Result<LayerIndex, IndexDecodeError> {
-        if bytes.len() < MAGIC.len() {
+    /// Length of the main part of an encoded index, from its first [`HEADER_LEN`] bytes
+    /// (the magic and version are checked, nothing else).
+    pub fn main_len_in_header(head: &[u8]) -> Result<u64, IndexDecodeError> {
+        if head.len() < MAGIC.len() {
             return Err(IndexDecodeError::Truncated);
         }
-        if &bytes[..MAGIC.len()] != MAGIC {
+        if &head[..MAGIC.len()] != MAGIC {
             return Err(IndexDecodeError::Magic);
         }
-        if bytes.len() < MAGIC.len() + 2 + 32 {
+        if head.len() < HEADER_LEN {
             return Err(IndexDecodeError::Truncated);
         }
-        let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+        let version = u16::from_le_bytes([head[8], head[9]]);
         if version != INDEX_VERSION {
             return Err(IndexDecodeError::Version(version));
         }
-        let (signed, trailer) = bytes.split_at(bytes.len() - 32);
+        let body = u32::from_le_bytes([head[10], head[11], head[12], head[13]]);
+        Ok((HEADER_LEN + 32) as u64 + u64::from(body))
+    }
+
+    /// Length of the main part at the start of an encoded index, which must hold it.
+    pub fn main_len(bytes: &[u8]) -> Result<usize, IndexDecodeError> {
+        let total = Self::main_len_in_header(bytes)?;
+        if (bytes.len() as u64) < total {
+            return Err(IndexDecodeError::Truncated);
+        }
+        Ok(total as usize)
+    }
+
+    /// Decodes and verifies an encoded index: its main part alone (the windows are then
+    /// fetched as needed), or both parts (every window is then checked against its
+    /// sha256).
+    pub fn decode(bytes: &[u8]) -> Result<LayerIndex, IndexDecodeError> {
+        let total = Self::main_len(bytes)?;
+        let (main, windows) = bytes.split_at(total);
+        let (signed, trailer) = main.split_at(total - 32);
         if Digest::of(signed).as_bytes() != trailer {
             return Err(IndexDecodeError::Corrupt);
         }
-        let (index, rest) = postcard::take_from_bytes::<LayerIndex>(&signed[10..])?;
+        let (mut index, rest) = postcard::take_from_bytes::<LayerIndex>(&signed[HEADER..])?;
         if !rest.is_empty() {
             return Err(IndexDecodeError::Corrupt);
         }
         index.validate().map_err(IndexDecodeError::Invalid)?;
+        if !windows.is_empty() {
+            index.attach_windows(windows.into())?;
+        }
         Ok(index)
+    }
+
+    /// Attaches the windows part, checking its size and every window's sha256.
+    pub fn attach_windows(
+        &mut self,
+        windows: std::sync::Arc<[u8]>,
+    ) -> Result<(), IndexDecodeError> {
+        if windows.len() as u64 != self.windows_size {
+            return Err(IndexDecodeError::WindowsSize {
+                got: windows.len() as u64,
+                want: self.windows_size,
+            });
+        }
+        for (i, cp) in self.checkpoints.iter().enumerate() {
+            if let Some(w) = &cp.window {
+                let r = w.range();
+                if !w.matches(&windows[r.start as usize..r.end as usize]) {
+                    return Err(IndexDecodeError::WindowDigest { checkpoint: i });
+                }
+            }
+        }
+        self.windows = Some(windows);
+        Ok(())
+    }
+
+    /// The packed window of checkpoint `i` from the windows part in memory: `Some(empty)`
+    /// if it has none, `None` if it has one that is not in memory.
+    pub fn loaded_window(&self, i: usize) -> Option<&[u8]> {
+        let cp = self.checkpoints.get(i)?;
+        let Some(w) = &cp.window else {
+            return Some(&[]);
+        };
+        let r = w.range();
+        self.windows
+            .as_deref()?
+            .get(r.start as usize..r.end as usize)
     }
 
     /// The entry with the given normalised path, if any (last one wins, as in tar).
@@ -291,10 +409,12 @@ mod tests {
                 compressed_offset: 0,
                 bits: 0,
                 uncompressed_offset: 0,
-                window: vec![],
+                window: None,
             }],
             copy: None,
             toc: None,
+            windows_size: 0,
+            windows: None,
         }
     }
 

@@ -24,21 +24,22 @@
 //! Limits: checkpoints can only sit at deflate block boundaries, so encoders that emit
 //! huge blocks (zlib-ng/zlib-rs level 1 compressing a buffer in one call emits a single
 //! block) get few checkpoints and reads inflate from further back (still correctly).
-//! Each checkpoint carries its 32 KiB window raw-deflated ([`window`]): with the default
-//! spacing (1 MiB of compressed input, at most 4 MiB of output) that is about 1% of the
-//! compressed size, kept in memory while building. A read fetches at most about 1 MiB of
-//! compressed input and inflates at most one span (a few milliseconds) before the bytes
-//! it wants.
+//! Each checkpoint's 32 KiB window is raw-deflated ([`window`]) into the index's windows
+//! part (about 14 KB each on a Debian image), kept in memory while building; readers
+//! fetch a window only when they restart at its checkpoint. With the default spacing
+//! (256 KiB of compressed input, at most 4 MiB of output) a read fetches at most about
+//! 256 KiB of compressed input and inflates at most one span before the bytes it wants.
 
 use crate::chunk::CHUNK_SIZE;
-use crate::index::format::Checkpoint;
+use crate::index::format::{Checkpoint, WindowRef};
 use libz_rs_sys as z;
 use std::ffi::c_int;
 
 /// Default uncompressed distance between checkpoints: 4 MiB.
 pub const DEFAULT_SPAN: u64 = 4 << 20;
-/// Default compressed distance between checkpoints: 1 MiB.
-pub const DEFAULT_COMPRESSED_SPAN: u64 = 1 << 20;
+/// Default compressed distance between checkpoints: 256 KiB (windows are fetched lazily,
+/// so dense checkpoints cost a mount nothing up front).
+pub const DEFAULT_COMPRESSED_SPAN: u64 = 256 << 10;
 /// Size of a deflate window.
 pub const WINDOW_SIZE: usize = 32 * 1024;
 /// Output buffer size of the inflater.
@@ -232,6 +233,8 @@ pub struct InflateSummary {
     pub uncompressed_size: u64,
     /// Checkpoints, ordered, the first at offset 0.
     pub checkpoints: Vec<Checkpoint>,
+    /// The checkpoints' packed windows back to back (the index's windows part).
+    pub windows: Vec<u8>,
 }
 
 /// A bound on the inflate ratio, checked as the stream goes.
@@ -257,6 +260,7 @@ pub struct CheckpointingInflater {
     out: Vec<u8>,
     out_len: usize,
     checkpoints: Vec<Checkpoint>,
+    windows: Vec<u8>,
 }
 
 impl CheckpointingInflater {
@@ -277,8 +281,9 @@ impl CheckpointingInflater {
                 compressed_offset: 0,
                 bits: 0,
                 uncompressed_offset: 0,
-                window: Vec::new(),
+                window: None,
             }],
+            windows: Vec::new(),
         })
     }
 
@@ -324,6 +329,11 @@ impl CheckpointingInflater {
     /// Checkpoints recorded so far.
     pub fn checkpoints(&self) -> &[Checkpoint] {
         &self.checkpoints
+    }
+
+    /// Bytes of packed windows recorded so far.
+    pub fn windows_len(&self) -> usize {
+        self.windows.len()
     }
 
     /// Feeds the next compressed bytes; inflated bytes are passed to `out` in order.
@@ -465,11 +475,18 @@ impl CheckpointingInflater {
         if !due || cin <= last.compressed_offset {
             return Ok(());
         }
+        let packed = window::pack_window(&self.z.dictionary())?;
+        let window = (!packed.is_empty()).then(|| WindowRef {
+            offset: self.windows.len() as u64,
+            len: packed.len() as u32,
+            sha256: crate::digest::Digest::of(&packed),
+        });
+        self.windows.extend_from_slice(&packed);
         self.checkpoints.push(Checkpoint {
             compressed_offset: cin,
             bits: (dt & 7) as u8,
             uncompressed_offset: cout,
-            window: window::pack_window(&self.z.dictionary())?,
+            window,
         });
         Ok(())
     }
@@ -481,6 +498,7 @@ impl CheckpointingInflater {
                 compressed_size: self.base_in,
                 uncompressed_size: self.base_out,
                 checkpoints: self.checkpoints,
+                windows: self.windows,
             }),
             Phase::BetweenMembers { .. } => Err(GzipError::TrailingGarbage {
                 offset: self.base_in,

@@ -24,11 +24,12 @@ pub(crate) mod zstd_chunked_tests;
 pub use builder::{index_blob, index_blob_with_copy, IndexBuilder, IndexError, IndexOptions};
 pub use format::{
     Checkpoint, Compression, Entry, EntryKind, IndexDecodeError, LayerIndex, SparseExtent,
-    INDEX_VERSION,
+    WindowRef, INDEX_VERSION,
 };
 pub use gzip::{CheckpointingInflater, GzipError, RatioLimit};
 pub use reader::{
-    plan_read, read_file, read_file_via, read_range, read_stored, span_of, ReadError, ReadPlan,
+    plan_read, read_file, read_file_via, read_range, read_stored, read_stored_with, span_of,
+    ReadError, ReadPlan,
 };
 pub use tar::{TarError, TarOptions, TarScanner};
 pub use zstd::{ZstdError, ZstdInflater, ZstdLimits};

@@ -18,8 +18,9 @@ use serde::Deserialize;
 pub struct IndexOptions {
     /// Largest uncompressed distance between gzip checkpoints (default 4 MiB).
     pub checkpoint_span: u64,
-    /// Largest compressed distance between gzip checkpoints (default 1 MiB): what a read
-    /// fetches at most before the bytes it wants. A checkpoint is also placed after every
+    /// Largest compressed distance between gzip checkpoints (default 256 KiB): what a read
+    /// fetches at most before the bytes it wants. Each checkpoint costs its window (about
+    /// 14 KB, fetched only by reads that restart there) and 45 bytes of the main part. A checkpoint is also placed after every
     /// crossing of a chunk boundary in the compressed blob.
     pub checkpoint_compressed_span: u64,
     /// Maximum number of tar entries in one layer (default 500 000).
@@ -30,7 +31,7 @@ pub struct IndexOptions {
     pub max_meta_size: usize,
     /// Whether device nodes are accepted (default true).
     pub allow_devices: bool,
-    /// Maximum size of the encoded index in bytes (default 256 MiB).
+    /// Maximum size of the encoded index, both parts, in bytes (default 256 MiB).
     pub max_index_bytes: u64,
     /// Maximum uncompressed / compressed size ratio of a gzip or zstd layer (default 500;
     /// deflate cannot exceed about 1032), checked at every 256 KiB of output...
@@ -145,18 +146,19 @@ pub(crate) struct SizeFloor {
     pub bytes: u64,
     entries: usize,
     checkpoints: usize,
+    windows: usize,
 }
 
 impl SizeFloor {
-    pub fn add(&mut self, entries: &[Entry], checkpoints: &[Checkpoint]) {
+    pub fn add(&mut self, entries: &[Entry], checkpoints: &[Checkpoint], windows: usize) {
         for e in entries.get(self.entries..).unwrap_or_default() {
             let link = e.link_target.as_ref().map_or(0, Vec::len);
             let xattrs: usize = e.xattrs.iter().map(|(k, v)| k.len() + v.len()).sum();
             self.bytes += (e.path.len() + link + xattrs) as u64 + 13;
         }
-        for c in checkpoints.get(self.checkpoints..).unwrap_or_default() {
-            self.bytes += c.window.len() as u64 + 4;
-        }
+        let new = checkpoints.len().saturating_sub(self.checkpoints);
+        self.bytes += new as u64 * 4 + (windows - self.windows.min(windows)) as u64;
+        self.windows = windows;
         self.entries = entries.len();
         self.checkpoints = checkpoints.len();
     }

@@ -16,7 +16,7 @@
 //! seekable copy of a plain zstd layer). Callers fetch byte ranges of that blob and need
 //! not know which kind of checkpoint they restart from.
 
-use crate::index::format::{Compression, Entry, EntryKind, LayerIndex};
+use crate::index::format::{Compression, Entry, EntryKind, LayerIndex, WindowRef};
 // `input_start` of a zstd frame start (`bits` 0) is its offset.
 use crate::index::gzip::{inflate_from_checkpoint, input_start, GzipError};
 use crate::index::zstd::{decode_from_frame, ZstdError, DEFAULT_MAX_WINDOW_LOG};
@@ -46,6 +46,15 @@ pub enum ReadError {
     /// The fetch callback failed.
     #[error("fetching compressed bytes failed: {0}")]
     Fetch(Box<dyn std::error::Error + Send + Sync>),
+    /// The window of a checkpoint is not in memory and no way to fetch it was given.
+    #[error("the window of checkpoint {checkpoint} is not loaded")]
+    WindowMissing { checkpoint: usize },
+    /// The window fetched for a checkpoint is not the one its index names (never used).
+    #[error("the window of checkpoint {checkpoint} does not match its sha256 in the index")]
+    WindowMismatch { checkpoint: usize },
+    /// Fetching a checkpoint's window failed.
+    #[error("fetching the window of checkpoint {checkpoint} failed: {message}")]
+    WindowFetch { checkpoint: usize, message: String },
 }
 
 /// How to read one uncompressed range: fetch the bytes `compressed` of the readable blob
@@ -104,11 +113,14 @@ pub fn plan_read(index: &LayerIndex, offset: u64, len: u64) -> Result<ReadPlan, 
 }
 
 /// Reads up to `len` bytes following `plan`, given exactly the blob bytes of
-/// `plan.compressed`. Fewer bytes are returned only at the end of the stream.
+/// `plan.compressed` and the packed window of the plan's checkpoint (empty if it has
+/// none), which is checked against its sha256 before use. Fewer bytes are returned only
+/// at the end of the stream.
 pub fn read_range(
     index: &LayerIndex,
     plan: &ReadPlan,
     compressed: &[u8],
+    window: &[u8],
     len: usize,
 ) -> Result<Vec<u8>, ReadError> {
     let expected = plan.compressed.end.saturating_sub(plan.compressed.start);
@@ -148,7 +160,10 @@ pub fn read_range(
                 }
                 return Ok(out);
             }
-            let out = inflate_from_checkpoint(cp, compressed, plan.skip, want)?;
+            if !cp.window.map_or(window.is_empty(), |w| w.matches(window)) {
+                return Err(ReadError::WindowMismatch { checkpoint: i });
+            }
+            let out = inflate_from_checkpoint(cp, window, compressed, plan.skip, want)?;
             if out.len() < want {
                 return Err(GzipError::NeedMoreInput {
                     produced: out.len(),
@@ -163,7 +178,8 @@ pub fn read_range(
 
 /// Reads `len` bytes at `offset` of the uncompressed (tar) stream, truncated at its end,
 /// fetching the planned compressed range with `fetch` (which must return exactly the
-/// blob bytes of the range it is given).
+/// blob bytes of the range it is given). Windows come from the index's windows part in
+/// memory ([`ReadError::WindowMissing`] if it is not there; see [`read_stored_with`]).
 pub fn read_stored<B, E>(
     index: &LayerIndex,
     offset: u64,
@@ -174,12 +190,42 @@ where
     B: AsRef<[u8]>,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    read_stored_with(index, offset, len, fetch, &mut |i, _| {
+        index
+            .loaded_window(i)
+            .map(<[u8]>::to_vec)
+            .ok_or(ReadError::WindowMissing { checkpoint: i })
+    })
+}
+
+/// [`read_stored`], with the packed window of a checkpoint that has one (from its
+/// index's windows part in memory if there, else) from `window(checkpoint, its ref)`,
+/// which is checked against the ref's sha256 before use.
+pub fn read_stored_with<B, E>(
+    index: &LayerIndex,
+    offset: u64,
+    len: usize,
+    fetch: &mut impl FnMut(Range<u64>) -> Result<B, E>,
+    window: &mut impl FnMut(usize, &WindowRef) -> Result<Vec<u8>, ReadError>,
+) -> Result<Vec<u8>, ReadError>
+where
+    B: AsRef<[u8]>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let plan = plan_read(index, offset, len as u64)?;
     if plan.compressed.is_empty() {
         return Ok(Vec::new());
     }
+    let packed = match plan.checkpoint.map(|i| (i, index.checkpoints.get(i))) {
+        Some((i, Some(cp))) => match (&cp.window, index.loaded_window(i)) {
+            (None, _) => Vec::new(),
+            (Some(_), Some(loaded)) => loaded.to_vec(),
+            (Some(w), None) => window(i, w)?,
+        },
+        _ => Vec::new(),
+    };
     let bytes = fetch(plan.compressed.clone()).map_err(|e| ReadError::Fetch(e.into()))?;
-    read_range(index, &plan, bytes.as_ref(), len)
+    read_range(index, &plan, bytes.as_ref(), &packed, len)
 }
 
 /// Reads `len` bytes at `file_offset` of a regular file (or of the file a hard link
@@ -437,14 +483,14 @@ mod tests {
         assert!(empty.compressed.is_empty() && empty.checkpoint.is_none());
         let bytes = &gz[p.compressed.start as usize..p.compressed.end as usize];
         assert!(matches!(
-            read_range(&idx, &p, &bytes[1..], 10),
+            read_range(&idx, &p, &bytes[1..], idx.loaded_window(2).unwrap(), 10),
             Err(ReadError::InputLength { .. })
         ));
         let plain = index_blob(&tar, test_options()).unwrap();
         let pp = plan_read(&plain, 1000, 24).unwrap();
         assert_eq!((pp.checkpoint, pp.compressed.clone()), (None, 1000..1024));
         assert_eq!(
-            read_range(&plain, &pp, &tar[1000..1024], 24).unwrap(),
+            read_range(&plain, &pp, &tar[1000..1024], &[], 24).unwrap(),
             tar[1000..1024]
         );
     }

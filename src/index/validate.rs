@@ -6,7 +6,7 @@ use crate::index::gzip::MAX_PACKED_WINDOW;
 
 impl LayerIndex {
     /// Checks what readers rely on: checkpoints ordered and inside the streams (the
-    /// seekable copy's, if bound), their windows at most 32 KiB (none for zstd); every entry's stored bytes inside the uncompressed
+    /// seekable copy's, if bound), their windows back to back in the windows part (none for zstd); every entry's stored bytes inside the uncompressed
     /// stream; sparse extents ordered, non-overlapping and inside the file. Every index
     /// the builder produces passes.
     pub fn validate(&self) -> Result<(), String> {
@@ -16,8 +16,14 @@ impl LayerIndex {
                 "zstd:chunked TOC bound to a layer not read from its own zstd frames".into(),
             );
         }
+        if self.compression != Compression::Gzip && self.windows_size != 0 {
+            return Err("windows part in an index of a layer without windows".into());
+        }
         match self.compression {
-            Compression::Gzip => self.validate_checkpoints()?,
+            Compression::Gzip => {
+                self.validate_checkpoints()?;
+                self.validate_windows()?;
+            }
             Compression::Zstd if self.random_access => {
                 if self.uncompressed_size > 0 || !self.checkpoints.is_empty() {
                     self.validate_checkpoints()?;
@@ -25,7 +31,7 @@ impl LayerIndex {
                 if self
                     .checkpoints
                     .iter()
-                    .any(|c| c.bits != 0 || !c.window.is_empty())
+                    .any(|c| c.bits != 0 || c.window.is_some())
                 {
                     return Err("zstd frame checkpoint with bits or a window".into());
                 }
@@ -65,6 +71,34 @@ impl LayerIndex {
         Ok(())
     }
 
+    /// Windows lie back to back in checkpoint order and fill the windows part exactly,
+    /// each 1..=[`MAX_PACKED_WINDOW`] bytes, and the blob start has none; so a window's
+    /// location cannot point anywhere else, and the part is at most 32 KiB or so per
+    /// checkpoint.
+    fn validate_windows(&self) -> Result<(), String> {
+        let mut at = 0u64;
+        for (i, cp) in self.checkpoints.iter().enumerate() {
+            let Some(w) = &cp.window else { continue };
+            if i == 0 {
+                return Err("checkpoint 0 (the blob start) with a window".into());
+            }
+            if w.offset != at || w.len == 0 || w.len as usize > MAX_PACKED_WINDOW {
+                return Err(format!(
+                    "checkpoint {i}: window at {}+{} (expected at {at}, 1..={MAX_PACKED_WINDOW} bytes)",
+                    w.offset, w.len
+                ));
+            }
+            at += u64::from(w.len);
+        }
+        if at != self.windows_size {
+            return Err(format!(
+                "windows fill {at} bytes, the windows part has {}",
+                self.windows_size
+            ));
+        }
+        Ok(())
+    }
+
     fn validate_checkpoints(&self) -> Result<(), String> {
         let Some(first) = self.checkpoints.first() else {
             return Err("compressed index without checkpoints".into());
@@ -76,8 +110,8 @@ impl LayerIndex {
         let mut prev = first;
         for (i, cp) in self.checkpoints.iter().enumerate() {
             let bad = |what: &str| Err(format!("checkpoint {i}: {what}"));
-            if cp.bits > 7 || cp.window.len() > MAX_PACKED_WINDOW {
-                return bad("bad bit count or window size");
+            if cp.bits > 7 {
+                return bad("bad bit count");
             }
             if cp.compressed_offset > readable || cp.uncompressed_offset > self.uncompressed_size {
                 return bad("past the end of the layer");

@@ -223,7 +223,7 @@ fn zstd_chunked_layers_are_read_from_their_own_frames_and_their_toc_checked() {
     assert!(idx
         .checkpoints
         .iter()
-        .all(|c| c.window.is_empty() && c.bits == 0));
+        .all(|c| c.window.is_none() && c.bits == 0));
     assert_eq!(LayerIndex::decode(&idx.encode()).unwrap(), idx);
     for (name, data) in &files {
         let e = idx.find(name.as_bytes()).unwrap();

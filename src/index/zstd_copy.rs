@@ -170,7 +170,7 @@ impl CopyWriter {
             compressed_offset: self.size,
             bits: 0,
             uncompressed_offset: self.uncompressed,
-            window: Vec::new(),
+            window: None,
         });
         self.uncompressed += self.frame.len() as u64;
         self.frame.clear();

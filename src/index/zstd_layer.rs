@@ -184,7 +184,7 @@ impl ZstdLayer {
                         },
                         bits: 0,
                         uncompressed_offset: self.frame_start,
-                        window: Vec::new(),
+                        window: None,
                     });
                 }
                 self.skippable.clear();

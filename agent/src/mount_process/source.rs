@@ -6,14 +6,20 @@
 //! and verifies them; each piece it returns is checked here again. Without piece digests
 //! the whole chunk is asked of the agent (`GET /v1/chunks/ID/LAYER/CHUNK`: cache, peers,
 //! proxy).
+//! A checkpoint window (not in the index's main part, which is all the mount holds) is
+//! read from the agent's index store (`DIR/indexes/windows/HEX`) if there, else asked of
+//! the agent (`GET /v1/windows/ID/LAYER/OFFSET/LEN/SHA256`), which fetches it from the
+//! proxy; either way it is checked against its sha256 here.
 //! While the agent does not answer, such a read retries it until the read bound, then
 //! fails (EIO), so a read never hangs, and the first answer of a new agent ends the wait.
 
+use crate::layer_indexes::LayerIndexes;
 use crate::mounts::control::AgentLink;
 use crate::mounts::record::MountRecord;
 use crate::pieces::store::{piece_path, read_piece};
 use crate::unix_http::{self, UnixHttpError};
 use bytes::Bytes;
+use imgd_core::index::WindowRef;
 use imgd_core::store::ContentStore;
 use imgd_core::{ChunkList, Digest, PIECE_SIZE};
 use imgd_fuse::fs::BlobSource;
@@ -335,6 +341,38 @@ pub const FETCHED_BYTES_HEADER: &str = "x-imgd-fetched-bytes";
 pub const FETCHED_HEADER: &str = "x-imgd-fetched";
 
 impl BlobSource for ChunkSource {
+    fn window(&self, layer: usize, checkpoint: usize, w: &WindowRef) -> Result<Vec<u8>, String> {
+        let dir = self
+            .record
+            .index_files
+            .get(layer)
+            .and_then(|f| f.parent())
+            .ok_or_else(|| format!("no index of layer {layer}"))?;
+        if let Some(bytes) = LayerIndexes::stored_window(dir, w) {
+            return Ok(bytes);
+        }
+        let path = format!(
+            "/v1/windows/{}/{layer}/{}/{}/{}",
+            self.record.id,
+            w.offset,
+            w.len,
+            w.sha256.hex()
+        );
+        let deadline = Instant::now() + self.bound;
+        let reply = self
+            .ask_agent(&path, &w.sha256, deadline)
+            .map_err(|(e, _)| format!("window of checkpoint {checkpoint}: {e}"))?;
+        if !w.matches(&reply.body) {
+            return Err(format!(
+                "the agent sent a wrong window for checkpoint {checkpoint} of layer {layer}"
+            ));
+        }
+        self.fetched
+            .bytes
+            .fetch_add(reply.body.len() as u64, Ordering::Relaxed);
+        Ok(reply.body.to_vec())
+    }
+
     fn read(&self, layer: usize, range: Range<u64>) -> Result<Vec<u8>, String> {
         let list = self.list(layer)?;
         if let Some(d) = self.recently_failed(list, &range) {

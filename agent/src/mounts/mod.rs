@@ -391,7 +391,7 @@ impl Mounts {
     }
 
     /// The record of mount `id`: live, or being started (its process serves already).
-    fn live_record(&self, id: &str) -> Option<Arc<MountRecord>> {
+    pub fn live_record(&self, id: &str) -> Option<Arc<MountRecord>> {
         let st = lock(&self.state);
         st.live
             .values()

@@ -17,7 +17,9 @@ pub fn is_blob_start(cp: &Checkpoint) -> bool {
     cp.compressed_offset == 0
 }
 
-/// Inflates from checkpoint `cp`, discards `skip` output bytes and returns the next `len`.
+/// Inflates from checkpoint `cp`, whose packed window (checked by the caller against its
+/// sha256; empty if it has none) is `window`, discards `skip` output bytes and returns the
+/// next `len`.
 ///
 /// `compressed` must hold the blob bytes starting at [`input_start`]`(cp)`; it may end
 /// early or late. Reaching the end of the blob (after the last member) before `len` bytes
@@ -25,18 +27,20 @@ pub fn is_blob_start(cp: &Checkpoint) -> bool {
 /// [`GzipError::NeedMoreInput`].
 pub fn inflate_from_checkpoint(
     cp: &Checkpoint,
+    window: &[u8],
     compressed: &[u8],
     skip: u64,
     len: usize,
 ) -> Result<Vec<u8>, GzipError> {
     if cp.bits > 7
-        || cp.window.len() > MAX_PACKED_WINDOW
+        || window.len() > MAX_PACKED_WINDOW
         || (cp.bits > 0 && cp.compressed_offset == 0)
+        || cp.window.map_or(0, |w| w.len as usize) != window.len()
     {
         return Err(GzipError::BadCheckpoint(format!(
             "bits {} with window of {} bytes at offset {}",
             cp.bits,
-            cp.window.len(),
+            window.len(),
             cp.compressed_offset
         )));
     }
@@ -57,7 +61,7 @@ pub fn inflate_from_checkpoint(
             z.prime(bits, c_int::from(byte) >> (8 - bits))?;
             input = rest;
         }
-        z.set_dictionary(&unpack_window(&cp.window)?)?;
+        z.set_dictionary(&unpack_window(window)?)?;
     }
     let mut raw = !is_blob_start(cp);
     let mut result = Vec::with_capacity(len.min(64 << 20));

@@ -59,11 +59,16 @@ fn inflate_all(
     Ok((out, inf.finish()?))
 }
 
-fn check_restarts(blob: &[u8], data: &[u8], cps: &[Checkpoint]) {
+fn check_restarts(blob: &[u8], data: &[u8], s: &InflateSummary) {
+    let cps = &s.checkpoints;
     for (i, cp) in cps.iter().enumerate() {
         let start = input_start(cp) as usize;
         let uo = cp.uncompressed_offset as usize;
-        let window = unpack_window(&cp.window).unwrap();
+        let packed = cp.window.map_or(&[][..], |w| {
+            &s.windows[w.offset as usize..(w.offset + u64::from(w.len)) as usize]
+        });
+        assert!(cp.window.is_none_or(|w| w.matches(packed)));
+        let window = unpack_window(packed).unwrap();
         assert!(window.len() <= WINDOW_SIZE);
         if uo > 0 {
             let w = &data[uo.saturating_sub(window.len())..uo];
@@ -73,11 +78,12 @@ fn check_restarts(blob: &[u8], data: &[u8], cps: &[Checkpoint]) {
         let (end_in, end_out) = cps.get(i + 1).map_or((blob.len(), data.len()), |n| {
             (n.compressed_offset as usize, n.uncompressed_offset as usize)
         });
-        let got = inflate_from_checkpoint(cp, &blob[start..end_in], 0, end_out - uo).unwrap();
+        let got =
+            inflate_from_checkpoint(cp, packed, &blob[start..end_in], 0, end_out - uo).unwrap();
         assert!(got == data[uo..end_out], "restart at checkpoint {i}");
         // With a skip, through to the end of the blob.
         let skip = ((end_out - uo) / 3) as u64;
-        let got = inflate_from_checkpoint(cp, &blob[start..], skip, usize::MAX).unwrap();
+        let got = inflate_from_checkpoint(cp, packed, &blob[start..], skip, usize::MAX).unwrap();
         assert!(
             got == data[uo + skip as usize..],
             "restart+skip at checkpoint {i}"
@@ -110,7 +116,7 @@ fn checkpoints_restart_and_do_not_depend_on_slicing() {
         a.checkpoints.iter().any(|c| c.bits != 0),
         "expected unaligned checkpoints"
     );
-    check_restarts(&blob, &data, &a.checkpoints);
+    check_restarts(&blob, &data, &a);
 }
 
 #[test]
@@ -140,7 +146,7 @@ fn chunk_boundaries_get_checkpoints_even_with_a_huge_span() {
             "no checkpoint just after chunk boundary {k}: {offs:?}"
         );
     }
-    check_restarts(&blob, &data, &s.checkpoints);
+    check_restarts(&blob, &data, &s);
 }
 
 #[test]
@@ -159,7 +165,7 @@ fn multi_member_streams() {
         .checkpoints
         .iter()
         .any(|c| c.uncompressed_offset > a.len() as u64));
-    check_restarts(&blob, &data, &s.checkpoints);
+    check_restarts(&blob, &data, &s);
 }
 
 #[test]
@@ -211,6 +217,12 @@ fn restart_with_too_little_input_says_so() {
     let (_, s) = inflate_all(&blob, 1 << 20, &[blob.len()]).unwrap();
     let cp = &s.checkpoints[1];
     let start = input_start(cp) as usize;
-    let err = inflate_from_checkpoint(cp, &blob[start..start + 100], 0, 1 << 20).unwrap_err();
+    let w = cp.window.unwrap().range();
+    let packed = &s.windows[w.start as usize..w.end as usize];
+    let err =
+        inflate_from_checkpoint(cp, packed, &blob[start..start + 100], 0, 1 << 20).unwrap_err();
     assert!(matches!(err, GzipError::NeedMoreInput { .. }), "{err}");
+    // A window of the wrong length is refused before it is used.
+    let err = inflate_from_checkpoint(cp, &packed[1..], &blob[start..], 0, 10).unwrap_err();
+    assert!(matches!(err, GzipError::BadCheckpoint(_)), "{err}");
 }

@@ -87,6 +87,8 @@ impl Layer {
             checkpoints: vec![],
             copy: None,
             toc: None,
+            windows_size: 0,
+            windows: None,
         }
     }
 }
