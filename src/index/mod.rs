@@ -19,6 +19,8 @@ mod hostile_tests;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
+mod windows_tests;
+#[cfg(test)]
 pub(crate) mod zstd_chunked_tests;
 
 pub use builder::{index_blob, index_blob_with_copy, IndexBuilder, IndexError, IndexOptions};

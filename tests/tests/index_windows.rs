@@ -20,7 +20,7 @@ const SMALL: &[u8] = b"a small file in the middle of a big layer\n";
 /// each with a window, before the small file).
 fn image() -> ImageSpec {
     ImageSpec::new(
-        "windows",
+        "splitidx",
         vec![LayerSpec::gzip(vec![
             FileSpec::dir("data"),
             FileSpec::random("data/a.bin", 41, 3 << 20),
@@ -43,7 +43,7 @@ struct Setup {
 fn setup() -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let reg = Registry::start().unwrap();
-    skopeo::push_image(&reg, &tmp.path().join("img"), image(), "windows:1").unwrap();
+    skopeo::push_image(&reg, &tmp.path().join("img"), image(), "splitidx:1").unwrap();
     let proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
     let relay = FaultRelay::start(&proxy.addr()).unwrap();
     let data = tmp.path().join("agent");
@@ -55,7 +55,7 @@ fn setup() -> Setup {
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     let (ok, out, err) = agent
-        .imgctl(&["mount", "local/windows:1", mnt.to_str().unwrap()])
+        .imgctl(&["mount", "local/splitidx:1", mnt.to_str().unwrap()])
         .unwrap();
     assert!(ok, "mount: {out}{err}");
     Setup {
@@ -115,7 +115,7 @@ fn a_mount_needs_only_the_main_part_before_its_first_read() {
         index.windows_size
     );
     assert_eq!(
-        s.relay.count("GET", "/windows"),
+        s.relay.count("GET", "/windows?"),
         0,
         "no window before a read"
     );
@@ -127,7 +127,7 @@ fn a_mount_needs_only_the_main_part_before_its_first_read() {
         .relay
         .seen()
         .into_iter()
-        .filter(|r| r.path.contains("/windows"))
+        .filter(|r| r.path.contains("/windows?"))
         .collect();
     assert_eq!(asked.len(), 1, "{asked:?}");
     assert!(asked[0].header("range").is_some());
@@ -144,7 +144,7 @@ fn a_mount_needs_only_the_main_part_before_its_first_read() {
 #[test]
 fn a_wrong_window_from_the_proxy_is_eio_and_not_stored() {
     let s = setup();
-    s.relay.add("/windows", Fault::FlipByte { at: 10 }, None);
+    s.relay.add("/windows?", Fault::FlipByte { at: 10 }, None);
     let started = Instant::now();
     let err = std::fs::read(s.mnt.join("data/small.txt")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");

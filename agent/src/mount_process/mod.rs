@@ -307,6 +307,7 @@ fn unmount(dir: &Path) -> Result<(), String> {
 /// through the same source as reads (so the bytes count as this mount's). Files already
 /// inflated on disk need no chunk and are skipped.
 async fn warm(shared: Arc<server::Shared>, trace: imgd_core::wire::StartupTrace) {
+    use imgd_core::index::gzip::input_start;
     use imgd_fuse::fs::BlobSource;
     let s = shared.clone();
     let files = trace.paths.len();
@@ -323,7 +324,19 @@ async fn warm(shared: Arc<server::Shared>, trace: imgd_core::wire::StartupTrace)
     let mut jobs = futures::stream::iter(wanted)
         .map(|(layer, range)| {
             let source = shared.source.clone();
-            tokio::task::spawn_blocking(move || source.read(layer, range).map(drop))
+            // The window of the checkpoint the range starts at, too (gzip).
+            let window = shared.view.layer(layer).and_then(|index| {
+                let cps = &index.checkpoints;
+                let i = cps.partition_point(|c| input_start(c) < range.start);
+                let cp = cps.get(i).filter(|c| input_start(c) == range.start)?;
+                Some((i, cp.window?))
+            });
+            tokio::task::spawn_blocking(move || {
+                if let Some((i, w)) = window {
+                    source.window(layer, i, &w)?;
+                }
+                source.read(layer, range).map(drop)
+            })
         })
         .buffered(startup::WARM_PARALLEL);
     let mut failed = None;
