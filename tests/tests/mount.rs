@@ -388,6 +388,12 @@ fn the_first_start_is_learned_and_later_mounts_prefetch_it() {
         0,
         "fetched before any read: {warmed}"
     );
+    // The warm-up fetches several things (pieces, checkpoint windows): wait for its end.
+    while !second.log().contains("startup files prefetched") {
+        assert!(Instant::now() < deadline, "no end of the startup prefetch");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let warmed = second.status().unwrap()["mounts"][0].clone();
     assert!(std::fs::read(lower2.join("bin/busybox")).is_ok());
     let after = second.status().unwrap()["mounts"][0]["fetched_bytes"]
         .as_u64()

@@ -190,9 +190,17 @@ fn every_layer_is_chunked_and_indexed_and_files_read_back_through_the_index() {
         else {
             panic!("layer {d} not indexed: {:?}", info.index)
         };
+        // The two parts of the index, served apart, are the stored index together.
         let r = proxy.get(&format!("/imgd/v1/indexes/{d}"), &[]).unwrap();
-        assert_eq!(Digest::of(&r.body), idx_digest);
-        let index = LayerIndex::decode(&r.body).unwrap();
+        let w = proxy
+            .get(&format!("/imgd/v1/indexes/{d}/windows"), &[])
+            .unwrap();
+        assert_eq!(w.status, 200, "{}", w.text());
+        let whole = [r.body.clone(), w.body.clone()].concat();
+        assert_eq!(Digest::of(&whole), idx_digest);
+        let main = LayerIndex::decode(&r.body).unwrap();
+        assert_eq!(main.windows_size, w.body.len() as u64);
+        let index = LayerIndex::decode(&whole).unwrap();
         assert_eq!(index.layer, d);
         match layer.compression {
             Compression::Gzip => assert!(!index.checkpoints.is_empty()),

@@ -68,6 +68,7 @@ fn the_chunk_api_requires_its_token_and_the_agent_sends_it() {
     let routes = [
         format!("/imgd/v1/blobs/{layer}?repo=local/app"),
         format!("/imgd/v1/indexes/{layer}?repo=local/app"),
+        format!("/imgd/v1/indexes/{layer}/windows?repo=local/app"),
         format!("/imgd/v1/chunks/{layer}"),
         format!("/imgd/v1/traces/{}", img.manifest.digest),
         "/imgd/v1/verify".to_string(),

@@ -324,16 +324,23 @@ async fn warm(shared: Arc<server::Shared>, trace: imgd_core::wire::StartupTrace)
     let mut jobs = futures::stream::iter(wanted)
         .map(|(layer, range)| {
             let source = shared.source.clone();
-            // The window of the checkpoint the range starts at, too (gzip).
-            let window = shared.view.layer(layer).and_then(|index| {
+            // The windows of the checkpoints in the range too (gzip): reads inflate span
+            // by span, each from its own checkpoint. Up to the end of the range's last
+            // piece, whose bytes arrive with it: a readahead of the next span then
+            // needs nothing more.
+            let piece = imgd_core::PIECE_SIZE as u64;
+            let end = range.end.div_ceil(piece) * piece;
+            let windows: Vec<_> = shared.view.layer(layer).map_or_else(Vec::new, |index| {
                 let cps = &index.checkpoints;
-                let i = cps.partition_point(|c| input_start(c) < range.start);
-                let cp = cps.get(i).filter(|c| input_start(c) == range.start)?;
-                Some((i, cp.window?))
+                let first = cps.partition_point(|c| input_start(c) < range.start);
+                (first..cps.len())
+                    .take_while(|&i| cps[i].compressed_offset < end)
+                    .filter_map(|i| Some((i, cps[i].window?)))
+                    .collect()
             });
             tokio::task::spawn_blocking(move || {
-                if let Some((i, w)) = window {
-                    source.window(layer, i, &w)?;
+                for (i, w) in &windows {
+                    source.window(layer, *i, w)?;
                 }
                 source.read(layer, range).map(drop)
             })

@@ -51,8 +51,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Lazy runs per mode and rate (fresh agent data dir each) and full-pull runs per rate;
-/// the best of each is reported.
-const LAZY_RUNS: usize = 3;
+/// the best of each is reported. `IMGD_BENCH_LAZY_RUNS=N` runs N lazy starts per mode
+/// instead (a quicker look at bytes).
+const LAZY_RUNS_DEFAULT: usize = 3;
 const BASELINE_RUNS: usize = 2;
 /// Bound of any one step (a pull of the whole image included).
 const STEP_TIMEOUT: Duration = Duration::from_secs(900);
@@ -257,6 +258,15 @@ impl Bench<'_> {
     }
 }
 
+/// Lazy runs per mode and rate: [`LAZY_RUNS_DEFAULT`], or `IMGD_BENCH_LAZY_RUNS`.
+fn lazy_runs() -> usize {
+    std::env::var("IMGD_BENCH_LAZY_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(LAZY_RUNS_DEFAULT)
+}
+
 /// Whether the agent has learned (trace-based) startup prefetch.
 fn learned_prefetch_available() -> bool {
     let help = workspace_bin("imgctl")
@@ -317,7 +327,7 @@ fn main() -> Result<()> {
     let prepared: Prepared = images::prepare(source, &tmp.path().join("img"))?;
     let size = prepared.compressed;
     // One image per lazy run and rate, each without a startup trace until its first start.
-    let per_rate = LAZY_RUNS;
+    let per_rate = lazy_runs();
     let variants = images::add_variants(&prepared.layout, &prepared.name, per_rate * rates.len())?;
     eprintln!("recompressing the layers with zstd ...");
     let (zlayout, zsize) = images::zstd_variant(&prepared, &tmp.path().join("zimg"))?;
@@ -425,7 +435,7 @@ fn main() -> Result<()> {
         println!("the container's first line: {line}");
     }
     println!(
-        "lazy: imgctl mount + overlayfs + runc until the first line, a fresh agent cache each run, best of {LAZY_RUNS}"
+        "lazy: imgctl mount + overlayfs + runc until the first line, a fresh agent cache each run, best of {}", lazy_runs()
     );
     println!(
         "baseline (the skopeo way): skopeo copy docker://PROXY oci:DIR through the same link + umoci unpack + runc until the first line, best of {BASELINE_RUNS}"
