@@ -98,7 +98,7 @@ max_index_bytes = 268435456        # encoded index size
 max_inflate_ratio = 500            # uncompressed / compressed size of a gzip or zstd layer...
 inflate_ratio_slack = 4294967296   # ...checked once this many bytes came out
 checkpoint_span = 4194304          # at most this many uncompressed bytes between gzip checkpoints
-checkpoint_compressed_span = 1048576  # and at most this many compressed bytes
+checkpoint_compressed_span = 262144   # and at most this many compressed bytes (windows are fetched lazily)
 max_zstd_frames = 2000000          # frames of a zstd layer
 # A zstd frame needing a larger window (2^N bytes) is not decoded: the layer is stored
 # and served for full pulls, but not indexed (no lazy mount).
