@@ -357,7 +357,7 @@ impl Run {
         };
         if failure.is_none() && refused.is_none() {
             let index = match indexed {
-                Some(Ok(index)) => Ok(index),
+                Some(Ok(index)) => Ok(Box::new(index)),
                 Some(Err(e)) => Err(e.to_string()),
                 None => Err("blob stream aborted".into()),
             };
@@ -392,7 +392,7 @@ enum ChunkMsg {
     Copy(CopyChunk),
     Commit {
         /// The layer index, or why there is none.
-        index: Result<LayerIndex, String>,
+        index: Result<Box<LayerIndex>, String>,
         /// The access record to write with the blob.
         access_key: String,
     },
