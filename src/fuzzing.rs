@@ -401,6 +401,12 @@ mod tests {
                 },
             ),
             (
+                "subscribe",
+                Message::Subscribe {
+                    blob: crate::Digest::of(b"s"),
+                },
+            ),
+            (
                 "chunk",
                 Message::Chunk(bytes::Bytes::from_static(b"some chunk bytes")),
             ),

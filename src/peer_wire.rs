@@ -6,6 +6,7 @@
 //! Have      0x02  blob digest[32]                  -> HaveMap | Unknown | Error
 //! GetPieces 0x04  chunk digest[32] | first: u32 BE | count: u32 BE
 //!                                                  -> Pieces | Pending | NotFound | Error
+//! Subscribe 0x03  blob digest[32]                  -> HaveMap, HaveMap, ... | Unknown | Error
 //! Chunk     0x81  the chunk's bytes (<= max_chunk)
 //! NotFound  0x82  (empty)
 //! HaveMap   0x83  chunk_count: u32 BE | present bitmap | in-flight bitmap
@@ -20,6 +21,13 @@
 //! peer that is fetching the chunk says so instead of "not found", so the reader waits
 //! for it rather than asking the proxy too. Pieces are checked by the receiver against
 //! their digests from the chunk list, like chunks.
+//!
+//! `Subscribe` (also new in version 2) turns the connection into a push channel: the
+//! server answers with the blob's have-map at once and then sends the whole map again,
+//! with the same request id, each time it changes, at most one frame per
+//! [`PUSH_INTERVAL_MS`]; the client sends nothing more and ends the subscription by
+//! closing the connection. A pushed map is a whole map, never a delta, so a lost or
+//! coalesced update cannot leave the subscriber with a wrong view.
 //!
 //! Bitmaps are `ceil(chunk_count / 8)` bytes, chunk `i` is bit `i % 8` (LSB first) of
 //! byte `i / 8`, and padding bits must be zero. A response echoes its request's id.
@@ -42,6 +50,10 @@ pub const HEADER_LEN: usize = 9;
 pub const GET_PIECES_LEN: usize = 40;
 /// Longest message an encoded [`Message::Error`] carries; longer ones are truncated.
 pub const MAX_ERROR_MESSAGE: usize = 1024;
+/// Shortest time between two have-maps a server pushes on one subscription, in ms: an
+/// explicit rate bound (at most 20 frames a second per subscription) that also coalesces
+/// bursts of chunk completions into one frame.
+pub const PUSH_INTERVAL_MS: u64 = 50;
 
 /// Frame kind bytes.
 pub mod kind {
@@ -51,6 +63,8 @@ pub mod kind {
     pub const HAVE: u8 = 0x02;
     /// Request: send me these 256 KiB pieces of this chunk.
     pub const GET_PIECES: u8 = 0x04;
+    /// Request: push me this blob's have-map now and whenever it changes (v1.1).
+    pub const SUBSCRIBE: u8 = 0x03;
     /// Response: the chunk's bytes.
     pub const CHUNK: u8 = 0x81;
     /// Response: I do not hold that chunk.
@@ -120,6 +134,9 @@ pub enum Message {
     Have {
         blob: Digest,
     },
+    Subscribe {
+        blob: Digest,
+    },
     GetPieces {
         chunk: Digest,
         first: u32,
@@ -141,6 +158,7 @@ impl Message {
             Message::GetChunk { .. } => kind::GET_CHUNK,
             Message::Have { .. } => kind::HAVE,
             Message::GetPieces { .. } => kind::GET_PIECES,
+            Message::Subscribe { .. } => kind::SUBSCRIBE,
             Message::Chunk(_) => kind::CHUNK,
             Message::NotFound => kind::NOT_FOUND,
             Message::HaveMap(_) => kind::HAVE_MAP,
@@ -157,6 +175,7 @@ fn kind_name(k: u8) -> &'static str {
         kind::GET_CHUNK => "GetChunk",
         kind::HAVE => "Have",
         kind::GET_PIECES => "GetPieces",
+        kind::SUBSCRIBE => "Subscribe",
         kind::CHUNK => "Chunk",
         kind::NOT_FOUND => "NotFound",
         kind::HAVE_MAP => "HaveMap",
@@ -194,7 +213,7 @@ fn check_len(k: u8, len: usize, limits: &FrameLimits) -> Result<(), WireError> {
         }
     };
     match k {
-        kind::GET_CHUNK | kind::HAVE => exact(32),
+        kind::GET_CHUNK | kind::HAVE | kind::SUBSCRIBE => exact(32),
         kind::GET_PIECES => exact(GET_PIECES_LEN),
         kind::NOT_FOUND | kind::UNKNOWN | kind::PENDING => exact(0),
         kind::CHUNK | kind::PIECES => at_most(limits.max_chunk),
@@ -272,6 +291,7 @@ pub fn decode_body(header: &Header, body: &[u8]) -> Result<Message, WireError> {
                 count,
             }
         }
+        kind::SUBSCRIBE => Message::Subscribe { blob: digest()? },
         kind::CHUNK => Message::Chunk(Bytes::copy_from_slice(body)),
         kind::PIECES => Message::Pieces(Bytes::copy_from_slice(body)),
         kind::PENDING => Message::Pending,
@@ -326,7 +346,9 @@ pub fn encode_frame(
 ) -> Result<([u8; HEADER_LEN], Bytes), WireError> {
     let body = match msg {
         Message::GetChunk { digest } => Bytes::copy_from_slice(digest.as_bytes()),
-        Message::Have { blob } => Bytes::copy_from_slice(blob.as_bytes()),
+        Message::Have { blob } | Message::Subscribe { blob } => {
+            Bytes::copy_from_slice(blob.as_bytes())
+        }
         Message::GetPieces {
             chunk,
             first,

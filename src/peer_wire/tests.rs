@@ -27,6 +27,9 @@ fn every_message_round_trips() {
         Message::Have {
             blob: Digest::of(b"b"),
         },
+        Message::Subscribe {
+            blob: Digest::of(b"s"),
+        },
         Message::Chunk(Bytes::from_static(b"chunk bytes")),
         Message::Chunk(Bytes::new()),
         Message::NotFound,

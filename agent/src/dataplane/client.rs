@@ -170,6 +170,26 @@ impl PeerClient {
         }
     }
 
+    /// Subscribes to blob `blob`'s have-map: the connection becomes the subscription's
+    /// ([`Subscription::next`] reads the pushed maps). Sends the request only; errors
+    /// and the first map come from `next`.
+    pub async fn subscribe(mut self, blob: &Digest, timeout: Duration) -> Result<Subscription> {
+        if self.state != State::Ready {
+            return Err(DataPlaneError::Closed);
+        }
+        let id = self.next_id;
+        let protocol = |e: wire::WireError| DataPlaneError::Protocol(e.to_string());
+        let (head, body) =
+            wire::encode_frame(id, &Message::Subscribe { blob: *blob }, &self.limits)
+                .map_err(protocol)?;
+        let frame = [&head[..], &body[..]].concat();
+        with_timeout(timeout, "subscribe", async {
+            Ok(self.stream.write_all(&frame).await?)
+        })
+        .await?;
+        Ok(Subscription { client: self, id })
+    }
+
     fn unexpected<T>(&mut self, reply: Message, request: &str) -> Result<T> {
         if let Message::Error(text) = reply {
             return Err(DataPlaneError::Remote(text));
@@ -290,6 +310,53 @@ impl PeerClient {
     }
 }
 
+/// A have-map subscription on its own connection ([`PeerClient::subscribe`]). Dropping
+/// it closes the connection, which ends the subscription on the server.
+pub struct Subscription {
+    client: PeerClient,
+    id: u32,
+}
+
+impl Subscription {
+    /// The next pushed map: `Ok(None)` if the peer does not know the blob (the
+    /// subscription is over). The server pushes at least every
+    /// [`SUBSCRIPTION_HEARTBEAT`](super::server::SUBSCRIPTION_HEARTBEAT), so a `timeout`
+    /// a few times that tells a dead peer from a quiet one.
+    pub async fn next(&mut self, timeout: Duration) -> Result<Option<HaveMap>> {
+        let c = &mut self.client;
+        let id = self.id;
+        let read = async {
+            let protocol = |e: wire::WireError| DataPlaneError::Protocol(e.to_string());
+            let mut head = [0u8; HEADER_LEN];
+            read_exact_or_closed(&mut c.stream, &mut head).await?;
+            let header = wire::decode_header(&head, &c.limits).map_err(protocol)?;
+            if header.request_id != id || header.kind == wire::kind::CHUNK {
+                return Err(DataPlaneError::Protocol(format!(
+                    "frame kind {:#04x} for request {} on subscription {id}",
+                    header.kind, header.request_id
+                )));
+            }
+            let mut body = vec![0u8; header.len];
+            read_exact_or_closed(&mut c.stream, &mut body).await?;
+            wire::decode_body(&header, &body).map_err(protocol)
+        };
+        match with_timeout(timeout, "subscription", read).await? {
+            Message::HaveMap(map) => Ok(Some(map)),
+            Message::Unknown => Ok(None),
+            Message::Error(text) => Err(DataPlaneError::Remote(text)),
+            other => Err(DataPlaneError::Protocol(format!(
+                "frame kind {:#04x} on a subscription",
+                other.kind()
+            ))),
+        }
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.client.peer
+    }
+}
+
 async fn read_exact_or_closed(stream: &mut TcpStream, buf: &mut [u8]) -> Result<()> {
     match stream.read_exact(buf).await {
         Ok(_) => Ok(()),
@@ -401,6 +468,23 @@ impl PeerPool {
             Reply::Have(m) => Ok(m),
             Reply::Chunk(_) => Err(DataPlaneError::Protocol("mismatched reply".into())),
         }
+    }
+
+    /// Subscribes to `blob`'s have-map at `addr` on a fresh connection of its own (not
+    /// one of the pool's: a subscription holds its connection for its whole life).
+    /// `timeout` covers connecting and sending the request.
+    pub async fn subscribe(
+        &self,
+        addr: SocketAddr,
+        blob: &Digest,
+        timeout: Duration,
+    ) -> Result<Subscription> {
+        let deadline = Instant::now() + timeout;
+        let client = tokio::time::timeout_at(deadline, PeerClient::connect(addr, &self.cfg))
+            .await
+            .map_err(|_| DataPlaneError::Timeout("connect"))??;
+        let left = deadline.saturating_duration_since(Instant::now());
+        client.subscribe(blob, left).await
     }
 
     /// Closes the idle connections to `addr` and forgets it (e.g. a penalised peer).

@@ -17,8 +17,11 @@
 //!    `request_id: u32 BE`) and a body of at most [`Limits::max_chunk`] bytes for chunk
 //!    bodies and [`Limits::max_control`] for everything else. Requests are
 //!    `GetChunk { digest }`, `GetPieces { chunk, first, count }` (256 KiB pieces, for
-//!    lazy reads) and `Have { blob }`; responses are `Chunk`, `Pieces`, `Pending` (being
-//!    fetched here now: ask again), `NotFound`, `HaveMap`, `Unknown` or `Error`.
+//!    lazy reads), `Have { blob }` and `Subscribe { blob }`; responses are `Chunk`,
+//!    `Pieces`, `Pending` (being fetched here now: ask again), `NotFound`, `HaveMap`,
+//!    `Unknown` or `Error`. A `Subscribe` turns its connection into a push channel of
+//!    the blob's have-map (at most one frame per 50 ms, a heartbeat every 5 s; see
+//!    [`server`]).
 //! 3. **Concurrency model**: a connection carries one request at a time (the server
 //!    answers in order, so pipelining would also work, and the echoed request id lets the
 //!    client check it). Parallelism comes from a small pool of connections per peer
@@ -46,7 +49,7 @@ mod have_map;
 pub mod server;
 pub mod wire;
 
-pub use client::{Answer, PeerClient, PeerPool};
+pub use client::{Answer, PeerClient, PeerPool, Subscription};
 pub use have_map::HaveMap;
 pub use server::{serve, ChunkSource, PiecesAnswer};
 
@@ -121,6 +124,12 @@ pub struct Limits {
     pub max_connections: usize,
     /// Server: most [`ChunkSource`] calls running at once over all connections (16).
     pub max_lookups: usize,
+    /// Server: most have-map subscriptions served at once (128); they count as
+    /// connections too.
+    pub max_subscriptions: usize,
+    /// Server: longest life of one subscription (10 min); the subscriber subscribes
+    /// again if it still needs it.
+    pub max_subscription: Duration,
     /// `SO_SNDBUF`/`SO_RCVBUF` to set on every connection; `None` keeps the kernel's
     /// autotuning, which on Linux grows to `tcp_rmem`/`tcp_wmem` max and measured
     /// best on loopback.
@@ -137,6 +146,8 @@ impl Default for Limits {
             write_timeout: Duration::from_secs(30),
             max_connections: 256,
             max_lookups: 16,
+            max_subscriptions: 128,
+            max_subscription: Duration::from_secs(600),
             socket_buffer: None,
         }
     }

@@ -1,5 +1,5 @@
 //! The data plane server: answers `GetChunk`, `GetPieces` and `Have` from a
-//! [`ChunkSource`].
+//! [`ChunkSource`], and pushes have-maps to `Subscribe`rs ([`subscription`]).
 //!
 //! Every accepted connection must pass the [`handshake`] first. A connection is then
 //! served one request at a time, in order (a client may pipeline). The number of
@@ -33,6 +33,17 @@ pub trait ChunkSource: Send + Sync + 'static {
     /// Which chunks of blob `blob` are held or being fetched, if the blob is known.
     fn have(&self, blob: &Digest) -> Option<HaveMap>;
 
+    /// A counter that moves whenever some have-map may have changed, so subscriptions
+    /// push at once; `None` (the default): subscriptions look again every
+    /// [`SUBSCRIPTION_HEARTBEAT`].
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
+    /// The authenticated peer `peer_id` subscribed to `blob`'s have-map: it is fetching
+    /// the blob (the fetcher counts it among the blob's hosts). The default ignores it.
+    fn subscribed(&self, _blob: &Digest, _peer_id: &[u8]) {}
+
     /// Pieces `first..first + count` (256 KiB each, the last of a chunk shorter) of the
     /// chunk with this digest, from the whole chunk or from stored pieces. The receiver
     /// checks each against its digest.
@@ -58,11 +69,16 @@ pub enum PiecesAnswer {
     NotHere,
 }
 
+/// A subscription pushes its map at least this often, changed or not, so the subscriber
+/// can tell a dead server from a quiet one.
+pub const SUBSCRIPTION_HEARTBEAT: Duration = Duration::from_secs(5);
+
 struct Shared {
     cfg: DataPlaneConfig,
     limits: FrameLimits,
     source: Arc<dyn ChunkSource>,
     lookups: Semaphore,
+    subscriptions: Semaphore,
 }
 
 /// Serves the data plane on `listener` until the returned future is dropped, which
@@ -89,6 +105,7 @@ pub async fn serve(
     let shared = Arc::new(Shared {
         limits: FrameLimits::from(l),
         lookups: Semaphore::new(l.max_lookups),
+        subscriptions: Semaphore::new(l.max_subscriptions),
         source,
         cfg,
     });
@@ -155,6 +172,10 @@ async fn connection(mut stream: TcpStream, addr: SocketAddr, shared: &Shared) ->
             }
         };
         let (id, msg) = request;
+        if let Message::Subscribe { blob } = msg {
+            // The connection is the subscription's now; it ends with it.
+            return subscription(stream, id, blob, &peer_id, shared).await;
+        }
         let reply = answer(msg, shared).await;
         write_frame(&mut stream, id, &reply, shared).await?;
     }
@@ -172,7 +193,7 @@ async fn read_request(
     let id = header.request_id;
     if !matches!(
         header.kind,
-        wire::kind::GET_CHUNK | wire::kind::HAVE | wire::kind::GET_PIECES
+        wire::kind::GET_CHUNK | wire::kind::HAVE | wire::kind::GET_PIECES | wire::kind::SUBSCRIBE
     ) {
         let e = format!("expected a request, got frame kind {:#04x}", header.kind);
         return Err((id, DataPlaneError::Protocol(e)));
@@ -229,6 +250,77 @@ async fn answer(request: Message, shared: &Shared) -> Message {
         tracing::error!(error = %e, "data plane chunk source failed");
         Message::Error("internal error in the chunk source".into())
     })
+}
+
+/// Serves a `Subscribe` on its connection: the blob's have-map now, then again whenever
+/// it changed (at most one frame per [`wire::PUSH_INTERVAL_MS`]) and at least every
+/// [`SUBSCRIPTION_HEARTBEAT`], until the client hangs up (or sends anything: a subscribed
+/// client only listens), the blob becomes unknown (`Unknown` is sent) or
+/// [`Limits::max_subscription`](super::Limits::max_subscription) has passed. At most
+/// [`Limits::max_subscriptions`](super::Limits::max_subscriptions) run at once; one more
+/// is answered with an `Error`.
+async fn subscription(
+    mut stream: TcpStream,
+    id: u32,
+    blob: Digest,
+    peer_id: &[u8],
+    shared: &Shared,
+) -> Result<()> {
+    let Ok(_permit) = shared.subscriptions.try_acquire() else {
+        let busy = Message::Error("too many subscriptions".into());
+        return write_frame(&mut stream, id, &busy, shared).await;
+    };
+    shared.source.subscribed(&blob, peer_id);
+    let mut changes = shared.source.changes();
+    let end = tokio::time::Instant::now() + shared.cfg.limits.max_subscription;
+    let interval = Duration::from_millis(wire::PUSH_INTERVAL_MS);
+    let mut sent: Option<(HaveMap, tokio::time::Instant)> = None;
+    loop {
+        if let Some(rx) = changes.as_mut() {
+            rx.borrow_and_update();
+        }
+        let reply = answer(Message::Have { blob }, shared).await;
+        let now = tokio::time::Instant::now();
+        match &reply {
+            Message::HaveMap(map) => {
+                let stale = sent.as_ref().is_none_or(|(last, at)| {
+                    last != map || now.duration_since(*at) >= SUBSCRIPTION_HEARTBEAT
+                });
+                if stale {
+                    write_frame(&mut stream, id, &reply, shared).await?;
+                    sent = Some((map.clone(), now));
+                }
+            }
+            _ => return write_frame(&mut stream, id, &reply, shared).await,
+        }
+        // The rate bound, then wait for a change, a heartbeat, the end or a hang-up.
+        let mut probe = [0u8; 1];
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stream.read(&mut probe) => return Ok(()),
+        }
+        let heartbeat = tokio::time::sleep(SUBSCRIPTION_HEARTBEAT.saturating_sub(interval));
+        tokio::select! {
+            _ = changed(&mut changes) => {}
+            _ = heartbeat => {}
+            _ = tokio::time::sleep_until(end) => return Ok(()),
+            _ = stream.read(&mut probe) => return Ok(()),
+        }
+    }
+}
+
+/// Resolves when the source's change counter moved; never without a counter.
+async fn changed(changes: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    match changes {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                // The source dropped its counter: heartbeats only from now on.
+                *changes = None;
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
 }
 
 /// Writes one frame with a single vectored write of header and body.

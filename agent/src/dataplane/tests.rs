@@ -324,3 +324,4 @@ async fn a_cancelled_request_leaves_the_connection_unusable() {
 }
 
 mod hostile;
+mod subscription;
