@@ -144,6 +144,7 @@ pub async fn start(mut config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
             allow_list: config.swarm.allow_list.clone(),
             bootstrap: config.swarm.bootstrap.clone(),
             mdns: config.swarm.mdns,
+            zone: config.swarm.zone.clone(),
         };
         let (_, tx) =
             crate::swarm::start(settings, peers.clone()).map_err(|e| start_err("swarm", &e))?;
@@ -155,6 +156,8 @@ pub async fn start(mut config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         parallel_chunks: config.fetch.parallel_chunks,
         owner_wait: config.fetch.owner_wait(),
         read_owner_wait: config.fetch.read_owner_wait(),
+        max_asked_peers: config.fetch.max_asked_peers,
+        zone: config.swarm.zone.clone(),
     };
     let fetcher = Arc::new(Fetcher::new(
         cache,
@@ -199,7 +202,7 @@ pub async fn start(mut config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
     });
     // Before the API is up: the mount processes a previous agent left ask it for chunks.
     agent.mounts.recover(&agent).await?;
-    tokio::spawn(enforce_quota(agent.fetcher.cache.clone()));
+    tokio::spawn(enforce_quota(agent.fetcher.clone()));
     Ok(agent)
 }
 
@@ -207,15 +210,21 @@ pub async fn start(mut config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
 /// layer data on their own.
 const QUOTA_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Keeps chunks and inflated layers under the quota (see [`ChunkCache::enforce_quota`]).
-async fn enforce_quota(cache: Arc<ChunkCache>) {
+/// Keeps chunks and inflated layers under the quota (see [`ChunkCache::enforce_quota`]),
+/// and withdraws the provider records of blobs an eviction broke up.
+async fn enforce_quota(fetcher: Arc<Fetcher>) {
+    let cache = fetcher.cache.clone();
     let mut tick = tokio::time::interval(QUOTA_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let c = cache.clone();
         match tokio::task::spawn_blocking(move || c.enforce_quota()).await {
-            Ok(Ok(_)) => {}
+            Ok(Ok(true)) => {
+                let f = fetcher.clone();
+                let _ = tokio::task::spawn_blocking(move || f.withdraw_evicted()).await;
+            }
+            Ok(Ok(false)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "enforcing the cache quota"),
             Err(e) => tracing::warn!(error = %e, "enforcing the cache quota"),
         }

@@ -91,6 +91,14 @@ pub struct Status {
     /// Peer ids in the swarm's Kademlia routing table.
     #[serde(default)]
     pub routing_table: Vec<String>,
+    /// Control requests sent (provider lookups, announcements, have-map subscriptions
+    /// and requests) and have-maps pushed to this host, by kind.
+    #[serde(default)]
+    pub control_requests: std::collections::BTreeMap<String, u64>,
+    /// The same per blob (digest), by kind.
+    #[serde(default)]
+    pub control_requests_by_blob:
+        std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
     /// Blobs being fetched now.
     pub blobs_in_flight: usize,
     /// Chunk transfers in flight now.
@@ -123,6 +131,12 @@ pub struct PeerStatus {
     pub id: String,
     pub data_addr: String,
     pub penalty: u32,
+    /// Its zone label, if it has one.
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// Its smoothed data-plane round trip in microseconds, once measured.
+    #[serde(default)]
+    pub rtt_us: Option<u64>,
 }
 
 /// The API's routes.
@@ -260,6 +274,25 @@ async fn status(State(agent): State<Arc<Agent>>) -> Json<Status> {
                 id: p.id,
                 data_addr: p.data_addr.to_string(),
                 penalty: p.penalty,
+                zone: p.zone,
+                rtt_us: p.rtt.map(|d| d.as_micros() as u64),
+            })
+            .collect(),
+        control_requests: f
+            .control
+            .totals()
+            .into_iter()
+            .map(|(k, n)| (k.to_string(), n))
+            .collect(),
+        control_requests_by_blob: f
+            .control
+            .per_blob()
+            .into_iter()
+            .map(|(b, kinds)| {
+                (
+                    b,
+                    kinds.into_iter().map(|(k, n)| (k.to_string(), n)).collect(),
+                )
             })
             .collect(),
         swarm: match (&agent.config.swarm.enabled, &agent.config.swarm.key_file) {

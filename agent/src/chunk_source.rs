@@ -41,4 +41,14 @@ impl ChunkSource for CacheSource {
     fn fetching(&self, chunk: &Digest) -> bool {
         self.fetcher.reads.states.fetching(chunk)
     }
+
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.fetcher.changes.subscribe())
+    }
+
+    fn subscribed(&self, blob: &Digest, peer_id: &[u8]) {
+        if let Ok(id) = std::str::from_utf8(peer_id) {
+            self.fetcher.note_subscriber(blob, id);
+        }
+    }
 }

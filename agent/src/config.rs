@@ -65,6 +65,10 @@ allow_list = []
 bootstrap = []
 # mDNS discovery on the LAN.
 mdns = true
+# This host's zone (subnet, rack, availability zone): letters, digits, '.', '_', '-', at
+# most 63. Hosts prefer peers of their own zone and split the proxy's work within it,
+# so the proxy sends about one copy per zone. Unset: no zone (all peers are equal).
+# zone = "rack-a"
 
 [mount]
 # A read on a lazy mount whose chunks no source delivers within this time fails with
@@ -97,6 +101,9 @@ owner_wait_ms = 4000
 # How long a lazy read waits for the chunk's owner among the hosts reading the image to
 # start fetching it before asking the proxy itself, in milliseconds.
 read_owner_wait_ms = 400
+# Most peers a host asks about one blob (subscribes to their have-maps), chosen among
+# the blob's providers: same zone first, then lowest measured round trip.
+max_asked_peers = 16
 "#;
 
 pub use imgd_core::config_file::ConfigError;
@@ -182,6 +189,7 @@ pub struct SwarmConfig {
     pub allow_list: Vec<String>,
     pub bootstrap: Vec<String>,
     pub mdns: bool,
+    pub zone: Option<String>,
 }
 
 /// Fetch policy settings.
@@ -193,6 +201,7 @@ pub struct FetchConfig {
     pub parallel_chunks: usize,
     pub owner_wait_ms: u64,
     pub read_owner_wait_ms: u64,
+    pub max_asked_peers: usize,
 }
 
 impl Default for AgentConfig {
@@ -225,6 +234,7 @@ impl Default for SwarmConfig {
             allow_list: Vec::new(),
             bootstrap: Vec::new(),
             mdns: true,
+            zone: None,
         }
     }
 }
@@ -237,6 +247,7 @@ impl Default for FetchConfig {
             parallel_chunks: 4,
             owner_wait_ms: 4000,
             read_owner_wait_ms: 400,
+            max_asked_peers: 16,
         }
     }
 }
@@ -304,6 +315,17 @@ impl AgentConfig {
         }
         if self.fetch.parallel_chunks == 0 {
             return bad("fetch.parallel_chunks must be at least 1");
+        }
+        if !(1..=1024).contains(&self.fetch.max_asked_peers) {
+            return bad("fetch.max_asked_peers must be between 1 and 1024");
+        }
+        if let Some(z) = &self.swarm.zone {
+            let ok = (1..=63).contains(&z.len())
+                && z.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+            if !ok {
+                return bad("swarm.zone: 1 to 63 letters, digits, '.', '_' or '-'");
+            }
         }
         Ok(())
     }

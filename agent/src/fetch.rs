@@ -2,11 +2,15 @@
 //!
 //! Every chunk is verified by sha256 before it enters the cache, whatever its source.
 //! When several hosts fetch the same blob at once they split the proxy's work: every
-//! chunk has one *owner* among the hosts interested in the blob (rendezvous hashing of
-//! chunk digest and node id, so all hosts agree without talking). A host fetches from the
-//! proxy only the chunks it owns; the others it takes from whichever peer has them. If
-//! the owner has not produced a chunk within `owner_wait`, the host fetches it from the
-//! proxy itself, so a dead or slow peer costs time, never correctness. Peer requests are
+//! chunk has one *owner* among the hosts fetching the blob in this host's zone
+//! (rendezvous hashing of chunk digest and node id, so hosts that know the same hosts
+//! agree without talking). The fetching hosts find each other through provider records
+//! and watch a bounded number of each other's have-maps, pushed ([`crate::holders`]).
+//! A host fetches the chunks it owns from the proxy first, then takes the others from
+//! whichever watched peer has them. If a chunk's owner is unknown, dead or slow and no
+//! watched peer has produced the chunk within `owner_wait`, the host fetches it from the
+//! proxy itself, so partial knowledge of the fleet costs time or a duplicate, never
+//! correctness. Peer requests are
 //! hedged: a chunk a peer has not delivered within half the peer timeout is also asked of
 //! another source, and the first verified answer wins.
 //!
@@ -19,14 +23,16 @@ pub use read_swarm::{ReadFlight, ReadStates, Want};
 
 use crate::cache::ChunkCache;
 use crate::chunk_state::{ChunkStates, Fetcher as By, Transition};
+use crate::control_counts::{ControlCounts, ControlKind};
 use crate::dataplane::{HaveMap, PeerPool};
+use crate::holders::{HolderContext, Holders, View};
 use crate::peers::{Peer, PeerSet, FAILURE_PENALTY};
 use crate::proxy_client::{ProxyClient, ProxyClientError, Repo};
 use bytes::Bytes;
 use imgd_core::single_flight::{Abandoned, Join};
 use imgd_core::{ChunkList, Digest, SingleFlight};
 use rand::seq::SliceRandom;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -88,6 +94,10 @@ pub struct FetchSettings {
     /// How long a read waits for a chunk's owner to start fetching it before asking the
     /// proxy itself.
     pub read_owner_wait: Duration,
+    /// Most peers asked about one blob (`fetch.max_asked_peers`).
+    pub max_asked_peers: usize,
+    /// This host's zone (`swarm.zone`).
+    pub zone: Option<String>,
 }
 
 /// Progress reports: `(bytes, source)` per chunk that became available.
@@ -97,6 +107,8 @@ pub type Progress = mpsc::UnboundedSender<(u64, Source)>;
 /// each of its chunks ([`crate::chunk_state`]).
 struct Job {
     states: Mutex<ChunkStates>,
+    /// The have-maps of the peers the fetch watches, once it started watching.
+    view: std::sync::OnceLock<Arc<View>>,
 }
 
 impl Job {
@@ -104,11 +116,28 @@ impl Job {
         self.states.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Moves chunk `i` on; a move the state machine refuses is a bug here, logged.
-    fn mark(&self, i: usize, t: Transition) {
+    /// Moves chunk `i` on (and tells subscribers); a move the state machine refuses is a
+    /// bug here, logged.
+    fn mark(&self, i: usize, t: Transition, changes: &Changes) {
         if let Err(e) = self.states().apply(i, t) {
             tracing::error!(chunk = i, error = %e, "chunk state machine refused a transition");
         }
+        changes.bump();
+    }
+}
+
+/// A counter that moves whenever a have-map of this host may have changed, so the data
+/// plane pushes it to subscribers at once.
+pub struct Changes(tokio::sync::watch::Sender<u64>);
+
+impl Changes {
+    fn bump(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver for the data plane.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.subscribe()
     }
 }
 
@@ -131,13 +160,17 @@ pub struct Fetcher {
     /// What reads are fetching, and the have-maps they use ([`read_swarm`]).
     pub reads: read_swarm::Reads,
     provide: Option<mpsc::Sender<crate::swarm::SwarmCommand>>,
+    holder_ctx: Arc<HolderContext>,
+    /// Control requests sent, by blob and kind.
+    pub control: Arc<ControlCounts>,
+    /// Moves when a have-map may have changed.
+    pub changes: Changes,
+    /// Blobs announced as provided (withdrawn when evicted).
+    provided: Mutex<HashSet<Digest>>,
 }
 
-/// How often peers' have-maps of a blob being fetched are asked for again.
-const MAP_REFRESH: Duration = Duration::from_millis(100);
-
-/// How long after a blob fetch starts all known peers count as possible chunk owners.
-const GATHER: Duration = Duration::from_millis(600);
+/// Longest local wait in a blob fetch between looks at the watched maps (no network).
+const LOOK_AGAIN: Duration = Duration::from_millis(100);
 
 /// Rendezvous weight of `node` for `chunk`: the node with the highest weight owns it.
 fn weight(chunk: &Digest, node: &str) -> u64 {
@@ -155,6 +188,16 @@ impl Fetcher {
         settings: FetchSettings,
         provide: Option<mpsc::Sender<crate::swarm::SwarmCommand>>,
     ) -> Fetcher {
+        let control = Arc::new(ControlCounts::default());
+        let holder_ctx = Arc::new(HolderContext {
+            peers: peers.clone(),
+            pool: pool.clone(),
+            swarm: provide.clone(),
+            counts: control.clone(),
+            zone: settings.zone.clone(),
+            max_asked: settings.max_asked_peers.max(1),
+            timeout: settings.peer_timeout,
+        });
         Fetcher {
             cache,
             proxy,
@@ -167,6 +210,68 @@ impl Fetcher {
             chunk_flights: SingleFlight::new(),
             reads: Default::default(),
             provide,
+            holder_ctx,
+            control,
+            changes: Changes(tokio::sync::watch::channel(0).0),
+            provided: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// A peer subscribed to `blob`'s have-map here: while this host fetches the blob,
+    /// that peer counts among its hosts (it fetches the blob too).
+    pub fn note_subscriber(&self, blob: &Digest, peer_id: &str) {
+        if self.jobs.shared(blob).is_some() {
+            self.peers.add_providers(blob, [peer_id.to_string()]);
+        }
+    }
+
+    /// Announces `blob` in the swarm's provider records, once while held.
+    fn announce(&self, blob: &Digest) {
+        let Some(tx) = &self.provide else { return };
+        let mut provided = self.provided.lock().unwrap_or_else(|p| p.into_inner());
+        if provided.insert(*blob) {
+            if tx
+                .try_send(crate::swarm::SwarmCommand::Provide(*blob))
+                .is_ok()
+            {
+                self.control.count(blob, ControlKind::Provide);
+            } else {
+                provided.remove(blob);
+            }
+        }
+    }
+
+    /// Withdraws the provider records of announced blobs that are no longer whole here
+    /// and not being fetched (after an eviction).
+    pub fn withdraw_evicted(&self) {
+        let Some(tx) = &self.provide else { return };
+        let announced: Vec<Digest> = self
+            .provided
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        for blob in announced {
+            if self.jobs.shared(&blob).is_some() {
+                continue;
+            }
+            let whole = match self.cache.blob(&blob) {
+                Ok(Some(list)) => self.cache.missing_chunks(&list).is_empty(),
+                _ => false,
+            };
+            if !whole
+                && tx
+                    .try_send(crate::swarm::SwarmCommand::StopProviding(blob))
+                    .is_ok()
+            {
+                self.control.count(&blob, ControlKind::Withdraw);
+                self.provided
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&blob);
+                tracing::info!(%blob, "blob evicted: provider record withdrawn");
+            }
         }
     }
 
@@ -239,6 +344,7 @@ impl Fetcher {
                         if let Some(f) = flight {
                             f.end(Transition::Verified);
                         }
+                        self.changes.bump();
                         self.stats.add(source, bytes.len() as u64);
                         Ok(bytes)
                     }
@@ -271,6 +377,7 @@ impl Fetcher {
         let lead = loop {
             let job = || Job {
                 states: Mutex::new(ChunkStates::new(list.chunks.len())),
+                view: std::sync::OnceLock::new(),
             };
             match self.jobs.join(*blob, job) {
                 Join::Leader(lead) => break lead,
@@ -282,24 +389,26 @@ impl Fetcher {
         let mut pending = Vec::new();
         for (i, c) in list.chunks.iter().enumerate() {
             if self.cache.has_chunk(&c.digest) {
-                lead.shared().mark(i, Transition::Found);
+                lead.shared().mark(i, Transition::Found, &self.changes);
                 self.stats.add(Source::Cache, u64::from(c.size));
                 let _ = progress.send((u64::from(c.size), Source::Cache));
             } else {
                 pending.push(i);
             }
         }
+        // Other hosts find this one as a holder from now on (its chunks as they come).
+        self.announce(blob);
         let result = if pending.is_empty() {
             Ok(())
         } else {
             pending.shuffle(&mut rand::rng());
-            self.run_job(&list, lead.shared(), pending, progress).await
+            let holders = Holders::start(self.holder_ctx.clone(), *blob);
+            let _ = lead.shared().view.set(holders.view().clone());
+            self.run_job(&list, lead.shared(), &holders, pending, progress)
+                .await
         };
         lead.finish(());
         result?;
-        if let Some(tx) = &self.provide {
-            let _ = tx.try_send(crate::swarm::SwarmCommand::Provide(*blob));
-        }
         Ok(list)
     }
 
@@ -307,62 +416,59 @@ impl Fetcher {
         &self,
         list: &ChunkList,
         job: &Job,
+        watched: &Holders,
         mut pending: Vec<usize>,
         progress: &Progress,
     ) -> Result<(), FetchError> {
         let blob = &list.blob;
         let started = Instant::now();
-        let mut maps: HashMap<String, HaveMap> = HashMap::new();
-        let mut refreshed = Instant::now() - Duration::from_secs(3600);
         let mut running = futures::stream::FuturesUnordered::new();
         loop {
-            if refreshed.elapsed() > MAP_REFRESH {
-                maps = self.refresh_maps(blob).await;
-                refreshed = Instant::now();
-            }
+            // The watched peers' maps, as their subscriptions last pushed them.
+            let maps = watched.view().maps();
+            let fetchers = watched.fetchers();
             // Start work up to the parallelism limit.
             while running.len() < self.settings.parallel_chunks {
-                let Some(pos) = self.pick(&pending, list, &maps, started) else {
+                let Some(pos) = self.pick(&pending, list, &maps, fetchers.as_deref(), started)
+                else {
                     break;
                 };
                 let i = pending.swap_remove(pos);
                 let chunk = list.chunks[i];
                 let holders = self.holders(&maps, i);
-                job.mark(i, Transition::Start(By::Blob));
+                job.mark(i, Transition::Start(By::Blob), &self.changes);
                 running
                     .push(async move { (i, self.fetch_chunk(blob, &chunk.digest, holders).await) });
             }
             if running.is_empty() && pending.is_empty() {
                 return Ok(());
             }
-            if running.is_empty() {
-                // Waiting for owners or for peers' have-maps.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-            let next = tokio::time::timeout(
-                Duration::from_millis(100),
-                futures::StreamExt::next(&mut running),
-            )
-            .await;
-            if let Ok(Some((i, result))) = next {
+            // Until a chunk arrives, a watched map changes, or a while passed (for
+            // `owner_wait` and the end of gathering).
+            let next = tokio::select! {
+                next = futures::StreamExt::next(&mut running), if !running.is_empty() => next,
+                _ = watched.view().changed() => None,
+                _ = tokio::time::sleep(LOOK_AGAIN) => None,
+            };
+            if let Some((i, result)) = next {
                 let stored = result.and_then(|(bytes, source)| {
                     self.cache.put_chunk(&list.chunks[i].digest, &bytes)?;
                     Ok((bytes, source))
                 });
                 let Ok((bytes, source)) = stored else {
-                    job.mark(i, Transition::Failed);
+                    job.mark(i, Transition::Failed, &self.changes);
                     return stored.map(|_| ());
                 };
-                job.mark(i, Transition::Verified);
+                job.mark(i, Transition::Verified, &self.changes);
                 self.stats.add(source, bytes.len() as u64);
                 let _ = progress.send((bytes.len() as u64, source));
             }
         }
     }
 
-    /// Usable peers whose have-map shows chunk `i`, least penalised first and shuffled
-    /// among equals, so requests spread over equally good holders instead of one hot peer.
+    /// Usable peers whose have-map shows chunk `i`: those in this host's zone first,
+    /// then least penalised, shuffled among equals, so requests spread over equally good
+    /// holders instead of one hot peer.
     fn holders(&self, maps: &HashMap<String, HaveMap>, i: usize) -> Vec<Peer> {
         let mut holders: Vec<Peer> = self
             .peers
@@ -371,15 +477,29 @@ impl Fetcher {
             .filter(|p| maps.get(&p.id).is_some_and(|m| m.is_present(i as u32)))
             .collect();
         holders.shuffle(&mut rand::rng());
-        holders.sort_by_key(|p| p.penalty);
+        let zone = self.settings.zone.as_deref();
+        holders.sort_by_key(|p| (!p.in_zone(zone), p.penalty));
         holders
     }
 
-    /// Asks every usable peer what it has of `blob`.
+    /// What the peers have of `blob`, for a read: the maps a running fetch of the blob
+    /// watches, else the answers of at most `max_asked_peers` peers (the blob's known
+    /// providers, else any, chosen as [`PeerSet::choose`] does).
     async fn refresh_maps(&self, blob: &Digest) -> HashMap<String, HaveMap> {
-        let peers = self.peers.usable();
+        if let Some(view) = self.jobs.shared(blob).and_then(|j| j.view.get().cloned()) {
+            return view.maps();
+        }
+        let (mut among, _) = self.peers.providers(blob);
+        if among.is_empty() {
+            among = self.peers.usable().into_iter().map(|p| p.id).collect();
+        }
+        let zone = self.settings.zone.as_deref();
+        let peers = self
+            .peers
+            .choose(&among, zone, self.settings.max_asked_peers, &HashSet::new());
         let timeout = self.settings.peer_timeout / 4;
         let asks = peers.iter().map(|p| async move {
+            self.control.count(blob, ControlKind::Have);
             (
                 p.id.clone(),
                 self.pool.have(p.data_addr, blob, timeout).await,
@@ -403,43 +523,40 @@ impl Fetcher {
 
     /// Index into `pending` of the chunk to fetch next, or `None` to wait.
     ///
-    /// In order: a chunk some peer holds (fetched from it); a chunk this host owns that no
-    /// peer has in flight (fetched from the proxy); once `owner_wait` has passed, any
-    /// chunk. Owners are chosen among the peers fetching the blob, and during the first
-    /// [`GATHER`] among all usable peers, so hosts that start together split the work
-    /// before they have seen each other's have-maps.
+    /// In order: a chunk this host owns that no watched peer holds or has in flight
+    /// (fetched from the proxy: the others wait for it, so owners go first); a chunk some
+    /// watched peer holds, rarest first (fetched from it); once `owner_wait` has passed,
+    /// any chunk. Owners are chosen among `fetchers` and this host; `None` means the
+    /// fetchers and their first maps are still being gathered, so nothing starts yet
+    /// (at most [`crate::holders::GATHER_MAX`]).
     fn pick(
         &self,
         pending: &[usize],
         list: &ChunkList,
         maps: &HashMap<String, HaveMap>,
+        fetchers: Option<&[String]>,
         started: Instant,
     ) -> Option<usize> {
-        // Rarest first among chunks peers hold, so copies spread over the swarm.
         let holders = |i: usize| maps.values().filter(|m| m.is_present(i as u32)).count();
+        let in_flight_elsewhere = |i: usize| maps.values().any(|m| m.is_in_flight(i as u32));
+        let fetchers = fetchers?;
+        let owner_is_me = |i: usize| {
+            let d = &list.chunks[i].digest;
+            let mine = weight(d, &self.node_id);
+            fetchers.iter().all(|peer| weight(d, peer) < mine)
+        };
+        if let Some(pos) = pending
+            .iter()
+            .position(|&i| owner_is_me(i) && holders(i) == 0 && !in_flight_elsewhere(i))
+        {
+            return Some(pos);
+        }
+        // Rarest first among chunks peers hold, so copies spread over the swarm.
         let rarest = (0..pending.len())
             .filter(|&pos| holders(pending[pos]) > 0)
             .min_by_key(|&pos| holders(pending[pos]));
         if rarest.is_some() {
             return rarest;
-        }
-        let gathering = started.elapsed() < GATHER;
-        let candidates: Vec<String> = if gathering {
-            self.peers.usable().into_iter().map(|p| p.id).collect()
-        } else {
-            maps.keys().cloned().collect()
-        };
-        let in_flight_elsewhere = |i: usize| maps.values().any(|m| m.is_in_flight(i as u32));
-        let owner_is_me = |i: usize| {
-            let d = &list.chunks[i].digest;
-            let mine = weight(d, &self.node_id);
-            candidates.iter().all(|peer| weight(d, peer) < mine)
-        };
-        if let Some(pos) = pending
-            .iter()
-            .position(|&i| owner_is_me(i) && !in_flight_elsewhere(i))
-        {
-            return Some(pos);
         }
         if started.elapsed() < self.settings.owner_wait {
             return None;

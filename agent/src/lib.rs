@@ -3,7 +3,9 @@
 //! - [`cache`]: the verified chunk cache (files + RocksDB) with quota and pins.
 //! - [`dataplane`]: the authenticated TCP protocol peers exchange chunks over.
 //! - [`swarm`]: discovery and membership on libp2p (a TCP private network under the swarm key, mDNS, Kademlia, identify).
-//! - [`peers`]: known peers and their penalties.
+//! - [`peers`]: known peers, their zones, round trips and penalties, and each blob's
+//!   providers; [`holders`]: the few of them a fetch asks, found by provider records, with
+//!   pushed have-maps; [`control_counts`]: the control requests that costs.
 //! - [`fetch`]: the fetch policy: cache, then peers, then the proxy; [`chunk_state`]: a
 //!   chunk's life there (absent, in flight, present, evicted) as a state machine.
 //! - [`pieces`]: partial chunks: the verified 256 KiB pieces lazy reads fetch.
@@ -20,10 +22,12 @@ pub mod cache;
 pub mod chunk_source;
 pub mod chunk_state;
 pub mod config;
+pub mod control_counts;
 pub mod dataplane;
 pub mod engine_config;
 pub mod fetch;
 pub mod fresh_port_tcp;
+pub mod holders;
 pub mod identity;
 pub mod image;
 pub mod layer_indexes;

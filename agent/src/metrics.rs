@@ -18,6 +18,7 @@
 //! | `imgd_agent_peers`, `imgd_agent_peers_usable` | gauge | |
 //! | `imgd_agent_fuse_reads_total`, `imgd_agent_fuse_read_bytes_total`, `imgd_agent_fuse_eio_total`, `imgd_agent_mount_fetched_bytes_total` | counter | `mount`, `image` |
 //! | `imgd_agent_swarm_listening`, `imgd_agent_routing_table_peers` | gauge | |
+//! | `imgd_agent_control_requests_total` | counter | `kind` = `provider_lookup`, `provide`, `withdraw`, `subscribe`, `have`, `pushed` |
 
 use crate::agent::Agent;
 use crate::fetch::{FetchError, Source};
@@ -201,6 +202,15 @@ fn snapshot(agent: &Agent, mounts: &[crate::mounts::MountStatus]) -> Snapshot {
                 (label("source", "peer"), get(&f.stats.from_peers)),
                 (label("source", "proxy"), get(&f.stats.from_proxy)),
             ],
+        ),
+        (
+            "control_requests",
+            "Control requests sent (pushed: have-maps pushed to this host), by kind",
+            f.control
+                .totals()
+                .into_iter()
+                .map(|(k, n)| (label("kind", k), n))
+                .collect(),
         ),
         (
             "fuse_reads",

@@ -1,7 +1,15 @@
 //! Discovery and membership on libp2p: a private network (TCP, then libp2p `pnet` with a
 //! key derived from the swarm key, then noise and yamux), mDNS on the LAN, Kademlia with
 //! bootstrap peers for wider networks, and identify, which carries each agent's chunk
-//! data-plane port (`imgd/VERSION dp=PORT` as agent version).
+//! data-plane port and zone (`imgd/VERSION dp=PORT [zone=ZONE]` as agent version).
+//!
+//! **Provider records.** A host announces a blob (`start_providing`) when it starts
+//! fetching it and keeps the record while it holds it; records live
+//! [`PROVIDER_TTL`] and are republished every [`PROVIDER_REPUBLISH`], so a withdrawn one
+//! ([`SwarmCommand::StopProviding`], on eviction) is gone from the network within the
+//! TTL. A fetching host finds the blob's other hosts with `get_providers`
+//! ([`SwarmCommand::FindProviders`]); found providers go into the [`PeerSet`] and are
+//! dialled, so identify tells their data-plane address and zone.
 //!
 //! **Admission.** `pnet` encrypts every byte of a connection, from its first, with the
 //! pre-shared key, so a host without the swarm key cannot finish any handshake: it never
@@ -34,6 +42,11 @@ use tokio::sync::mpsc;
 
 const PROTOCOL: &str = "/imgd/1.0.0";
 
+/// How long a provider record lives on the nodes that store it.
+pub const PROVIDER_TTL: Duration = Duration::from_secs(600);
+/// How often a host republishes the provider records of the blobs it holds.
+pub const PROVIDER_REPUBLISH: Duration = Duration::from_secs(300);
+
 /// Errors starting the swarm.
 #[derive(Debug, thiserror::Error)]
 pub enum SwarmError {
@@ -46,9 +59,13 @@ pub enum SwarmError {
 /// Commands to the running swarm.
 #[derive(Debug)]
 pub enum SwarmCommand {
-    /// Announce that this agent holds the whole blob.
+    /// Announce that this agent fetches or holds the blob.
     Provide(Digest),
-    /// Look for providers of a blob (found peers are added to the peer set).
+    /// Withdraw that announcement (the blob was evicted): no more republishing, and the
+    /// records elsewhere expire within [`PROVIDER_TTL`].
+    StopProviding(Digest),
+    /// Look for providers of a blob (found peers go into the peer set as the blob's
+    /// providers and are dialled; the lookup's end is recorded there too).
     FindProviders(Digest),
 }
 
@@ -62,6 +79,8 @@ pub struct SwarmSettings {
     pub allow_list: Vec<String>,
     pub bootstrap: Vec<String>,
     pub mdns: bool,
+    /// This host's zone label, told to peers through identify.
+    pub zone: Option<String>,
 }
 
 #[derive(NetworkBehaviour)]
@@ -124,6 +143,12 @@ fn announced_dial(peer: PeerId, addrs: &[Multiaddr]) -> DialOpts {
         .build()
 }
 
+fn zone_of(agent_version: &str) -> Option<&str> {
+    agent_version
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("zone="))
+}
+
 /// Starts the swarm in a background task; returns the local peer id and a command sender.
 pub fn start(
     settings: SwarmSettings,
@@ -131,11 +156,14 @@ pub fn start(
 ) -> Result<(PeerId, mpsc::Sender<SwarmCommand>), SwarmError> {
     let e = |x: &dyn std::fmt::Display| SwarmError::Libp2p(x.to_string());
     let local_id = settings.keypair.public().to_peer_id();
-    let agent_version = format!(
+    let mut agent_version = format!(
         "imgd/{} dp={}",
         env!("CARGO_PKG_VERSION"),
         settings.data_port
     );
+    if let Some(zone) = &settings.zone {
+        agent_version.push_str(&format!(" zone={zone}"));
+    }
     let mdns_on = settings.mdns;
     let psk = pnet_key(&settings.swarm_key);
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(settings.keypair.clone())
@@ -163,6 +191,8 @@ pub fn start(
             };
             let mut kad_cfg = kad::Config::new(libp2p::StreamProtocol::new("/imgd/kad/1.0.0"));
             kad_cfg.set_query_timeout(Duration::from_secs(10));
+            kad_cfg.set_provider_record_ttl(Some(PROVIDER_TTL));
+            kad_cfg.set_provider_publication_interval(Some(PROVIDER_REPUBLISH));
             let mut kad =
                 kad::Behaviour::with_config(id, kad::store::MemoryStore::new(id), kad_cfg);
             kad.set_mode(Some(kad::Mode::Server));
@@ -208,6 +238,8 @@ pub fn start(
         let mut bootstrap_tick = tokio::time::interval(Duration::from_secs(30));
         // How often the routing table is copied out for status and metrics.
         let mut table_tick = tokio::time::interval(Duration::from_millis(500));
+        // The blob each running provider lookup is for.
+        let mut lookups: HashMap<kad::QueryId, Digest> = HashMap::new();
         loop {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
@@ -215,8 +247,12 @@ pub fn start(
                     Some(SwarmCommand::Provide(blob)) => {
                         let _ = swarm.behaviour_mut().kad.start_providing(provider_key(&key, &blob));
                     }
+                    Some(SwarmCommand::StopProviding(blob)) => {
+                        swarm.behaviour_mut().kad.stop_providing(&provider_key(&key, &blob));
+                    }
                     Some(SwarmCommand::FindProviders(blob)) => {
-                        swarm.behaviour_mut().kad.get_providers(provider_key(&key, &blob));
+                        let id = swarm.behaviour_mut().kad.get_providers(provider_key(&key, &blob));
+                        lookups.insert(id, blob);
                     }
                 },
                 _ = bootstrap_tick.tick() => {
@@ -298,19 +334,29 @@ pub fn start(
                         match (remote_ip.get(&peer_id), data_port(&info.agent_version)) {
                             (Some(ip), Some(port)) => {
                                 let addr = SocketAddr::new(*ip, port);
-                                tracing::info!(%peer_id, data = %addr, "peer joined");
-                                peers.upsert(&peer_id.to_string(), addr);
+                                tracing::info!(%peer_id, data = %addr, zone = zone_of(&info.agent_version), "peer joined");
+                                let zone = zone_of(&info.agent_version);
+                                peers.upsert(&peer_id.to_string(), addr, zone);
                             }
                             _ => tracing::debug!(%peer_id, agent = info.agent_version, "peer without data plane"),
                         }
                     }
                     SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
-                        result: kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders { providers, .. })), ..
+                        id, result: kad::QueryResult::GetProviders(result), step, ..
                     })) => {
-                        for p in providers {
-                            if p != local_id && !swarm.is_connected(&p) {
-                                let _ = swarm.dial(p);
+                        let Some(blob) = lookups.get(&id).copied() else { continue };
+                        if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = result {
+                            let others: Vec<PeerId> = providers.into_iter().filter(|p| *p != local_id).collect();
+                            for p in &others {
+                                if !swarm.is_connected(p) {
+                                    let _ = swarm.dial(*p);
+                                }
                             }
+                            peers.add_providers(&blob, others.iter().map(|p| p.to_string()));
+                        }
+                        if step.last {
+                            lookups.remove(&id);
+                            peers.lookup_done(&blob);
                         }
                     }
                     SwarmEvent::NewListenAddr { address, .. } => {

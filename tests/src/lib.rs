@@ -19,6 +19,8 @@
 //! - [`token_auth`]: a registry token-auth front with expiring tokens.
 //! - [`lan_setup`]: a registry with a big image, a LAN of namespace hosts and a proxy on it.
 //! - [`scrape`]: a daemon's `/metrics` read into samples.
+//! - [`zoned_lan`]: a fleet in several routed subnets (zones), bootstrap peers only, with
+//!   the proxy's egress into each subnet counted by the kernel.
 
 pub mod containerd;
 pub mod cri;
@@ -40,3 +42,4 @@ pub mod scrape;
 pub mod skopeo;
 pub mod token_auth;
 pub mod umoci;
+pub mod zoned_lan;

@@ -86,7 +86,12 @@ fn lying_peers_are_detected_penalised_and_routed_around() {
         b.wait_for_peers(2, Duration::from_secs(30)).unwrap();
         let took_b = prefetch(&b);
         b.verify_clean().unwrap();
-        assert_eq!(bytes_from(&b, "peers"), image_size, "{mode}: all from A");
+        assert_eq!(
+            bytes_from(&b, "peers"),
+            image_size,
+            "{mode}: all from A\n{}",
+            b.log()
+        );
         assert_eq!(bytes_from(&b, "proxy"), 0, "{mode}");
         println!(
             "{mode}: A {took_a:?} (liar penalty {penalty}), B {took_b:?} (liar penalty {})",

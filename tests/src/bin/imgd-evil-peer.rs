@@ -134,8 +134,15 @@ async fn main() -> Result<()> {
         allow_list: vec![],
         bootstrap: vec![],
         mdns: true,
+        zone: None,
     };
-    let _swarm = imgd_agent::swarm::start(settings, Arc::new(PeerSet::default()))?;
+    let (_, swarm) = imgd_agent::swarm::start(settings, Arc::new(PeerSet::default()))?;
+    // Announced as a provider of every blob, so fetching hosts find it and ask it.
+    for blob in img.lists.keys() {
+        swarm
+            .send(imgd_agent::swarm::SwarmCommand::Provide(*blob))
+            .await?;
+    }
     println!("evil peer {node_id} ready ({mode:?})");
     let cfg = Arc::new(cfg);
     loop {
@@ -174,16 +181,25 @@ async fn lie(mut s: TcpStream, cfg: &DataPlaneConfig, img: &Image, mode: Mode) -
         let mut body = vec![0u8; header.len];
         s.read_exact(&mut body).await?;
         let id = header.request_id;
+        // Claims every chunk of every blob of its image.
+        let claim = |blob: &Digest| match img.lists.get(blob) {
+            Some(list) => {
+                let n = list.chunks.len() as u32;
+                let mut map = HaveMap::new(n);
+                (0..n).for_each(|i| map.set_present(i, true));
+                Message::HaveMap(map)
+            }
+            None => Message::Unknown,
+        };
         let reply = match wire::decode_body(&header, &body)? {
-            Message::Have { blob } => match img.lists.get(&blob) {
-                Some(list) => {
-                    let n = list.chunks.len() as u32;
-                    let mut map = HaveMap::new(n);
-                    (0..n).for_each(|i| map.set_present(i, true));
-                    Message::HaveMap(map)
-                }
-                None => Message::Unknown,
-            },
+            Message::Have { blob } => claim(&blob),
+            Message::Subscribe { blob } => {
+                // One pushed map, then silence until the subscriber hangs up.
+                send(&mut s, id, &claim(&blob)).await?;
+                let mut probe = [0u8; 1];
+                let _ = s.read(&mut probe).await;
+                return Ok(());
+            }
             Message::GetPieces {
                 chunk,
                 first,
