@@ -25,7 +25,7 @@ use crate::cache::ChunkCache;
 use crate::chunk_state::{ChunkStates, Fetcher as By, Transition};
 use crate::control_counts::{ControlCounts, ControlKind};
 use crate::dataplane::{HaveMap, PeerPool};
-use crate::holders::{HolderContext, Holders, View};
+use crate::holders::{HolderContext, Holders};
 use crate::peers::{Peer, PeerSet, FAILURE_PENALTY};
 use crate::proxy_client::{ProxyClient, ProxyClientError, Repo};
 use bytes::Bytes;
@@ -107,8 +107,6 @@ pub type Progress = mpsc::UnboundedSender<(u64, Source)>;
 /// each of its chunks ([`crate::chunk_state`]).
 struct Job {
     states: Mutex<ChunkStates>,
-    /// The have-maps of the peers the fetch watches, once it started watching.
-    view: std::sync::OnceLock<Arc<View>>,
 }
 
 impl Job {
@@ -377,7 +375,6 @@ impl Fetcher {
         let lead = loop {
             let job = || Job {
                 states: Mutex::new(ChunkStates::new(list.chunks.len())),
-                view: std::sync::OnceLock::new(),
             };
             match self.jobs.join(*blob, job) {
                 Join::Leader(lead) => break lead,
@@ -403,7 +400,6 @@ impl Fetcher {
         } else {
             pending.shuffle(&mut rand::rng());
             let holders = Holders::start(self.holder_ctx.clone(), *blob);
-            let _ = lead.shared().view.set(holders.view().clone());
             self.run_job(&list, lead.shared(), &holders, pending, progress)
                 .await
         };
@@ -482,17 +478,14 @@ impl Fetcher {
         holders
     }
 
-    /// What the peers have of `blob`, for a read: the maps a running fetch of the blob
-    /// watches, else the answers of at most `max_asked_peers` peers (the blob's known
-    /// providers, else any, chosen as [`PeerSet::choose`] does).
+    /// What the peers have of `blob`, for a read: the answers of at most
+    /// `max_asked_peers` peers, chosen as [`PeerSet::choose`] does. (Not a running
+    /// fetch's watched maps: those are empty while it gathers, and reads must not wait.)
     async fn refresh_maps(&self, blob: &Digest) -> HashMap<String, HaveMap> {
-        if let Some(view) = self.jobs.shared(blob).and_then(|j| j.view.get().cloned()) {
-            return view.maps();
-        }
         let (mut among, _) = self.peers.providers(blob);
-        if among.is_empty() {
-            among = self.peers.usable().into_iter().map(|p| p.id).collect();
-        }
+        among.extend(self.peers.usable().into_iter().map(|p| p.id));
+        among.sort();
+        among.dedup();
         let zone = self.settings.zone.as_deref();
         let peers = self
             .peers
