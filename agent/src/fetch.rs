@@ -128,8 +128,14 @@ impl Job {
 /// plane pushes it to subscribers at once.
 pub struct Changes(tokio::sync::watch::Sender<u64>);
 
+impl Default for Changes {
+    fn default() -> Self {
+        Changes(tokio::sync::watch::channel(0).0)
+    }
+}
+
 impl Changes {
-    fn bump(&self) {
+    pub(crate) fn bump(&self) {
         self.0.send_modify(|n| *n = n.wrapping_add(1));
     }
 
@@ -162,7 +168,7 @@ pub struct Fetcher {
     /// Control requests sent, by blob and kind.
     pub control: Arc<ControlCounts>,
     /// Moves when a have-map may have changed.
-    pub changes: Changes,
+    pub changes: Arc<Changes>,
     /// Blobs announced as provided (withdrawn when evicted).
     provided: Mutex<HashSet<Digest>>,
 }
@@ -196,6 +202,7 @@ impl Fetcher {
             max_asked: settings.max_asked_peers.max(1),
             timeout: settings.peer_timeout,
         });
+        let changes = Arc::new(Changes::default());
         Fetcher {
             cache,
             proxy,
@@ -206,11 +213,11 @@ impl Fetcher {
             settings,
             jobs: SingleFlight::new(),
             chunk_flights: SingleFlight::new(),
-            reads: Default::default(),
+            reads: read_swarm::Reads::new(changes.clone()),
             provide,
             holder_ctx,
             control,
-            changes: Changes(tokio::sync::watch::channel(0).0),
+            changes,
             provided: Mutex::new(HashSet::new()),
         }
     }

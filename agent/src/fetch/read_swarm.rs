@@ -22,7 +22,7 @@
 //! that sends wrong bytes is penalised ([`crate::peers::CORRUPT_PENALTY`] bans it) and
 //! the read goes on with the next source.
 
-use super::{weight, Fetcher, Source};
+use super::{weight, Changes, Fetcher, Source};
 use crate::chunk_state::{ChunkState, Fetcher as By, Transition};
 use crate::dataplane::{Answer, HaveMap};
 use crate::peers::Peer;
@@ -51,6 +51,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Default)]
 pub struct ReadStates {
     chunks: Mutex<HashMap<Digest, ChunkState>>,
+    /// Bumped on every change, so the data plane pushes the have-maps to subscribers.
+    changes: Arc<Changes>,
 }
 
 impl ReadStates {
@@ -61,6 +63,8 @@ impl ReadStates {
         let from = chunks.get(&chunk).copied().unwrap_or(ChunkState::Absent);
         let next = from.apply(Transition::Start(By::Read)).ok()?;
         chunks.insert(chunk, next);
+        drop(chunks);
+        self.changes.bump();
         Some(ReadFlight {
             states: self,
             chunk,
@@ -83,9 +87,12 @@ impl ReadStates {
                 chunks.remove(chunk);
             }
             Err(e) => {
-                tracing::error!(%chunk, error = %e, "read state machine refused a transition")
+                tracing::error!(%chunk, error = %e, "read state machine refused a transition");
+                return;
             }
         }
+        drop(chunks);
+        self.changes.bump();
     }
 
     /// A chunk with verified pieces stored here and no read fetching it (pieces taken
@@ -163,6 +170,19 @@ pub struct Reads {
     pub states: ReadStates,
     maps: Mutex<HashMap<Digest, (Instant, Maps)>>,
     refreshing: SingleFlight<Digest, Maps>,
+}
+
+impl Reads {
+    /// Read state that bumps `changes` whenever a chunk's state here moves.
+    pub fn new(changes: Arc<Changes>) -> Self {
+        Reads {
+            states: ReadStates {
+                chunks: Mutex::default(),
+                changes,
+            },
+            ..Default::default()
+        }
+    }
 }
 
 /// What a read wants of a chunk.
