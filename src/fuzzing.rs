@@ -255,7 +255,8 @@ fn check_built(index: &LayerIndex, blob: &[u8]) {
         .validate()
         .unwrap_or_else(|e| panic!("built index fails validation: {e}"));
     let encoded = index.encode();
-    assert_eq!(encoded.len() as u64, index.encoded_len());
+    // The main part's body is compressed: at most a frame header more than its bound.
+    assert!(encoded.len() as u64 <= index.encoded_len() + index.windows_size + 64);
     let decoded = LayerIndex::decode(&encoded).expect("round trip");
     assert_eq!(&decoded, index);
     read_files(index, blob);

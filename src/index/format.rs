@@ -2,8 +2,9 @@
 //!
 //! Encoding (version 5), in two parts:
 //! - the **main part**: `MAGIC` (8 bytes) | version (u16 LE) | body length (u32 LE) |
-//!   postcard([`LayerIndex`]) | sha256 of everything before it (32 bytes). It holds the
-//!   file table and the checkpoints, each with the location and sha256 of its window;
+//!   inflated body length (u32 LE) | body: zstd(postcard([`LayerIndex`])) | sha256 of
+//!   everything before it (32 bytes). It holds the file table and the checkpoints, each
+//!   with the location and sha256 of its window;
 //! - the **windows part**: the checkpoints' packed windows back to back, in checkpoint
 //!   order ([`LayerIndex::windows_size`] bytes). Each is checked against the sha256 the
 //!   main part gives it before it is used.
@@ -18,8 +19,13 @@ use std::collections::BTreeMap;
 
 /// First bytes of every encoded index.
 pub const MAGIC: &[u8; 8] = b"IMGDIDX\0";
-/// Bytes before the postcard body: magic, version, body length.
-pub const HEADER_LEN: usize = 14;
+/// Bytes before the main part's body: magic, version, body length (compressed), body
+/// length inflated.
+pub const HEADER_LEN: usize = 18;
+/// Largest inflated main part accepted (the builder's default `max_index_bytes`).
+const MAX_MAIN_RAW: usize = 256 << 20;
+/// Largest inflate ratio of a main part's body accepted.
+const MAX_MAIN_RATIO: usize = 64;
 const HEADER: usize = HEADER_LEN;
 /// Current encoding version.
 pub const INDEX_VERSION: u16 = 5;
@@ -225,23 +231,26 @@ impl LayerIndex {
         out
     }
 
-    /// Encodes the main part only (what an agent fetches before a mount).
+    /// Encodes the main part only (what an agent fetches before a mount). Its body is
+    /// zstd-compressed (level 3): file tables compress about 5 times.
     pub fn encode_main(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(1024);
+        // Serialising plain data into a Vec cannot fail.
+        let raw = postcard::to_allocvec(self).unwrap_or_default();
+        let body = zstd::bulk::compress(&raw, 3).unwrap_or_default();
+        let mut out = Vec::with_capacity(HEADER + body.len() + 32);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&INDEX_VERSION.to_le_bytes());
-        out.extend_from_slice(&[0; 4]);
-        // Serialising plain data into a Vec cannot fail.
-        out = postcard::to_extend(self, out).unwrap_or_default();
-        let body = u32::try_from(out.len() - HEADER).unwrap_or(u32::MAX);
-        out[10..HEADER].copy_from_slice(&body.to_le_bytes());
+        out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes());
+        out.extend_from_slice(&u32::try_from(raw.len()).unwrap_or(u32::MAX).to_le_bytes());
+        out.extend_from_slice(&body);
         let mut h = Sha256::new();
         h.update(&out);
         out.extend_from_slice(h.finish().as_bytes());
         out
     }
 
-    /// Length in bytes of [`LayerIndex::encode_main`]'s output, without encoding.
+    /// Length in bytes of [`LayerIndex::encode_main`]'s output before its body is
+    /// compressed (an upper bound of it, give or take zstd's few bytes), without encoding.
     pub fn encoded_len(&self) -> u64 {
         let size = postcard::ser_flavors::Size::default();
         let body = postcard::serialize_with_flavor(self, size).unwrap_or(usize::MAX);
@@ -287,7 +296,22 @@ impl LayerIndex {
         if Digest::of(signed).as_bytes() != trailer {
             return Err(IndexDecodeError::Corrupt);
         }
-        let (mut index, rest) = postcard::take_from_bytes::<LayerIndex>(&signed[HEADER..])?;
+        let raw_len = u32::from_le_bytes([main[14], main[15], main[16], main[17]]) as usize;
+        let body = &signed[HEADER..];
+        // Bounded before anything is allocated: a body inflates at most MAX_MAIN_RATIO
+        // times (file tables compress about 5 times), and to at most MAX_MAIN_RAW bytes.
+        if raw_len > MAX_MAIN_RAW || raw_len > body.len().saturating_mul(MAX_MAIN_RATIO) {
+            return Err(IndexDecodeError::Invalid(format!(
+                "main part of {} bytes claims {raw_len} bytes inflated",
+                body.len()
+            )));
+        }
+        let raw = zstd::bulk::decompress(body, raw_len)
+            .map_err(|e| IndexDecodeError::Invalid(format!("main part does not inflate: {e}")))?;
+        if raw.len() != raw_len {
+            return Err(IndexDecodeError::Corrupt);
+        }
+        let (mut index, rest) = postcard::take_from_bytes::<LayerIndex>(&raw)?;
         if !rest.is_empty() {
             return Err(IndexDecodeError::Corrupt);
         }

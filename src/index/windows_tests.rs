@@ -166,4 +166,13 @@ fn an_index_of_another_version_is_refused_clearly() {
         LayerIndex::decode(&long),
         Err(IndexDecodeError::Truncated)
     ));
+    // A (correctly signed) main part whose body claims to inflate enormously is refused
+    // before anything is allocated.
+    let mut bomb = full.encode_main();
+    bomb[14..18].copy_from_slice(&u32::MAX.to_le_bytes());
+    let n = bomb.len() - 32;
+    let sig = Digest::of(&bomb[..n]);
+    bomb[n..].copy_from_slice(sig.as_bytes());
+    let err = LayerIndex::decode(&bomb).unwrap_err();
+    assert!(err.to_string().contains("inflated"), "{err}");
 }
