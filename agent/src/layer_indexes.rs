@@ -152,6 +152,70 @@ impl LayerIndexes {
         Ok(bytes)
     }
 
+    /// Stores every window of `index` (of `layer`) that is not stored yet, fetched from
+    /// the proxy in one request of the whole windows part and each checked against its
+    /// sha256; for a layer whose chunks are all cached, so that its mount reads with the
+    /// proxy down. Returns the bytes fetched (0 if all were stored).
+    pub async fn fetch_all_windows(
+        self: &Arc<Self>,
+        proxy: &ProxyClient,
+        repo: &Repo,
+        index: &LayerIndex,
+    ) -> Result<u64, LayerIndexError> {
+        let layer = index.layer;
+        let refs: Vec<WindowRef> = index.checkpoints.iter().filter_map(|c| c.window).collect();
+        let dir = self.dir.clone();
+        let wanted = refs.clone();
+        let missing = tokio::task::spawn_blocking(move || {
+            wanted
+                .into_iter()
+                .filter(|w| Self::stored_window(&dir, w).is_none())
+                .count()
+        })
+        .await
+        .unwrap_or(refs.len());
+        if missing == 0 || index.windows_size == 0 {
+            return Ok(0);
+        }
+        let part = proxy
+            .index_windows(repo, &layer, 0..index.windows_size)
+            .await
+            .map_err(|source| LayerIndexError::WindowProxy {
+                layer,
+                window: refs.first().map(|w| w.sha256).unwrap_or(layer),
+                source,
+            })?;
+        let fetched = part.len() as u64;
+        let dir = self.dir.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            for w in &refs {
+                let r = w.range();
+                let bytes = usize::try_from(r.start)
+                    .ok()
+                    .zip(usize::try_from(r.end).ok())
+                    .and_then(|(a, b)| part.get(a..b));
+                match bytes {
+                    Some(b) if w.matches(b) => {
+                        write_atomic(&Self::window_path(&dir, &w.sha256), b)?;
+                    }
+                    _ => return Ok(Err(w.sha256)),
+                }
+            }
+            Ok(Ok(()))
+        })
+        .await
+        .map_err(|e| LayerIndexError::Store {
+            layer,
+            source: std::io::Error::other(e.to_string()),
+        })?
+        .map_err(|source| LayerIndexError::Store { layer, source })?;
+        if let Err(window) = stored {
+            tracing::warn!(%layer, %window, "the proxy sent a wrong index window");
+            return Err(LayerIndexError::WindowMismatch { layer, window });
+        }
+        Ok(fetched)
+    }
+
     /// The index of `layer`: stored, else fetched from the proxy, checked and stored.
     pub async fn get_or_fetch(
         self: &Arc<Self>,

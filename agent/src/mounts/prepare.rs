@@ -58,6 +58,17 @@ pub async fn fetch_layers(
             }
             None => fetcher.chunk_list(repo, layer).await?,
         };
+        // A layer whose chunks are all here (prefetched or pinned) gets its windows now,
+        // so that its mount reads without the proxy.
+        if index.windows_size > 0 && fetcher.cache.missing_chunks(&list).is_empty() {
+            if let Err(e) = agent
+                .indexes
+                .fetch_all_windows(&fetcher.proxy, repo, &index)
+                .await
+            {
+                tracing::warn!(%layer, error = %e, "could not store the windows of a cached layer");
+            }
+        }
         out.lists.push(list);
         out.index_files.push(agent.indexes.path(layer));
         out.indexes.push(index);
