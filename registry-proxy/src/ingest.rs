@@ -443,18 +443,27 @@ fn spool_blob(
                 }
                 copy = Some(c.chunk_list());
             }
-            let encoded = index.encode();
-            let idx = Digest::of(&encoded);
-            space.stage(
+            // The main part and the windows are written one after the other: joining
+            // them would hold the windows (up to ~12% of a layer of incompressible
+            // data) twice at the ingest's peak.
+            let main = index.encode_main();
+            let windows = index.windows.clone();
+            drop(index);
+            let windows: &[u8] = windows.as_deref().unwrap_or(&[]);
+            let mut h = imgd_core::Sha256::new();
+            h.update(&main);
+            h.update(windows);
+            let idx = h.finish();
+            space.stage_parts(
                 &mut claim,
                 &mut index_staging,
                 FileKind::Index,
                 idx,
-                &encoded,
+                &[&main, windows],
             )?;
             IndexState::Indexed {
                 digest: idx,
-                size: encoded.len() as u64,
+                size: (main.len() + windows.len()) as u64,
             }
         }
         Err(reason) => IndexState::Unavailable { reason },

@@ -300,10 +300,23 @@ impl Space {
         digest: Digest,
         bytes: &[u8],
     ) -> Result<(), SpaceError> {
+        self.stage_parts(guard, staging, kind, digest, &[bytes])
+    }
+
+    /// [`Space::stage`] of the concatenation of `parts` (an index's main part and its
+    /// windows), written one after the other rather than joined in memory.
+    pub fn stage_parts(
+        &self,
+        guard: &mut ClaimGuard,
+        staging: &mut Staging<'_>,
+        kind: FileKind,
+        digest: Digest,
+        parts: &[&[u8]],
+    ) -> Result<(), SpaceError> {
         let Some(claim) = guard.claim.as_mut() else {
             return Ok(());
         };
-        let size = bytes.len() as u64;
+        let size: u64 = parts.iter().map(|p| p.len() as u64).sum();
         // Bounded: each retry means the file was committed and evicted in between.
         for _ in 0..4 {
             {
@@ -315,7 +328,7 @@ impl Space {
                 inner.ledger.reserve(claim, digest, size);
             }
             let before = staging.len();
-            staging.add(digest, bytes)?;
+            staging.add_parts(digest, parts)?;
             if staging.len() > before {
                 return Ok(());
             }

@@ -178,6 +178,12 @@ impl Staging<'_> {
     /// Writes `bytes`, which the caller has hashed to `digest`, to a synced temp file.
     /// Content already in the store is skipped.
     pub fn add(&mut self, digest: Digest, bytes: &[u8]) -> Result<(), StoreError> {
+        self.add_parts(digest, &[bytes])
+    }
+
+    /// [`Staging::add`] of the concatenation of `parts`, without concatenating them in
+    /// memory.
+    pub fn add_parts(&mut self, digest: Digest, parts: &[&[u8]]) -> Result<(), StoreError> {
         if self.store.contains(&digest) || self.staged.iter().any(|(d, _)| *d == digest) {
             return Ok(());
         }
@@ -185,8 +191,10 @@ impl Staging<'_> {
         let mut file = tempfile::NamedTempFile::new_in(tmp_dir)
             .map_err(StoreError::io("create temp in", tmp_dir))?;
         let path = file.path().to_path_buf();
-        file.write_all(bytes)
-            .map_err(StoreError::io("write", &path))?;
+        for part in parts {
+            file.write_all(part)
+                .map_err(StoreError::io("write", &path))?;
+        }
         file.as_file()
             .sync_all()
             .map_err(StoreError::io("fsync", &path))?;
