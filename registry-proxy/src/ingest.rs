@@ -5,7 +5,8 @@
 //! [`crate::spool`]) and the index builder (inflate with checkpoints, tar scan). For a
 //! zstd layer the builder also writes the layer's seekable copy
 //! ([`imgd_core::index::zstd_copy`]); it sends the copy's chunks to the spool, which
-//! stages them with the blob's. Only when the whole blob hashes to its digest are the
+//! stages them with the blob's, and the packed windows of a gzip layer's checkpoints,
+//! which the spool appends to a temp file ([`crate::window_spool`]). Only when the whole blob hashes to its digest are the
 //! chunks renamed into the store and the chunk list, index and copy committed in one
 //! metadata batch. On any failure the temp files are deleted: nothing is kept.
 //!
@@ -23,6 +24,7 @@ use crate::routing::Route;
 use crate::space::{Space, SpaceError};
 use crate::storage::{Storage, StorageError};
 use crate::upstream::{BlobStream, Upstream, UpstreamError};
+use crate::window_spool::{ChannelWindows, WindowSpool};
 use crate::Stats;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -390,6 +392,8 @@ enum ChunkMsg {
     Bytes(Bytes),
     /// A chunk of the layer's seekable copy (from the indexer).
     Copy(CopyChunk),
+    /// The packed window of the next gzip checkpoint (from the indexer).
+    Window(Vec<u8>),
     Commit {
         /// The layer index, or why there is none.
         index: Result<Box<LayerIndex>, String>,
@@ -413,6 +417,7 @@ fn spool_blob(
     let mut spool = crate::spool::Spool::new(flight, space.clone(), size);
     let mut copy_staging = storage.chunks.staging();
     let mut copy_chunks = Vec::new();
+    let mut windows = WindowSpool::default();
     let (index, access_key) = loop {
         match feed.blocking_recv() {
             Some(ChunkMsg::Bytes(bytes)) => spool.push(&mut claim, &bytes)?,
@@ -426,6 +431,7 @@ fn spool_blob(
                 )?;
                 copy_chunks.push(c.digest);
             }
+            Some(ChunkMsg::Window(w)) => windows.append(space, &mut claim, &storage.indexes, &w)?,
             Some(ChunkMsg::Commit { index, access_key }) => break (index, access_key),
             None => return Err(IngestError::Worker("blob stream aborted".into())),
         }
@@ -443,30 +449,25 @@ fn spool_blob(
                 }
                 copy = Some(c.chunk_list());
             }
-            // The main part and the windows are written one after the other: joining
-            // them would hold the windows (up to ~12% of a layer of incompressible
-            // data) twice at the ingest's peak.
+            // The stored index is the main part followed by the spooled windows.
             let main = index.encode_main();
-            let windows = index.windows.clone();
+            let windows_size = index.windows_size;
             drop(index);
-            let windows: &[u8] = windows.as_deref().unwrap_or(&[]);
-            let mut h = imgd_core::Sha256::new();
-            h.update(&main);
-            h.update(windows);
-            let idx = h.finish();
-            space.stage_parts(
+            windows.stage_index(
+                space,
                 &mut claim,
                 &mut index_staging,
-                FileKind::Index,
-                idx,
-                &[&main, windows],
-            )?;
-            IndexState::Indexed {
-                digest: idx,
-                size: (main.len() + windows.len()) as u64,
-            }
+                &storage.indexes,
+                &main,
+                windows_size,
+            )?
         }
-        Err(reason) => IndexState::Unavailable { reason },
+        Err(reason) => {
+            // No index is stored: the spooled windows go, and their reservation.
+            space.release(&mut claim, windows.len());
+            drop(windows);
+            IndexState::Unavailable { reason }
+        }
     };
     let files = spool.take_files();
     // Without an index, the copy is not kept (its staged files are dropped).
@@ -500,7 +501,11 @@ fn index_blob(
     digest: Digest,
     opts: IndexOptions,
 ) -> Option<Result<LayerIndex, IndexError>> {
-    let mut builder = IndexBuilder::new(opts);
+    let window_to = copy_to.clone();
+    let sink = ChannelWindows {
+        send: move |w| window_to.blocking_send(ChunkMsg::Window(w)).is_ok(),
+    };
+    let mut builder = IndexBuilder::with_window_sink(opts, sink);
     let mut error = None;
     let send = |chunks: Vec<CopyChunk>| {
         chunks
@@ -527,12 +532,12 @@ fn index_blob(
     }
     Some(match error {
         Some(e) => Err(e),
-        None => match builder.finish_with_copy(digest) {
-            Ok((index, rest)) => {
-                if !send(rest) {
+        None => match builder.finish_parts(digest) {
+            Ok(built) => {
+                if !send(built.copy_chunks) {
                     return None;
                 }
-                Ok(index)
+                Ok(built.index)
             }
             Err(e) => Err(e),
         },

@@ -214,6 +214,14 @@ impl Ledger {
         claim.staged += bytes;
     }
 
+    /// Gives back `bytes` reserved with [`Ledger::reserve_bytes`] for a file the claim
+    /// has deleted (a scratch file).
+    pub fn unreserve_bytes(&mut self, claim: &mut Claim, bytes: u64) {
+        let bytes = bytes.min(claim.staged);
+        self.staged -= bytes;
+        claim.staged -= bytes;
+    }
+
     /// Gives back the reservation of a staged file that turned out not to be needed.
     pub fn unreserve(&mut self, claim: &mut Claim, digest: &Digest, bytes: u64) {
         if claim.staged_files.remove(digest) {

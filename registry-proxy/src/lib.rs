@@ -22,6 +22,7 @@ pub mod spool;
 pub mod storage;
 pub mod upstream;
 pub mod verify;
+pub mod window_spool;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

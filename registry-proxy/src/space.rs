@@ -206,6 +206,14 @@ impl Space {
         Ok(())
     }
 
+    /// Gives back `bytes` reserved with [`Space::reserve`] for a scratch file the claim
+    /// has deleted.
+    pub fn release(&self, guard: &mut ClaimGuard, bytes: u64) {
+        if let Some(claim) = guard.claim.as_mut() {
+            self.lock().ledger.unreserve_bytes(claim, bytes);
+        }
+    }
+
     /// Evicts one blob: records first (one synced batch), then files.
     fn evict(&self, inner: &mut Inner, victim: Digest) -> Result<(), SpaceError> {
         let ledger = &inner.ledger;
@@ -342,6 +350,29 @@ impl Space {
         Err(SpaceError::Storage(StorageError::Store(
             StoreError::Missing(digest),
         )))
+    }
+
+    /// Stages a content file the claim has written already (a temp file of the store of
+    /// `staging`, hashed to `digest`, its bytes reserved with [`Space::reserve`] before it
+    /// was written): a stored copy is reused (and held) instead, and `file` deleted.
+    pub fn stage_file(
+        &self,
+        guard: &mut ClaimGuard,
+        staging: &mut Staging<'_>,
+        kind: FileKind,
+        digest: Digest,
+        file: tempfile::NamedTempFile,
+    ) -> Result<(), SpaceError> {
+        let Some(claim) = guard.claim.as_mut() else {
+            return Ok(());
+        };
+        if self.lock().ledger.reuse(claim, kind, digest) {
+            return Ok(());
+        }
+        // Not recorded: if a copy is on disk all the same (committed and evicted around
+        // now), the rename at commit replaces it with the same bytes.
+        staging.add_file(digest, file)?;
+        Ok(())
     }
 
     /// Commits an ingest: the staged files go into place and the blob's records are

@@ -2,7 +2,10 @@
 //! and bounded memory (apart from the entry list).
 //!
 //! - gzip blobs are inflated with a [`CheckpointingInflater`] whose output feeds the
-//!   [`TarScanner`] directly; the index gets the inflater's checkpoints.
+//!   [`TarScanner`] directly; the index gets the inflater's checkpoints, and their
+//!   packed windows go to the builder's [`WindowSink`] as they are made (a `Vec<u8>` by
+//!   default, attached to the index; a caller with large layers gives a sink that
+//!   spools them to a file, [`IndexBuilder::with_window_sink`]).
 //! - Plain tar blobs feed the scanner directly.
 //! - zstd blobs are decoded with a [`ZstdInflater`] (window, frame count and ratio
 //!   limits) whose output feeds the [`TarScanner`] and a [`CopyWriter`], which writes the
@@ -12,21 +15,22 @@
 
 use crate::digest::Digest;
 use crate::index::format::{Compression, LayerIndex};
-use crate::index::gzip::CheckpointingInflater;
+use crate::index::gzip::{CheckpointingInflater, GzipError};
 use crate::index::options::SizeFloor;
 pub use crate::index::options::{IndexError, IndexOptions};
 use crate::index::tar::TarScanner;
+use crate::index::window_sink::WindowSink;
 use crate::index::zstd_copy::CopyChunk;
 use crate::index::zstd_layer::ZstdLayer;
 
 /// Bytes needed to tell the compression apart.
 const DETECT_LEN: usize = 4;
 
-enum Mode {
+enum Mode<W> {
     /// Fewer than [`DETECT_LEN`] bytes seen so far.
     Detect(Vec<u8>),
     Gzip {
-        inflater: Box<CheckpointingInflater>,
+        inflater: Box<CheckpointingInflater<W>>,
         tar: Box<TarScanner>,
     },
     Plain(Box<TarScanner>),
@@ -37,20 +41,65 @@ enum Mode {
 ///
 /// After an error the builder is poisoned: later `push` and `finish` calls return the
 /// same error.
-pub struct IndexBuilder {
+pub struct IndexBuilder<W = Vec<u8>> {
     opts: IndexOptions,
-    mode: Mode,
+    mode: Mode<W>,
+    /// The window sink until a gzip inflater takes it (and after, for other layers).
+    sink: Option<W>,
     size: u64,
     floor: SizeFloor,
     failed: Option<IndexError>,
 }
 
+/// What [`IndexBuilder::finish_parts`] returns.
+pub struct BuiltIndex<W> {
+    /// The index, without its windows part in memory (`windows` is `None`;
+    /// `windows_size` says how many bytes the sink got).
+    pub index: LayerIndex,
+    /// The seekable copy's chunks not taken yet (zstd layers).
+    pub copy_chunks: Vec<CopyChunk>,
+    /// The sink, holding the windows part (nothing was written to it unless
+    /// `index.windows_size > 0`).
+    pub windows: W,
+}
+
 impl IndexBuilder {
-    /// A builder at the start of a blob.
+    /// A builder at the start of a blob, keeping the windows part in memory.
     pub fn new(opts: IndexOptions) -> Self {
+        Self::with_window_sink(opts, Vec::new())
+    }
+
+    /// Checks the blob ended properly (complete gzip or zstd stream, tar end marker or
+    /// end at a header boundary) and returns its index, windows part attached.
+    pub fn finish(self, layer: Digest) -> Result<LayerIndex, IndexError> {
+        self.finish_with_copy(layer).map(|(index, _)| index)
+    }
+
+    /// [`IndexBuilder::finish`], also returning the seekable copy's chunks not taken yet.
+    pub fn finish_with_copy(
+        self,
+        layer: Digest,
+    ) -> Result<(LayerIndex, Vec<CopyChunk>), IndexError> {
+        let BuiltIndex {
+            mut index,
+            copy_chunks,
+            windows,
+        } = self.finish_parts(layer)?;
+        if !windows.is_empty() {
+            index.windows = Some(windows.into());
+        }
+        Ok((index, copy_chunks))
+    }
+}
+
+impl<W: WindowSink> IndexBuilder<W> {
+    /// A builder at the start of a blob that hands the packed windows of gzip
+    /// checkpoints to `windows` as they are made.
+    pub fn with_window_sink(opts: IndexOptions, windows: W) -> Self {
         IndexBuilder {
             opts,
             mode: Mode::Detect(Vec::with_capacity(DETECT_LEN)),
+            sink: Some(windows),
             size: 0,
             floor: SizeFloor::default(),
             failed: None,
@@ -104,9 +153,14 @@ impl IndexBuilder {
         self.mode = match Compression::detect(head) {
             Compression::Gzip => Mode::Gzip {
                 inflater: Box::new(
-                    CheckpointingInflater::new(self.opts.checkpoint_span)?
-                        .with_compressed_span(self.opts.checkpoint_compressed_span)
-                        .with_ratio_limit(self.opts.ratio_limit()),
+                    CheckpointingInflater::with_window_sink(
+                        self.opts.checkpoint_span,
+                        self.sink.take().ok_or_else(|| {
+                            IndexError::Gzip(GzipError::WindowSink("no window sink".into()))
+                        })?,
+                    )?
+                    .with_compressed_span(self.opts.checkpoint_compressed_span)
+                    .with_ratio_limit(self.opts.ratio_limit()),
                 ),
                 tar: Box::new(TarScanner::new(self.opts.tar())),
             },
@@ -154,16 +208,9 @@ impl IndexBuilder {
     }
 
     /// Checks the blob ended properly (complete gzip or zstd stream, tar end marker or
-    /// end at a header boundary) and returns its index.
-    pub fn finish(self, layer: Digest) -> Result<LayerIndex, IndexError> {
-        self.finish_with_copy(layer).map(|(index, _)| index)
-    }
-
-    /// [`IndexBuilder::finish`], also returning the seekable copy's chunks not taken yet.
-    pub fn finish_with_copy(
-        mut self,
-        layer: Digest,
-    ) -> Result<(LayerIndex, Vec<CopyChunk>), IndexError> {
+    /// end at a header boundary) and returns its index (without the windows part in
+    /// memory), the copy's last chunks and the window sink.
+    pub fn finish_parts(mut self, layer: Digest) -> Result<BuiltIndex<W>, IndexError> {
         if let Some(e) = self.failed {
             return Err(e);
         }
@@ -173,10 +220,12 @@ impl IndexBuilder {
         }
         let size = self.size;
         let mut copy_chunks = Vec::new();
+        let mut sink = self.sink.take();
         let index = match self.mode {
             Mode::Gzip { inflater, tar } => {
                 let summary = inflater.finish()?;
                 let entries = tar.finish()?;
+                sink = Some(summary.windows);
                 LayerIndex {
                     layer,
                     compression: Compression::Gzip,
@@ -187,8 +236,8 @@ impl IndexBuilder {
                     checkpoints: summary.checkpoints,
                     copy: None,
                     toc: None,
-                    windows_size: summary.windows.len() as u64,
-                    windows: (!summary.windows.is_empty()).then(|| summary.windows.into()),
+                    windows_size: summary.windows_size,
+                    windows: None,
                 }
             }
             Mode::Plain(tar) => LayerIndex {
@@ -240,7 +289,14 @@ impl IndexBuilder {
             checkpoints = index.checkpoints.len(),
             "indexed layer"
         );
-        Ok((index, copy_chunks))
+        let windows = sink.ok_or_else(|| {
+            IndexError::Gzip(GzipError::WindowSink("the window sink was lost".into()))
+        })?;
+        Ok(BuiltIndex {
+            index,
+            copy_chunks,
+            windows,
+        })
     }
 }
 
@@ -291,7 +347,6 @@ mod tests {
     use super::*;
     use crate::index::format::EntryKind;
     use crate::index::gzip::tests::{gzip_compress, test_data};
-    use crate::index::gzip::GzipError;
     use crate::index::tar::tests::TestTar;
     use crate::index::tar::TarError;
 

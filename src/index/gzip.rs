@@ -24,14 +24,17 @@
 //! Limits: checkpoints can only sit at deflate block boundaries, so encoders that emit
 //! huge blocks (zlib-ng/zlib-rs level 1 compressing a buffer in one call emits a single
 //! block) get few checkpoints and reads inflate from further back (still correctly).
-//! Each checkpoint's 32 KiB window is raw-deflated ([`window`]) into the index's windows
-//! part (about 14 KB each on a Debian image), kept in memory while building; readers
-//! fetch a window only when they restart at its checkpoint. With the default spacing
+//! Each checkpoint's 32 KiB window is raw-deflated ([`window`]) and handed to a
+//! [`WindowSink`] (about 14 KB each on a Debian image, 32 KiB on incompressible data),
+//! which holds the index's windows part: in memory (`Vec<u8>`) or spooled to a file, so
+//! a large layer's windows are not held in memory; readers fetch a window only when
+//! they restart at its checkpoint. With the default spacing
 //! (256 KiB of compressed input, at most 4 MiB of output) a read fetches at most about
 //! 256 KiB of compressed input and inflates at most one span before the bytes it wants.
 
 use crate::chunk::CHUNK_SIZE;
 use crate::index::format::{Checkpoint, WindowRef};
+use crate::index::window_sink::WindowSink;
 use libz_rs_sys as z;
 use std::ffi::c_int;
 
@@ -78,6 +81,9 @@ pub enum GzipError {
         uncompressed: u64,
         limit: u64,
     },
+    /// The [`WindowSink`] could not store a checkpoint's window.
+    #[error("could not store the window of a checkpoint: {0}")]
+    WindowSink(String),
     /// zlib failed for a reason other than bad data (allocation, internal state).
     #[error("zlib error {code}: {message}")]
     Zlib { code: i32, message: String },
@@ -226,15 +232,18 @@ enum Phase {
 
 /// What a finished inflation produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InflateSummary {
+pub struct InflateSummary<W = Vec<u8>> {
     /// Compressed bytes consumed (the blob size).
     pub compressed_size: u64,
     /// Uncompressed bytes produced.
     pub uncompressed_size: u64,
     /// Checkpoints, ordered, the first at offset 0.
     pub checkpoints: Vec<Checkpoint>,
-    /// The checkpoints' packed windows back to back (the index's windows part).
-    pub windows: Vec<u8>,
+    /// The sink that received the checkpoints' packed windows back to back (the index's
+    /// windows part).
+    pub windows: W,
+    /// Bytes written to `windows`.
+    pub windows_size: u64,
 }
 
 /// A bound on the inflate ratio, checked as the stream goes.
@@ -246,8 +255,9 @@ pub struct RatioLimit {
     pub slack: u64,
 }
 
-/// Push-based gzip inflater that records restart [`Checkpoint`]s as it goes.
-pub struct CheckpointingInflater {
+/// Push-based gzip inflater that records restart [`Checkpoint`]s as it goes, handing
+/// their packed windows to a [`WindowSink`] (`W`, in memory by default).
+pub struct CheckpointingInflater<W = Vec<u8>> {
     z: Inflate,
     span: u64,
     compressed_span: u64,
@@ -260,13 +270,21 @@ pub struct CheckpointingInflater {
     out: Vec<u8>,
     out_len: usize,
     checkpoints: Vec<Checkpoint>,
-    windows: Vec<u8>,
+    windows: W,
+    windows_size: u64,
 }
 
 impl CheckpointingInflater {
     /// An inflater at the start of a gzip blob, checkpointing every `span` (at least 1)
-    /// uncompressed bytes.
+    /// uncompressed bytes, keeping the windows in memory.
     pub fn new(span: u64) -> Result<Self, GzipError> {
+        Self::with_window_sink(span, Vec::new())
+    }
+}
+
+impl<W: WindowSink> CheckpointingInflater<W> {
+    /// [`CheckpointingInflater::new`], handing the packed windows to `windows`.
+    pub fn with_window_sink(span: u64, windows: W) -> Result<Self, GzipError> {
         Ok(CheckpointingInflater {
             z: Inflate::new(GZIP_BITS)?,
             span: span.max(1),
@@ -283,7 +301,8 @@ impl CheckpointingInflater {
                 uncompressed_offset: 0,
                 window: None,
             }],
-            windows: Vec::new(),
+            windows,
+            windows_size: 0,
         })
     }
 
@@ -332,8 +351,8 @@ impl CheckpointingInflater {
     }
 
     /// Bytes of packed windows recorded so far.
-    pub fn windows_len(&self) -> usize {
-        self.windows.len()
+    pub fn windows_len(&self) -> u64 {
+        self.windows_size
     }
 
     /// Feeds the next compressed bytes; inflated bytes are passed to `out` in order.
@@ -477,11 +496,16 @@ impl CheckpointingInflater {
         }
         let packed = window::pack_window(&self.z.dictionary())?;
         let window = (!packed.is_empty()).then(|| WindowRef {
-            offset: self.windows.len() as u64,
+            offset: self.windows_size,
             len: packed.len() as u32,
             sha256: crate::digest::Digest::of(&packed),
         });
-        self.windows.extend_from_slice(&packed);
+        if !packed.is_empty() {
+            self.windows
+                .append(&packed)
+                .map_err(|e| GzipError::WindowSink(e.to_string()))?;
+            self.windows_size += packed.len() as u64;
+        }
         self.checkpoints.push(Checkpoint {
             compressed_offset: cin,
             bits: (dt & 7) as u8,
@@ -492,13 +516,14 @@ impl CheckpointingInflater {
     }
 
     /// Checks the blob ended after a complete member and returns what was produced.
-    pub fn finish(self) -> Result<InflateSummary, GzipError> {
+    pub fn finish(self) -> Result<InflateSummary<W>, GzipError> {
         match self.phase {
             Phase::BetweenMembers { have: 0, .. } => Ok(InflateSummary {
                 compressed_size: self.base_in,
                 uncompressed_size: self.base_out,
                 checkpoints: self.checkpoints,
                 windows: self.windows,
+                windows_size: self.windows_size,
             }),
             Phase::BetweenMembers { .. } => Err(GzipError::TrailingGarbage {
                 offset: self.base_in,

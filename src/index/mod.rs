@@ -8,6 +8,7 @@ pub mod options;
 pub mod reader;
 pub mod tar;
 mod validate;
+pub mod window_sink;
 pub mod zstd;
 pub mod zstd_chunked;
 pub mod zstd_copy;
@@ -23,7 +24,9 @@ mod windows_tests;
 #[cfg(test)]
 pub(crate) mod zstd_chunked_tests;
 
-pub use builder::{index_blob, index_blob_with_copy, IndexBuilder, IndexError, IndexOptions};
+pub use builder::{
+    index_blob, index_blob_with_copy, BuiltIndex, IndexBuilder, IndexError, IndexOptions,
+};
 pub use format::{
     Checkpoint, Compression, Entry, EntryKind, IndexDecodeError, LayerIndex, SparseExtent,
     WindowRef, INDEX_VERSION,
@@ -34,6 +37,7 @@ pub use reader::{
     ReadError, ReadPlan,
 };
 pub use tar::{TarError, TarOptions, TarScanner};
+pub use window_sink::WindowSink;
 pub use zstd::{ZstdError, ZstdInflater, ZstdLimits};
 pub use zstd_chunked::{TocBinding, ZstdChunkedError};
 pub use zstd_copy::{CopyChunk, CopyWriter, SeekableCopy};

@@ -146,18 +146,18 @@ pub(crate) struct SizeFloor {
     pub bytes: u64,
     entries: usize,
     checkpoints: usize,
-    windows: usize,
+    windows: u64,
 }
 
 impl SizeFloor {
-    pub fn add(&mut self, entries: &[Entry], checkpoints: &[Checkpoint], windows: usize) {
+    pub fn add(&mut self, entries: &[Entry], checkpoints: &[Checkpoint], windows: u64) {
         for e in entries.get(self.entries..).unwrap_or_default() {
             let link = e.link_target.as_ref().map_or(0, Vec::len);
             let xattrs: usize = e.xattrs.iter().map(|(k, v)| k.len() + v.len()).sum();
             self.bytes += (e.path.len() + link + xattrs) as u64 + 13;
         }
         let new = checkpoints.len().saturating_sub(self.checkpoints);
-        self.bytes += new as u64 * 4 + (windows - self.windows.min(windows)) as u64;
+        self.bytes += new as u64 * 4 + (windows - self.windows.min(windows));
         self.windows = windows;
         self.entries = entries.len();
         self.checkpoints = checkpoints.len();

@@ -176,3 +176,84 @@ fn an_index_of_another_version_is_refused_clearly() {
     let err = LayerIndex::decode(&bomb).unwrap_err();
     assert!(err.to_string().contains("inflated"), "{err}");
 }
+
+/// A sink that counts what it gets (shared, so that a test sees it while the builder
+/// owns the sink) and fails after `fail_after` windows.
+struct CountingSink {
+    bytes: Vec<u8>,
+    calls: std::rc::Rc<std::cell::Cell<usize>>,
+    fail_after: usize,
+}
+
+impl CountingSink {
+    fn new(fail_after: usize) -> (Self, std::rc::Rc<std::cell::Cell<usize>>) {
+        let calls = std::rc::Rc::new(std::cell::Cell::new(0));
+        let sink = CountingSink {
+            bytes: Vec::new(),
+            calls: calls.clone(),
+            fail_after,
+        };
+        (sink, calls)
+    }
+}
+
+impl crate::index::WindowSink for CountingSink {
+    fn append(&mut self, packed: &[u8]) -> std::io::Result<()> {
+        if self.calls.get() == self.fail_after {
+            return Err(std::io::Error::other("disk full"));
+        }
+        self.calls.set(self.calls.get() + 1);
+        self.bytes.extend_from_slice(packed);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_window_sink_gets_the_windows_part_as_it_is_made_and_the_index_holds_none() {
+    let (gz, full, _) = layer();
+    let opts = crate::index::IndexOptions {
+        checkpoint_compressed_span: 64 << 10,
+        ..test_options()
+    };
+    let with_window = |upto: u64| {
+        full.checkpoints
+            .iter()
+            .filter(|c| c.window.is_some() && c.compressed_offset <= upto)
+            .count()
+    };
+    let (sink, calls) = CountingSink::new(usize::MAX);
+    let mut b = crate::index::IndexBuilder::with_window_sink(opts, sink);
+    // Windows go out while the blob streams, not at the end.
+    let half = gz.len() / 2;
+    b.push(&gz[..half]).unwrap();
+    assert!(
+        calls.get() > 2,
+        "{} windows after half the blob",
+        calls.get()
+    );
+    assert!(calls.get() <= with_window(half as u64));
+    b.push(&gz[half..]).unwrap();
+    let built = b.finish_parts(Digest::of(&gz)).unwrap();
+    assert!(built.index.windows.is_none(), "no windows part in memory");
+    assert_eq!(built.index.windows_size, full.windows_size);
+    assert_eq!(calls.get(), with_window(u64::MAX));
+    assert_eq!(
+        built.index.encode_main(),
+        full.encode_main(),
+        "same main part"
+    );
+    // The sink's bytes are the windows part: every window checks against the main part.
+    let mut lazy = LayerIndex::decode(&built.index.encode_main()).unwrap();
+    lazy.attach_windows(built.windows.bytes.clone().into())
+        .unwrap();
+    assert_eq!(lazy, full);
+    // A failing sink fails the index, with the sink's reason.
+    let (sink, _) = CountingSink::new(3);
+    let mut b = crate::index::IndexBuilder::with_window_sink(opts, sink);
+    let err = b.push(&gz).unwrap_err();
+    assert!(
+        !err.is_hostile(),
+        "a sink's failure is not the layer's fault"
+    );
+    assert!(err.to_string().contains("disk full"), "{err}");
+}

@@ -152,6 +152,14 @@ impl ContentStore {
         Ok(out)
     }
 
+    /// A new empty temp file in the store's temp area, for content written piece by piece
+    /// before it is staged with [`Staging::add_file`] (or scratch data that never is).
+    /// Deleted when dropped; a crash leaves it to [`ContentStore::open`], which removes it.
+    pub fn temp_file(&self) -> Result<tempfile::NamedTempFile, StoreError> {
+        tempfile::NamedTempFile::new_in(&self.tmp)
+            .map_err(StoreError::io("create temp in", &self.tmp))
+    }
+
     /// Starts a staging area for new content.
     pub fn staging(&self) -> Staging<'_> {
         Staging {
@@ -194,6 +202,31 @@ impl Staging<'_> {
         for part in parts {
             file.write_all(part)
                 .map_err(StoreError::io("write", &path))?;
+        }
+        file.as_file()
+            .sync_all()
+            .map_err(StoreError::io("fsync", &path))?;
+        self.staged.push((digest, file.into_temp_path()));
+        Ok(())
+    }
+
+    /// Stages `file`, a [`ContentStore::temp_file`] of this store that the caller wrote
+    /// and hashed to `digest`: it is synced now and renamed into place at commit (over
+    /// any copy already there, which has the same bytes).
+    pub fn add_file(
+        &mut self,
+        digest: Digest,
+        file: tempfile::NamedTempFile,
+    ) -> Result<(), StoreError> {
+        if self.staged.iter().any(|(d, _)| *d == digest) {
+            return Ok(());
+        }
+        let path = file.path().to_path_buf();
+        if path.parent() != Some(self.store.tmp.as_path()) {
+            return Err(StoreError::io("stage", &path)(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a temp file of this store",
+            )));
         }
         file.as_file()
             .sync_all()
@@ -267,6 +300,39 @@ mod tests {
         let mut s = store.staging();
         s.add(da, a).unwrap();
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn a_file_written_in_the_temp_area_is_staged_and_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path(), "indexes").unwrap();
+        let (head, tail) = (b"main part ".as_slice(), b"windows".as_slice());
+        let d = Digest::of(b"main part windows");
+        let tmp_files = || {
+            fs::read_dir(dir.path().join("tmp/indexes"))
+                .unwrap()
+                .count()
+        };
+        {
+            let mut f = store.temp_file().unwrap();
+            f.write_all(head).unwrap();
+            f.write_all(tail).unwrap();
+            let mut s = store.staging();
+            s.add_file(d, f).unwrap();
+            assert_eq!(tmp_files(), 1);
+            assert!(!store.contains(&d), "invisible until commit");
+        }
+        assert_eq!(tmp_files(), 0, "a dropped staging deletes the file");
+        let mut f = store.temp_file().unwrap();
+        f.write_all(b"main part windows").unwrap();
+        let mut s = store.staging();
+        s.add_file(d, f).unwrap();
+        s.commit().unwrap();
+        assert_eq!(store.read_verified(&d).unwrap(), &b"main part windows"[..]);
+        assert_eq!(tmp_files(), 0);
+        // A file from elsewhere is refused.
+        let other = tempfile::NamedTempFile::new_in(dir.path()).unwrap();
+        assert!(store.staging().add_file(d, other).is_err());
     }
 
     #[test]
