@@ -233,6 +233,7 @@ impl Filesystem for ImageFs {
         if let Some(hook) = &self.on_read {
             hook(ino.0, offset, size);
         }
+        tracing::debug!(target: "imgd_bytes", path = %String::from_utf8_lossy(&entry.path), layer, offset, size, "read");
         let result = read_file_via(index, entry, offset, size as usize, |at, len| {
             self.spans.read(layer, at, len)
         });

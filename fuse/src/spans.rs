@@ -282,7 +282,11 @@ impl Inner {
                     .map_err(|e| ReadError::Fetch(e.into()))?;
                 return Ok(Arc::new(bytes));
             }
-            let mut fetch = |r: Range<u64>| self.source.read(layer, r);
+            let mut asked = 0u64;
+            let mut fetch = |r: Range<u64>| {
+                asked += r.end - r.start;
+                self.source.read(layer, r)
+            };
             let bytes = read_stored_with(
                 index,
                 span.start,
@@ -296,6 +300,7 @@ impl Inner {
                 ));
             }
             self.stats.spans_inflated.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(target: "imgd_bytes", layer, start = span.start, end = span.end, compressed = asked, thread = std::thread::current().name().unwrap_or(""), "span inflated");
             let bytes = Arc::new(bytes);
             let stored = match self.file(layer) {
                 Some(file) => match file.commit(span.start, &bytes) {

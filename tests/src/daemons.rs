@@ -299,6 +299,12 @@ pub struct Agent {
     log: PathBuf,
 }
 
+/// The agents' log filter: `IMGD_TEST_AGENT_LOG` if set (e.g.
+/// `info,imgd_bytes=debug` for where a lazy start's bytes go), else info.
+fn agent_log_filter() -> String {
+    std::env::var("IMGD_TEST_AGENT_LOG").unwrap_or_else(|_| "info,libp2p_mdns=warn".into())
+}
+
 impl Agent {
     /// Starts an agent and waits until its local API answers.
     pub fn start(opts: AgentOptions<'_>) -> Result<Agent> {
@@ -360,7 +366,7 @@ impl Agent {
         cmd.arg("--config")
             .arg(&config_path)
             .args(args)
-            .env("RUST_LOG", "info,libp2p_mdns=warn")
+            .env("RUST_LOG", agent_log_filter())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?);
         let mut guard = ChildGuard::spawn(&mut cmd, "imgd")?;

@@ -149,6 +149,7 @@ impl ChunkSource {
                 "the agent sent wrong bytes for chunk {digest}"
             )));
         }
+        tracing::debug!(target: "imgd_bytes", layer, chunk = i, len = reply.body.len(), thread = std::thread::current().name().unwrap_or(""), "whole chunk");
         if reply.headers.get(FETCHED_HEADER).is_some_and(|v| v == "1") {
             self.fetched.chunks.fetch_add(1, Ordering::Relaxed);
             self.fetched
@@ -217,6 +218,7 @@ impl ChunkSource {
             if fetched > 0 {
                 self.fetched.bytes.fetch_add(fetched, Ordering::Relaxed);
             }
+            tracing::debug!(target: "imgd_bytes", layer, chunk = i, first, count, fetched, thread = std::thread::current().name().unwrap_or(""), "pieces");
         }
         let mut out = Vec::with_capacity(have.iter().flatten().map(|b| b.len()).sum());
         for piece in have.into_iter().flatten() {
@@ -370,6 +372,7 @@ impl BlobSource for ChunkSource {
         self.fetched
             .bytes
             .fetch_add(reply.body.len() as u64, Ordering::Relaxed);
+        tracing::debug!(target: "imgd_bytes", layer, checkpoint, len = reply.body.len(), thread = std::thread::current().name().unwrap_or(""), "window");
         Ok(reply.body.to_vec())
     }
 

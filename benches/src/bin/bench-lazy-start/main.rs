@@ -176,6 +176,11 @@ impl Bench<'_> {
         }
         drop(overlay);
         drop(mount); // stores the startup trace of a first start
+        if let Some(keep) = std::env::var_os("IMGD_BENCH_KEEP_LOGS") {
+            let keep = Path::new(&keep);
+            std::fs::create_dir_all(keep)?;
+            std::fs::write(keep.join(format!("run{}.log", self.runs)), agent.log())?;
+        }
         drop(agent);
         let _ = std::fs::remove_dir_all(&dir);
         Ok(LazyRun {
@@ -267,6 +272,12 @@ fn lazy_runs() -> usize {
         .unwrap_or(LAZY_RUNS_DEFAULT)
 }
 
+/// `IMGD_BENCH_QUICK=1`: lazy first and learned starts only (no zstd variant, no
+/// prefetch --startup, no baseline), a quicker look at bytes and times.
+fn quick() -> bool {
+    std::env::var_os("IMGD_BENCH_QUICK").is_some()
+}
+
 /// Whether the agent has learned (trace-based) startup prefetch.
 fn learned_prefetch_available() -> bool {
     let help = workspace_bin("imgctl")
@@ -329,9 +340,15 @@ fn main() -> Result<()> {
     // One image per lazy run and rate, each without a startup trace until its first start.
     let per_rate = lazy_runs();
     let variants = images::add_variants(&prepared.layout, &prepared.name, per_rate * rates.len())?;
-    eprintln!("recompressing the layers with zstd ...");
-    let (zlayout, zsize) = images::zstd_variant(&prepared, &tmp.path().join("zimg"))?;
-    let zvariants = images::add_variants(&zlayout, "zbase", per_rate * rates.len())?;
+    let quick = quick();
+    let (zlayout, zsize, zvariants) = if quick {
+        (None, 0, Vec::new())
+    } else {
+        eprintln!("recompressing the layers with zstd ...");
+        let (zlayout, zsize) = images::zstd_variant(&prepared, &tmp.path().join("zimg"))?;
+        let zvariants = images::add_variants(&zlayout, "zbase", per_rate * rates.len())?;
+        (Some(zlayout), zsize, zvariants)
+    };
     let reg = Registry::start()?;
     let push = |layout: &Path, variants: &[String], repo: &str| -> Result<Vec<String>> {
         eprintln!("pushing {} variants of {repo} ...", variants.len());
@@ -349,9 +366,14 @@ fn main() -> Result<()> {
         Ok(refs)
     };
     let images = push(&prepared.layout.dir, &variants, "lazy")?;
-    let zimages = push(&zlayout.dir, &zvariants, "zlazy")?;
+    let zimages = match &zlayout {
+        Some(z) => push(&z.dir, &zvariants, "zlazy")?,
+        None => Vec::new(),
+    };
     let _ = std::fs::remove_dir_all(&prepared.layout.dir);
-    let _ = std::fs::remove_dir_all(&zlayout.dir);
+    if let Some(z) = &zlayout {
+        let _ = std::fs::remove_dir_all(&z.dir);
+    }
 
     let lan = Lan::new(1)?;
     let host = &lan.hosts[0];
@@ -394,6 +416,15 @@ fn main() -> Result<()> {
         host.shape(mbit)?;
         let imgs = &images[r * per_rate..(r + 1) * per_rate];
         let first = bench.best_lazy(imgs, Mode::First, "lazy first start")?;
+        if quick {
+            let learned = if learned_available {
+                Some(bench.best_lazy(imgs, Mode::Learned, "learned start")?)
+            } else {
+                None
+            };
+            output::print_quick(mbit, &first, learned.as_ref(), size);
+            continue;
+        }
         let zimgs = &zimages[r * per_rate..(r + 1) * per_rate];
         let zstd = bench.best_lazy(zimgs, Mode::First, "lazy first start, zstd variant")?;
         let learned = if learned_available {

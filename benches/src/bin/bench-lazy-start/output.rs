@@ -97,3 +97,28 @@ pub fn print_rate(r: &RateResult, size: u64, zsize: u64) {
         None => println!("learned prefetch: not available yet"),
     }
 }
+
+/// The lazy starts of a quick run (`IMGD_BENCH_QUICK`) at one rate: no baseline here.
+pub fn print_quick(mbit: u32, first: &LazyRun, learned: Option<&LazyRun>, size: u64) {
+    println!("== host link tbf {mbit} Mbit/s (quick: no baseline) ==");
+    let runs = std::iter::once(("lazy first start", first))
+        .chain(learned.map(|l| ("lazy start with the learned trace", l)));
+    for (name, l) in runs {
+        report(name, l.took.as_secs_f64(), "s");
+        report(
+            "  link bytes at the end of imgctl mount",
+            l.at_mount as f64 / 1e6,
+            "MB",
+        );
+        report(
+            "  link bytes by the first line",
+            l.by_first_line as f64 / 1e6,
+            "MB",
+        );
+        report(
+            "  / compressed image (target <= 15%)",
+            100.0 * l.by_first_line as f64 / size as f64,
+            "%",
+        );
+    }
+}
