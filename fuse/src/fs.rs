@@ -239,8 +239,9 @@ impl Filesystem for ImageFs {
         });
         if result.is_ok() && entry.kind == EntryKind::File && entry.sparse.is_empty() {
             let file = entry.content_offset..entry.content_offset + entry.size;
-            let read_end = file.start + offset.saturating_add(u64::from(size));
-            self.spans.read_ahead(layer, file, read_end);
+            let read_start = file.start + offset;
+            let read_end = read_start.saturating_add(u64::from(size));
+            self.spans.read_ahead(layer, file, read_start..read_end);
         }
         match result {
             Ok(bytes) => {

@@ -4,6 +4,13 @@
 //! spans inflate in parallel on the FUSE worker threads, and a file read sequentially has
 //! its next spans inflated ahead of it on a small pool of readahead threads.
 //!
+//! Readahead is for sequential reads only, kernel-style ([`Runs`]): a file's reads that
+//! follow one another form a run, and once a run has read [`SEQUENTIAL_MIN`] the spans
+//! after it are inflated ahead, as far as the run has read (at most [`READAHEAD_BYTES`]).
+//! A read elsewhere (an ELF header, a page fault of a mapped library) reads ahead
+//! nothing: each byte read ahead of such a read is a compressed byte fetched that the
+//! container may never use.
+//!
 //! A layer whose inflated file cannot be used (it cannot be created, or a span cannot be
 //! written, e.g. the disk is full) keeps its spans in a small memory cache instead.
 
@@ -28,8 +35,19 @@ const MEMORY_SPANS_BYTES: usize = 32 << 20;
 /// are not kept whole; reads then inflate just the range they need.
 const MAX_SPAN: u64 = 64 << 20;
 
-/// How far ahead of a sequential read spans are inflated.
+/// How far ahead of a sequential read spans are inflated, at most.
 const READAHEAD_BYTES: u64 = 16 << 20;
+
+/// How much of a file a run of sequential reads must have read before spans are read
+/// ahead of it (more than the kernel's own readahead of a read or a page fault, 1 MiB).
+pub const SEQUENTIAL_MIN: u64 = 2 << 20;
+
+/// How far past the end of a run a read may start and still continue it (reads of the
+/// kernel's readahead arrive on several FUSE threads, not always in order).
+const RUN_SLACK: u64 = 1 << 20;
+
+/// Files whose runs are tracked at most; beyond, the table starts afresh.
+const MAX_RUNS: usize = 4096;
 
 /// Readahead threads, and spans queued for them at most.
 const READAHEAD_THREADS: usize = 2;
@@ -45,6 +63,57 @@ struct Inner {
     memory: SpanCache,
     flights: Flights<Key, Arc<Vec<u8>>>,
     queued: Mutex<HashSet<Key>>,
+    runs: Mutex<Runs>,
+}
+
+/// A file's current run of sequential reads (stream offsets).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Run {
+    start: u64,
+    end: u64,
+}
+
+/// The runs of sequential reads of files, by (layer, file start), and how far to read
+/// ahead of each read.
+#[derive(Default)]
+pub struct Runs(std::collections::HashMap<Key, Run>);
+
+impl Runs {
+    /// Notes a read of `read` in the file starting at `file` of `layer`; returns how many
+    /// bytes past `read.end` to read ahead (0 unless the read continues a run that has
+    /// read at least [`SEQUENTIAL_MIN`]).
+    pub fn note(&mut self, layer: usize, file: u64, read: Range<u64>) -> u64 {
+        static OLD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *OLD.get_or_init(|| std::env::var_os("IMGD_MEASURE_OLD_READAHEAD").is_some()) {
+            return READAHEAD_BYTES;
+        }
+        if self.0.len() >= MAX_RUNS {
+            self.0.clear();
+        }
+        let run = self.0.entry((layer, file)).or_insert(Run {
+            start: read.start,
+            end: read.start,
+        });
+        if read.end <= run.end && read.start >= run.start {
+            // Within the run (a late read of the kernel's readahead): nothing new.
+            return 0;
+        }
+        if read.start < run.start || read.start > run.end.saturating_add(RUN_SLACK) {
+            // A jump: a new run starts here.
+            *run = Run {
+                start: read.start,
+                end: read.end,
+            };
+        } else {
+            run.end = run.end.max(read.end);
+        }
+        let len = run.end - run.start;
+        if len < SEQUENTIAL_MIN {
+            0
+        } else {
+            len.min(READAHEAD_BYTES)
+        }
+    }
 }
 
 /// The span reader of one mount (clones share it).
@@ -93,6 +162,7 @@ impl SpanReader {
             memory: SpanCache::new(MEMORY_SPANS_BYTES),
             flights: Flights::default(),
             queued: Mutex::new(HashSet::new()),
+            runs: Mutex::new(Runs::default()),
         });
         let (tx, rx) = sync_channel(READAHEAD_QUEUE);
         let rx = Arc::new(Mutex::new(rx));
@@ -121,13 +191,24 @@ impl SpanReader {
         self.inner.file(layer).is_some_and(|f| f.present(&range))
     }
 
-    /// Queues the spans of `file` (a stream range of `layer`) that follow `read_end`, up to
-    /// [`READAHEAD_BYTES`], for inflation by the readahead threads.
-    pub fn read_ahead(&self, layer: usize, file: Range<u64>, read_end: u64) {
+    /// Notes the read `read` (stream range) of `file` (a stream range of `layer`) and, if
+    /// it continues a sequential run ([`Runs`]), queues the spans of `file` that follow
+    /// it for inflation by the readahead threads.
+    pub fn read_ahead(&self, layer: usize, file: Range<u64>, read: Range<u64>) {
         let Some(index) = self.inner.view.layer(layer) else {
             return;
         };
-        let stop = file.end.min(read_end.saturating_add(READAHEAD_BYTES));
+        let ahead = self
+            .inner
+            .runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .note(layer, file.start, read.clone());
+        if ahead == 0 {
+            return;
+        }
+        let read_end = read.end;
+        let stop = file.end.min(read_end.saturating_add(ahead));
         let mut pos = read_end;
         while pos < stop {
             let span = span_of(index, pos);
@@ -326,5 +407,45 @@ impl Inner {
                 Ok(own) => own,
                 Err(Joined(msg)) => ReadError::Fetch(msg.into()),
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn a_lone_read_reads_nothing_ahead() {
+        let mut runs = Runs::default();
+        // An ELF header, then a page fault's read-around elsewhere in the same file.
+        assert_eq!(runs.note(0, 0, 0..832), 0);
+        assert_eq!(runs.note(0, 0, 10 * MIB..11 * MIB), 0);
+        assert_eq!(runs.note(0, 0, 3 * MIB..4 * MIB), 0, "a jump back starts afresh");
+    }
+
+    #[test]
+    fn a_sequential_run_reads_ahead_as_far_as_it_has_read() {
+        let mut runs = Runs::default();
+        let mut ahead = Vec::new();
+        for k in 0..40u64 {
+            ahead.push(runs.note(1, 100, 100 + k * MIB..100 + (k + 1) * MIB));
+        }
+        assert_eq!(&ahead[..2], &[0, 2 * MIB], "from SEQUENTIAL_MIN on");
+        assert_eq!(ahead[7], 8 * MIB, "the window grows with the run");
+        assert_eq!(ahead[39], READAHEAD_BYTES, "up to READAHEAD_BYTES");
+    }
+
+    #[test]
+    fn reads_out_of_order_within_the_slack_continue_the_run() {
+        let mut runs = Runs::default();
+        assert_eq!(runs.note(0, 0, 0..MIB), 0);
+        // The kernel's next two readahead reads, the later one first.
+        assert_eq!(runs.note(0, 0, 2 * MIB..3 * MIB), 3 * MIB);
+        assert_eq!(runs.note(0, 0, MIB..2 * MIB), 0, "nothing new");
+        assert_eq!(runs.note(0, 0, 3 * MIB..4 * MIB), 4 * MIB);
+        // Another file's reads are their own run.
+        assert_eq!(runs.note(0, 50 * MIB, 50 * MIB..51 * MIB), 0);
     }
 }
