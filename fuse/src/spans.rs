@@ -83,10 +83,6 @@ impl Runs {
     /// bytes past `read.end` to read ahead (0 unless the read continues a run that has
     /// read at least [`SEQUENTIAL_MIN`]).
     pub fn note(&mut self, layer: usize, file: u64, read: Range<u64>) -> u64 {
-        static OLD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if *OLD.get_or_init(|| std::env::var_os("IMGD_MEASURE_OLD_READAHEAD").is_some()) {
-            return READAHEAD_BYTES;
-        }
         if self.0.len() >= MAX_RUNS {
             self.0.clear();
         }
@@ -422,7 +418,11 @@ mod tests {
         // An ELF header, then a page fault's read-around elsewhere in the same file.
         assert_eq!(runs.note(0, 0, 0..832), 0);
         assert_eq!(runs.note(0, 0, 10 * MIB..11 * MIB), 0);
-        assert_eq!(runs.note(0, 0, 3 * MIB..4 * MIB), 0, "a jump back starts afresh");
+        assert_eq!(
+            runs.note(0, 0, 3 * MIB..4 * MIB),
+            0,
+            "a jump back starts afresh"
+        );
     }
 
     #[test]
