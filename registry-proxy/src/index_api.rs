@@ -1,7 +1,9 @@
 //! Layer indexes for agents, in two parts ([`imgd_core::index::format`]): the main part
 //! (file table and checkpoints, with each window's location and sha256), which an agent
 //! fetches before a mount, and the windows part, of which it fetches ranges, one window
-//! at a time, as reads need them. Both are read from the one stored index file.
+//! at a time, as reads need them. Both are read from the one stored index file, and
+//! streamed from it 1 MiB at a time (a layer of random data has 128 MiB of windows per
+//! GiB: a whole windows part is never held in memory).
 
 use crate::chunk_api::{ensure, index_state, parse_digest, Authorized, RepoQuery};
 use crate::errors::ProxyError;
@@ -9,6 +11,7 @@ use crate::server::AppState;
 use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use imgd_core::index::format::HEADER_LEN;
 use imgd_core::index::LayerIndex;
 use imgd_core::wire::{IndexState, INDEX_DIGEST_HEADER};
@@ -24,14 +27,47 @@ enum Part {
     Windows(Option<String>),
 }
 
-/// What was read: the bytes, and for a range, where they are in the windows part and its size.
+/// Largest piece of an index file read at once.
+const READ_PIECE: u64 = 1 << 20;
+
+/// What to send: the open index file and the bytes of it asked for, and for the windows
+/// part, where they are in it and its size.
 struct Read {
-    bytes: Vec<u8>,
+    file: Arc<std::fs::File>,
+    bytes: Range<u64>,
     range: Option<(Range<u64>, u64)>,
 }
 
-/// Reads `part` of the stored index file `idx` (blocking): its header first, for the
-/// main part's length, then only the bytes asked for.
+impl Read {
+    fn len(&self) -> u64 {
+        self.bytes.end - self.bytes.start
+    }
+
+    /// The bytes, streamed from the file a piece at a time (the open file stays readable
+    /// if the index is evicted meanwhile).
+    fn body(self) -> axum::body::Body {
+        let file = self.file;
+        let pieces = (self.bytes.start..self.bytes.end)
+            .step_by(READ_PIECE as usize)
+            .map(move |at| (at, (self.bytes.end - at).min(READ_PIECE)));
+        let stream = futures::stream::iter(pieces).then(move |(at, len)| {
+            let file = file.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; len as usize];
+                    file.read_exact_at(&mut buf, at)?;
+                    Ok::<_, std::io::Error>(bytes::Bytes::from(buf))
+                })
+                .await
+                .map_err(std::io::Error::other)?
+            }
+        });
+        axum::body::Body::from_stream(stream)
+    }
+}
+
+/// Opens the stored index file `idx` (blocking) and reads its header, for the main
+/// part's length: where `part` is in the file.
 fn read_part(state: &AppState, idx: &Digest, part: Part) -> Result<Read, ProxyError> {
     let path = state.storage.indexes.path(idx);
     let file = std::fs::File::open(&path)
@@ -55,10 +91,9 @@ fn read_part(state: &AppState, idx: &Digest, part: Part) -> Result<Read, ProxyEr
             (main + r.start..main + r.end, Some((r, total)))
         }
     };
-    let mut bytes = vec![0u8; (range.end - range.start) as usize];
-    file.read_exact_at(&mut bytes, range.start).map_err(io)?;
     Ok(Read {
-        bytes,
+        file: Arc::new(file),
+        bytes: range,
         range: windows,
     })
 }
@@ -99,9 +134,10 @@ pub async fn index(
                 header::CONTENT_TYPE.as_str(),
                 "application/vnd.imgd.index.v1".to_string(),
             ),
+            (header::CONTENT_LENGTH.as_str(), read.len().to_string()),
             (INDEX_DIGEST_HEADER, idx.to_string()),
         ],
-        read.bytes,
+        read.body(),
     )
         .into_response())
 }
@@ -122,19 +158,21 @@ pub async fn windows(
     let ranged = asked.is_some();
     let (_, read) = read(&state, &digest, &q, Part::Windows(asked)).await?;
     let octets = (header::CONTENT_TYPE, "application/octet-stream".to_string());
-    Ok(match read.range {
+    let length = (header::CONTENT_LENGTH, read.len().to_string());
+    Ok(match read.range.clone() {
         Some((r, total)) if ranged => (
             axum::http::StatusCode::PARTIAL_CONTENT,
             [
                 octets,
+                length,
                 (
                     header::CONTENT_RANGE,
                     format!("bytes {}-{}/{total}", r.start, r.end.saturating_sub(1)),
                 ),
             ],
-            read.bytes,
+            read.body(),
         )
             .into_response(),
-        _ => ([octets], read.bytes).into_response(),
+        _ => ([octets, length], read.body()).into_response(),
     })
 }
