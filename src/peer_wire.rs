@@ -17,7 +17,8 @@
 //! ```
 //!
 //! `GetPieces` and `Pending` are new in version 2 of the protocol (`imgd-dp-v2`, the
-//! handshake's tag): a lazy read asks a peer for just the 256 KiB pieces it needs, and a
+//! handshake's tag; version 3, `imgd-dp-v3`, counts pieces of 64 KiB, not 256 KiB, so the
+//! versions do not talk): a lazy read asks a peer for just the 64 KiB pieces it needs, and a
 //! peer that is fetching the chunk says so instead of "not found", so the reader waits
 //! for it rather than asking the proxy too. Pieces are checked by the receiver against
 //! their digests from the chunk list, like chunks.
@@ -61,7 +62,7 @@ pub mod kind {
     pub const GET_CHUNK: u8 = 0x01;
     /// Request: which chunks of this blob do you hold?
     pub const HAVE: u8 = 0x02;
-    /// Request: send me these 256 KiB pieces of this chunk.
+    /// Request: send me these 64 KiB pieces ([`crate::PIECE_SIZE`]) of this chunk.
     pub const GET_PIECES: u8 = 0x04;
     /// Request: push me this blob's have-map now and whenever it changes (v1.1).
     pub const SUBSCRIBE: u8 = 0x03;

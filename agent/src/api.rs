@@ -107,7 +107,7 @@ pub struct Status {
     pub bytes_from_cache: u64,
     pub bytes_from_peers: u64,
     pub bytes_from_proxy: u64,
-    /// Bytes of verified 256 KiB pieces fetched from the proxy (lazy reads and the
+    /// Bytes of verified 64 KiB pieces fetched from the proxy (lazy reads and the
     /// completion of partial chunks), apart from `bytes_from_proxy`'s whole chunks.
     #[serde(default)]
     pub bytes_from_proxy_pieces: u64,

@@ -17,7 +17,7 @@
 //! - **Present**: in the cache, verified (every source's bytes are checked against the
 //!   chunk's sha256 before they get here).
 //! - **Evicted**: was present, the cache evicted it (quota); it may be fetched again.
-//! - **Partial**: a lazy read's fetch ended with some of its verified 256 KiB pieces
+//! - **Partial**: a lazy read's fetch ended with some of its verified 64 KiB pieces
 //!   stored ([`crate::pieces`]), not the whole chunk. Peers see it as in flight (it is
 //!   completed in the background) and may ask for its pieces. A further read of other
 //!   pieces starts a fetch again (Partial → InFlight); its completion, or the whole chunk

@@ -8,7 +8,7 @@
 //!   pushed have-maps; [`control_counts`]: the control requests that costs.
 //! - [`fetch`]: the fetch policy: cache, then peers, then the proxy; [`chunk_state`]: a
 //!   chunk's life there (absent, in flight, present, evicted) as a state machine.
-//! - [`pieces`]: partial chunks: the verified 256 KiB pieces lazy reads fetch.
+//! - [`pieces`]: partial chunks: the verified 64 KiB pieces lazy reads fetch.
 //! - [`proxy_client`], [`image`]: talking to imgd-proxy and resolving images.
 //! - [`snapshotter`]: the containerd proxy snapshotter serving lazy mounts to containers.
 //! - [`mounts`]: lazy mounts, each served by its own [`mount_process`] (`imgd-mount`),

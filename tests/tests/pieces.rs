@@ -1,4 +1,4 @@
-//! Lazy reads fetch verified 256 KiB pieces, not whole chunks: a small file in the
+//! Lazy reads fetch verified 64 KiB pieces, not whole chunks: a small file in the
 //! middle of a layer costs little more than its own compressed bytes plus the span
 //! before it; a proxy that serves a wrong piece is caught (and the read still gets the
 //! right bytes); a partial chunk survives `kill -9` of the agent with nothing unverified

@@ -8,7 +8,7 @@
 //! # Protocol
 //!
 //! 1. **Handshake** ([`handshake`]): over a fresh TCP connection both sides exchange a
-//!    hello (`"imgd-dp-v2"`, a random 32-byte nonce, their node id) and then prove
+//!    hello (`"imgd-dp-v3"`, a random 32-byte nonce, their node id) and then prove
 //!    knowledge of the 32-byte pre-shared swarm key with an HMAC-SHA256 over both nonces
 //!    and both ids. The client proves first; the server answers only a peer that proved
 //!    the key and, when an allow-list is configured, is on it. Anything else is
@@ -16,7 +16,7 @@
 //! 2. **Frames** ([`wire`]): a 9-byte header (`len: u32 BE`, `kind: u8`,
 //!    `request_id: u32 BE`) and a body of at most [`Limits::max_chunk`] bytes for chunk
 //!    bodies and [`Limits::max_control`] for everything else. Requests are
-//!    `GetChunk { digest }`, `GetPieces { chunk, first, count }` (256 KiB pieces, for
+//!    `GetChunk { digest }`, `GetPieces { chunk, first, count }` (64 KiB pieces, for
 //!    lazy reads), `Have { blob }` and `Subscribe { blob }`; responses are `Chunk`,
 //!    `Pieces`, `Pending` (being fetched here now: ask again), `NotFound`, `HaveMap`,
 //!    `Unknown` or `Error`. A `Subscribe` turns its connection into a push channel of

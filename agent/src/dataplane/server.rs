@@ -44,7 +44,7 @@ pub trait ChunkSource: Send + Sync + 'static {
     /// the blob (the fetcher counts it among the blob's hosts). The default ignores it.
     fn subscribed(&self, _blob: &Digest, _peer_id: &[u8]) {}
 
-    /// Pieces `first..first + count` (256 KiB each, the last of a chunk shorter) of the
+    /// Pieces `first..first + count` (64 KiB each, the last of a chunk shorter) of the
     /// chunk with this digest, from the whole chunk or from stored pieces. The receiver
     /// checks each against its digest.
     fn pieces(&self, _chunk: &Digest, _first: u32, _count: u32) -> PiecesAnswer {

@@ -1,4 +1,4 @@
-//! Lazy reads in the swarm: a mount's reads (whole chunks, or the 256 KiB pieces of
+//! Lazy reads in the swarm: a mount's reads (whole chunks, or the 64 KiB pieces of
 //! [`crate::pieces`]) share the proxy's work with the peers reading the same image.
 //!
 //! - **In flight, visible**: while a read fetches a chunk (or pieces of it) from the

@@ -1,6 +1,6 @@
 //! Where a mount process gets chunk bytes: a chunk the cache holds is read from its
 //! content-addressed file (and its sha256 checked), whether or not the agent is up. Of
-//! any other, a read needs only the 256 KiB pieces covering it (when the chunk list has
+//! any other, a read needs only the 64 KiB pieces covering it (when the chunk list has
 //! piece digests): stored pieces are read from their files (and checked), the missing
 //! ones asked of the agent (`GET /v1/pieces/ID/LAYER/CHUNK/FIRST/COUNT`), which fetches
 //! and verifies them; each piece it returns is checked here again. Without piece digests

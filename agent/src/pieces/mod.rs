@@ -1,4 +1,4 @@
-//! Partial chunks: the verified 256 KiB pieces of chunks that lazy reads needed.
+//! Partial chunks: the verified 64 KiB pieces of chunks that lazy reads needed.
 //!
 //! A lazy read needs a few hundred KiB of a 4 MiB chunk, so it fetches just the pieces
 //! covering it ([`Pieces::read`]): from a peer that holds the chunk or its pieces (or is

@@ -8,7 +8,7 @@
 //! on a bridge, links shaped to 1 Gbit/s) each run an `imgd` agent; host A has the image
 //! cached already (`imgctl prefetch`). On host B a private containerd with imgd as its
 //! snapshotter pulls the image with `ctr-remote images rpull` (no layer downloaded) and
-//! runs it: the container's reads are fetched lazily, as verified 256 KiB pieces from the
+//! runs it: the container's reads are fetched lazily, as verified 64 KiB pieces from the
 //! proxy (pieces do not come from peers yet; whole chunks would come from host A). Then a fresh containerd on host B does the ordinary thing, `ctr images pull` and
 //! `ctr run` with its overlayfs snapshotter. Both times and the bytes are printed.
 //!
