@@ -1,8 +1,12 @@
 //! Where partial chunks live on disk, under the chunk cache's directory:
 //!
 //! - `pieces/ab/<hex>`: one verified piece, content-addressed by its sha256, written
-//!   through a temp file, fsynced and renamed ([`ContentStore`]), so a piece file exists
-//!   only once its bytes were checked; temp files a crash left are removed at open;
+//!   through a temp file and renamed ([`ContentStore`]), so a piece file exists only once
+//!   its bytes were checked; temp files a crash left are removed at open. Not fsynced: a
+//!   read waits for its pieces to be stored, and two fsyncs a 64 KiB piece (about 8 ms
+//!   here) would be most of a lazy read's time. Every use checks a piece file against its
+//!   digest again (the mount process, [`PieceStore::get`], a restart), so a file that a
+//!   power loss left short or empty is dropped and fetched again, never used;
 //! - `partial/<chunk hex>`: a [`PartialMark`] (JSON, same atomic write) naming the blob,
 //!   position, size and piece digests of a chunk that has pieces but is not complete, so
 //!   that a restarted agent knows its partial chunks, checks their pieces again and
@@ -81,9 +85,26 @@ impl PieceStore {
         got
     }
 
-    /// Stores a piece whose bytes the caller checked against `digest`.
+    /// Stores a piece whose bytes the caller checked against `digest` (temp file and
+    /// rename, no fsync: see the module's doc).
     pub fn put(&self, digest: &Digest, bytes: &[u8]) -> Result<(), StoreError> {
-        self.files.put(*digest, bytes)
+        if self.files.contains(digest) {
+            return Ok(());
+        }
+        let dest = self.files.path(digest);
+        let io = |op: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { op, path, source }
+        };
+        let mut tmp = self.files.temp_file()?;
+        let tmp_path = tmp.path().to_path_buf();
+        tmp.write_all(bytes).map_err(io("write", &tmp_path))?;
+        if let Some(dir) = dest.parent() {
+            std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+        }
+        tmp.persist(&dest)
+            .map_err(|e| io("rename into", &dest)(e.error))?;
+        Ok(())
     }
 
     /// Removes a piece file (absent is fine).
