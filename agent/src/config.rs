@@ -89,14 +89,16 @@ enabled = true
 socket = ""
 
 [fetch]
-# Time limit for one chunk from a peer before trying another source, in milliseconds.
+# Time limit for a peer's answer to start, and for each gap in its body, before trying
+# another source, in milliseconds (an answer that keeps coming may take 4 times this).
 peer_timeout_ms = 3000
 # Time limit for one request to the proxy, in milliseconds.
 proxy_timeout_ms = 30000
 # Chunks fetched at once per blob.
 parallel_chunks = 4
-# How long to wait for a chunk another host is already fetching from the proxy before
-# fetching it from the proxy too, in milliseconds.
+# How long a watched host's have-map may stay unchanged before the chunks it owns pass
+# to the next host in line, and how long the whole swarm view may stay unchanged before
+# this host fetches any chunk from the proxy itself, in milliseconds.
 owner_wait_ms = 4000
 # How long a lazy read waits for the chunk's owner among the hosts reading the image to
 # start fetching it before asking the proxy itself, in milliseconds.

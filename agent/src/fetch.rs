@@ -7,9 +7,10 @@
 //! agree without talking). The fetching hosts find each other through provider records
 //! and watch a bounded number of each other's have-maps, pushed ([`crate::holders`]).
 //! A host fetches the chunks it owns from the proxy first, then takes the others from
-//! whichever watched peer has them. If a chunk's owner is unknown, dead or slow and no
-//! watched peer has produced the chunk within `owner_wait`, the host fetches it from the
-//! proxy itself, so partial knowledge of the fleet costs time or a duplicate, never
+//! whichever watched peer has them. A watched owner whose have-map has not moved for
+//! `owner_wait` is passed over (its chunks go to the next host in rendezvous order); if
+//! no watched map moved for that long, the host fetches what it lacks from the proxy
+//! itself, so partial knowledge of the fleet costs time or a duplicate, never
 //! correctness. Peer requests are
 //! hedged: a chunk a peer has not delivered within half the peer timeout is also asked of
 //! another source, and the first verified answer wins.
@@ -26,7 +27,7 @@ use crate::cache::ChunkCache;
 use crate::chunk_state::{ChunkStates, Fetcher as By, Transition};
 use crate::control_counts::{ControlCounts, ControlKind};
 use crate::dataplane::{HaveMap, PeerPool};
-use crate::holders::{HolderContext, Holders};
+use crate::holders::{HolderContext, Holders, View};
 use crate::peers::{Peer, PeerSet, FAILURE_PENALTY};
 use crate::proxy_client::{ProxyClient, ProxyClientError, Repo};
 use bytes::Bytes;
@@ -91,6 +92,7 @@ impl FetchStats {
 pub struct FetchSettings {
     pub peer_timeout: Duration,
     pub parallel_chunks: usize,
+    /// How long a watched owner's map, or the whole view, may stand still (see `pick`).
     pub owner_wait: Duration,
     /// How long a read waits for a chunk's owner to start fetching it before asking the
     /// proxy itself.
@@ -176,6 +178,8 @@ pub struct Fetcher {
 
 /// Longest local wait in a blob fetch between looks at the watched maps (no network).
 const LOOK_AGAIN: Duration = Duration::from_millis(100);
+/// Rounds of failed holders after which a chunk peers hold is fetched from the proxy.
+const PEER_ROUNDS: u32 = 3;
 
 /// Rendezvous weight of `node` for `chunk`: the node with the highest weight owns it.
 fn weight(chunk: &Digest, node: &str) -> u64 {
@@ -268,8 +272,14 @@ impl Fetcher {
                             return Ok(bytes);
                         }
                         let flight = self.reads.states.begin(c.digest);
+                        // No holders: the proxy is asked, so `None` does not come back.
+                        let fetched = self.fetch_chunk(&list.blob, &c.digest, Vec::new(), true);
                         let (bytes, source) =
-                            self.fetch_chunk(&list.blob, &c.digest, Vec::new()).await?;
+                            fetched.await?.ok_or_else(|| FetchError::Exhausted {
+                                blob: list.blob,
+                                digest: c.digest,
+                                last: "no source answered".into(),
+                            })?;
                         self.cache.put_chunk(&c.digest, &bytes)?;
                         if let Some(f) = flight {
                             f.end(Transition::Verified);
@@ -350,25 +360,41 @@ impl Fetcher {
     ) -> Result<(), FetchError> {
         let blob = &list.blob;
         let started = Instant::now();
+        let mut from_proxy = 0usize;
+        // Rounds of peers that failed each chunk (a held chunk goes back to pending).
+        let mut peer_rounds = vec![0u32; list.chunks.len()];
         let mut running = futures::stream::FuturesUnordered::new();
         loop {
             // The watched peers' maps, as their subscriptions last pushed them.
-            let maps = watched.view().maps();
             let fetchers = watched.fetchers();
             // Start work up to the parallelism limit.
             while running.len() < self.settings.parallel_chunks {
-                let Some(pos) = self.pick(&pending, list, &maps, fetchers.as_deref(), started)
+                let view = watched.view();
+                let Some(pos) = self.pick(&pending, list, view, fetchers.as_deref(), started)
                 else {
                     break;
                 };
                 let i = pending.swap_remove(pos);
                 let chunk = list.chunks[i];
-                let holders = self.holders(&maps, i);
+                let holders = self.holders(&view.maps(), i);
+                // A chunk peers hold goes to the proxy only after PEER_ROUNDS rounds of
+                // its holders failed: a loaded swarm is slow, and the proxy is shared.
+                let peers_only = !holders.is_empty() && peer_rounds[i] < PEER_ROUNDS;
                 job.mark(i, Transition::Start(By::Blob), &self.changes);
-                running
-                    .push(async move { (i, self.fetch_chunk(blob, &chunk.digest, holders).await) });
+                running.push(async move {
+                    let got = self.fetch_chunk(blob, &chunk.digest, holders, !peers_only);
+                    (i, got.await)
+                });
             }
             if running.is_empty() && pending.is_empty() {
+                tracing::info!(
+                    %blob,
+                    chunks = list.chunks.len(),
+                    from_proxy,
+                    fetchers = fetchers.as_ref().map_or(0, Vec::len),
+                    watched = watched.view().maps().len(),
+                    "blob fetched"
+                );
                 return Ok(());
             }
             // Until a chunk arrives, a watched map changes, or a while passed (for
@@ -378,18 +404,27 @@ impl Fetcher {
                 _ = watched.view().changed() => None,
                 _ = tokio::time::sleep(LOOK_AGAIN) => None,
             };
-            if let Some((i, result)) = next {
-                let stored = result.and_then(|(bytes, source)| {
-                    self.cache.put_chunk(&list.chunks[i].digest, &bytes)?;
-                    Ok((bytes, source))
-                });
-                let Ok((bytes, source)) = stored else {
+            let Some((i, result)) = next else { continue };
+            match result {
+                Ok(None) => {
                     job.mark(i, Transition::Failed, &self.changes);
-                    return stored.map(|_| ());
-                };
-                job.mark(i, Transition::Verified, &self.changes);
-                self.stats.add(source, bytes.len() as u64);
-                let _ = progress.send((bytes.len() as u64, source));
+                    peer_rounds[i] += 1;
+                    pending.push(i);
+                }
+                Ok(Some((bytes, source))) => {
+                    if let Err(e) = self.cache.put_chunk(&list.chunks[i].digest, &bytes) {
+                        job.mark(i, Transition::Failed, &self.changes);
+                        return Err(e.into());
+                    }
+                    job.mark(i, Transition::Verified, &self.changes);
+                    from_proxy += usize::from(source == Source::Proxy);
+                    self.stats.add(source, bytes.len() as u64);
+                    let _ = progress.send((bytes.len() as u64, source));
+                }
+                Err(e) => {
+                    job.mark(i, Transition::Failed, &self.changes);
+                    return Err(e);
+                }
             }
         }
     }
@@ -450,25 +485,35 @@ impl Fetcher {
     ///
     /// In order: a chunk this host owns that no watched peer holds or has in flight
     /// (fetched from the proxy: the others wait for it, so owners go first); a chunk some
-    /// watched peer holds, rarest first (fetched from it); once `owner_wait` has passed,
-    /// any chunk. Owners are chosen among `fetchers` and this host; `None` means the
-    /// fetchers and their first maps are still being gathered, so nothing starts yet
-    /// (at most [`crate::holders::GATHER_MAX`]).
+    /// watched peer holds, rarest first (fetched from it); once `owner_wait` has passed
+    /// and no watched map moved for that long, any chunk. Owners are chosen among this
+    /// host and the `fetchers` not stalled: a watched host whose map has not moved for
+    /// `owner_wait` hands the chunks it owns to the next in rendezvous order, which all
+    /// watchers see alike, so one host takes them over rather than all. A slow swarm
+    /// (a loaded proxy, slow links) keeps moving and is waited for: a fixed time-out
+    /// there made every host fetch from the proxy at once. `None` from `fetchers` means
+    /// they and their first maps are still being gathered, so nothing starts yet (at most
+    /// [`crate::holders::GATHER_MAX`]).
     fn pick(
         &self,
         pending: &[usize],
         list: &ChunkList,
-        maps: &HashMap<String, HaveMap>,
+        view: &View,
         fetchers: Option<&[String]>,
         started: Instant,
     ) -> Option<usize> {
+        let maps = view.maps();
         let holders = |i: usize| maps.values().filter(|m| m.is_present(i as u32)).count();
         let in_flight_elsewhere = |i: usize| maps.values().any(|m| m.is_in_flight(i as u32));
-        let fetchers = fetchers?;
+        let quiet = self.settings.owner_wait;
+        let owners: Vec<&String> = fetchers?
+            .iter()
+            .filter(|p| !view.is_stalled(p, quiet))
+            .collect();
         let owner_is_me = |i: usize| {
             let d = &list.chunks[i].digest;
             let mine = weight(d, &self.node_id);
-            fetchers.iter().all(|peer| weight(d, peer) < mine)
+            owners.iter().all(|peer| weight(d, peer) < mine)
         };
         if let Some(pos) = pending
             .iter()
@@ -483,29 +528,34 @@ impl Fetcher {
         if rarest.is_some() {
             return rarest;
         }
-        if started.elapsed() < self.settings.owner_wait {
+        if started.elapsed() < quiet || !view.all_quiet(quiet) {
             return None;
         }
-        // The owners had their time: take what nobody is fetching first.
+        // Nothing moved for `owner_wait`: the owners are gone or unseen. Take what nobody
+        // is fetching first.
         pending
             .iter()
             .position(|&i| !in_flight_elsewhere(i))
             .or(if pending.is_empty() { None } else { Some(0) })
     }
 
-    /// One chunk from peers that hold it (hedged), else from the proxy; in a span, timed.
+    /// One chunk from peers that hold it (hedged), else (with `then_proxy`) from the
+    /// proxy; in a span, timed. `None`: the holders failed and the proxy was not asked.
     async fn fetch_chunk(
         &self,
         blob: &Digest,
         digest: &Digest,
         holders: Vec<Peer>,
-    ) -> Result<(Bytes, Source), FetchError> {
+        then_proxy: bool,
+    ) -> Result<Option<(Bytes, Source)>, FetchError> {
         let (started, span) = (Instant::now(), tracing::info_span!("chunk_fetch", %digest));
         let result = self
-            .fetch_chunk_from(blob, digest, holders)
+            .fetch_chunk_from(blob, digest, holders, then_proxy)
             .instrument(span)
             .await;
-        crate::metrics::chunk_fetched(&result, started);
+        if let Ok(Some(got)) = &result {
+            crate::metrics::chunk_fetched(got.1, started);
+        }
         result
     }
 
@@ -514,17 +564,25 @@ impl Fetcher {
         blob: &Digest,
         digest: &Digest,
         mut holders: Vec<Peer>,
-    ) -> Result<(Bytes, Source), FetchError> {
+        then_proxy: bool,
+    ) -> Result<Option<(Bytes, Source)>, FetchError> {
         holders.truncate(2);
         let mut last = String::from("no peer holds it");
         if !holders.is_empty() {
             match self.ask_peers(digest, &holders).await {
-                Ok(b) => return Ok((b, Source::Peer)),
+                Ok(b) => return Ok(Some((b, Source::Peer))),
+                Err(e) if !then_proxy => {
+                    tracing::debug!(
+                        why = e,
+                        "the holders failed; the chunk waits for another round"
+                    );
+                    return Ok(None);
+                }
                 Err(e) => last = e,
             }
         }
         match self.proxy.chunk(digest).await {
-            Ok(b) => Ok((b, Source::Proxy)),
+            Ok(b) => Ok(Some((b, Source::Proxy))),
             Err(e) => Err(FetchError::Exhausted {
                 blob: *blob,
                 digest: *digest,

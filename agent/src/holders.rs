@@ -61,13 +61,22 @@ pub struct HolderContext {
     pub timeout: Duration,
 }
 
-/// The have-maps the subscriptions of one blob keep fresh.
+/// The have-maps the subscriptions of one blob keep fresh, and when each last moved.
 #[derive(Default)]
 pub struct View {
-    maps: Mutex<HashMap<String, HaveMap>>,
+    maps: Mutex<Maps>,
     changed: Notify,
     /// Subscriptions started that have not delivered their first map nor ended.
     awaiting: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Default)]
+struct Maps {
+    by_peer: HashMap<String, HaveMap>,
+    /// When each watched peer's map last changed (its first map counts as a change).
+    moved: HashMap<String, Instant>,
+    /// When any watched map last changed.
+    any_moved: Option<Instant>,
 }
 
 /// A subscription's wait for its first map: counted in [`View`] until done or dropped.
@@ -92,7 +101,7 @@ impl Drop for Awaiting<'_> {
 impl View {
     /// A copy of the current maps, by peer id.
     pub fn maps(&self) -> HashMap<String, HaveMap> {
-        self.lock().clone()
+        self.lock().by_peer.clone()
     }
 
     /// Resolves at the next change after the last one waited for.
@@ -100,15 +109,43 @@ impl View {
         self.changed.notified().await
     }
 
+    /// Whether `peer` is watched and its map has not changed for `quiet` (a host that
+    /// fetches shows chunks starting and arriving; one that does not, for that long, is
+    /// stalled or dead, and the chunks it owns go to the next owner).
+    pub fn is_stalled(&self, peer: &str, quiet: Duration) -> bool {
+        self.lock()
+            .moved
+            .get(peer)
+            .is_some_and(|at| at.elapsed() >= quiet)
+    }
+
+    /// Whether no watched map changed for `quiet` (none since the first, or none at all).
+    pub fn all_quiet(&self, quiet: Duration) -> bool {
+        self.lock().any_moved.is_none_or(|at| at.elapsed() >= quiet)
+    }
+
     fn set(&self, peer: &str, map: Option<HaveMap>) {
-        match map {
-            Some(m) => self.lock().insert(peer.to_string(), m),
-            None => self.lock().remove(peer),
-        };
+        {
+            let mut maps = self.lock();
+            match map {
+                Some(m) => {
+                    if maps.by_peer.get(peer) != Some(&m) {
+                        let now = Instant::now();
+                        maps.moved.insert(peer.to_string(), now);
+                        maps.any_moved = Some(now);
+                    }
+                    maps.by_peer.insert(peer.to_string(), m);
+                }
+                None => {
+                    maps.by_peer.remove(peer);
+                    maps.moved.remove(peer);
+                }
+            }
+        }
         self.changed.notify_one();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HaveMap>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Maps> {
         self.maps.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -120,6 +157,8 @@ pub struct Holders {
     view: Arc<View>,
     started: Instant,
     task: tokio::task::JoinHandle<()>,
+    /// Whether the settled owner set was logged.
+    logged: std::sync::atomic::AtomicBool,
 }
 
 impl Holders {
@@ -133,6 +172,7 @@ impl Holders {
             view,
             started: Instant::now(),
             task,
+            logged: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -159,14 +199,23 @@ impl Holders {
             return None;
         }
         let zone = self.ctx.zone.as_deref();
-        Some(
-            known
-                .into_iter()
-                .flatten()
-                .filter(|p| p.in_zone(zone))
-                .map(|p| p.id)
-                .collect(),
-        )
+        let fetchers: Vec<String> = known
+            .into_iter()
+            .flatten()
+            .filter(|p| p.in_zone(zone))
+            .map(|p| p.id)
+            .collect();
+        if !self.logged.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::info!(
+                blob = %self.blob,
+                providers = ids.len(),
+                in_zone = fetchers.len(),
+                lookups_done,
+                after_ms = self.started.elapsed().as_millis() as u64,
+                "chunk owners chosen among the hosts known"
+            );
+        }
+        Some(fetchers)
     }
 }
 
@@ -258,5 +307,35 @@ async fn subscription(
         view.set(&peer.id, Some(map));
         first.done();
         next = sub.next(SILENT).await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_whose_map_stands_still_is_stalled_and_a_change_revives_it() {
+        let quiet = Duration::from_millis(60);
+        let view = View::default();
+        assert!(
+            !view.is_stalled("a", quiet),
+            "an unwatched peer is not judged"
+        );
+        assert!(view.all_quiet(quiet), "nothing watched moves");
+        let mut map = HaveMap::new(4);
+        view.set("a", Some(map.clone()));
+        assert!(!view.is_stalled("a", quiet) && !view.all_quiet(quiet));
+        std::thread::sleep(quiet);
+        // The same map again (a heartbeat) is no progress.
+        view.set("a", Some(map.clone()));
+        assert!(view.is_stalled("a", quiet) && view.all_quiet(quiet));
+        map.set_in_flight(2, true);
+        view.set("b", Some(HaveMap::new(4)));
+        assert!(view.is_stalled("a", quiet) && !view.all_quiet(quiet));
+        view.set("a", Some(map));
+        assert!(!view.is_stalled("a", quiet));
+        view.set("a", None);
+        assert!(!view.is_stalled("a", quiet) && view.maps().len() == 1);
     }
 }

@@ -21,8 +21,7 @@
 //! | `imgd_agent_control_requests_total` | counter | `kind` = `provider_lookup`, `provide`, `withdraw`, `subscribe`, `have`, `pushed` |
 
 use crate::agent::Agent;
-use crate::fetch::{FetchError, Source};
-use bytes::Bytes;
+use crate::fetch::Source;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -79,14 +78,12 @@ fn source_name(s: Source) -> &'static str {
     }
 }
 
-/// Hook: a chunk fetch (peers, then proxy) that started at `started` ended with `result`.
-pub fn chunk_fetched(result: &Result<(Bytes, Source), FetchError>, started: Instant) {
-    if let Ok((_, source)) = result {
-        EVENTS
-            .chunk_fetch_seconds
-            .get_or_create(&label("source", source_name(*source)))
-            .observe(started.elapsed().as_secs_f64());
-    }
+/// Hook: a chunk fetch (peers, then proxy) that started at `started` got it from `source`.
+pub fn chunk_fetched(source: Source, started: Instant) {
+    EVENTS
+        .chunk_fetch_seconds
+        .get_or_create(&label("source", source_name(source)))
+        .observe(started.elapsed().as_secs_f64());
 }
 
 /// Hook: bytes that did not match their digest came from `from` (`peer`, `proxy`, `cache`).

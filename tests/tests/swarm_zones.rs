@@ -87,7 +87,13 @@ fn thirty_two_hosts_in_two_routed_subnets() {
         pct(1.0),
         run.control_per_blob.iter().max().unwrap()
     );
-    for a in fleet.all() {
+    for (h, a) in fleet.all().enumerate() {
+        // What each host knew when it chose chunk owners, and what it took from the proxy.
+        for line in a.log().lines().filter(|l| {
+            l.contains("chunk owners chosen") || l.contains("blob fetched") || l.contains(" WARN ")
+        }) {
+            println!("host {h}: {line}");
+        }
         a.verify_clean().unwrap();
     }
     for (z, bytes) in run.egress.iter().enumerate() {

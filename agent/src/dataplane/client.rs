@@ -24,6 +24,9 @@ use tokio::time::Instant;
 /// Bytes read (and then hashed) at a time while receiving a chunk.
 const READ_PIECE: usize = 256 << 10;
 
+/// An answer that keeps coming may take this many request time-outs in all.
+const SLOW_ANSWER: u32 = 4;
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum State {
     Ready,
@@ -216,7 +219,15 @@ impl PeerClient {
         self.state = State::Busy;
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
-        let result = with_timeout(timeout, "request", self.exchange_inner(id, req, verify)).await;
+        // The answer must start within `timeout` and its body keep coming (no gap of
+        // `timeout`), within `SLOW_ANSWER` × `timeout` in all: a loaded peer that is
+        // sending is not cut off (the proxy would pay for it), a stuck one is.
+        let result = with_timeout(
+            timeout.saturating_mul(SLOW_ANSWER),
+            "request",
+            self.exchange_inner(id, req, verify, timeout),
+        )
+        .await;
         self.state = match &result {
             Ok(_) | Err(DataPlaneError::Corrupt { .. } | DataPlaneError::Remote(_)) => State::Ready,
             Err(_) => State::Broken,
@@ -224,16 +235,24 @@ impl PeerClient {
         result
     }
 
-    async fn exchange_inner(&mut self, id: u32, req: &Message, verify: Verify) -> Result<Message> {
+    async fn exchange_inner(
+        &mut self,
+        id: u32,
+        req: &Message,
+        verify: Verify,
+        idle: Duration,
+    ) -> Result<Message> {
         let protocol = |e: wire::WireError| DataPlaneError::Protocol(e.to_string());
         let (head, body) = wire::encode_frame(id, req, &self.limits).map_err(protocol)?;
         let mut frame = Vec::with_capacity(HEADER_LEN + body.len());
         frame.extend_from_slice(&head);
         frame.extend_from_slice(&body);
-        self.stream.write_all(&frame).await?;
-
         let mut head = [0u8; HEADER_LEN];
-        read_exact_or_closed(&mut self.stream, &mut head).await?;
+        with_timeout(idle, "request", async {
+            self.stream.write_all(&frame).await?;
+            read_exact_or_closed(&mut self.stream, &mut head).await
+        })
+        .await?;
         let header = wire::decode_header(&head, &self.limits).map_err(protocol)?;
         if header.request_id != id {
             return Err(DataPlaneError::Protocol(format!(
@@ -243,8 +262,8 @@ impl PeerClient {
         }
         match (header.kind, verify) {
             (wire::kind::CHUNK, Verify::Chunk(digest)) => {
-                let (bytes, actual) = self.read_hashed(header.len).await?;
-                if actual != digest {
+                let (bytes, actual) = self.read_body(header.len, idle, true).await?;
+                if actual != Some(digest) {
                     return Err(DataPlaneError::Corrupt {
                         peer: self.peer,
                         digest,
@@ -253,9 +272,7 @@ impl PeerClient {
                 Ok(Message::Chunk(bytes))
             }
             (wire::kind::PIECES, Verify::Pieces { digests, len }) => {
-                let mut body = vec![0u8; header.len];
-                read_exact_or_closed(&mut self.stream, &mut body).await?;
-                let body = Bytes::from(body);
+                let (body, _) = self.read_body(header.len, idle, false).await?;
                 let wrong = |digest| DataPlaneError::Corrupt {
                     peer: self.peer,
                     digest,
@@ -292,21 +309,31 @@ impl PeerClient {
         }
     }
 
-    /// Reads a `len`-byte chunk body (len already checked against the limit), hashing
-    /// each piece as soon as it arrives.
-    async fn read_hashed(&mut self, len: usize) -> Result<(Bytes, Digest)> {
+    /// Reads a `len`-byte body (len already checked against the limit), each read within
+    /// `idle`; with `hashed`, hashing each piece as soon as it arrives.
+    async fn read_body(
+        &mut self,
+        len: usize,
+        idle: Duration,
+        hashed: bool,
+    ) -> Result<(Bytes, Option<Digest>)> {
         let mut buf = BytesMut::with_capacity(len);
-        let mut hasher = Sha256::new();
+        let mut hasher = hashed.then(Sha256::new);
         while buf.len() < len {
             let start = buf.len();
             let want = (len - start).min(READ_PIECE);
-            let n = self.stream.read_buf(&mut (&mut buf).limit(want)).await?;
+            let n = with_timeout(idle, "request body", async {
+                Ok(self.stream.read_buf(&mut (&mut buf).limit(want)).await?)
+            })
+            .await?;
             if n == 0 {
                 return Err(DataPlaneError::Closed);
             }
-            hasher.update(&buf[start..]);
+            if let Some(h) = hasher.as_mut() {
+                h.update(&buf[start..]);
+            }
         }
-        Ok((buf.freeze(), hasher.finish()))
+        Ok((buf.freeze(), hasher.map(Sha256::finish)))
     }
 }
 

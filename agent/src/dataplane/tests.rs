@@ -324,4 +324,5 @@ async fn a_cancelled_request_leaves_the_connection_unusable() {
 }
 
 mod hostile;
+mod slow_answers;
 mod subscription;

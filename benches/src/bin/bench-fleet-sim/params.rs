@@ -45,7 +45,8 @@ impl Default for Costs {
 pub struct FetchSettings {
     /// `parallel_chunks`: chunk fetches in flight per host.
     pub parallel_chunks: usize,
-    /// `owner_wait_ms`: after this, a host fetches any chunk from the proxy itself.
+    /// `owner_wait_ms`: after this long with nothing new in its scope, a host fetches any
+    /// chunk from the proxy itself.
     pub owner_wait_s: f64,
 }
 

@@ -4,8 +4,8 @@
 //!
 //! The choice per free fetch slot follows `Fetcher::pick`: a chunk some known peer holds,
 //! the rarest first (among up to [`SAMPLE`] missing chunks drawn at random, then all of
-//! them); else a chunk this host owns that nobody fetches from the proxy; after
-//! `owner_wait`, any chunk. A host with nothing to start looks again at its next tick
+//! them); else a chunk this host owns that nobody fetches from the proxy; once nothing
+//! became visible in its scope for `owner_wait` (and that long after its start), any chunk. A host with nothing to start looks again at its next tick
 //! (have-map poll or push batch). A chunk a host received becomes visible to the others
 //! after the policy's lag (half a poll or push interval on average, plus half a round trip).
 
@@ -81,6 +81,8 @@ struct Scope {
     holders: Vec<Vec<u32>>,
     proxy_flight: Vec<Option<u32>>,
     version: u64,
+    /// When a chunk last became visible in the scope (the agent's watched maps moving).
+    last_moved: f64,
 }
 
 /// The result of one run.
@@ -203,6 +205,7 @@ impl<'a> Sim<'a> {
                 holders: vec![Vec::new(); chunks],
                 proxy_flight: vec![None; chunks],
                 version: 0,
+                last_moved: f64::NEG_INFINITY,
             })
             .collect();
         let cpus = match s.cpu {
@@ -296,6 +299,7 @@ impl<'a> Sim<'a> {
                 let scope = self.scope_of(host);
                 let sc = &mut self.scopes[scope];
                 sc.holders[chunk as usize].push(host);
+                sc.last_moved = t;
                 if sc.proxy_flight[chunk as usize] == Some(host) {
                     sc.proxy_flight[chunk as usize] = None;
                 }
@@ -375,7 +379,9 @@ impl<'a> Sim<'a> {
             } else if let Some((chunk, _)) = self.owned_choice(h, t).filter(|_| !owned_first) {
                 self.take(h, chunk);
                 self.start_proxy(h, chunk, t);
-            } else if t - self.hosts[h as usize].start >= self.fetch.owner_wait_s {
+            } else if t - self.hosts[h as usize].start >= self.fetch.owner_wait_s
+                && t - self.scopes[self.scope_of(h)].last_moved >= self.fetch.owner_wait_s
+            {
                 let chunk = self.any_choice(h);
                 self.take(h, chunk);
                 self.start_proxy(h, chunk, t);
@@ -514,7 +520,7 @@ impl<'a> Sim<'a> {
         })
     }
 
-    /// After `owner_wait`: a chunk nobody fetches from the proxy (and, under the provider
+    /// After `owner_wait` of a still scope: a chunk nobody fetches from the proxy (and, under the provider
     /// policy, that its owner does not hold), else any missing one.
     fn any_choice(&self, h: u32) -> u32 {
         let scope_index = self.scope_of(h);
