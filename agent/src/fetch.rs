@@ -50,6 +50,17 @@ pub enum Source {
     Proxy,
 }
 
+impl Source {
+    /// Its name in metrics and status (`cache`, `peer`, `proxy`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Cache => "cache",
+            Source::Peer => "peer",
+            Source::Proxy => "proxy",
+        }
+    }
+}
+
 /// Errors fetching a blob.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -554,7 +565,7 @@ impl Fetcher {
             .instrument(span)
             .await;
         if let Ok(Some(got)) = &result {
-            crate::metrics::chunk_fetched(got.1, started);
+            crate::metrics::chunk_fetched(got.1.name(), started);
         }
         result
     }

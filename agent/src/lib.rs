@@ -32,6 +32,7 @@ pub mod identity;
 pub mod image;
 pub mod layer_indexes;
 pub mod metrics;
+pub mod metrics_page;
 pub mod mirror;
 pub mod mount_process;
 pub mod mounts;

@@ -36,7 +36,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
 /// `GET /metrics`: every metric as OpenMetrics text.
 async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
     let mounts = agent.mounts.status().await;
-    match crate::metrics::render(&agent, &mounts) {
+    match crate::metrics_page::render(&agent, &mounts) {
         Ok(text) => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
@@ -44,7 +44,7 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
 
 /// `GET /readyz`: 200 with `ready` and a line per check, else 503 with `not ready`.
 async fn readyz(State(agent): State<Arc<Agent>>) -> Response {
-    match crate::metrics::readiness(&agent) {
+    match crate::metrics_page::readiness(&agent) {
         (true, body) => body.into_response(),
         (false, body) => (StatusCode::SERVICE_UNAVAILABLE, body).into_response(),
     }
