@@ -33,6 +33,21 @@ pub struct BlobInfo {
     pub index: IndexState,
 }
 
+/// The chunks of a blob that have arrived at the proxy
+/// (`GET /imgd/v1/blobs/{digest}/arrived?repo=&have=N`): while the blob is ingested, each
+/// chunk is listed once it is whole, hashed and synced, and can be fetched by its digest
+/// then (the agent verifies it as any chunk). `done`: the blob is stored and `chunks` is
+/// its whole list (fetch its chunk list for the pieces). A blob that fails its digest at
+/// the end is not stored: chunks served before were still right by their own digests.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArrivedChunks {
+    /// The size upstream announced, if it did.
+    pub size: Option<u64>,
+    /// The chunks arrived so far, in blob order.
+    pub chunks: Vec<crate::chunk::ChunkRef>,
+    pub done: bool,
+}
+
 /// Whether a blob has a seekable index.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

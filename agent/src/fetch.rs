@@ -19,6 +19,7 @@
 //! flight show in have-maps, owners are split among the hosts reading the blob, and a
 //! read waits boundedly for a peer fetching its chunk rather than asking the proxy too.
 
+mod arriving;
 mod providing;
 mod read_swarm;
 pub use read_swarm::{ReadFlight, ReadStates, Want};
@@ -324,6 +325,11 @@ impl Fetcher {
         blob: &Digest,
         progress: &Progress,
     ) -> Result<ChunkList, FetchError> {
+        // Not known here: take its chunks as they arrive at the proxy ([`arriving`]).
+        let arrived = match self.cache.blob(blob)? {
+            Some(_) => HashSet::new(),
+            None => self.fetch_arriving(repo, blob).await,
+        };
         let list = self.chunk_list(repo, blob).await?;
         let lead = loop {
             let job = || Job {
@@ -340,8 +346,12 @@ impl Fetcher {
         for (i, c) in list.chunks.iter().enumerate() {
             if self.cache.has_chunk(&c.digest) {
                 lead.shared().mark(i, Transition::Found, &self.changes);
-                self.stats.add(Source::Cache, u64::from(c.size));
-                let _ = progress.send((u64::from(c.size), Source::Cache));
+                let source = match arrived.contains(&c.digest) {
+                    true => Source::Proxy,
+                    false => Source::Cache,
+                };
+                self.stats.add(source, u64::from(c.size));
+                let _ = progress.send((u64::from(c.size), source));
             } else {
                 pending.push(i);
             }

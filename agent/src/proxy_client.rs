@@ -11,6 +11,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod arrived;
 mod metadata;
 
 /// Errors talking to the proxy.

@@ -145,16 +145,27 @@ pub async fn chunk(
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ProxyError> {
     let digest = parse_digest(&digest)?;
-    let store = state.clone();
-    let bytes = tokio::task::spawn_blocking(move || store.storage.chunks.read(&digest))
-        .await
-        .map_err(|e| ProxyError::BadRequest(e.to_string()))?
-        .map_err(|e| match e {
-            imgd_core::store::StoreError::Missing(d) => {
-                ProxyError::BlobUnknown(format!("chunk {d}"))
+    let read_stored = || async {
+        let store = state.clone();
+        tokio::task::spawn_blocking(move || store.storage.chunks.read(&digest))
+            .await
+            .map_err(|e| ProxyError::BadRequest(e.to_string()))
+    };
+    // Stored, or arrived whole in a running flight (then renamed into the store at its
+    // commit: looked for there once more).
+    let bytes = match read_stored().await? {
+        Err(imgd_core::store::StoreError::Missing(_)) => {
+            match crate::arrived_api::arrived_chunk(&state, digest).await {
+                Some(b) => Ok(b),
+                None => read_stored().await?,
             }
-            other => ProxyError::Storage(other.into()),
-        })?;
+        }
+        other => other,
+    }
+    .map_err(|e| match e {
+        imgd_core::store::StoreError::Missing(d) => ProxyError::BlobUnknown(format!("chunk {d}")),
+        other => ProxyError::Storage(other.into()),
+    })?;
     let size = bytes.len() as u64;
     let asked = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let range = crate::blob_body::parse_range(asked, size)?;

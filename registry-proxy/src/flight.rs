@@ -17,7 +17,7 @@ use crate::space::Space;
 use crate::Stats;
 use axum::body::Body;
 use bytes::Bytes;
-use imgd_core::{ChunkList, Digest, CHUNK_SIZE};
+use imgd_core::{ChunkList, ChunkRef, Digest, CHUNK_SIZE};
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
@@ -49,6 +49,8 @@ pub struct Flight {
     pub access_key: String,
     spool_dir: PathBuf,
     state: watch::Sender<FlightState>,
+    /// The chunks whole, hashed and synced so far (their files are `chunk_path(i)`).
+    arrived: std::sync::Mutex<Vec<ChunkRef>>,
 }
 
 impl Flight {
@@ -59,6 +61,7 @@ impl Flight {
             access_key,
             spool_dir,
             state: watch::Sender::new(FlightState::Connecting),
+            arrived: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -66,6 +69,30 @@ impl Flight {
     pub fn chunk_path(&self, i: u64) -> PathBuf {
         self.spool_dir
             .join(format!("flight-{}-{i}", self.digest.hex()))
+    }
+
+    /// Records that the next chunk is whole, hashed and synced (readers are told with
+    /// the next published state).
+    pub fn publish_chunk(&self, c: ChunkRef) {
+        self.arrived
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(c);
+    }
+
+    /// The chunks arrived so far, in blob order.
+    pub fn arrived(&self) -> Vec<ChunkRef> {
+        self.arrived
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The temp file of an arrived chunk with `digest`, if there is one.
+    pub fn arrived_chunk_path(&self, digest: &Digest) -> Option<PathBuf> {
+        let arrived = self.arrived.lock().unwrap_or_else(|p| p.into_inner());
+        let i = arrived.iter().position(|c| c.digest == *digest)?;
+        Some(self.chunk_path(i as u64))
     }
 
     /// Publishes a new state (callable from any thread).

@@ -168,6 +168,14 @@ impl Ingestor {
         }
     }
 
+    /// The temp file of a chunk with `digest` that has arrived whole in a running flight.
+    pub fn arrived_chunk_path(&self, digest: &Digest) -> Option<std::path::PathBuf> {
+        self.flights
+            .all_shared()
+            .iter()
+            .find_map(|f| f.arrived_chunk_path(digest))
+    }
+
     /// The stored blob, or the flight ingesting it (started here if there is none).
     pub fn open(&self, route: &Route, digest: Digest) -> Result<Opened, Arc<IngestError>> {
         let wrap = |e: StorageError| Arc::new(IngestError::Storage(e));

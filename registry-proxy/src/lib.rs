@@ -2,6 +2,7 @@
 //! content-addressed chunks and builds a seekable index of every layer as it streams.
 
 pub mod access;
+pub mod arrived_api;
 pub mod blob_body;
 pub mod chunk_api;
 pub mod config;

@@ -104,6 +104,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2/", get(registry_api::version_check))
         .route("/imgd/v1/blobs/{digest}", get(chunk_api::blob_info))
         .route("/imgd/v1/blobs/{digest}/data", get(chunk_api::blob_data))
+        .route(
+            "/imgd/v1/blobs/{digest}/arrived",
+            get(crate::arrived_api::arrived),
+        )
         .route("/imgd/v1/chunks/{digest}", get(chunk_api::chunk))
         .route("/imgd/v1/indexes/{digest}", get(crate::index_api::index))
         .route(

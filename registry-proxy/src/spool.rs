@@ -123,6 +123,7 @@ impl Spool {
         };
         self.pieces.end_chunk();
         self.done.push((path, c));
+        self.flight.publish_chunk(c);
         Ok(())
     }
 
