@@ -346,11 +346,13 @@ impl Fetcher {
         for (i, c) in list.chunks.iter().enumerate() {
             if self.cache.has_chunk(&c.digest) {
                 lead.shared().mark(i, Transition::Found, &self.changes);
-                let source = match arrived.contains(&c.digest) {
-                    true => Source::Proxy,
-                    false => Source::Cache,
+                // A chunk taken while the proxy ingested was counted when it came.
+                let source = if arrived.contains(&c.digest) {
+                    Source::Proxy
+                } else {
+                    self.stats.add(Source::Cache, u64::from(c.size));
+                    Source::Cache
                 };
-                self.stats.add(source, u64::from(c.size));
                 let _ = progress.send((u64::from(c.size), source));
             } else {
                 pending.push(i);

@@ -51,6 +51,9 @@ impl Fetcher {
                 futures::stream::iter(new.into_iter().map(|d| async move {
                     let bytes = self.proxy.arrived_chunk(replica, &d).await?;
                     self.cache.put_chunk(&d, &bytes)?;
+                    // Counted when received: a chunk evicted before the list comes is
+                    // fetched again, and both fetches moved bytes.
+                    self.stats.add(super::Source::Proxy, bytes.len() as u64);
                     Ok::<_, super::FetchError>(d)
                 })),
                 parallel,
