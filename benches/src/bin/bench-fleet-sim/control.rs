@@ -29,7 +29,9 @@ pub fn messages(policy: &Policy, hosts: usize, fetching_s: f64) -> u64 {
         Policy::PollAll { refresh_s } => {
             (fetching_s / refresh_s).ceil() as u64 * (hosts.saturating_sub(1)) as u64
         }
-        Policy::Providers { k, push_batch_s } => {
+        Policy::Providers {
+            k, push_batch_s, ..
+        } => {
             let lookups = 1 + (fetching_s / LOOKUP_EVERY_S) as u64;
             let provides = 2 * (lookup(hosts) + K_CLOSEST);
             let pushes = k as u64 * (fetching_s / push_batch_s).ceil() as u64;
@@ -48,6 +50,7 @@ mod tests {
         let push = Policy::Providers {
             k: 16,
             push_batch_s: 0.05,
+            home_zones: true,
         };
         assert_eq!(messages(&poll, 101, 1.0), 1000);
         assert_eq!(messages(&poll, 10_001, 1.0), 100_000);

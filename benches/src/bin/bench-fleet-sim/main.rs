@@ -44,7 +44,61 @@ const POLL: Policy = Policy::PollAll { refresh_s: 0.1 };
 const PROVIDERS: Policy = Policy::Providers {
     k: 16,
     push_batch_s: 0.05,
+    home_zones: true,
 };
+/// The agent's policy today: providers and pushes, one proxy copy per zone.
+const AGENT: Policy = Policy::Providers {
+    k: 16,
+    push_batch_s: 0.05,
+    home_zones: false,
+};
+
+/// `swarm_zones` on this machine (release build, unshaped veths): `zones` subnets of
+/// `per_zone` hosts, bootstrap peers only, one `swarm.zone` per subnet, all prefetching one
+/// image at once. Times are from the common start; egress is the most the proxy sent into
+/// one subnet, counted by iptables on its bridge (IP bytes, headers included).
+struct ZonedRun {
+    zones: usize,
+    per_zone: usize,
+    image_bytes: u64,
+    slowest_s: f64,
+    egress: f64,
+    when: &'static str,
+}
+
+const ZONED: [ZonedRun; 2] = [
+    ZonedRun {
+        zones: 2,
+        per_zone: 4,
+        image_bytes: ZONED_8_IMAGE,
+        slowest_s: ZONED_8_SLOWEST,
+        egress: ZONED_8_EGRESS,
+        when: ZONED_WHEN,
+    },
+    ZonedRun {
+        zones: 2,
+        per_zone: 16,
+        image_bytes: ZONED_32_IMAGE,
+        slowest_s: ZONED_32_SLOWEST,
+        egress: ZONED_32_EGRESS,
+        when: ZONED_WHEN,
+    },
+];
+
+fn zoned_run(run: &ZonedRun, policy: Policy) -> Scenario {
+    Scenario {
+        hosts: run.zones * run.per_zone,
+        zones: run.zones,
+        host_link_bytes_s: f64::INFINITY,
+        zone_link_bytes_s: f64::INFINITY,
+        proxy_link_bytes_s: f64::INFINITY,
+        image_bytes: run.image_bytes,
+        cpu: CpuModel::Shared(2),
+        start_jitter_s: 0.0,
+        policy,
+        seed: 11,
+    }
+}
 
 fn namespace_run(hosts: usize, run: &SwarmRun, policy: Policy) -> Scenario {
     Scenario {
@@ -90,10 +144,18 @@ fn main() {
     println!();
     let thirty_two = sim::run(&namespace_run(32, &MEASURED, POLL), &costs, &fetch);
     report::prediction(
-        "32 hosts, same links and image (no namespace run of ours to check yet)",
+        "32 hosts, same links and image",
         &thirty_two,
         MEASURED.image_bytes,
     );
+    for run in &ZONED {
+        for policy in [AGENT, PROVIDERS] {
+            println!();
+            println!("Model: {}.", policy.name());
+            let out = sim::run(&zoned_run(run, policy), &costs, &fetch);
+            report::check(&out, &run.measured(), run.image_bytes);
+        }
+    }
 
     println!();
     let sizes: &[usize] = if quick {
@@ -103,7 +165,7 @@ fn main() {
     };
     report::fleet_header();
     for &hosts in sizes {
-        for policy in [POLL, PROVIDERS] {
+        for policy in [POLL, AGENT, PROVIDERS] {
             simulate(&fleet(hosts, policy), &costs, &fetch);
         }
     }
@@ -155,6 +217,34 @@ impl SwarmRun {
             ),
             slowest_s: self.slowest_s,
             egress: self.egress,
+            per_zone: false,
         }
     }
 }
+
+impl ZonedRun {
+    fn measured(&self) -> report::Measured {
+        report::Measured {
+            label: format!(
+                "{} hosts in {} routed subnets, bootstrap peers only, {:.1} MB image (swarm_zones, {})",
+                self.zones * self.per_zone,
+                self.zones,
+                self.image_bytes as f64 / 1e6,
+                self.when
+            ),
+            slowest_s: self.slowest_s,
+            egress: self.egress,
+            per_zone: true,
+        }
+    }
+}
+
+// `cargo test --release -p imgd-tests --test swarm_zones -- --include-ignored --nocapture
+// --test-threads=1` at 22:53-22:55 on 2026-12-01 (main at 1782022, quiet machine).
+const ZONED_WHEN: &str = "2026-12-01 22:54";
+const ZONED_8_IMAGE: u64 = 57_989_338;
+const ZONED_8_SLOWEST: f64 = 2.82;
+const ZONED_8_EGRESS: f64 = 0.58;
+const ZONED_32_IMAGE: u64 = 57_989_338;
+const ZONED_32_SLOWEST: f64 = 15.49;
+const ZONED_32_EGRESS: f64 = 0.95;

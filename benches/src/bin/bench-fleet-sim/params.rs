@@ -48,6 +48,10 @@ pub struct FetchSettings {
     /// `owner_wait_ms`: after this long with nothing new in its scope, a host fetches any
     /// chunk from the proxy itself.
     pub owner_wait_s: f64,
+    /// `holders::GATHER_MAX`: a host fetching under the provider policy waits at most this
+    /// long for its first provider lookups and maps before it starts (the 32-host run's
+    /// logs: 1.5–2.4 s, under load).
+    pub gather_s: f64,
 }
 
 impl Default for FetchSettings {
@@ -55,6 +59,7 @@ impl Default for FetchSettings {
         FetchSettings {
             parallel_chunks: 4,
             owner_wait_s: 4.0,
+            gather_s: 2.0,
         }
     }
 }
@@ -71,24 +76,46 @@ pub enum Policy {
     ///   provider records, which push updates in batches every `push_batch_s`;
     /// - it takes a chunk from the least loaded of those holding it, or from the chunk's
     ///   owner in its zone (every host can compute it from the provider records);
-    /// - owners are chosen among the fetching hosts of each zone, fetch the chunks they
-    ///   own *before* peers' chunks, and only the owner in the chunk's home zone (a
-    ///   rendezvous choice among zones) takes it from the proxy; the other zones' owners
-    ///   take it from that owner, across zones.
-    Providers { k: usize, push_batch_s: f64 },
+    /// - owners are chosen among the fetching hosts of each zone and fetch the chunks they
+    ///   own *before* peers' chunks;
+    /// - with `home_zones`, only the owner in the chunk's home zone (a rendezvous choice
+    ///   among zones) takes it from the proxy; the other zones' owners take it from that
+    ///   owner, across zones. Without (as the agent does today), each zone's owner takes
+    ///   it from the proxy: one copy per zone.
+    Providers {
+        k: usize,
+        push_batch_s: f64,
+        home_zones: bool,
+    },
 }
 
 impl Policy {
     pub fn name(&self) -> String {
         match self {
             Policy::PollAll { .. } => "poll all peers (today)".into(),
-            Policy::Providers { k, .. } => format!("providers, k = {k}, pushed, home zones"),
+            Policy::Providers {
+                k,
+                home_zones: true,
+                ..
+            } => format!("providers, k = {k}, pushed, home zones"),
+            Policy::Providers { k, .. } => format!("providers, k = {k}, pushed (the agent)"),
         }
     }
 
     /// Whether peers and chunk owners are looked for in the host's zone only.
     pub fn zone_local(&self) -> bool {
         matches!(self, Policy::Providers { .. })
+    }
+
+    /// Whether each chunk comes from the proxy into its home zone only.
+    pub fn home_zones(&self) -> bool {
+        matches!(
+            self,
+            Policy::Providers {
+                home_zones: true,
+                ..
+            }
+        )
     }
 }
 

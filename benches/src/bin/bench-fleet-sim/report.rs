@@ -8,7 +8,9 @@ use std::time::Duration;
 pub struct Measured {
     pub label: String,
     pub slowest_s: f64,
+    /// Proxy egress / image: in all, or (with `per_zone`) the most into one zone.
     pub egress: f64,
+    pub per_zone: bool,
 }
 
 pub fn max(v: &[f64]) -> f64 {
@@ -32,7 +34,12 @@ fn egress(out: &Outcome, image_bytes: u64) -> f64 {
 
 /// The model against a measured run: its error on the slowest host and on egress.
 pub fn check(out: &Outcome, m: &Measured, image_bytes: u64) {
-    let (slowest, egress) = (max(&out.finish), egress(out, image_bytes));
+    let egress = if m.per_zone {
+        max(&out.proxy_bytes_by_zone) / image_bytes as f64
+    } else {
+        egress(out, image_bytes)
+    };
+    let slowest = max(&out.finish);
     println!("Check against {}:", m.label);
     println!();
     println!("| | measured | model | model / measured |");
@@ -44,7 +51,12 @@ pub fn check(out: &Outcome, m: &Measured, image_bytes: u64) {
         slowest / m.slowest_s
     );
     println!(
-        "| proxy chunk egress / image | {:.2} | {:.2} | {:.2} |",
+        "| proxy chunk egress / image{} | {:.2} | {:.2} | {:.2} |",
+        if m.per_zone {
+            ", most into one zone"
+        } else {
+            ""
+        },
         m.egress,
         egress,
         egress / m.egress

@@ -193,7 +193,12 @@ impl<'a> Sim<'a> {
                 news: 0,
                 seen_news: u64::MAX,
             });
-            let at = rng.unit() * s.start_jitter_s + costs.startup_s;
+            let gather = if s.policy.zone_local() {
+                fetch.gather_s
+            } else {
+                0.0
+            };
+            let at = rng.unit() * s.start_jitter_s + costs.startup_s + gather;
             queue.push(Queued {
                 at,
                 seq: h as u64,
@@ -310,7 +315,7 @@ impl<'a> Sim<'a> {
                     self.hosts[s as usize].news += 1;
                 }
                 let home = self.home[chunk as usize] as usize;
-                if self.s.policy.zone_local()
+                if self.s.policy.home_zones()
                     && scope == home
                     && self.owner[home][chunk as usize] == host
                 {
@@ -508,7 +513,7 @@ impl<'a> Sim<'a> {
                 return None;
             }
             let home = self.home[c as usize] as usize;
-            if !self.s.policy.zone_local() || home == host.zone as usize {
+            if !self.s.policy.home_zones() || home == host.zone as usize {
                 return Some((c, None));
             }
             let home_owner = self.owner[home][c as usize];

@@ -37,6 +37,7 @@ fn the_proxy_sends_one_copy_and_each_other_zone_takes_one_across_zones() {
     let policy = Policy::Providers {
         k: 8,
         push_batch_s: 0.05,
+        home_zones: true,
     };
     let s = scenario(80, 2, policy, 1 << 30);
     let out = run(&s, &Costs::default(), &FetchSettings::default());
