@@ -85,18 +85,14 @@ const ZONED: [ZonedRun; 2] = [
     },
 ];
 
+/// As [`namespace_run`], with the zoned run's subnets, image and unshaped veths.
 fn zoned_run(run: &ZonedRun, policy: Policy) -> Scenario {
     Scenario {
-        hosts: run.zones * run.per_zone,
         zones: run.zones,
         host_link_bytes_s: f64::INFINITY,
-        zone_link_bytes_s: f64::INFINITY,
-        proxy_link_bytes_s: f64::INFINITY,
         image_bytes: run.image_bytes,
-        cpu: CpuModel::Shared(2),
-        start_jitter_s: 0.0,
-        policy,
         seed: 11,
+        ..namespace_run(run.zones * run.per_zone, &MEASURED, policy)
     }
 }
 
