@@ -426,6 +426,15 @@ mod tests {
                 "pieces",
                 Message::Pieces(bytes::Bytes::from_static(b"some piece bytes")),
             ),
+            (
+                "get_window",
+                Message::GetWindow {
+                    layer: crate::Digest::of(b"l"),
+                    sha256: crate::Digest::of(b"w"),
+                    offset: 4096,
+                    len: 17_000,
+                },
+            ),
             ("pending", Message::Pending),
             ("error", Message::Error("no such chunk".into())),
         ];

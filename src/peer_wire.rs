@@ -7,6 +7,8 @@
 //! GetPieces 0x04  chunk digest[32] | first: u32 BE | count: u32 BE
 //!                                                  -> Pieces | Pending | NotFound | Error
 //! Subscribe 0x03  blob digest[32]                  -> HaveMap, HaveMap, ... | Unknown | Error
+//! GetWindow 0x05  layer digest[32] | window sha256[32] | offset: u64 BE | len: u32 BE
+//!                                                  -> Chunk | Pending | NotFound | Error
 //! Chunk     0x81  the chunk's bytes (<= max_chunk)
 //! NotFound  0x82  (empty)
 //! HaveMap   0x83  chunk_count: u32 BE | present bitmap | in-flight bitmap
@@ -22,6 +24,14 @@
 //! peer that is fetching the chunk says so instead of "not found", so the reader waits
 //! for it rather than asking the proxy too. Pieces are checked by the receiver against
 //! their digests from the chunk list, like chunks.
+//!
+//! `GetWindow` is new in version 4 (`imgd-dp-v4`): a lazy read's inflate checkpoint window
+//! (a range of the layer index's windows part, named by its sha256 in the index's main
+//! part) from the peer that owns it among the hosts reading the layer. The answer is a
+//! `Chunk` frame with the window's bytes, checked by the receiver against the sha256; a
+//! peer that does not hold the window but reads the layer fetches it from the proxy when
+//! asked and answers `Pending` meanwhile, so hosts reading one layer take each window from
+//! the proxy once.
 //!
 //! `Subscribe` (also new in version 2) turns the connection into a push channel: the
 //! server answers with the blob's have-map at once and then sends the whole map again,
@@ -49,6 +59,8 @@ use have_map::{bitmap_len, malformed};
 pub const HEADER_LEN: usize = 9;
 /// Size of a `GetPieces` body: chunk digest, first piece, piece count.
 pub const GET_PIECES_LEN: usize = 40;
+/// Size of a `GetWindow` body: layer digest, window sha256, offset, length.
+pub const GET_WINDOW_LEN: usize = 76;
 /// Longest message an encoded [`Message::Error`] carries; longer ones are truncated.
 pub const MAX_ERROR_MESSAGE: usize = 1024;
 /// Shortest time between two have-maps a server pushes on one subscription, in ms: an
@@ -64,6 +76,8 @@ pub mod kind {
     pub const HAVE: u8 = 0x02;
     /// Request: send me these 64 KiB pieces ([`crate::PIECE_SIZE`]) of this chunk.
     pub const GET_PIECES: u8 = 0x04;
+    /// Request: send me this inflate checkpoint window of this layer's index (v4).
+    pub const GET_WINDOW: u8 = 0x05;
     /// Request: push me this blob's have-map now and whenever it changes (v1.1).
     pub const SUBSCRIBE: u8 = 0x03;
     /// Response: the chunk's bytes.
@@ -143,6 +157,14 @@ pub enum Message {
         first: u32,
         count: u32,
     },
+    /// The window `offset..offset + len` of the windows part of `layer`'s index, whose
+    /// sha256 is `sha256`.
+    GetWindow {
+        layer: Digest,
+        sha256: Digest,
+        offset: u64,
+        len: u32,
+    },
     Chunk(Bytes),
     NotFound,
     HaveMap(HaveMap),
@@ -159,6 +181,7 @@ impl Message {
             Message::GetChunk { .. } => kind::GET_CHUNK,
             Message::Have { .. } => kind::HAVE,
             Message::GetPieces { .. } => kind::GET_PIECES,
+            Message::GetWindow { .. } => kind::GET_WINDOW,
             Message::Subscribe { .. } => kind::SUBSCRIBE,
             Message::Chunk(_) => kind::CHUNK,
             Message::NotFound => kind::NOT_FOUND,
@@ -176,6 +199,7 @@ fn kind_name(k: u8) -> &'static str {
         kind::GET_CHUNK => "GetChunk",
         kind::HAVE => "Have",
         kind::GET_PIECES => "GetPieces",
+        kind::GET_WINDOW => "GetWindow",
         kind::SUBSCRIBE => "Subscribe",
         kind::CHUNK => "Chunk",
         kind::NOT_FOUND => "NotFound",
@@ -216,6 +240,7 @@ fn check_len(k: u8, len: usize, limits: &FrameLimits) -> Result<(), WireError> {
     match k {
         kind::GET_CHUNK | kind::HAVE | kind::SUBSCRIBE => exact(32),
         kind::GET_PIECES => exact(GET_PIECES_LEN),
+        kind::GET_WINDOW => exact(GET_WINDOW_LEN),
         kind::NOT_FOUND | kind::UNKNOWN | kind::PENDING => exact(0),
         kind::CHUNK | kind::PIECES => at_most(limits.max_chunk),
         kind::HAVE_MAP | kind::ERROR => at_most(limits.max_control),
@@ -292,6 +317,7 @@ pub fn decode_body(header: &Header, body: &[u8]) -> Result<Message, WireError> {
                 count,
             }
         }
+        kind::GET_WINDOW => decode_get_window(body)?,
         kind::SUBSCRIBE => Message::Subscribe { blob: digest()? },
         kind::CHUNK => Message::Chunk(Bytes::copy_from_slice(body)),
         kind::PIECES => Message::Pieces(Bytes::copy_from_slice(body)),
@@ -316,6 +342,39 @@ pub fn decode_body(header: &Header, body: &[u8]) -> Result<Message, WireError> {
             )?)
         }
         other => return Err(WireError::UnknownKind(other)),
+    })
+}
+
+/// A `GetWindow` body, 76 bytes exactly (checked by the header).
+fn decode_get_window(body: &[u8]) -> Result<Message, WireError> {
+    let bad = |reason| WireError::Malformed {
+        kind: "GetWindow",
+        reason,
+    };
+    let digest = |at: usize| -> Result<Digest, WireError> {
+        let b: [u8; 32] = body
+            .get(at..at + 32)
+            .and_then(|b| b.try_into().ok())
+            .ok_or(bad("shorter than two digests"))?;
+        Ok(Digest::from_bytes(b))
+    };
+    let offset: [u8; 8] = body
+        .get(64..72)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(bad("shorter than its offset"))?;
+    let len: [u8; 4] = body
+        .get(72..76)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(bad("shorter than its length"))?;
+    let len = u32::from_be_bytes(len);
+    if len == 0 {
+        return Err(bad("asks for an empty window"));
+    }
+    Ok(Message::GetWindow {
+        layer: digest(0)?,
+        sha256: digest(32)?,
+        offset: u64::from_be_bytes(offset),
+        len,
     })
 }
 
@@ -359,6 +418,19 @@ pub fn encode_frame(
             v.extend_from_slice(chunk.as_bytes());
             v.extend_from_slice(&first.to_be_bytes());
             v.extend_from_slice(&count.to_be_bytes());
+            Bytes::from(v)
+        }
+        Message::GetWindow {
+            layer,
+            sha256,
+            offset,
+            len,
+        } => {
+            let mut v = Vec::with_capacity(GET_WINDOW_LEN);
+            v.extend_from_slice(layer.as_bytes());
+            v.extend_from_slice(sha256.as_bytes());
+            v.extend_from_slice(&offset.to_be_bytes());
+            v.extend_from_slice(&len.to_be_bytes());
             Bytes::from(v)
         }
         Message::Chunk(b) | Message::Pieces(b) => b.clone(),

@@ -77,6 +77,12 @@ pub struct ProxyStats {
     /// Blobs ingested from peer replicas (each verified and stored).
     #[serde(default)]
     pub peer_blob_fetches: u64,
+    /// Bytes of layer indexes' main parts served by the index API.
+    #[serde(default)]
+    pub index_bytes_served: u64,
+    /// Bytes of layer indexes' windows parts (checkpoint windows) served by the index API.
+    #[serde(default)]
+    pub window_bytes_served: u64,
 }
 
 /// Most paths a startup trace may hold.

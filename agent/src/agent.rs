@@ -35,6 +35,8 @@ pub struct Agent {
     pub indexes: Arc<crate::layer_indexes::LayerIndexes>,
     /// Partial chunks: the pieces lazy reads fetched.
     pub pieces: Arc<crate::pieces::Pieces>,
+    /// Checkpoint windows of the layer indexes, shared with the peers reading a layer.
+    pub windows: Arc<crate::window_share::WindowShare>,
     /// Where the chunk data plane listens (the bound address, so a `:0` port is real).
     pub data_addr: Option<std::net::SocketAddr>,
 }
@@ -178,10 +180,16 @@ pub async fn start(mut config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
     .map_err(|e| start_err("opening the piece store", &e))?
     .map_err(|e| start_err("opening the piece store", &e))?;
     let pieces = Arc::new(pieces);
+    let indexes = Arc::new(indexes);
+    let windows = Arc::new(crate::window_share::WindowShare::new(
+        indexes.clone(),
+        fetcher.clone(),
+    ));
     if let Some(listener) = data_listener {
         let source = Arc::new(crate::chunk_source::CacheSource {
             fetcher: fetcher.clone(),
             pieces: pieces.clone(),
+            windows: windows.clone(),
         });
         tokio::spawn(async move {
             if let Err(e) = dataplane::serve(listener, dp_cfg, source).await {
@@ -192,7 +200,8 @@ pub async fn start(mut config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
     tokio::spawn(pieces.clone().run_completer());
     let agent = Arc::new(Agent {
         pieces,
-        indexes: Arc::new(indexes),
+        indexes,
+        windows,
         config,
         node_id,
         fetcher,

@@ -1,11 +1,13 @@
 //! What this agent offers peers over the data plane: verified chunks from its cache, the
-//! verified pieces of partial chunks, and have-maps of the blobs it holds or is fetching
+//! verified pieces of partial chunks, the checkpoint windows of layer indexes, and have-maps of the blobs it holds or is fetching
 //! (blob fetches and reads alike).
 
 use crate::dataplane::{ChunkSource, HaveMap, PiecesAnswer};
 use crate::fetch::Fetcher;
 use crate::pieces::Pieces;
+use crate::window_share::WindowShare;
 use bytes::Bytes;
+use imgd_core::index::WindowRef;
 use imgd_core::Digest;
 use std::sync::Arc;
 
@@ -14,6 +16,7 @@ use std::sync::Arc;
 pub struct CacheSource {
     pub fetcher: Arc<Fetcher>,
     pub pieces: Arc<Pieces>,
+    pub windows: Arc<WindowShare>,
 }
 
 impl ChunkSource for CacheSource {
@@ -36,6 +39,10 @@ impl ChunkSource for CacheSource {
             None if self.fetcher.reads.states.fetching(chunk) => PiecesAnswer::Pending,
             None => PiecesAnswer::NotHere,
         }
+    }
+
+    fn window(&self, layer: &Digest, window: &WindowRef) -> PiecesAnswer {
+        self.windows.serve(layer, window)
     }
 
     fn fetching(&self, chunk: &Digest) -> bool {

@@ -139,17 +139,26 @@ impl LayerIndexes {
                 window: w.sha256,
             });
         }
+        self.store_window(layer, &w, bytes.clone()).await;
+        Ok(bytes)
+    }
+
+    /// Stores window `w` (of `layer`), whose bytes the caller checked against it. Not
+    /// fatal if it fails: the window is verified and used, and fetched again next time.
+    pub async fn store_window(&self, layer: &Digest, w: &WindowRef, bytes: Bytes) {
         let path = Self::window_path(&self.dir, &w.sha256);
-        let stored = bytes.clone();
-        let put = tokio::task::spawn_blocking(move || write_atomic(&path, &stored)).await;
+        let put = tokio::task::spawn_blocking(move || write_atomic(&path, &bytes)).await;
         if let Err(e) = put
             .map_err(|e| std::io::Error::other(e.to_string()))
             .and_then(|r| r)
         {
-            // Not fatal: the window is verified and used; fetched again next time.
             tracing::warn!(%layer, error = %e, "could not store an index window");
         }
-        Ok(bytes)
+    }
+
+    /// The store's directory (windows are under `windows/`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Stores every window of `index` (of `layer`) that is not stored yet, fetched from
@@ -257,10 +266,13 @@ impl LayerIndexes {
     }
 }
 
-/// Writes `bytes` to `path` through a synced temp file and a rename.
+/// Writes `bytes` to `path` through a synced temp file (of its own, so that two writers
+/// of one file do not share one) and a rename.
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
+    tmp.push(format!(".{n}.tmp"));
     let tmp = PathBuf::from(tmp);
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(bytes)?;

@@ -44,6 +44,7 @@ pub mod snapshotter;
 pub mod startup;
 pub mod swarm;
 pub mod unix_http;
+pub mod window_share;
 
 /// Code generated from `proto/` (containerd's API).
 #[allow(clippy::all, missing_docs)]

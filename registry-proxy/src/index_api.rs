@@ -128,6 +128,10 @@ pub async fn index(
     Query(q): Query<RepoQuery>,
 ) -> Result<Response, ProxyError> {
     let (idx, read) = read(&state, &digest, &q, Part::Main).await?;
+    state
+        .stats
+        .index_bytes_served
+        .fetch_add(read.len(), std::sync::atomic::Ordering::Relaxed);
     Ok((
         [
             (
@@ -157,6 +161,10 @@ pub async fn windows(
         .map(str::to_string);
     let ranged = asked.is_some();
     let (_, read) = read(&state, &digest, &q, Part::Windows(asked)).await?;
+    state
+        .stats
+        .window_bytes_served
+        .fetch_add(read.len(), std::sync::atomic::Ordering::Relaxed);
     let octets = (header::CONTENT_TYPE, "application/octet-stream".to_string());
     let length = (header::CONTENT_LENGTH, read.len().to_string());
     Ok(match read.range.clone() {

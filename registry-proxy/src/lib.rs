@@ -38,6 +38,9 @@ pub struct Stats {
     /// Blob bytes and blobs ingested from peer replicas instead of upstream.
     pub peer_blob_bytes: AtomicU64,
     pub peer_blob_fetches: AtomicU64,
+    /// Bytes of index main parts and of checkpoint windows served by the index API.
+    pub index_bytes_served: AtomicU64,
+    pub window_bytes_served: AtomicU64,
 }
 
 impl Stats {
@@ -52,6 +55,8 @@ impl Stats {
             blob_bytes_served: get(&self.blob_bytes_served),
             peer_blob_bytes: get(&self.peer_blob_bytes),
             peer_blob_fetches: get(&self.peer_blob_fetches),
+            index_bytes_served: get(&self.index_bytes_served),
+            window_bytes_served: get(&self.window_bytes_served),
         }
     }
 }

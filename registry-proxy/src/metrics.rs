@@ -7,7 +7,7 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
-//! | `imgd_proxy_served_bytes_total` | counter | `api` = `registry` (blobs on `/v2/`) or `chunk` |
+//! | `imgd_proxy_served_bytes_total` | counter | `api` = `registry` (blobs on `/v2/`), `chunk`, `index` or `windows` (the index API) |
 //! | `imgd_proxy_chunks_served_total` | counter | |
 //! | `imgd_proxy_upstream_received_bytes_total` | counter | |
 //! | `imgd_proxy_upstream_blob_fetches_total` | counter | |
@@ -182,10 +182,12 @@ impl Collector for Snapshot {
         encode_counters(
             &mut enc,
             "served_bytes",
-            "Bytes served to clients, by API (registry: blobs on /v2/; chunk: the chunk API)",
+            "Bytes served to clients, by API (registry: blobs on /v2/; chunk: the chunk API; index and windows: the index API's main parts and checkpoint windows)",
             &[
                 (api("registry"), s.blob_bytes_served),
                 (api("chunk"), s.chunk_bytes_served),
+                (api("index"), s.index_bytes_served),
+                (api("windows"), s.window_bytes_served),
             ],
         )?;
         encode_counters(

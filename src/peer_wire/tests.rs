@@ -42,6 +42,12 @@ fn every_message_round_trips() {
             count: 2,
         },
         Message::Pieces(Bytes::from_static(b"two pieces")),
+        Message::GetWindow {
+            layer: Digest::of(b"l"),
+            sha256: Digest::of(b"w"),
+            offset: 1 << 40,
+            len: 17_000,
+        },
         Message::Pending,
         Message::Error("no such thing".into()),
     ];
@@ -134,4 +140,26 @@ fn a_piece_request_for_no_pieces_or_of_the_wrong_length_is_refused() {
         decode_header(&pending, &LIMITS).is_err(),
         "Pending has no body"
     );
+}
+
+#[test]
+fn a_window_request_for_no_bytes_or_of_the_wrong_length_is_refused() {
+    let empty = Message::GetWindow {
+        layer: Digest::of(b"l"),
+        sha256: Digest::of(b"w"),
+        offset: 0,
+        len: 0,
+    };
+    assert!(matches!(
+        decode_frame(&encode(1, &empty), &LIMITS),
+        Err(WireError::Malformed {
+            kind: "GetWindow",
+            ..
+        })
+    ));
+    let short = encode_header(kind::GET_WINDOW, 1, 72);
+    assert!(matches!(
+        decode_header(&short, &LIMITS),
+        Err(WireError::BadLength { expected: 76, .. })
+    ));
 }

@@ -12,7 +12,7 @@ use imgd_tests::image::{EntryKind, FileSpec, ImageSpec, LayerSpec};
 use imgd_tests::netns::{Host, Lan};
 use imgd_tests::registry::Registry;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Barrier};
+use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 const IMAGE: &str = "local/lazy:1";
@@ -83,16 +83,15 @@ fn mount(a: &Agent, dir: &Path) -> PathBuf {
     mnt
 }
 
-/// Reads the start files under `mnt`; returns the bytes read and the time it took.
-fn start(mnt: &Path) -> (u64, Duration) {
-    let t = Instant::now();
+/// Reads the start files under `mnt`; returns the bytes read.
+fn start(mnt: &Path) -> u64 {
     let mut n = 0;
     for f in start_files() {
         n += std::fs::read(mnt.join(&f))
             .unwrap_or_else(|e| panic!("{f}: {e}"))
             .len() as u64;
     }
-    (n, t.elapsed())
+    n
 }
 
 fn umount(a: &Agent, mnt: &Path) {
@@ -117,14 +116,19 @@ fn four_hosts_starting_one_lazy_image_at_once_cost_the_proxy_about_one_start() {
     // One host alone, in the same run: its mount and start are the baseline.
     let alone_dir = tmp.path().join("alone");
     let alone = Agent::start_on_host(&lan.hosts[0], proxy, &alone_dir, EXTRA).unwrap();
-    let before = lan.bridge_tx_bytes().unwrap();
+    let windows = || proxy.stats().unwrap().window_bytes_served;
+    let (before, windows_before) = (lan.bridge_tx_bytes().unwrap(), windows());
+    let t = Instant::now();
     let mnt = mount(&alone, &alone_dir);
-    let (read, alone_took) = start(&mnt);
+    let read = start(&mnt);
+    let alone_took = t.elapsed();
     let one = lan.bridge_tx_bytes().unwrap() - before;
+    let one_windows = windows() - windows_before;
     umount(&alone, &mnt);
     drop(alone);
 
-    // Four fresh hosts: mount, then start at the same moment.
+    // Four fresh hosts mount and start at the same moment (with the startup trace the
+    // first start stored at the proxy, as every later start of the image has).
     let dir = tmp.path().join("four");
     let agents: Vec<Agent> = lan
         .hosts
@@ -134,29 +138,27 @@ fn four_hosts_starting_one_lazy_image_at_once_cost_the_proxy_about_one_start() {
     for a in &agents {
         a.wait_for_peers(3, Duration::from_secs(30)).unwrap();
     }
-    let before = lan.bridge_tx_bytes().unwrap();
-    let mnts: Vec<PathBuf> = agents.iter().map(|a| mount(a, &dir)).collect();
-    let go = Arc::new(Barrier::new(mnts.len()));
-    let runs: Vec<_> = mnts
-        .iter()
-        .cloned()
-        .map(|m| {
-            let go = go.clone();
-            std::thread::spawn(move || {
-                go.wait();
-                start(&m)
+    let (before, windows_before) = (lan.bridge_tx_bytes().unwrap(), windows());
+    let go = Barrier::new(agents.len());
+    let (mnts, took): (Vec<PathBuf>, Vec<Duration>) = std::thread::scope(|s| {
+        let runs: Vec<_> = agents
+            .iter()
+            .map(|a| {
+                let (go, dir) = (&go, &dir);
+                s.spawn(move || {
+                    go.wait();
+                    let t = Instant::now();
+                    let m = mount(a, dir);
+                    let n = start(&m);
+                    assert_eq!(n, read, "every host read the same bytes");
+                    (m, t.elapsed())
+                })
             })
-        })
-        .collect();
-    let took: Vec<Duration> = runs
-        .into_iter()
-        .map(|r| {
-            let (n, t) = r.join().unwrap();
-            assert_eq!(n, read, "every host read the same bytes");
-            t
-        })
-        .collect();
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).unzip()
+    });
     let four = lan.bridge_tx_bytes().unwrap() - before;
+    let four_windows = windows() - windows_before;
     let ratio = four as f64 / one as f64;
     let slowest = took.iter().max().unwrap();
     let from_peers: Vec<u64> = agents
@@ -164,9 +166,10 @@ fn four_hosts_starting_one_lazy_image_at_once_cost_the_proxy_about_one_start() {
         .map(|a| status_u64(a, "bytes_from_peers"))
         .collect();
     println!(
-        "one host: start read {read} bytes in {alone_took:?}, proxy sent {one} bytes; \
+        "one host: mount and start read {read} bytes in {alone_took:?}, proxy sent {one} bytes; \
          four hosts at once: proxy sent {four} bytes = {ratio:.2}x one start, slowest \
-         start {slowest:?} ({:.2}x alone); bytes from peers per host {from_peers:?}",
+         start {slowest:?} ({:.2}x alone); bytes from peers per host {from_peers:?}; \
+         checkpoint windows from the proxy: {one_windows} bytes alone, {four_windows} for four",
         slowest.as_secs_f64() / alone_took.as_secs_f64()
     );
     for (a, m) in agents.iter().zip(&mnts) {
@@ -185,6 +188,14 @@ fn four_hosts_starting_one_lazy_image_at_once_cost_the_proxy_about_one_start() {
     assert!(
         ratio <= 1.5,
         "four simultaneous starts cost the proxy {ratio:.2}x one start (without sharing ~4x)"
+    );
+    // Each window has one owner among the hosts, which fetches it for the others: the
+    // proxy serves the four about one host's windows (without sharing, 4x).
+    assert!(one_windows > 0, "the start needs checkpoint windows");
+    assert!(
+        four_windows as f64 <= 1.5 * one_windows as f64,
+        "four simultaneous starts took {four_windows} bytes of windows from the proxy, one \
+         start {one_windows}"
     );
     // One host may have owned, or been first to, every chunk it read; the others took
     // theirs from peers.

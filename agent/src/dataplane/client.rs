@@ -11,6 +11,7 @@ use super::wire::{self, FrameLimits, Message, HEADER_LEN};
 use super::Result;
 use super::{handshake, tune_socket, with_timeout, DataPlaneConfig, DataPlaneError, HaveMap};
 use bytes::{BufMut, Bytes, BytesMut};
+use imgd_core::index::WindowRef;
 use imgd_core::{Digest, Sha256, PIECE_SIZE};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -160,6 +161,31 @@ impl PeerClient {
         }
     }
 
+    /// Inflate checkpoint window `window` of layer `layer`'s index, checked against its
+    /// sha256 (a wrong one gives [`DataPlaneError::Corrupt`] naming it).
+    pub async fn window_answer(
+        &mut self,
+        layer: &Digest,
+        window: &WindowRef,
+        timeout: Duration,
+    ) -> Result<Answer<Bytes>> {
+        let req = Message::GetWindow {
+            layer: *layer,
+            sha256: window.sha256,
+            offset: window.offset,
+            len: window.len,
+        };
+        match self
+            .exchange(&req, Verify::Chunk(window.sha256), timeout)
+            .await?
+        {
+            Message::Chunk(bytes) => Ok(Answer::Here(bytes)),
+            Message::Pending => Ok(Answer::Pending),
+            Message::NotFound => Ok(Answer::NotHere),
+            other => self.unexpected(other, "GetWindow"),
+        }
+    }
+
     /// Asks which chunks of blob `blob` the peer holds: `Ok(None)` if it does not know
     /// the blob.
     pub async fn have(&mut self, blob: &Digest, timeout: Duration) -> Result<Option<HaveMap>> {
@@ -293,6 +319,7 @@ impl PeerClient {
                 wire::kind::GET_CHUNK
                 | wire::kind::HAVE
                 | wire::kind::GET_PIECES
+                | wire::kind::GET_WINDOW
                 | wire::kind::CHUNK
                 | wire::kind::PIECES,
                 _,
@@ -407,6 +434,10 @@ enum Op {
         digests: Vec<Digest>,
         len: usize,
     },
+    Window {
+        layer: Digest,
+        window: WindowRef,
+    },
 }
 
 enum Reply {
@@ -477,6 +508,24 @@ impl PeerPool {
             first,
             digests: digests.to_vec(),
             len,
+        };
+        match self.run(addr, op, timeout).await? {
+            Reply::Chunk(c) => Ok(c),
+            Reply::Have(_) => Err(DataPlaneError::Protocol("mismatched reply".into())),
+        }
+    }
+
+    /// [`PeerClient::window_answer`] on a pooled connection to `addr`.
+    pub async fn window_answer(
+        &self,
+        addr: SocketAddr,
+        layer: &Digest,
+        window: &WindowRef,
+        timeout: Duration,
+    ) -> Result<Answer<Bytes>> {
+        let op = Op::Window {
+            layer: *layer,
+            window: *window,
         };
         match self.run(addr, op, timeout).await? {
             Reply::Chunk(c) => Ok(c),
@@ -567,6 +616,10 @@ impl PeerPool {
                     len,
                 } => client
                     .get_pieces(chunk, *first, digests, *len, left)
+                    .await
+                    .map(Reply::Chunk),
+                Op::Window { layer, window } => client
+                    .window_answer(layer, window, left)
                     .await
                     .map(Reply::Chunk),
             };

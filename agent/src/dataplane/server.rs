@@ -13,6 +13,7 @@ use super::wire::{self, FrameLimits, Message, HEADER_LEN};
 use super::{handshake, tune_socket, with_timeout, DataPlaneConfig, DataPlaneError, Result};
 use super::{HaveMap, MAX_NODE_ID_LEN};
 use bytes::{Buf, Bytes};
+use imgd_core::index::WindowRef;
 use imgd_core::Digest;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,6 +49,12 @@ pub trait ChunkSource: Send + Sync + 'static {
     /// chunk with this digest, from the whole chunk or from stored pieces. The receiver
     /// checks each against its digest.
     fn pieces(&self, _chunk: &Digest, _first: u32, _count: u32) -> PiecesAnswer {
+        PiecesAnswer::NotHere
+    }
+
+    /// Inflate checkpoint window `window` of layer `layer`'s index, stored or fetched on
+    /// request (`Pending` while it comes). The receiver checks it against its sha256.
+    fn window(&self, _layer: &Digest, _window: &WindowRef) -> PiecesAnswer {
         PiecesAnswer::NotHere
     }
 
@@ -193,13 +200,17 @@ async fn read_request(
     let id = header.request_id;
     if !matches!(
         header.kind,
-        wire::kind::GET_CHUNK | wire::kind::HAVE | wire::kind::GET_PIECES | wire::kind::SUBSCRIBE
+        wire::kind::GET_CHUNK
+            | wire::kind::HAVE
+            | wire::kind::GET_PIECES
+            | wire::kind::GET_WINDOW
+            | wire::kind::SUBSCRIBE
     ) {
         let e = format!("expected a request, got frame kind {:#04x}", header.kind);
         return Err((id, DataPlaneError::Protocol(e)));
     }
-    // Requests are exactly 32 or 40 bytes (checked by decode_header).
-    let mut body = [0u8; wire::GET_PIECES_LEN];
+    // Requests are exactly 32, 40 or 76 bytes (checked by decode_header).
+    let mut body = [0u8; wire::GET_WINDOW_LEN];
     let limit = shared.cfg.limits.write_timeout;
     with_timeout(limit, "reading a request", async {
         Ok(stream.read_exact(&mut body[..header.len]).await?)
@@ -236,6 +247,26 @@ async fn answer(request: Message, shared: &Shared) -> Message {
                 Message::Error(format!("pieces of {chunk} are larger than the frame limit"))
             }
             PiecesAnswer::Here(b) => Message::Pieces(b),
+            PiecesAnswer::Pending => Message::Pending,
+            PiecesAnswer::NotHere => Message::NotFound,
+        },
+        Message::GetWindow {
+            layer,
+            sha256,
+            offset,
+            len,
+        } => match source.window(
+            &layer,
+            &WindowRef {
+                offset,
+                len,
+                sha256,
+            },
+        ) {
+            PiecesAnswer::Here(b) if b.len() > max_chunk => {
+                Message::Error(format!("window {sha256} is larger than the frame limit"))
+            }
+            PiecesAnswer::Here(b) => Message::Chunk(b),
             PiecesAnswer::Pending => Message::Pending,
             PiecesAnswer::NotHere => Message::NotFound,
         },

@@ -15,19 +15,32 @@ const T: Duration = Duration::from_secs(5);
 struct MemSource {
     chunks: HashMap<Digest, Bytes>,
     maps: HashMap<Digest, HaveMap>,
-    /// Serve every chunk with its first byte flipped.
+    /// Checkpoint windows by sha256.
+    windows: HashMap<Digest, Bytes>,
+    /// Serve every chunk and window with its first byte flipped.
     corrupt: bool,
+}
+
+impl MemSource {
+    fn flipped(&self, b: Bytes) -> Bytes {
+        if !self.corrupt {
+            return b;
+        }
+        let mut v = b.to_vec();
+        v[0] ^= 1;
+        v.into()
+    }
 }
 
 impl ChunkSource for MemSource {
     fn chunk(&self, digest: &Digest) -> Option<Bytes> {
-        let b = self.chunks.get(digest)?.clone();
-        if !self.corrupt {
-            return Some(b);
+        Some(self.flipped(self.chunks.get(digest)?.clone()))
+    }
+    fn window(&self, _layer: &Digest, w: &imgd_core::index::WindowRef) -> PiecesAnswer {
+        match self.windows.get(&w.sha256) {
+            Some(b) => PiecesAnswer::Here(self.flipped(b.clone())),
+            None => PiecesAnswer::NotHere,
         }
-        let mut v = b.to_vec();
-        v[0] ^= 1;
-        Some(v.into())
     }
     fn have(&self, blob: &Digest) -> Option<HaveMap> {
         self.maps.get(blob).cloned()
@@ -162,6 +175,38 @@ async fn corrupt_bytes_are_reported_and_the_connection_survives() {
     let pool = PeerPool::new(cfg("client"), 2);
     let err = pool.get_chunk(server.addr, &digests[0], T).await;
     assert!(matches!(err, Err(DataPlaneError::Corrupt { .. })));
+}
+
+#[tokio::test]
+async fn a_window_is_checked_against_its_sha256() {
+    let packed = chunk(7, 17_000);
+    let w = imgd_core::index::WindowRef {
+        offset: 123,
+        len: packed.len() as u32,
+        sha256: Digest::of(&packed),
+    };
+    let layer = Digest::of(b"layer");
+    for corrupt in [false, true] {
+        let mut src = MemSource {
+            corrupt,
+            ..Default::default()
+        };
+        src.windows.insert(w.sha256, packed.clone());
+        let server = start(cfg("server"), src).await;
+        let pool = PeerPool::new(cfg("client"), 2);
+        let got = pool.window_answer(server.addr, &layer, &w, T).await;
+        match (corrupt, got) {
+            (false, Ok(Answer::Here(b))) => assert_eq!(b, packed),
+            (true, Err(DataPlaneError::Corrupt { digest, .. })) => assert_eq!(digest, w.sha256),
+            (_, other) => panic!("corrupt {corrupt}: got {other:?}"),
+        }
+        let unknown = imgd_core::index::WindowRef {
+            sha256: Digest::of(b"other"),
+            ..w
+        };
+        let got = pool.window_answer(server.addr, &layer, &unknown, T).await;
+        assert!(matches!(got, Ok(Answer::NotHere)), "{got:?}");
+    }
 }
 
 /// A peer that authenticates, then answers every request with `reply` one byte at a

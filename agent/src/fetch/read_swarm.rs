@@ -24,9 +24,10 @@
 
 use super::{weight, Changes, Fetcher, Source};
 use crate::chunk_state::{ChunkState, Fetcher as By, Transition};
-use crate::dataplane::{Answer, HaveMap};
+use crate::dataplane::{Answer, DataPlaneError, HaveMap};
 use crate::peers::Peer;
 use bytes::Bytes;
+use imgd_core::index::WindowRef;
 use imgd_core::{Digest, SingleFlight};
 use rand::seq::SliceRandom;
 use std::collections::HashMap;
@@ -297,6 +298,57 @@ impl Fetcher {
         }
     }
 
+    /// Window `w` of layer `layer`'s index from the peer that owns it among the hosts
+    /// reading the layer (rendezvous of the window's sha256 over this host and the peers
+    /// whose have-map knows the layer), which fetches it from the proxy when asked.
+    /// Asked again every [`POLL`] while it answers `Pending`, at most `peer_timeout`.
+    /// `None`: this host owns the window, or its owner did not send it in time (the
+    /// caller asks the proxy). The bytes are checked against the sha256 by the data plane.
+    pub(crate) async fn window_from_peers(&self, layer: &Digest, w: &WindowRef) -> Option<Bytes> {
+        let started = Instant::now();
+        let mine = weight(&w.sha256, &self.node_id);
+        loop {
+            let maps = self.read_maps(layer).await;
+            let owner = self
+                .peers
+                .usable()
+                .into_iter()
+                .filter(|p| maps.contains_key(&p.id))
+                .map(|p| (weight(&w.sha256, &p.id), p))
+                .filter(|(weight, _)| *weight > mine)
+                .max_by_key(|(weight, _)| *weight)
+                .map(|(_, p)| p);
+            let Some(owner) = owner else {
+                tracing::debug!(window = %w.sha256, known = maps.len(), "window: this host owns it");
+                return None;
+            };
+            let timeout = self.settings.peer_timeout;
+            match self
+                .pool
+                .window_answer(owner.data_addr, layer, w, timeout)
+                .await
+            {
+                Ok(Answer::Here(b)) => {
+                    self.stats.add(Source::Peer, b.len() as u64);
+                    return Some(b);
+                }
+                Ok(Answer::Pending) if started.elapsed() < timeout => {
+                    tokio::time::sleep(POLL).await;
+                }
+                Ok(answer) => {
+                    let pending = matches!(answer, Answer::Pending);
+                    tracing::debug!(window = %w.sha256, owner = %owner.id, pending, waited = ?started.elapsed(), "window: the owner did not send it");
+                    return None;
+                }
+                Err(e) => {
+                    tracing::debug!(window = %w.sha256, owner = %owner.id, error = %e, "window: the owner failed");
+                    self.peer_failed(&owner, &w.sha256, &e);
+                    return None;
+                }
+            }
+        }
+    }
+
     /// Asks peer `p` for what `want` names of chunk `digest`; failures penalise it and
     /// count as not there.
     async fn ask(&self, p: &Peer, digest: &Digest, want: Want<'_>) -> Answer<Bytes> {
@@ -321,14 +373,19 @@ impl Fetcher {
             }
             Ok(other) => other,
             Err(e) => {
-                if matches!(e, crate::dataplane::DataPlaneError::Corrupt { .. }) {
-                    crate::metrics::verification_failed("peer");
-                    tracing::warn!(peer = %p.id, chunk = %digest, error = %e, "a peer sent wrong bytes for a read");
-                }
-                let (penalty, why) = crate::peers::penalty_for(Some(&e));
-                self.peers.penalise(&p.id, penalty, &why);
+                self.peer_failed(p, digest, &e);
                 Answer::NotHere
             }
         }
+    }
+
+    /// Penalises peer `p` for failing a read's request about `digest`.
+    fn peer_failed(&self, p: &Peer, digest: &Digest, e: &DataPlaneError) {
+        if matches!(e, DataPlaneError::Corrupt { .. }) {
+            crate::metrics::verification_failed("peer");
+            tracing::warn!(peer = %p.id, %digest, error = %e, "a peer sent wrong bytes for a read");
+        }
+        let (penalty, why) = crate::peers::penalty_for(Some(e));
+        self.peers.penalise(&p.id, penalty, &why);
     }
 }

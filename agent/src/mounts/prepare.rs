@@ -43,6 +43,7 @@ pub async fn fetch_layers(
             .get_or_fetch(&fetcher.proxy, repo, layer)
             .await
             .map_err(|e| fail(e.to_string()))?;
+        agent.windows.reading(*layer, repo);
         if !index.random_access {
             return Err(fail(format!("layer {layer} has no random-access index")));
         }

@@ -15,6 +15,8 @@
 //! with the swarm on, each in its namespace, each link shaped with tc tbf to `--mbit`.
 //!
 //! `cargo build --release --workspace --bins && cargo run --release -p imgd-benches --bin bench-lazy-swarm [-- [--hosts 4,8] [--mbit 1000] [--runs 1] [--synthetic MIB]]`
+//! `IMGD_BENCH_KEEP_LOGS=DIR` keeps every agent's log there (with
+//! `IMGD_TEST_AGENT_LOG=info,imgd_bytes=debug`: where each host's bytes came from).
 //! Needs root, FUSE, runc, skopeo, docker-registry, tc (and debootstrap plus a Debian
 //! mirror the first time, or busybox-static for `--synthetic`).
 
@@ -126,6 +128,14 @@ impl Bench<'_> {
                         let (t, _, ()) =
                             run_until_first_line(&bundle, &id, workload, started, || Ok(()))?;
                         let status = a.status()?;
+                        let mb = |k: &str| status[k].as_u64().unwrap_or(0) as f64 / 1e6;
+                        eprintln!(
+                            "  host {i}: first line {:.3}s; MB from peers {:.2}, proxy chunks {:.2}, proxy pieces {:.2}",
+                            t.as_secs_f64(),
+                            mb("bytes_from_peers"),
+                            mb("bytes_from_proxy"),
+                            mb("bytes_from_proxy_pieces"),
+                        );
                         if status["mounts"][0]["eio"].as_u64().unwrap_or(0) != 0 {
                             bail!("host {i}: the mount answered EIO: {status}");
                         }
@@ -144,6 +154,13 @@ impl Bench<'_> {
         });
         let proxy_bytes = self.lan.bridge_tx_bytes()? - before;
         let took = took.into_iter().collect::<Result<Vec<_>>>()?;
+        if let Some(keep) = std::env::var_os("IMGD_BENCH_KEEP_LOGS") {
+            let keep = Path::new(&keep);
+            std::fs::create_dir_all(keep)?;
+            for (i, a) in agents.iter().enumerate() {
+                std::fs::write(keep.join(format!("round{round}-host{i}.log")), a.log())?;
+            }
+        }
         drop(agents);
         let _ = std::fs::remove_dir_all(&dir);
         Ok(Start { proxy_bytes, took })
