@@ -37,6 +37,7 @@ impl ChunkSource for CacheSource {
                 PiecesAnswer::Here(b)
             }
             None if self.fetcher.reads.states.fetching(chunk) => PiecesAnswer::Pending,
+            None if self.pieces.fetch_for_peer(chunk, first, count) => PiecesAnswer::Pending,
             None => PiecesAnswer::NotHere,
         }
     }

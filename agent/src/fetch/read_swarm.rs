@@ -349,6 +349,17 @@ impl Fetcher {
         }
     }
 
+    /// Whether this host owns chunk `chunk` of `blob` among itself and the peers that the
+    /// reads' recent have-maps of the blob name (no request is made; with no recent maps,
+    /// it does: a peer asked it as the owner).
+    pub(crate) fn owns_for_reads(&self, blob: &Digest, chunk: &Digest) -> bool {
+        let maps = lock(&self.reads.maps)
+            .get(blob)
+            .map(|(_, maps)| maps.clone());
+        let mine = weight(chunk, &self.node_id);
+        maps.is_none_or(|maps| maps.keys().all(|id| weight(chunk, id) < mine))
+    }
+
     /// Asks peer `p` for what `want` names of chunk `digest`; failures penalise it and
     /// count as not there.
     async fn ask(&self, p: &Peer, digest: &Digest, want: Want<'_>) -> Answer<Bytes> {

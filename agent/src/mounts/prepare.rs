@@ -59,6 +59,7 @@ pub async fn fetch_layers(
             }
             None => fetcher.chunk_list(repo, layer).await?,
         };
+        agent.pieces.reading(&list);
         // A layer whose chunks are all here (prefetched or pinned) gets its windows now,
         // so that its mount reads without the proxy.
         if index.windows_size > 0 && fetcher.cache.missing_chunks(&list).is_empty() {

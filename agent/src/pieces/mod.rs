@@ -24,6 +24,7 @@
 //! verification failure of the proxy); the read then falls back to the whole chunk
 //! through the fetcher (cache, peers, proxy), which verifies it as a whole.
 
+mod for_peers;
 pub mod store;
 
 use crate::cache::ChunkCache;
@@ -111,6 +112,8 @@ pub struct Pieces {
     gates: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
     complete_after: Duration,
     pub stats: PieceStats,
+    /// Blobs mounts read here, and the piece fetches running for peers ([`for_peers`]).
+    for_peers: for_peers::ForPeers,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -168,6 +171,7 @@ impl Pieces {
             gates: Mutex::new(HashMap::new()),
             complete_after,
             stats: PieceStats::default(),
+            for_peers: Default::default(),
         })
     }
 
