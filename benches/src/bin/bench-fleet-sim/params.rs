@@ -24,6 +24,17 @@ pub struct Costs {
     /// Fixed time from `imgctl prefetch` to the first chunk request (manifest, chunk lists),
     /// calibrated from the one-host run (see `calibration`).
     pub startup_s: f64,
+    /// CPU seconds one host's prefetch spends beyond its per-chunk work (the `imgctl`
+    /// client, manifest and chunk lists, provider records and lookups, subscriptions and
+    /// the maps they push): measured by `--probe-cpu` in the namespace runs
+    /// ([`crate::namespace`]). It runs from the prefetch's start, beside its fetches, on
+    /// the host's cores (or the shared ones); the prefetch ends when both are done.
+    pub startup_cpu_s: f64,
+    /// CPU seconds per GiB the proxy spends ingesting a blob it does not have yet (fetch,
+    /// inflate, chunk, hash, index) before any host gets its chunk list; charged only
+    /// when the hosts and the proxy share one machine ([`CpuModel::Shared`]): the fleets'
+    /// proxy holds the image already.
+    pub proxy_ingest_cpu_s_per_gib: f64,
 }
 
 impl Default for Costs {
@@ -35,6 +46,8 @@ impl Default for Costs {
             proxy_serve_bytes_s: 1_604e6,
             rtt_s: 0.000_2,
             startup_s: 0.0,
+            startup_cpu_s: 0.0,
+            proxy_ingest_cpu_s_per_gib: 0.0,
         }
     }
 }
@@ -48,10 +61,6 @@ pub struct FetchSettings {
     /// `owner_wait_ms`: after this long with nothing new in its scope, a host fetches any
     /// chunk from the proxy itself.
     pub owner_wait_s: f64,
-    /// `holders::GATHER_MAX`: a host fetching under the provider policy waits at most this
-    /// long for its first provider lookups and maps before it starts (the 32-host run's
-    /// logs: 1.5–2.4 s, under load).
-    pub gather_s: f64,
 }
 
 impl Default for FetchSettings {
@@ -59,7 +68,6 @@ impl Default for FetchSettings {
         FetchSettings {
             parallel_chunks: 4,
             owner_wait_s: 4.0,
-            gather_s: 2.0,
         }
     }
 }
@@ -71,17 +79,19 @@ pub enum Policy {
     /// knows for its have-map every `refresh_s`; chunk owners are chosen among all hosts;
     /// a holder is picked at random among those with the chunk.
     PollAll { refresh_s: f64 },
-    /// Issue 12's design, as the simulator found it must be to keep one copy per zone:
-    /// - each host subscribes to the have-maps of `k` peers of its zone found through
-    ///   provider records, which push updates in batches every `push_batch_s`;
-    /// - it takes a chunk from the least loaded of those holding it, or from the chunk's
-    ///   owner in its zone (every host can compute it from the provider records);
+    /// Issue 12's provider records and pushed have-maps (`agent/src/holders.rs`):
+    /// - each host subscribes to the have-maps of `k` (`max_asked_peers`) of the blob's
+    ///   providers, its zone's first and then others (`PeerSet::choose`); they push every
+    ///   change, at most one push per `push_batch_s` (`PUSH_INTERVAL_MS`);
     /// - owners are chosen among the fetching hosts of each zone and fetch the chunks they
-    ///   own *before* peers' chunks;
-    /// - with `home_zones`, only the owner in the chunk's home zone (a rendezvous choice
-    ///   among zones) takes it from the proxy; the other zones' owners take it from that
-    ///   owner, across zones. Without (as the agent does today), each zone's owner takes
-    ///   it from the proxy: one copy per zone.
+    ///   own that no watched peer holds or fetches *before* peers' chunks;
+    /// - without `home_zones` (the agent), a host takes a chunk a watched peer holds from
+    ///   a holder in its zone if one has it, else from one outside, at random;
+    /// - with `home_zones` (a design the simulator explored, not the agent), hosts
+    ///   subscribe in their zone only, also take chunks from their zone's owner, from the
+    ///   least loaded holder, and only the owner in the chunk's home zone (a rendezvous
+    ///   choice among zones) takes it from the proxy; the other zones' owners take it from
+    ///   that owner, across zones.
     Providers {
         k: usize,
         push_batch_s: f64,
@@ -140,11 +150,29 @@ pub struct Scenario {
     pub zone_link_bytes_s: f64,
     /// The proxy's own uplink, bytes per second.
     pub proxy_link_bytes_s: f64,
-    pub image_bytes: u64,
+    /// The image's blobs (layers), bytes each: each host fetches them all at once, each
+    /// with `parallel_chunks` chunks in flight (`Agent::prefetch`, `Fetcher::fetch_blob`).
+    pub blobs: Vec<u64>,
     /// Where the agents' CPU work runs.
     pub cpu: CpuModel,
     /// Hosts start at a uniformly random moment in `[0, start_jitter_s]`.
     pub start_jitter_s: f64,
     pub policy: Policy,
+    /// Under the provider policy, how long a host gathers a blob's providers and their
+    /// first maps before it chooses owners and starts (`Holders::fetchers`): quantiles
+    /// 0, 25, 50, 75 and 100 % of a distribution each (host, blob) draws from. At least
+    /// `holders::FIRST_LOOKUP_GAP`, 0.25 s (the second lookup), at most about
+    /// `holders::GATHER_MAX`, 2 s, plus the time to be scheduled on a loaded machine.
+    pub gather_s: [f64; 5],
     pub seed: u64,
+}
+
+/// An unloaded host's gather: the second provider lookup, `holders::FIRST_LOOKUP_GAP`
+/// after the first, answers at once.
+pub const GATHER_UNLOADED: [f64; 5] = [0.25; 5];
+
+impl Scenario {
+    pub fn image_bytes(&self) -> u64 {
+        self.blobs.iter().sum()
+    }
 }

@@ -83,7 +83,7 @@ pub fn fleet_header_columns() {
 }
 
 pub fn fleet_row(s: &Scenario, out: &Outcome, took: Duration) {
-    let image = s.image_bytes as f64;
+    let image = s.image_bytes() as f64;
     let per_zone: Vec<f64> = out.proxy_bytes_by_zone.iter().map(|b| b / image).collect();
     let all = per_zone.iter().sum::<f64>();
     let control: Vec<f64> = out.control_per_host.iter().map(|&c| c as f64).collect();

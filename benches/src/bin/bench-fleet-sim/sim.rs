@@ -1,87 +1,95 @@
-//! The discrete-event engine: every host of a [`Scenario`] fetches the whole image, chunk
-//! by chunk, from peers and the proxy, choosing as the agent's fetcher does under the
-//! scenario's [`Policy`]; every chunk is verified (CPU) on arrival.
+//! The discrete-event engine: every host of a [`Scenario`] fetches the image's blobs,
+//! chunk by chunk, from peers and the proxy, choosing as the agent's fetcher does under
+//! the scenario's [`Policy`] ([`choice`]); every chunk is verified (CPU) on arrival.
 //!
-//! The choice per free fetch slot follows `Fetcher::pick`: a chunk some known peer holds,
-//! the rarest first (among up to [`SAMPLE`] missing chunks drawn at random, then all of
-//! them); else a chunk this host owns that nobody fetches from the proxy; once nothing
-//! became visible in its scope for `owner_wait` (and that long after its start), any chunk. A host with nothing to start looks again at its next tick
-//! (have-map poll or push batch). A chunk a host received becomes visible to the others
-//! after the policy's lag (half a poll or push interval on average, plus half a round trip).
+//! A host's prefetch asks for each blob's chunk list after the calibrated fixed latency
+//! (once the proxy ingested the blob, if it had to); under the provider policy it then
+//! gathers the blob's providers for a while ([`Scenario::gather_s`]) before it starts
+//! fetching the blob. Its start-up CPU work runs beside all that, and it is done when
+//! that work and every chunk are. CPU work (start-up, verifying, serving, the proxy's
+//! ingest on a shared machine) queues on the host's cores, or on the machine's when the
+//! hosts share one.
+//!
+//! What a host does shows to the others as the agent's have-maps do: under the provider
+//! policy, its subscribers see its chunks in flight and held when it pushes its map (at
+//! once, or one push interval after the last push), half a round trip later; under
+//! polling, a chunk it holds shows after half a poll interval on average.
+
+mod choice;
+mod events;
 
 use crate::ownership;
 use crate::params::{Costs, CpuModel, FetchSettings, Policy, Scenario};
 use crate::resources::{Cpu, Link};
 use crate::rng::Rng;
-use std::cmp::Ordering;
-use std::collections::BinaryHeap;
+use events::{Event, Queue};
 
-/// Missing chunks looked at per choice before all of them are.
-const SAMPLE: usize = 64;
-
+/// What a job on a CPU is for.
 #[derive(Clone, Copy, Debug)]
-enum Event {
-    Start(u32),
-    Arrived { host: u32, chunk: u32 },
-    Visible { host: u32, chunk: u32 },
-    Tick(u32),
+enum Job {
+    Startup(u32),
+    Ingest(u32),
+    Verify {
+        host: u32,
+        chunk: u32,
+    },
+    /// Work that delays nothing but takes its share (serving a chunk).
+    Background,
 }
 
-struct Queued {
-    at: f64,
-    seq: u64,
-    event: Event,
+/// One host's fetch of one blob: the chunks not yet asked for and those in flight.
+struct Slots {
+    /// When its fetch started (chunk list known, providers gathered), if it did.
+    start: Option<f64>,
+    unasked: Vec<u32>,
+    in_flight: usize,
+    /// Its scope's visibility version at its last choice that found no holder (polling).
+    seen_version: u64,
+    /// Its news count at its last choice that found no holder (providers).
+    seen_news: u64,
 }
 
-impl PartialEq for Queued {
-    fn eq(&self, o: &Self) -> bool {
-        self.cmp(o) == Ordering::Equal
-    }
-}
-impl Eq for Queued {}
-impl PartialOrd for Queued {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Queued {
-    // Earliest first out of the max-heap.
-    fn cmp(&self, o: &Self) -> Ordering {
-        o.at.total_cmp(&self.at).then(o.seq.cmp(&self.seq))
-    }
+/// A host's have-map pushes: at most one per interval, carrying every change since.
+#[derive(Default)]
+struct Push {
+    last: f64,
+    scheduled: bool,
+    /// (chunk, held): `false` is in flight.
+    queued: Vec<(u32, bool)>,
 }
 
-/// One host's fetch.
+/// One host's prefetch.
 struct Host {
     zone: u32,
+    /// When its prefetch was asked for, if it was.
     start: f64,
+    begun: bool,
     done: Option<f64>,
-    /// Chunks not yet asked for, with each chunk's position in it (`u32::MAX`: asked).
-    unasked: Vec<u32>,
+    /// Whether its start-up CPU work is done.
+    startup_done: bool,
+    blobs: Vec<Slots>,
+    /// Each chunk's position in its blob's `unasked` (`u32::MAX`: asked).
     position: Vec<u32>,
     remaining: usize,
-    in_flight: usize,
     up: Link,
     down: Link,
     /// Chunks this host owns (fetches from the proxy), in chunk order.
     owned: Vec<u32>,
-    /// Its scope's visibility version at its last choice that found no holder.
-    seen_version: u64,
     ticking: bool,
     /// The peers whose have-maps it subscribes to (provider policy only).
     neighbors: Vec<u32>,
-    /// Chunks that became visible at its neighbors, and that count at its last choice
-    /// that found no holder.
+    /// Changes seen at its neighbors, and when the last one came.
     news: u64,
-    seen_news: u64,
+    last_news: f64,
+    push: Push,
 }
 
-/// What the hosts of one scope (a zone, or the whole fleet) see of each other.
+/// What the hosts of one scope (a zone, or the whole fleet) see of each other at once.
 struct Scope {
     holders: Vec<Vec<u32>>,
     proxy_flight: Vec<Option<u32>>,
     version: u64,
-    /// When a chunk last became visible in the scope (the agent's watched maps moving).
+    /// When a chunk last became visible in the scope.
     last_moved: f64,
 }
 
@@ -101,35 +109,40 @@ struct Sim<'a> {
     costs: &'a Costs,
     fetch: &'a FetchSettings,
     chunk_sizes: Vec<f64>,
+    /// Each chunk's blob.
+    blob_of: Vec<u32>,
     hosts: Vec<Host>,
     scopes: Vec<Scope>,
-    cpus: Vec<Cpu>,
+    cpus: Vec<Cpu<Job>>,
     proxy: Link,
     zone_down: Vec<Link>,
     zone_up: Vec<Link>,
-    queue: BinaryHeap<Queued>,
-    seq: u64,
+    queue: Queue,
     rng: Rng,
     proxy_bytes_by_zone: Vec<f64>,
     cross_zone: f64,
     chunks: usize,
-    /// `visible[h * chunks + c]`: host `h`'s copy of chunk `c` is visible to its subscribers.
-    visible: Vec<bool>,
+    /// `held[h * chunks + c]`: `h`'s subscribers see it holds chunk `c`.
+    held: Vec<bool>,
+    /// `flight[h * chunks + c]`: `h`'s subscribers see it fetching chunk `c`.
+    flight: Vec<bool>,
     /// Who subscribes to each host's have-map.
     subscribers: Vec<Vec<u32>>,
     /// `owner[scope][c]`: the host that fetches chunk `c` from the proxy for its scope.
     owner: Vec<Vec<u32>>,
     /// The hosts of each zone.
     zone_members: Vec<Vec<u32>>,
-    /// Each chunk's home zone (provider policy): the one whose owner fetches it from the proxy.
+    /// Each chunk's home zone (home-zone policy): the one whose owner fetches it.
     home: Vec<u32>,
+    /// Whether the proxy holds each blob (from the start, unless it ingests them).
+    ingested: Vec<bool>,
 }
 
 /// Runs `s` to the end (every host holds the image).
 pub fn run(s: &Scenario, costs: &Costs, fetch: &FetchSettings) -> Outcome {
     let mut sim = Sim::new(s, costs, fetch);
-    while let Some(q) = sim.queue.pop() {
-        sim.handle(q.at, q.event);
+    while let Some((at, event)) = sim.queue.pop() {
+        sim.handle(at, event);
     }
     let finish: Vec<f64> = sim
         .hosts
@@ -151,59 +164,78 @@ pub fn run(s: &Scenario, costs: &Costs, fetch: &FetchSettings) -> Outcome {
 
 impl<'a> Sim<'a> {
     fn new(s: &'a Scenario, costs: &'a Costs, fetch: &'a FetchSettings) -> Sim<'a> {
-        let chunks = s.image_bytes.div_ceil(costs.chunk_bytes) as usize;
-        let chunk_sizes = (0..chunks as u64)
-            .map(|i| (s.image_bytes - i * costs.chunk_bytes).min(costs.chunk_bytes) as f64)
-            .collect();
+        let (mut chunk_sizes, mut blob_of, mut ranges) = (Vec::new(), Vec::new(), Vec::new());
+        for (b, &bytes) in s.blobs.iter().enumerate() {
+            let first = chunk_sizes.len() as u32;
+            for i in 0..bytes.div_ceil(costs.chunk_bytes) {
+                chunk_sizes.push((bytes - i * costs.chunk_bytes).min(costs.chunk_bytes) as f64);
+                blob_of.push(b as u32);
+            }
+            ranges.push(first..chunk_sizes.len() as u32);
+        }
+        let chunks = chunk_sizes.len();
         let zones = s.zones.max(1);
         let zone_of = |h: usize| (h * zones / s.hosts.max(1)) as u32;
+        let zone_members: Vec<Vec<u32>> = (0..zones as u32)
+            .map(|z| {
+                (0..s.hosts as u32)
+                    .filter(|&h| zone_of(h as usize) == z)
+                    .collect()
+            })
+            .collect();
         let scope_count = if s.policy.zone_local() { zones } else { 1 };
         // Owners: among the zone's hosts (zone-local policy) or all hosts.
-        let mut owner_of = vec![Vec::new(); scope_count];
-        for (scope, owners) in owner_of.iter_mut().enumerate() {
-            let members: Vec<u32> = (0..s.hosts)
-                .filter(|&h| scope_count == 1 || zone_of(h) as usize == scope)
-                .map(|h| h as u32)
-                .collect();
-            *owners = ownership::owners(chunks as u32, &members);
-        }
+        let owner: Vec<Vec<u32>> = if scope_count == 1 {
+            let all: Vec<u32> = (0..s.hosts as u32).collect();
+            vec![ownership::owners(chunks as u32, &all)]
+        } else {
+            let owners = |m: &Vec<u32>| ownership::owners(chunks as u32, m);
+            zone_members.iter().map(owners).collect()
+        };
         let mut rng = Rng::new(s.seed);
-        let mut queue = BinaryHeap::new();
+        let mut queue = Queue::default();
         let mut hosts = Vec::with_capacity(s.hosts);
         for h in 0..s.hosts {
             let zone = zone_of(h);
             let scope = if scope_count == 1 { 0 } else { zone as usize };
             let owned = (0..chunks as u32)
-                .filter(|&c| owner_of[scope][c as usize] == h as u32)
+                .filter(|&c| owner[scope][c as usize] == h as u32)
+                .collect();
+            let mut position = vec![0; chunks];
+            let blobs = ranges
+                .iter()
+                .map(|r| {
+                    for (i, c) in r.clone().enumerate() {
+                        position[c as usize] = i as u32;
+                    }
+                    Slots {
+                        start: None,
+                        unasked: r.clone().collect(),
+                        in_flight: 0,
+                        seen_version: u64::MAX,
+                        seen_news: u64::MAX,
+                    }
+                })
                 .collect();
             hosts.push(Host {
                 zone,
                 start: 0.0,
                 done: None,
-                unasked: (0..chunks as u32).collect(),
-                position: (0..chunks as u32).collect(),
+                startup_done: false,
+                begun: false,
+                blobs,
+                position,
                 remaining: chunks,
-                in_flight: 0,
                 up: Link::new(s.host_link_bytes_s),
                 down: Link::new(s.host_link_bytes_s),
                 owned,
-                seen_version: u64::MAX,
                 ticking: false,
                 neighbors: Vec::new(),
                 news: 0,
-                seen_news: u64::MAX,
+                last_news: f64::NEG_INFINITY,
+                push: Push::default(),
             });
-            let gather = if s.policy.zone_local() {
-                fetch.gather_s
-            } else {
-                0.0
-            };
-            let at = rng.unit() * s.start_jitter_s + costs.startup_s + gather;
-            queue.push(Queued {
-                at,
-                seq: h as u64,
-                event: Event::Start(h as u32),
-            });
+            queue.push(rng.unit() * s.start_jitter_s, Event::Begin(h as u32));
         }
         let scopes = (0..scope_count)
             .map(|_| Scope {
@@ -218,11 +250,19 @@ impl<'a> Sim<'a> {
             CpuModel::Shared(cores) => vec![Cpu::new(cores)],
         };
         let mut subscribers = vec![Vec::new(); s.hosts];
-        if let Policy::Providers { k, .. } = s.policy {
-            let members = |z: u32| (0..s.hosts as u32).filter(move |&h| zone_of(h as usize) == z);
+        if let Policy::Providers { k, home_zones, .. } = s.policy {
             for h in 0..s.hosts {
-                let zone: Vec<u32> = members(hosts[h].zone).filter(|&m| m != h as u32).collect();
-                let picked = rng.distinct(&zone, k);
+                let zone = hosts[h].zone as usize;
+                let others = |m: &&u32| **m != h as u32;
+                let inside: Vec<u32> = zone_members[zone].iter().filter(others).copied().collect();
+                let mut picked = rng.distinct(&inside, k);
+                if !home_zones && picked.len() < k {
+                    // `PeerSet::choose`: the zone's peers first, then any others.
+                    let outside: Vec<u32> = (0..s.hosts as u32)
+                        .filter(|&o| zone_of(o as usize) as usize != zone)
+                        .collect();
+                    picked.extend(rng.distinct(&outside, k - picked.len()));
+                }
                 for &n in &picked {
                     subscribers[n as usize].push(h as u32);
                 }
@@ -230,11 +270,20 @@ impl<'a> Sim<'a> {
             }
         }
         let proxy_rate = s.proxy_link_bytes_s.min(costs.proxy_serve_bytes_s);
+        // The proxy ingests the blobs on the first chunk-list request, on the shared
+        // machine (a fleet's proxy holds the image already).
+        let shared = matches!(s.cpu, CpuModel::Shared(_));
+        let ingests = shared && costs.proxy_ingest_cpu_s_per_gib > 0.0;
+        if ingests {
+            queue.push(costs.startup_s, Event::Ingest);
+        }
+        let ingested = vec![!ingests; s.blobs.len()];
         Sim {
             s,
             costs,
             fetch,
             chunk_sizes,
+            blob_of,
             hosts,
             scopes,
             cpus,
@@ -242,32 +291,18 @@ impl<'a> Sim<'a> {
             zone_down: vec![Link::new(s.zone_link_bytes_s); zones],
             zone_up: vec![Link::new(s.zone_link_bytes_s); zones],
             queue,
-            seq: s.hosts as u64,
             rng,
             proxy_bytes_by_zone: vec![0.0; zones],
             cross_zone: 0.0,
             chunks,
-            visible: vec![false; s.hosts * chunks],
+            held: vec![false; s.hosts * chunks],
+            flight: vec![false; s.hosts * chunks],
             subscribers,
-            owner: owner_of,
+            owner,
             home: ownership::owners(chunks as u32, &(0..zones as u32).collect::<Vec<_>>()),
-            zone_members: (0..zones as u32)
-                .map(|z| {
-                    (0..s.hosts as u32)
-                        .filter(|&h| zone_of(h as usize) == z)
-                        .collect()
-                })
-                .collect(),
+            zone_members,
+            ingested,
         }
-    }
-
-    fn at(&mut self, at: f64, event: Event) {
-        self.seq += 1;
-        self.queue.push(Queued {
-            at,
-            seq: self.seq,
-            event,
-        });
     }
 
     fn scope_of(&self, h: u32) -> usize {
@@ -278,60 +313,100 @@ impl<'a> Sim<'a> {
         }
     }
 
-    fn cpu_of(&mut self, h: u32) -> &mut Cpu {
-        let i = if self.cpus.len() == 1 { 0 } else { h as usize };
-        &mut self.cpus[i]
+    fn cpu_index(&self, h: u32) -> usize {
+        if self.cpus.len() == 1 {
+            0
+        } else {
+            h as usize
+        }
+    }
+
+    /// Queues `secs` of CPU work for host `h` (on its cores or the shared ones) at `t`.
+    fn compute(&mut self, h: u32, t: f64, secs: f64, job: Job) {
+        let i = self.cpu_index(h);
+        if let Some((at, epoch)) = self.cpus[i].submit(t, secs, job) {
+            let cpu = i as u32;
+            self.queue.push(at, Event::CpuDone { cpu, epoch });
+        }
     }
 
     fn handle(&mut self, t: f64, event: Event) {
         match event {
-            Event::Start(h) => {
+            Event::Begin(h) => {
                 self.hosts[h as usize].start = t;
-                self.pick(h, t);
-            }
-            Event::Arrived { host, chunk } => {
-                let lag = self.lag();
-                let hs = &mut self.hosts[host as usize];
-                hs.in_flight -= 1;
-                hs.remaining -= 1;
-                if hs.remaining == 0 {
-                    hs.done = Some(t);
+                self.compute(h, t, self.costs.startup_cpu_s, Job::Startup(h));
+                self.hosts[h as usize].begun = true;
+                for b in 0..self.s.blobs.len() {
+                    if self.ingested[b] {
+                        self.listed(h, b as u32, t + self.costs.startup_s);
+                    }
                 }
-                self.at(t + lag, Event::Visible { host, chunk });
+            }
+            Event::Ingest => {
+                for b in 0..self.s.blobs.len() {
+                    let bytes = self.s.blobs[b] as f64;
+                    let secs = cpu_secs(bytes, self.costs.proxy_ingest_cpu_s_per_gib);
+                    self.compute(0, t, secs, Job::Ingest(b as u32));
+                }
+            }
+            Event::BlobReady { host, blob } => {
+                self.hosts[host as usize].blobs[blob as usize].start = Some(t);
                 self.pick(host, t);
             }
-            Event::Visible { host, chunk } => {
-                let scope = self.scope_of(host);
-                let sc = &mut self.scopes[scope];
-                sc.holders[chunk as usize].push(host);
-                sc.last_moved = t;
-                if sc.proxy_flight[chunk as usize] == Some(host) {
-                    sc.proxy_flight[chunk as usize] = None;
+            Event::CpuDone { cpu, epoch } => {
+                let Some((done, next)) = self.cpus[cpu as usize].complete(t, epoch) else {
+                    return;
+                };
+                if let Some((at, epoch)) = next {
+                    self.queue.push(at, Event::CpuDone { cpu, epoch });
                 }
-                sc.version += 1;
-                self.visible[host as usize * self.chunks + chunk as usize] = true;
-                for i in 0..self.subscribers[host as usize].len() {
-                    let s = self.subscribers[host as usize][i];
-                    self.hosts[s as usize].news += 1;
-                }
-                let home = self.home[chunk as usize] as usize;
-                if self.s.policy.home_zones()
-                    && scope == home
-                    && self.owner[home][chunk as usize] == host
-                {
-                    // The other zones' owners of the chunk wait for this copy.
-                    for z in 0..self.owner.len() {
-                        let o = self.owner[z][chunk as usize];
-                        self.hosts[o as usize].news += 1;
+                for job in done {
+                    match job {
+                        Job::Startup(h) => {
+                            self.hosts[h as usize].startup_done = true;
+                            self.maybe_done(h, t);
+                        }
+                        Job::Ingest(b) => {
+                            self.ingested[b as usize] = true;
+                            for h in 0..self.hosts.len() as u32 {
+                                let host = &self.hosts[h as usize];
+                                if host.begun {
+                                    let asked = host.start + self.costs.startup_s;
+                                    self.listed(h, b, t.max(asked));
+                                }
+                            }
+                        }
+                        Job::Verify { host, chunk } => self.arrived(host, chunk, t),
+                        Job::Background => {}
                     }
                 }
-                if self.owner[scope][chunk as usize] == host && self.s.policy.zone_local() {
-                    // Every host of the zone knows the chunk's owner.
-                    let zone = self.hosts[host as usize].zone as usize;
-                    for i in 0..self.zone_members[zone].len() {
-                        let m = self.zone_members[zone][i];
-                        self.hosts[m as usize].news += 1;
-                    }
+            }
+            Event::Received { host, chunk } => {
+                let bytes = self.chunk_sizes[chunk as usize];
+                let secs = cpu_secs(bytes, self.costs.receive_cpu_s_per_gib);
+                self.compute(host, t, secs, Job::Verify { host, chunk });
+            }
+            Event::Visible { host, chunk } => self.visible(host, chunk, t),
+            Event::InFlight { host, chunk } => {
+                let i = host as usize * self.chunks + chunk as usize;
+                if !self.held[i] {
+                    self.flight[i] = true;
+                    self.tell_subscribers(host, t);
+                }
+            }
+            Event::Push(h) => {
+                let push = &mut self.hosts[h as usize].push;
+                push.last = t;
+                push.scheduled = false;
+                let delivered = t + self.costs.rtt_s / 2.0;
+                for (chunk, held) in std::mem::take(&mut push.queued) {
+                    let host = h;
+                    let e = if held {
+                        Event::Visible { host, chunk }
+                    } else {
+                        Event::InFlight { host, chunk }
+                    };
+                    self.queue.push(delivered, e);
                 }
             }
             Event::Tick(h) => {
@@ -341,217 +416,111 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// How long until the others see a chunk this host just verified.
-    fn lag(&mut self) -> f64 {
-        let interval = match self.s.policy {
-            Policy::PollAll { refresh_s } => refresh_s,
-            Policy::Providers { push_batch_s, .. } => push_batch_s,
+    /// Host `h` got blob `b`'s chunk list at `t`: it fetches the blob once it gathered
+    /// the blob's providers (provider policy), at once otherwise.
+    fn listed(&mut self, h: u32, b: u32, t: f64) {
+        let gather = match self.s.policy {
+            Policy::Providers { .. } => quantile(&self.s.gather_s, self.rng.unit()),
+            Policy::PollAll { .. } => 0.0,
         };
-        self.rng.unit() * interval + self.costs.rtt_s / 2.0
+        let event = Event::BlobReady { host: h, blob: b };
+        self.queue.push(t + gather, event);
     }
 
-    fn tick_interval(&self) -> f64 {
-        match self.s.policy {
-            Policy::PollAll { refresh_s } => refresh_s,
-            Policy::Providers { push_batch_s, .. } => push_batch_s,
-        }
-    }
-
-    /// Fills host `h`'s free fetch slots at time `t`.
-    fn pick(&mut self, h: u32, t: f64) {
-        loop {
-            let host = &self.hosts[h as usize];
-            if host.in_flight >= self.fetch.parallel_chunks || host.unasked.is_empty() {
-                break;
-            }
-            // Today's fetcher takes peers' chunks before its own; the provider policy
-            // fetches the chunks it owns first, since its zone waits for them.
-            let owned_first = self.s.policy.zone_local();
-            let owned = if owned_first {
-                self.owned_choice(h, t)
-            } else {
-                None
-            };
-            if let Some((chunk, from)) = owned {
-                self.take(h, chunk);
-                match from {
-                    Some(peer) => self.start_peer(h, peer, chunk, t),
-                    None => self.start_proxy(h, chunk, t),
-                }
-            } else if let Some((chunk, holder)) = self.peer_choice(h) {
-                self.take(h, chunk);
-                self.start_peer(h, holder, chunk, t);
-            } else if let Some((chunk, _)) = self.owned_choice(h, t).filter(|_| !owned_first) {
-                self.take(h, chunk);
-                self.start_proxy(h, chunk, t);
-            } else if t - self.hosts[h as usize].start >= self.fetch.owner_wait_s
-                && t - self.scopes[self.scope_of(h)].last_moved >= self.fetch.owner_wait_s
-            {
-                let chunk = self.any_choice(h);
-                self.take(h, chunk);
-                self.start_proxy(h, chunk, t);
-            } else {
-                break;
-            }
-        }
-        let tick = self.tick_interval();
+    fn maybe_done(&mut self, h: u32, t: f64) {
         let host = &mut self.hosts[h as usize];
-        if host.in_flight < self.fetch.parallel_chunks && !host.unasked.is_empty() && !host.ticking
-        {
-            host.ticking = true;
-            self.at(t + tick, Event::Tick(h));
+        if host.remaining == 0 && host.startup_done && host.done.is_none() {
+            host.done = Some(t);
         }
     }
 
-    /// The chunk to take from a peer next, and the peer.
-    fn peer_choice(&mut self, h: u32) -> Option<(u32, u32)> {
+    fn arrived(&mut self, host: u32, chunk: u32, t: f64) {
+        let blob = self.blob_of[chunk as usize] as usize;
+        let hs = &mut self.hosts[host as usize];
+        hs.blobs[blob].in_flight -= 1;
+        hs.remaining -= 1;
+        self.maybe_done(host, t);
+        self.changed(host, chunk, true, t);
+        self.pick(host, t);
+    }
+
+    /// Host `h`'s map changed (chunk in flight, or held): its subscribers see it when it
+    /// next pushes (provider policy), or at their next poll.
+    fn changed(&mut self, h: u32, chunk: u32, held: bool, t: f64) {
         match self.s.policy {
-            Policy::PollAll { .. } => self.polled_choice(h),
-            Policy::Providers { .. } => self.neighbor_choice(h),
+            Policy::PollAll { refresh_s } => {
+                if held {
+                    let lag = self.rng.unit() * refresh_s + self.costs.rtt_s / 2.0;
+                    self.queue.push(t + lag, Event::Visible { host: h, chunk });
+                }
+            }
+            Policy::Providers { push_batch_s, .. } => {
+                let push = &mut self.hosts[h as usize].push;
+                push.queued.push((chunk, held));
+                if !push.scheduled {
+                    push.scheduled = true;
+                    let at = t.max(push.last + push_batch_s);
+                    self.queue.push(at, Event::Push(h));
+                }
+            }
         }
     }
 
-    /// Provider policy: the chunk rarest among the peers `h` knows of for it (its
-    /// neighbors, and the chunk's owner in its zone) that one of them holds, from the
-    /// least loaded of those.
-    fn neighbor_choice(&mut self, h: u32) -> Option<(u32, u32)> {
-        let host = &self.hosts[h as usize];
-        if host.news == host.seen_news {
-            return None;
+    fn tell_subscribers(&mut self, host: u32, t: f64) {
+        for i in 0..self.subscribers[host as usize].len() {
+            let s = self.subscribers[host as usize][i] as usize;
+            self.hosts[s].news += 1;
+            self.hosts[s].last_news = t;
         }
-        let (chunks, visible) = (self.chunks, &self.visible);
-        let owners = &self.owner[host.zone as usize];
-        let sources = |c: u32| {
-            let owner = owners[c as usize];
-            let extra = (!host.neighbors.contains(&owner)).then_some(owner);
-            host.neighbors
-                .iter()
-                .copied()
-                .chain(extra)
-                .filter(move |&n| visible[n as usize * chunks + c as usize])
-        };
-        let n = host.unasked.len();
-        let mut best: Option<(u32, usize)> = None;
-        let consider = |c: u32, best: &mut Option<(u32, usize)>| {
-            let k = sources(c).count();
-            if k > 0 && best.is_none_or(|(_, b)| k < b) {
-                *best = Some((c, k));
-            }
-        };
-        if n > SAMPLE {
-            for _ in 0..SAMPLE {
-                consider(host.unasked[self.rng.below(n)], &mut best);
-            }
-        }
-        if best.is_none() {
-            for &c in &host.unasked {
-                consider(c, &mut best);
-            }
-        }
-        let Some((chunk, _)) = best else {
-            let news = host.news;
-            self.hosts[h as usize].seen_news = news;
-            return None;
-        };
-        let holder = sources(chunk).min_by(|a, b| {
-            let (a, b) = (&self.hosts[*a as usize].up, &self.hosts[*b as usize].up);
-            a.free_at().total_cmp(&b.free_at())
-        })?;
-        Some((chunk, holder))
     }
 
-    /// Polling policy: the rarest chunk some peer in `h`'s scope holds, from a random
-    /// holder (`fetch.rs` shuffles the holders and asks the first).
-    fn polled_choice(&mut self, h: u32) -> Option<(u32, u32)> {
-        let scope = self.scope_of(h);
-        let version = self.scopes[scope].version;
-        if self.hosts[h as usize].seen_version == version {
-            return None;
+    fn visible(&mut self, host: u32, chunk: u32, t: f64) {
+        let scope = self.scope_of(host);
+        let sc = &mut self.scopes[scope];
+        sc.holders[chunk as usize].push(host);
+        sc.last_moved = t;
+        if sc.proxy_flight[chunk as usize] == Some(host) {
+            sc.proxy_flight[chunk as usize] = None;
         }
-        let n = self.hosts[h as usize].unasked.len();
-        let holders = |c: u32| self.scopes[scope].holders[c as usize].len();
-        let mut best: Option<(u32, usize)> = None;
-        let consider = |c: u32, best: &mut Option<(u32, usize)>| {
-            let k = holders(c);
-            if k > 0 && best.is_none_or(|(_, b)| k < b) {
-                *best = Some((c, k));
-            }
-        };
-        let unasked = &self.hosts[h as usize].unasked;
-        if n > SAMPLE {
-            for _ in 0..SAMPLE {
-                consider(unasked[self.rng.below(n)], &mut best);
-            }
+        sc.version += 1;
+        let i = host as usize * self.chunks + chunk as usize;
+        self.held[i] = true;
+        self.flight[i] = false;
+        self.tell_subscribers(host, t);
+        if !self.s.policy.home_zones() {
+            return;
         }
-        if best.is_none() {
-            for &c in unasked {
-                consider(c, &mut best);
+        let home = self.home[chunk as usize] as usize;
+        if scope == home && self.owner[home][chunk as usize] == host {
+            // The other zones' owners of the chunk wait for this copy.
+            for z in 0..self.owner.len() {
+                let o = self.owner[z][chunk as usize];
+                self.hosts[o as usize].news += 1;
             }
         }
-        let Some((chunk, _)) = best else {
-            self.hosts[h as usize].seen_version = version;
-            return None;
-        };
-        let list = &self.scopes[scope].holders[chunk as usize];
-        let holder = list[self.rng.below(list.len())];
-        Some((chunk, holder))
+        if self.owner[scope][chunk as usize] == host {
+            // Every host of the zone knows the chunk's owner.
+            let zone = self.hosts[host as usize].zone as usize;
+            for i in 0..self.zone_members[zone].len() {
+                let m = self.zone_members[zone][i];
+                self.hosts[m as usize].news += 1;
+            }
+        }
     }
 
-    /// A chunk `h` owns that nobody in its scope holds or fetches from the proxy yet, and
-    /// where to get it: `None` is the proxy. Under the provider policy every chunk also has
-    /// a home zone, whose owner alone fetches it from the proxy; the owners in the other
-    /// zones take it from that owner once it has it (or from the proxy after `owner_wait`).
-    fn owned_choice(&self, h: u32, t: f64) -> Option<(u32, Option<u32>)> {
-        let scope = &self.scopes[self.scope_of(h)];
-        let host = &self.hosts[h as usize];
-        let waited = t - host.start >= self.fetch.owner_wait_s;
-        host.owned.iter().copied().find_map(|c| {
-            let free = host.position[c as usize] != u32::MAX
-                && scope.proxy_flight[c as usize].is_none()
-                && scope.holders[c as usize].is_empty();
-            if !free {
-                return None;
-            }
-            let home = self.home[c as usize] as usize;
-            if !self.s.policy.home_zones() || home == host.zone as usize {
-                return Some((c, None));
-            }
-            let home_owner = self.owner[home][c as usize];
-            if self.visible[home_owner as usize * self.chunks + c as usize] {
-                Some((c, Some(home_owner)))
-            } else {
-                waited.then_some((c, None))
-            }
-        })
-    }
-
-    /// After `owner_wait` of a still scope: a chunk nobody fetches from the proxy (and, under the provider
-    /// policy, that its owner does not hold), else any missing one.
-    fn any_choice(&self, h: u32) -> u32 {
-        let scope_index = self.scope_of(h);
-        let scope = &self.scopes[scope_index];
-        let host = &self.hosts[h as usize];
-        let owner_has = |c: u32| {
-            let owner = self.owner[scope_index][c as usize];
-            self.s.policy.zone_local() && self.visible[owner as usize * self.chunks + c as usize]
-        };
-        host.unasked
-            .iter()
-            .copied()
-            .find(|&c| scope.proxy_flight[c as usize].is_none() && !owner_has(c))
-            .unwrap_or(host.unasked[0])
-    }
-
-    /// Marks `chunk` asked for by `h`.
-    fn take(&mut self, h: u32, chunk: u32) {
+    /// Marks `chunk` asked for by `h`; its subscribers will see it in flight.
+    fn take(&mut self, h: u32, chunk: u32, t: f64) {
+        let blob = self.blob_of[chunk as usize] as usize;
         let host = &mut self.hosts[h as usize];
         let pos = host.position[chunk as usize] as usize;
-        host.unasked.swap_remove(pos);
-        if let Some(&moved) = host.unasked.get(pos) {
+        let slots = &mut host.blobs[blob];
+        slots.unasked.swap_remove(pos);
+        if let Some(&moved) = slots.unasked.get(pos) {
             host.position[moved as usize] = pos as u32;
         }
         host.position[chunk as usize] = u32::MAX;
-        host.in_flight += 1;
+        slots.in_flight += 1;
+        self.changed(h, chunk, false, t);
     }
 
     fn start_peer(&mut self, h: u32, from: u32, chunk: u32, t: f64) {
@@ -565,9 +534,10 @@ impl<'a> Sim<'a> {
             self.cross_zone += bytes;
         }
         end = end.max(self.hosts[h as usize].down.serve(sent, bytes));
-        let send_cpu = self.cpu_secs(bytes, self.costs.send_cpu_s_per_gib);
-        self.cpu_of(from).run(sent, send_cpu);
-        self.arrive(h, chunk, end + self.costs.rtt_s / 2.0);
+        let send_cpu = cpu_secs(bytes, self.costs.send_cpu_s_per_gib);
+        self.compute(from, t, send_cpu, Job::Background);
+        let at = end + self.costs.rtt_s / 2.0;
+        self.queue.push(at, Event::Received { host: h, chunk });
     }
 
     fn start_proxy(&mut self, h: u32, chunk: u32, t: f64) {
@@ -578,22 +548,28 @@ impl<'a> Sim<'a> {
         end = end.max(self.zone_down[zone].serve(sent, bytes));
         end = end.max(self.hosts[h as usize].down.serve(sent, bytes));
         self.proxy_bytes_by_zone[zone] += bytes;
+        if let CpuModel::Shared(_) = self.s.cpu {
+            // The proxy runs on the machine the hosts share, its serving rate CPU-bound.
+            let secs = bytes / self.costs.proxy_serve_bytes_s;
+            self.compute(h, t, secs, Job::Background);
+        }
         let scope = self.scope_of(h);
         self.scopes[scope].proxy_flight[chunk as usize] = Some(h);
-        self.arrive(h, chunk, end + self.costs.rtt_s / 2.0);
+        let at = end + self.costs.rtt_s / 2.0;
+        self.queue.push(at, Event::Received { host: h, chunk });
     }
+}
 
-    /// Verifies the received chunk on `h`'s CPU, then it has arrived.
-    fn arrive(&mut self, h: u32, chunk: u32, received: f64) {
-        let bytes = self.chunk_sizes[chunk as usize];
-        let secs = self.cpu_secs(bytes, self.costs.receive_cpu_s_per_gib);
-        let verified = self.cpu_of(h).run(received, secs);
-        self.at(verified, Event::Arrived { host: h, chunk });
-    }
+/// The value at `u` (in `[0, 1)`) of the distribution given by its quantiles 0, 25, 50,
+/// 75 and 100 %, linear in between.
+fn quantile(q: &[f64; 5], u: f64) -> f64 {
+    let x = u * 4.0;
+    let i = (x as usize).min(3);
+    q[i] + (q[i + 1] - q[i]) * (x - i as f64)
+}
 
-    fn cpu_secs(&self, bytes: f64, per_gib: f64) -> f64 {
-        bytes / (1u64 << 30) as f64 * per_gib
-    }
+fn cpu_secs(bytes: f64, per_gib: f64) -> f64 {
+    bytes / (1u64 << 30) as f64 * per_gib
 }
 
 #[cfg(test)]
