@@ -48,6 +48,9 @@ pub struct Cpu<T> {
     epoch: u64,
 }
 
+/// When a CPU's next job ends and the epoch to queue that under; `None` when idle.
+pub type Next = Option<(f64, u64)>;
+
 /// CPU work below this (seconds) is done: what float rounding leaves of a finished job.
 const DONE: f64 = 1e-9;
 
@@ -77,14 +80,14 @@ impl<T> Cpu<T> {
     }
 
     /// When the next job ends as things stand, with the epoch to queue it under.
-    fn next(&mut self) -> Option<(f64, u64)> {
+    fn next(&mut self) -> Next {
         self.epoch += 1;
         let least = self.jobs.iter().map(|j| j.0).min_by(f64::total_cmp)?;
         Some((self.at + least.max(0.0) / self.rate(), self.epoch))
     }
 
     /// Adds a job of `secs` CPU seconds ready at `now`; returns the next completion.
-    pub fn submit(&mut self, now: f64, secs: f64, then: T) -> Option<(f64, u64)> {
+    pub fn submit(&mut self, now: f64, secs: f64, then: T) -> Next {
         self.advance(now);
         self.jobs.push((secs, then));
         self.next()
@@ -92,7 +95,7 @@ impl<T> Cpu<T> {
 
     /// At a queued completion: the jobs done by `now` and the next completion; `None`
     /// for a superseded one.
-    pub fn complete(&mut self, now: f64, epoch: u64) -> Option<(Vec<T>, Option<(f64, u64)>)> {
+    pub fn complete(&mut self, now: f64, epoch: u64) -> Option<(Vec<T>, Next)> {
         if epoch != self.epoch {
             return None;
         }

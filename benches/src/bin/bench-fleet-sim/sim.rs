@@ -17,12 +17,15 @@
 
 mod choice;
 mod events;
+mod maps;
+mod transfers;
 
 use crate::ownership;
 use crate::params::{Costs, CpuModel, FetchSettings, Policy, Scenario};
 use crate::resources::{Cpu, Link};
 use crate::rng::Rng;
 use events::{Event, Queue};
+use maps::Push;
 
 /// What a job on a CPU is for.
 #[derive(Clone, Copy, Debug)]
@@ -47,15 +50,6 @@ struct Slots {
     seen_version: u64,
     /// Its news count at its last choice that found no holder (providers).
     seen_news: u64,
-}
-
-/// A host's have-map pushes: at most one per interval, carrying every change since.
-#[derive(Default)]
-struct Push {
-    last: f64,
-    scheduled: bool,
-    /// (chunk, held): `false` is in flight.
-    queued: Vec<(u32, bool)>,
 }
 
 /// One host's prefetch.
@@ -387,28 +381,8 @@ impl<'a> Sim<'a> {
                 self.compute(host, t, secs, Job::Verify { host, chunk });
             }
             Event::Visible { host, chunk } => self.visible(host, chunk, t),
-            Event::InFlight { host, chunk } => {
-                let i = host as usize * self.chunks + chunk as usize;
-                if !self.held[i] {
-                    self.flight[i] = true;
-                    self.tell_subscribers(host, t);
-                }
-            }
-            Event::Push(h) => {
-                let push = &mut self.hosts[h as usize].push;
-                push.last = t;
-                push.scheduled = false;
-                let delivered = t + self.costs.rtt_s / 2.0;
-                for (chunk, held) in std::mem::take(&mut push.queued) {
-                    let host = h;
-                    let e = if held {
-                        Event::Visible { host, chunk }
-                    } else {
-                        Event::InFlight { host, chunk }
-                    };
-                    self.queue.push(delivered, e);
-                }
-            }
+            Event::InFlight { host, chunk } => self.in_flight(host, chunk, t),
+            Event::Push(h) => self.push(h, t),
             Event::Tick(h) => {
                 self.hosts[h as usize].ticking = false;
                 self.pick(h, t);
@@ -444,70 +418,6 @@ impl<'a> Sim<'a> {
         self.pick(host, t);
     }
 
-    /// Host `h`'s map changed (chunk in flight, or held): its subscribers see it when it
-    /// next pushes (provider policy), or at their next poll.
-    fn changed(&mut self, h: u32, chunk: u32, held: bool, t: f64) {
-        match self.s.policy {
-            Policy::PollAll { refresh_s } => {
-                if held {
-                    let lag = self.rng.unit() * refresh_s + self.costs.rtt_s / 2.0;
-                    self.queue.push(t + lag, Event::Visible { host: h, chunk });
-                }
-            }
-            Policy::Providers { push_batch_s, .. } => {
-                let push = &mut self.hosts[h as usize].push;
-                push.queued.push((chunk, held));
-                if !push.scheduled {
-                    push.scheduled = true;
-                    let at = t.max(push.last + push_batch_s);
-                    self.queue.push(at, Event::Push(h));
-                }
-            }
-        }
-    }
-
-    fn tell_subscribers(&mut self, host: u32, t: f64) {
-        for i in 0..self.subscribers[host as usize].len() {
-            let s = self.subscribers[host as usize][i] as usize;
-            self.hosts[s].news += 1;
-            self.hosts[s].last_news = t;
-        }
-    }
-
-    fn visible(&mut self, host: u32, chunk: u32, t: f64) {
-        let scope = self.scope_of(host);
-        let sc = &mut self.scopes[scope];
-        sc.holders[chunk as usize].push(host);
-        sc.last_moved = t;
-        if sc.proxy_flight[chunk as usize] == Some(host) {
-            sc.proxy_flight[chunk as usize] = None;
-        }
-        sc.version += 1;
-        let i = host as usize * self.chunks + chunk as usize;
-        self.held[i] = true;
-        self.flight[i] = false;
-        self.tell_subscribers(host, t);
-        if !self.s.policy.home_zones() {
-            return;
-        }
-        let home = self.home[chunk as usize] as usize;
-        if scope == home && self.owner[home][chunk as usize] == host {
-            // The other zones' owners of the chunk wait for this copy.
-            for z in 0..self.owner.len() {
-                let o = self.owner[z][chunk as usize];
-                self.hosts[o as usize].news += 1;
-            }
-        }
-        if self.owner[scope][chunk as usize] == host {
-            // Every host of the zone knows the chunk's owner.
-            let zone = self.hosts[host as usize].zone as usize;
-            for i in 0..self.zone_members[zone].len() {
-                let m = self.zone_members[zone][i];
-                self.hosts[m as usize].news += 1;
-            }
-        }
-    }
-
     /// Marks `chunk` asked for by `h`; its subscribers will see it in flight.
     fn take(&mut self, h: u32, chunk: u32, t: f64) {
         let blob = self.blob_of[chunk as usize] as usize;
@@ -521,42 +431,6 @@ impl<'a> Sim<'a> {
         host.position[chunk as usize] = u32::MAX;
         slots.in_flight += 1;
         self.changed(h, chunk, false, t);
-    }
-
-    fn start_peer(&mut self, h: u32, from: u32, chunk: u32, t: f64) {
-        let bytes = self.chunk_sizes[chunk as usize];
-        let sent = t + self.costs.rtt_s / 2.0;
-        let mut end = self.hosts[from as usize].up.serve(sent, bytes);
-        let (zf, zh) = (self.hosts[from as usize].zone, self.hosts[h as usize].zone);
-        if zf != zh {
-            end = end.max(self.zone_up[zf as usize].serve(sent, bytes));
-            end = end.max(self.zone_down[zh as usize].serve(sent, bytes));
-            self.cross_zone += bytes;
-        }
-        end = end.max(self.hosts[h as usize].down.serve(sent, bytes));
-        let send_cpu = cpu_secs(bytes, self.costs.send_cpu_s_per_gib);
-        self.compute(from, t, send_cpu, Job::Background);
-        let at = end + self.costs.rtt_s / 2.0;
-        self.queue.push(at, Event::Received { host: h, chunk });
-    }
-
-    fn start_proxy(&mut self, h: u32, chunk: u32, t: f64) {
-        let bytes = self.chunk_sizes[chunk as usize];
-        let sent = t + self.costs.rtt_s / 2.0;
-        let zone = self.hosts[h as usize].zone as usize;
-        let mut end = self.proxy.serve(sent, bytes);
-        end = end.max(self.zone_down[zone].serve(sent, bytes));
-        end = end.max(self.hosts[h as usize].down.serve(sent, bytes));
-        self.proxy_bytes_by_zone[zone] += bytes;
-        if let CpuModel::Shared(_) = self.s.cpu {
-            // The proxy runs on the machine the hosts share, its serving rate CPU-bound.
-            let secs = bytes / self.costs.proxy_serve_bytes_s;
-            self.compute(h, t, secs, Job::Background);
-        }
-        let scope = self.scope_of(h);
-        self.scopes[scope].proxy_flight[chunk as usize] = Some(h);
-        let at = end + self.costs.rtt_s / 2.0;
-        self.queue.push(at, Event::Received { host: h, chunk });
     }
 }
 
