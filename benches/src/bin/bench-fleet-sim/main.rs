@@ -91,7 +91,7 @@ fn fleet(hosts: usize, policy: Policy) -> Scenario {
         cpu: CpuModel::PerHost(4),
         start_jitter_s: 1.0,
         policy,
-        gather_s: GATHER_UNLOADED,
+        gather_s: vec![GATHER_UNLOADED],
         seed: hosts as u64,
     }
 }

@@ -159,11 +159,12 @@ pub struct Scenario {
     pub start_jitter_s: f64,
     pub policy: Policy,
     /// Under the provider policy, how long a host gathers a blob's providers and their
-    /// first maps before it chooses owners and starts (`Holders::fetchers`): quantiles
-    /// 0, 25, 50, 75 and 100 % of a distribution each (host, blob) draws from. At least
-    /// `holders::FIRST_LOOKUP_GAP`, 0.25 s (the second lookup), at most about
-    /// `holders::GATHER_MAX`, 2 s, plus the time to be scheduled on a loaded machine.
-    pub gather_s: [f64; 5],
+    /// first maps before it chooses owners and starts (`Holders::fetchers`), per blob (the
+    /// last entry for the blobs after): quantiles 0, 25, 50, 75 and 100 % of a
+    /// distribution each host draws from. At least `holders::FIRST_LOOKUP_GAP`, 0.25 s
+    /// (the second lookup), about `holders::GATHER_MAX`, 2 s, when lookups are slow, plus
+    /// the time to be scheduled on a loaded machine.
+    pub gather_s: Vec<[f64; 5]>,
     pub seed: u64,
 }
 

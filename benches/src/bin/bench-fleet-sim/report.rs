@@ -32,35 +32,50 @@ fn egress(out: &Outcome, image_bytes: u64) -> f64 {
     out.proxy_bytes_by_zone.iter().sum::<f64>() / image_bytes as f64
 }
 
-/// The model against a measured run: its error on the slowest host and on egress.
-pub fn check(out: &Outcome, m: &Measured, image_bytes: u64) {
-    let egress = if m.per_zone {
-        max(&out.proxy_bytes_by_zone) / image_bytes as f64
-    } else {
-        egress(out, image_bytes)
-    };
-    let slowest = max(&out.finish);
+/// The model against a measured run: its error on the slowest host and on egress. With
+/// several runs of the model (seeds), their mean is compared, and their range shown.
+pub fn check(outs: &[Outcome], m: &Measured, image_bytes: u64) {
+    let egress: Vec<f64> = (outs.iter())
+        .map(|out| {
+            if m.per_zone {
+                max(&out.proxy_bytes_by_zone) / image_bytes as f64
+            } else {
+                egress(out, image_bytes)
+            }
+        })
+        .collect();
+    let slowest: Vec<f64> = outs.iter().map(|out| max(&out.finish)).collect();
     println!("Check against {}:", m.label);
     println!();
-    println!("| | measured | model | model / measured |");
+    if outs.len() > 1 {
+        println!(
+            "| | measured | model, mean of {} seeds (min-max) | model / measured |",
+            outs.len()
+        );
+    } else {
+        println!("| | measured | model | model / measured |");
+    }
     println!("|---|---|---|---|");
-    println!(
-        "| slowest host's prefetch | {:.2} s | {:.2} s | {:.2} |",
-        m.slowest_s,
-        slowest,
-        slowest / m.slowest_s
-    );
-    println!(
-        "| proxy chunk egress / image{} | {:.2} | {:.2} | {:.2} |",
-        if m.per_zone {
-            ", most into one zone"
+    let row = |what: &str, unit: &str, measured: f64, model: &[f64]| {
+        let mean = model.iter().sum::<f64>() / model.len() as f64;
+        let range = if model.len() > 1 {
+            let lo = model.iter().copied().fold(f64::INFINITY, f64::min);
+            format!(" ({lo:.2}-{:.2})", max(model))
         } else {
-            ""
-        },
-        m.egress,
-        egress,
-        egress / m.egress
-    );
+            String::new()
+        };
+        println!(
+            "| {what} | {measured:.2}{unit} | {mean:.2}{unit}{range} | {:.2} |",
+            mean / measured
+        );
+    };
+    row("slowest host's prefetch", " s", m.slowest_s, &slowest);
+    let what = if m.per_zone {
+        "proxy chunk egress / image, most into one zone"
+    } else {
+        "proxy chunk egress / image"
+    };
+    row(what, "", m.egress, &egress);
 }
 
 pub fn prediction(label: &str, out: &Outcome, image_bytes: u64) {

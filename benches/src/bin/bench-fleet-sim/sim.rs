@@ -394,7 +394,12 @@ impl<'a> Sim<'a> {
     /// the blob's providers (provider policy), at once otherwise.
     fn listed(&mut self, h: u32, b: u32, t: f64) {
         let gather = match self.s.policy {
-            Policy::Providers { .. } => quantile(&self.s.gather_s, self.rng.unit()),
+            Policy::Providers { .. } => {
+                let g = &self.s.gather_s;
+                g.get(b as usize)
+                    .or(g.last())
+                    .map_or(0.0, |q| quantile(q, self.rng.unit()))
+            }
             Policy::PollAll { .. } => 0.0,
         };
         let event = Event::BlobReady { host: h, blob: b };

@@ -14,7 +14,7 @@ fn scenario(hosts: usize, zones: usize, policy: Policy, image_bytes: u64) -> Sce
         cpu: CpuModel::PerHost(4),
         start_jitter_s: 0.0,
         policy,
-        gather_s: crate::params::GATHER_UNLOADED,
+        gather_s: vec![crate::params::GATHER_UNLOADED],
         seed: 1,
     }
 }
@@ -138,7 +138,7 @@ fn each_blob_has_its_own_fetch_slots() {
         ..one.clone()
     };
     let fetch = FetchSettings::default();
-    let took = |s: &Scenario| run(s, &costs, &fetch).finish[0] - s.gather_s[0];
+    let took = |s: &Scenario| run(s, &costs, &fetch).finish[0] - s.gather_s[0][0];
     let (a, b) = (took(&one), took(&three));
     assert!((0.3..0.35).contains(&a), "one blob: {a} s");
     assert!((0.1..0.15).contains(&b), "three blobs: {b} s");
