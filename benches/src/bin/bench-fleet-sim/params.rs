@@ -102,7 +102,7 @@ pub enum Policy {
 impl Policy {
     pub fn name(&self) -> String {
         match self {
-            Policy::PollAll { .. } => "poll all peers (today)".into(),
+            Policy::PollAll { .. } => "poll all peers (before issue 12)".into(),
             Policy::Providers {
                 k,
                 home_zones: true,

@@ -13,6 +13,7 @@
 //! from its home zone's owner, and the least loaded holder.
 
 use super::{Policy, Sim};
+use crate::rng::Rng;
 
 /// Missing chunks looked at per choice before all of them are.
 const SAMPLE: usize = 64;
@@ -118,26 +119,10 @@ impl Sim<'_> {
                 .chain(extra)
                 .filter(move |&n| held[n as usize * chunks + c as usize])
         };
-        let unasked = &host.blobs[b].unasked;
-        let n = unasked.len();
-        let mut best: Option<(u32, usize)> = None;
-        let consider = |c: u32, best: &mut Option<(u32, usize)>| {
-            let k = sources(c).count();
-            if k > 0 && best.is_none_or(|(_, b)| k < b) {
-                *best = Some((c, k));
-            }
-        };
-        if n > SAMPLE {
-            for _ in 0..SAMPLE {
-                consider(unasked[self.rng.below(n)], &mut best);
-            }
-        }
-        if best.is_none() {
-            for &c in unasked {
-                consider(c, &mut best);
-            }
-        }
-        let Some((chunk, _)) = best else {
+        let best = rarest(&host.blobs[b].unasked, &mut self.rng, |c| {
+            sources(c).count()
+        });
+        let Some(chunk) = best else {
             let news = host.news;
             self.hosts[h as usize].blobs[b].seen_news = news;
             return None;
@@ -169,26 +154,8 @@ impl Sim<'_> {
             return None;
         }
         let holders = |c: u32| self.scopes[scope].holders[c as usize].len();
-        let mut best: Option<(u32, usize)> = None;
-        let consider = |c: u32, best: &mut Option<(u32, usize)>| {
-            let k = holders(c);
-            if k > 0 && best.is_none_or(|(_, b)| k < b) {
-                *best = Some((c, k));
-            }
-        };
         let unasked = &self.hosts[h as usize].blobs[b].unasked;
-        let n = unasked.len();
-        if n > SAMPLE {
-            for _ in 0..SAMPLE {
-                consider(unasked[self.rng.below(n)], &mut best);
-            }
-        }
-        if best.is_none() {
-            for &c in unasked {
-                consider(c, &mut best);
-            }
-        }
-        let Some((chunk, _)) = best else {
+        let Some(chunk) = rarest(unasked, &mut self.rng, holders) else {
             self.hosts[h as usize].blobs[b].seen_version = version;
             return None;
         };
@@ -258,4 +225,27 @@ impl Sim<'_> {
             .find(|&c| free(c))
             .unwrap_or(unasked[0])
     }
+}
+
+/// The chunk of `unasked` with the fewest holders (`holders`), among those with any: among
+/// [`SAMPLE`] drawn at random first, then among all if none of those has a holder.
+fn rarest(unasked: &[u32], rng: &mut Rng, holders: impl Fn(u32) -> usize) -> Option<u32> {
+    let mut best: Option<(u32, usize)> = None;
+    let consider = |c: u32, best: &mut Option<(u32, usize)>| {
+        let k = holders(c);
+        if k > 0 && best.is_none_or(|(_, b)| k < b) {
+            *best = Some((c, k));
+        }
+    };
+    if unasked.len() > SAMPLE {
+        for _ in 0..SAMPLE {
+            consider(unasked[rng.below(unasked.len())], &mut best);
+        }
+    }
+    if best.is_none() {
+        for &c in unasked {
+            consider(c, &mut best);
+        }
+    }
+    best.map(|(c, _)| c)
 }
