@@ -36,7 +36,13 @@ impl ChunkSource for CacheSource {
                 crate::metrics::served("peer", b.len() as u64);
                 PiecesAnswer::Here(b)
             }
-            None if self.fetcher.reads.states.fetching(chunk) => PiecesAnswer::Pending,
+            // Pending only for pieces coming: a fetch covering them (or of the whole chunk).
+            None if self.pieces.fetching_pieces(chunk, first, count) => PiecesAnswer::Pending,
+            None if self.fetcher.reads.states.fetching(chunk)
+                && !self.pieces.fetching_some_pieces(chunk) =>
+            {
+                PiecesAnswer::Pending
+            }
             None if self.pieces.fetch_for_peer(chunk, first, count) => PiecesAnswer::Pending,
             None => PiecesAnswer::NotHere,
         }

@@ -13,8 +13,11 @@
 //! - **Waiting, bounded**: a read that finds no peer holding its bytes asks the peers
 //!   that have the chunk in flight and the chunk's owner directly, again every
 //!   [`POLL`], while one of them answers `Pending` (at most `peer_timeout`) or, while the
-//!   owner has not started yet, at most `read_owner_wait`. Then (or at once, when this
-//!   host owns the chunk) it fetches from the proxy itself. A dead or slow peer so costs
+//!   owner has not sent it, at most `read_owner_wait`. The owner fetches the pieces a
+//!   peer asks for ([`crate::pieces`]'s `for_peers`) and windows ([`crate::window_share`])
+//!   and answers `Pending` meanwhile; an owner saying "not here" sees other hosts reading
+//!   the blob than this host does, and this host's view is renewed. Then (or at once, when
+//!   this host owns the chunk) it fetches from the proxy itself. A dead or slow peer so costs
 //!   time within those bounds, never a read: the mount's read bound still ends every read.
 //!
 //! Every byte from a peer is verified before use (whole chunks by their digest, pieces
@@ -288,8 +291,14 @@ impl Fetcher {
             }
             let waited = started.elapsed();
             let wait_pending = pending && waited < self.settings.peer_timeout;
+            // An owner fetches the pieces that hosts reading the chunk ask for
+            // (`pieces::for_peers`): one that says "not here" does not count itself the
+            // owner, this host's view of who reads the blob being older than its own, and
+            // the maps are asked again (every `MAP_AGE`) for `read_owner_wait`. A whole
+            // chunk is waited for only while the owner has not started it.
+            let owner_may_send = matches!(want, Want::Pieces { .. }) || !owner_started;
             let wait_owner =
-                owner.is_some() && !owner_started && waited < self.settings.read_owner_wait;
+                owner.is_some() && owner_may_send && waited < self.settings.read_owner_wait;
             if !wait_pending && !wait_owner {
                 tracing::debug!(%digest, ?waited, "no peer had it for a read: the proxy");
                 return None;
@@ -333,6 +342,10 @@ impl Fetcher {
                     return Some(b);
                 }
                 Ok(Answer::Pending) if started.elapsed() < timeout => {
+                    tokio::time::sleep(POLL).await;
+                }
+                Ok(Answer::NotHere) if started.elapsed() < self.settings.read_owner_wait => {
+                    // The owner's view of the hosts reading the layer differs: renew ours.
                     tokio::time::sleep(POLL).await;
                 }
                 Ok(answer) => {

@@ -9,14 +9,19 @@
 //!
 //! Only the owner (by this host's own recent view of the hosts reading the blob,
 //! [`crate::fetch::Fetcher::owns_for_reads`]) fetches; a host that merely has the chunk
-//! in flight or partial says "not here", as before. The fetch is an ordinary read
-//! ([`Pieces::read`]: peers first, then the proxy, every piece verified and stored), one
-//! per chunk and piece range at a time. Reading chunk lists and have-maps here is from
+//! in flight or partial says "not here", as before. The fetch goes to the proxy at once
+//! (the asker found this host to be the owner: asking peers again could wait on the
+//! asker), every piece verified and stored, one per chunk and piece range at a time.
+//!
+//! `Pending` is a promise about the pieces asked: it is answered while a fetch here of
+//! pieces covering them runs ([`Pieces::fetching_pieces`]), not merely while some pieces
+//! of the chunk are coming, so that a peer does not wait on pieces nobody fetches. Reading chunk lists and have-maps here is from
 //! memory: a peer's request never touches the disk unless the pieces are there.
 
 use super::{lock, Pieces};
 use imgd_core::{ChunkList, Digest};
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 /// What [`Pieces`] knows to fetch pieces for peers.
@@ -28,6 +33,29 @@ pub(super) struct ForPeers {
     chunks: Mutex<HashMap<Digest, (Digest, usize)>>,
     /// Fetches for peers running now: chunk, first piece, piece count.
     running: Mutex<HashSet<(Digest, u32, u32)>>,
+    /// Piece ranges being fetched from the proxy now, by chunk.
+    flying: Mutex<HashMap<Digest, Vec<Range<usize>>>>,
+}
+
+/// A range of pieces shown as being fetched until dropped.
+pub(super) struct Flying<'a> {
+    pieces: &'a Pieces,
+    chunk: Digest,
+    range: Range<usize>,
+}
+
+impl Drop for Flying<'_> {
+    fn drop(&mut self) {
+        let mut flying = lock(&self.pieces.for_peers.flying);
+        if let Some(ranges) = flying.get_mut(&self.chunk) {
+            if let Some(k) = ranges.iter().position(|r| *r == self.range) {
+                ranges.swap_remove(k);
+            }
+            if ranges.is_empty() {
+                flying.remove(&self.chunk);
+            }
+        }
+    }
 }
 
 impl Pieces {
@@ -43,6 +71,33 @@ impl Pieces {
         for (i, c) in list.chunks.iter().enumerate() {
             chunks.entry(c.digest).or_insert((list.blob, i));
         }
+    }
+
+    /// Pieces `range` of `chunk` are fetched from the proxy until the guard is dropped.
+    pub(super) fn pieces_in_flight(&self, chunk: Digest, range: Range<usize>) -> Flying<'_> {
+        lock(&self.for_peers.flying)
+            .entry(chunk)
+            .or_default()
+            .push(range.clone());
+        Flying {
+            pieces: self,
+            chunk,
+            range,
+        }
+    }
+
+    /// Whether a fetch here of pieces of `chunk` covering `first..first + count` runs.
+    pub fn fetching_pieces(&self, chunk: &Digest, first: u32, count: u32) -> bool {
+        let (a, b) = (first as usize, first as usize + count as usize);
+        let covered = lock(&self.for_peers.flying)
+            .get(chunk)
+            .is_some_and(|ranges| ranges.iter().any(|r| r.start <= a && b <= r.end));
+        covered || lock(&self.for_peers.running).contains(&(*chunk, first, count))
+    }
+
+    /// Whether pieces (not the whole chunk) of `chunk` are being fetched here.
+    pub fn fetching_some_pieces(&self, chunk: &Digest) -> bool {
+        lock(&self.for_peers.flying).contains_key(chunk)
     }
 
     /// A peer asked for pieces `first..first + count` of `chunk`, which are not all
@@ -69,12 +124,49 @@ impl Pieces {
         let me = self.clone();
         let pieces = first as usize..(first as usize).saturating_add(count as usize);
         runtime.spawn(async move {
-            if let Err(e) = me.read(&list, i, pieces).await {
+            if let Err(e) = me.fetch_from_proxy(&list, i, pieces).await {
                 tracing::warn!(chunk = %key.0, error = %e, "could not fetch pieces a peer asked for");
             }
             lock(&me.for_peers.running).remove(&key);
         });
         true
+    }
+
+    /// Fetches pieces `pieces` of chunk `i` of `list` that are not stored from the proxy,
+    /// verified, and stores them.
+    async fn fetch_from_proxy(
+        &self,
+        list: &ChunkList,
+        i: usize,
+        pieces: Range<usize>,
+    ) -> Result<(), super::PieceError> {
+        let Some(chunk) = list.chunks.get(i).copied() else {
+            return Ok(());
+        };
+        let all = list.pieces_of(i).unwrap_or_default();
+        if pieces.is_empty() || pieces.end > all.len() || self.cache.has_chunk(&chunk.digest) {
+            return Ok(());
+        }
+        let mark = super::PartialMark {
+            blob: list.blob,
+            index: i,
+            size: chunk.size,
+            pieces: all.to_vec(),
+        };
+        let mut have = self.stored(&mark, pieces.clone()).await;
+        let got = self
+            .fetch_missing(
+                &chunk.digest,
+                &mark,
+                &mut have,
+                pieces.start,
+                super::Sources::Proxy,
+            )
+            .await?;
+        self.stats
+            .read_bytes
+            .fetch_add(got.proxy, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// The chunk list and index of `chunk`, among the blobs mounts here read.

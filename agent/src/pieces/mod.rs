@@ -120,6 +120,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Where missing pieces are fetched from.
+#[derive(Clone, Copy)]
+enum Sources {
+    /// Peers that hold them, are fetching them or own the chunk, else the proxy.
+    Swarm,
+    /// The proxy (this host fetches them for a peer that found it the chunk's owner).
+    Proxy,
+}
+
 /// Bytes a fetch of pieces got, by source.
 #[derive(Default)]
 struct FetchedBytes {
@@ -293,7 +302,13 @@ impl Pieces {
         };
         let mut have = self.stored(&mark, pieces.clone()).await;
         let got = self
-            .fetch_missing(&chunk.digest, &mark, &mut have, pieces.start)
+            .fetch_missing(
+                &chunk.digest,
+                &mark,
+                &mut have,
+                pieces.start,
+                Sources::Swarm,
+            )
             .await?;
         self.stats
             .read_bytes
@@ -327,6 +342,7 @@ impl Pieces {
         mark: &PartialMark,
         have: &mut [Option<Bytes>],
         first: usize,
+        sources: Sources,
     ) -> Result<FetchedBytes, PieceError> {
         let mut fetched = FetchedBytes::default();
         let mut k = 0;
@@ -346,10 +362,14 @@ impl Pieces {
                 digests: &mark.pieces[a..b],
                 len: (range.end - range.start) as usize,
             };
-            let from_peer = self
-                .fetcher
-                .read_from_peers(&mark.blob, mark.index, *chunk, want)
-                .await;
+            let from_peer = match sources {
+                Sources::Swarm => {
+                    self.fetcher
+                        .read_from_peers(&mark.blob, mark.index, *chunk, want)
+                        .await
+                }
+                Sources::Proxy => None,
+            };
             // In flight for peers while the proxy is asked; partial once kept.
             let peer = from_peer.is_some();
             let (body, flight) = match from_peer {
@@ -359,6 +379,7 @@ impl Pieces {
                 }
                 None => {
                     let flight = self.fetcher.reads.states.begin(*chunk);
+                    let _flying = self.pieces_in_flight(*chunk, a..b);
                     let body = self.proxy.chunk_range(chunk, range.clone()).await?;
                     fetched.proxy += body.len() as u64;
                     (body, flight)
@@ -473,7 +494,9 @@ impl Pieces {
             if !self.cache.has_chunk(chunk) {
                 let all = 0..mark.pieces.len();
                 let mut have = self.stored(&mark, all).await;
-                let got = self.fetch_missing(chunk, &mark, &mut have, 0).await?;
+                let got = self
+                    .fetch_missing(chunk, &mark, &mut have, 0, Sources::Swarm)
+                    .await?;
                 self.stats
                     .completion_bytes
                     .fetch_add(got.proxy, Ordering::Relaxed);
