@@ -118,13 +118,16 @@ impl PieceStore {
         self.marks.join(chunk.hex())
     }
 
-    /// Records `chunk` as partial (atomically; idempotent).
+    /// Records `chunk` as partial (atomically; idempotent, and safe to call concurrently).
     pub fn mark(&self, chunk: &Digest, mark: &PartialMark) -> std::io::Result<()> {
         let path = self.mark_path(chunk);
         if path.is_file() {
             return Ok(());
         }
-        let tmp = self.marks.join(format!("{}.tmp", chunk.hex()));
+        // A temp file of its own: a read and a fetch for a peer may mark one chunk at once.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self.marks.join(format!("{}.{n}.tmp", chunk.hex()));
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&serde_json::to_vec(mark).unwrap_or_default())?;
         f.sync_all()?;
