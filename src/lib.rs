@@ -8,6 +8,8 @@
 //! - [`endpoints`]: interchangeable HTTP endpoints tried in rendezvous order, with health.
 //! - [`peer_wire`]: the frame codec of the agents' peer-to-peer data plane.
 //! - [`single_flight`]: one cancel-safe piece of work per key, shared by concurrent callers.
+//! - [`verified_chunk`], [`verified_pieces`]: chunk (and piece) bytes checked against
+//!   their digests, made only by the code that hashed them, so no hop hashes twice.
 //! - [`wire`]: JSON types of the proxy's chunk API.
 
 pub mod chunk;
@@ -27,8 +29,12 @@ pub mod rendezvous;
 pub mod single_flight;
 #[cfg(feature = "store")]
 pub mod store;
+pub mod verified_chunk;
+pub mod verified_pieces;
 pub mod wire;
 
 pub use chunk::{ChunkList, ChunkRef, Chunker, PieceHasher, CHUNK_SIZE, PIECE_SIZE};
 pub use digest::{Digest, DigestError, Sha256};
 pub use single_flight::SingleFlight;
+pub use verified_chunk::{ChunkMismatch, ChunkReceiver, VerifiedChunk};
+pub use verified_pieces::{PieceMismatch, VerifiedPieces};

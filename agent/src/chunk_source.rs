@@ -8,7 +8,7 @@ use crate::pieces::Pieces;
 use crate::window_share::WindowShare;
 use bytes::Bytes;
 use imgd_core::index::WindowRef;
-use imgd_core::Digest;
+use imgd_core::{Digest, VerifiedChunk};
 use std::sync::Arc;
 
 /// The cache and the piece store (through the fetcher, which also knows chunks in
@@ -21,7 +21,9 @@ pub struct CacheSource {
 
 impl ChunkSource for CacheSource {
     fn chunk(&self, digest: &Digest) -> Option<Bytes> {
+        // Verified on the read from disk; the receiving peer verifies again (its hop).
         let bytes = self.fetcher.cache.get_chunk(digest).ok().flatten();
+        let bytes = bytes.map(VerifiedChunk::into_bytes);
         crate::metrics::served("peer", bytes.as_ref().map_or(0, |b| b.len() as u64));
         bytes
     }

@@ -23,7 +23,7 @@ mod arriving;
 mod providing;
 mod read_swarm;
 mod sources;
-pub use read_swarm::{ReadFlight, ReadStates, Want};
+pub use read_swarm::{Got, ReadFlight, ReadStates, Want};
 
 use crate::cache::ChunkCache;
 use crate::chunk_state::{ChunkStates, Fetcher as By, Transition};
@@ -32,9 +32,8 @@ use crate::dataplane::{HaveMap, PeerPool};
 use crate::holders::{HolderContext, Holders, View};
 use crate::peers::{Peer, PeerSet, FAILURE_PENALTY};
 use crate::proxy_client::{ProxyClient, ProxyClientError, Repo};
-use bytes::Bytes;
 use imgd_core::single_flight::{Abandoned, Join};
-use imgd_core::{ChunkList, Digest, SingleFlight};
+use imgd_core::{ChunkList, Digest, SingleFlight, VerifiedChunk};
 use rand::seq::SliceRandom;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -161,7 +160,7 @@ impl Changes {
 }
 
 /// What waiters of a chunk fetched for a read get from the fetch they joined.
-type ChunkOutcome = Result<Bytes, Arc<FetchError>>;
+type ChunkOutcome = Result<VerifiedChunk, Arc<FetchError>>;
 
 /// Fetches blobs into the cache.
 pub struct Fetcher {
@@ -261,7 +260,11 @@ impl Fetcher {
     /// (then cached), in flight for peers to see meanwhile. Concurrent calls for one
     /// chunk make one fetch, and cancelling any of them (a read's time bound) leaves the
     /// others a working fetch. The flag says whether this call fetched it.
-    pub async fn chunk(&self, list: &ChunkList, i: usize) -> Result<(Bytes, bool), FetchError> {
+    pub async fn chunk(
+        &self,
+        list: &ChunkList,
+        i: usize,
+    ) -> Result<(VerifiedChunk, bool), FetchError> {
         let Some(c) = list.chunks.get(i).copied() else {
             return Err(FetchError::Exhausted {
                 blob: list.blob,
@@ -276,12 +279,12 @@ impl Fetcher {
             match self.chunk_flights.join(c.digest, || ()) {
                 Join::Leader(lead) => {
                     let result = async {
-                        if let Some(bytes) = self
+                        if let Some(Got::Chunk(chunk)) = self
                             .read_from_peers(&list.blob, i, c.digest, Want::Chunk)
                             .await
                         {
-                            self.cache.put_chunk(&c.digest, &bytes)?;
-                            return Ok(bytes);
+                            self.cache.put_chunk(&chunk)?;
+                            return Ok(chunk);
                         }
                         let flight = self.reads.states.begin(c.digest);
                         // No holders: the proxy is asked, so `None` does not come back.
@@ -292,7 +295,7 @@ impl Fetcher {
                                 digest: c.digest,
                                 last: "no source answered".into(),
                             })?;
-                        self.cache.put_chunk(&c.digest, &bytes)?;
+                        self.cache.put_chunk(&bytes)?;
                         if let Some(f) = flight {
                             f.end(Transition::Verified);
                         }
@@ -435,7 +438,7 @@ impl Fetcher {
                     pending.push(i);
                 }
                 Ok(Some((bytes, source))) => {
-                    if let Err(e) = self.cache.put_chunk(&list.chunks[i].digest, &bytes) {
+                    if let Err(e) = self.cache.put_chunk(&bytes) {
                         job.mark(i, Transition::Failed, &self.changes);
                         return Err(e.into());
                     }

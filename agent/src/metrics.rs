@@ -147,7 +147,7 @@ pub fn registry() -> Registry {
 mod tests {
     use super::*;
     use crate::cache::ChunkCache;
-    use imgd_core::Digest;
+    use imgd_core::{Digest, VerifiedChunk};
 
     #[test]
     fn evictions_and_cache_verification_failures_are_counted() {
@@ -155,7 +155,8 @@ mod tests {
         let cache = ChunkCache::open(dir.path(), 1 << 30).unwrap();
         let chunks: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 1000]).collect();
         for c in &chunks {
-            cache.put_chunk(&Digest::of(c), c).unwrap();
+            let c = VerifiedChunk::check(Digest::of(c), c.clone().into()).unwrap();
+            cache.put_chunk(&c).unwrap();
         }
         let (evictions, bytes) = (EVENTS.evictions.get(), EVENTS.evicted_bytes.get());
         let report = cache.evict_to(0).unwrap();
@@ -173,7 +174,9 @@ mod tests {
         let before = failures();
         let c = vec![7u8; 1000];
         let d = Digest::of(&c);
-        cache.put_chunk(&d, &c).unwrap();
+        cache
+            .put_chunk(&VerifiedChunk::check(d, c.into()).unwrap())
+            .unwrap();
         let hex = d.hex();
         let file = dir.path().join("chunks").join(&hex[..2]).join(&hex);
         std::fs::write(&file, vec![8u8; 1000]).unwrap();

@@ -236,7 +236,8 @@ fn chunks_body(
                 .map_err(std::io::Error::other)?
                 .ok_or_else(|| {
                     std::io::Error::other(format!("chunk {} left the cache", chunk.digest))
-                })?;
+                })?
+                .into_bytes();
             let from = range.start.saturating_sub(start) as usize;
             let to = (range.end - start).min(bytes.len() as u64) as usize;
             crate::metrics::served("mirror", (to - from.min(to)) as u64);

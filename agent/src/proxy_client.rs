@@ -6,7 +6,7 @@
 use crate::proxy_replicas::ReplicaSet;
 use bytes::Bytes;
 use imgd_core::wire::BlobInfo;
-use imgd_core::{Digest, CHUNK_SIZE};
+use imgd_core::{Digest, VerifiedChunk, CHUNK_SIZE};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -348,7 +348,7 @@ impl ProxyClient {
 
     /// A chunk, verified against its digest: first from the replica that served its
     /// blob's chunk list; a replica that does not hold it is told to ingest the blob.
-    pub async fn chunk(&self, digest: &Digest) -> Result<Bytes, ProxyClientError> {
+    pub async fn chunk(&self, digest: &Digest) -> Result<VerifiedChunk, ProxyClientError> {
         self.routed(digest, |i| self.chunk_at(i, digest)).await
     }
 
@@ -378,18 +378,21 @@ impl ProxyClient {
         .await
     }
 
-    async fn chunk_at(&self, replica: usize, digest: &Digest) -> Result<Bytes, ProxyClientError> {
+    async fn chunk_at(
+        &self,
+        replica: usize,
+        digest: &Digest,
+    ) -> Result<VerifiedChunk, ProxyClientError> {
         let path = format!("/imgd/v1/chunks/{digest}");
         let resp = self.get(replica, &path, &[]).await?;
         let bytes = Self::body(resp, &path, CHUNK_SIZE).await?;
-        if Digest::of(&bytes) != *digest {
+        VerifiedChunk::check(*digest, bytes).map_err(|_| {
             crate::metrics::verification_failed("proxy");
-            return Err(ProxyClientError::Corrupt {
+            ProxyClientError::Corrupt {
                 what: "a chunk",
                 digest: *digest,
-            });
-        }
-        Ok(bytes)
+            }
+        })
     }
 
     /// Bytes `range` of a chunk, by `Range` (not verified here: the caller checks each

@@ -1,7 +1,8 @@
-//! One agent: kill -9 in the middle of a prefetch loses nothing verified, and imgctl gives
-//! clear errors.
+//! One agent: kill -9 in the middle of a prefetch loses nothing verified, a wrong chunk
+//! from the proxy is caught and never cached, and imgctl gives clear errors.
 
 use imgd_tests::daemons::{Agent, AgentOptions, Proxy};
+use imgd_tests::fault_relay::{Fault, FaultRelay};
 use imgd_tests::image::presets;
 use imgd_tests::process::free_port;
 use imgd_tests::registry::Registry;
@@ -169,4 +170,46 @@ fn the_local_api_and_the_mirror_listen_only_where_configured() {
         .filter(|local| local.ends_with(&format!(":{port}")))
         .collect();
     assert_eq!(locals, [a.mirror.as_str()], "{listening}");
+}
+
+#[test]
+fn a_chunk_the_proxy_sends_wrong_is_caught_and_never_cached() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::start().unwrap();
+    skopeo::push_image(
+        &reg,
+        &tmp.path().join("img"),
+        presets::big_gzip(12),
+        "big:1",
+    )
+    .unwrap();
+    let proxy = Proxy::start(&[format!("local={}", reg.url())]).unwrap();
+    let relay = FaultRelay::start(&proxy.addr()).unwrap();
+    let a = agent(&tmp.path().join("agent"), &relay.url());
+    // The first whole-chunk answer (the config's, or a layer's during ingest or after) gets
+    // a byte flipped.
+    relay.add("/imgd/v1/chunks/", Fault::FlipByte { at: 10 }, Some(1));
+    let metric = "imgd_agent_verification_failures_total{where=\"proxy\"}";
+    let before = a.metrics().unwrap();
+
+    // The chunk fetched while the proxy ingests is retried by the ordinary fetch; one
+    // fetched after fails the prefetch, and a second prefetch gets it right.
+    let (ok, _, _) = a.imgctl(&["prefetch", "local/big:1"]).unwrap();
+    if !ok {
+        let (ok, out, err) = a.imgctl(&["prefetch", "local/big:1"]).unwrap();
+        assert!(ok, "the second prefetch: {out}{err}");
+    }
+    let caught = a.metrics().unwrap().delta(&before, metric);
+    let chunk_gets: Vec<String> = relay
+        .seen()
+        .iter()
+        .filter(|r| r.path.contains("/imgd/v1/chunks/"))
+        .map(|r| r.path.clone())
+        .collect();
+    assert!(
+        caught >= 1.0,
+        "the wrong chunk was counted against the proxy; chunk requests {chunk_gets:?}\n{}",
+        a.log()
+    );
+    a.verify_clean().unwrap();
 }

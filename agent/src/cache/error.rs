@@ -7,9 +7,6 @@ use imgd_core::Digest;
 /// Errors of [`ChunkCache`](super::ChunkCache) operations.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    /// Bytes offered for a chunk do not hash to the chunk's digest; nothing was stored.
-    #[error("chunk {expected} rejected: its bytes hash to {actual}")]
-    Corrupt { expected: Digest, actual: Digest },
     /// A chunk larger than [`CHUNK_SIZE`](imgd_core::CHUNK_SIZE) was offered.
     #[error("chunk {digest} rejected: {size} bytes is more than the 4 MiB chunk size")]
     ChunkTooLarge { digest: Digest, size: usize },

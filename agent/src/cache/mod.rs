@@ -12,10 +12,12 @@
 //!
 //! # Policies
 //!
-//! - **Verification.** Bytes are hashed before they are stored ([`ChunkCache::put_chunk`]
-//!   rejects a mismatch with [`CacheError::Corrupt`] and stores nothing) and again on every
-//!   read ([`ChunkCache::get_chunk`]). A chunk that fails on read, or whose file vanished,
-//!   is removed (file and row) with a warning and reported absent: the cache heals.
+//! - **Verification.** Only verified chunks are stored: [`ChunkCache::put_chunk`] takes
+//!   a [`VerifiedChunk`], which only the code that hashed the bytes (the client that
+//!   received them) can make, so a put does not hash again. Every read from disk is
+//!   hashed again ([`ChunkCache::get_chunk`], which so gives a `VerifiedChunk` too). A
+//!   chunk that fails on read, or whose file vanished, is removed (file and row) with a
+//!   warning and reported absent: the cache heals.
 //! - **Crash consistency.** A chunk's file is committed (fsync, rename, directory fsync)
 //!   before its row is written; eviction deletes the row before the file. So after
 //!   `kill -9` the only possible damage is a file without a row (an *orphan*) or leftover
@@ -62,9 +64,8 @@ pub use eviction::EvictReport;
 pub use repair::{GcReport, RepairReport, VerifyReport};
 pub use tables::{ChunkMeta, ImageRecord, PinRecord};
 
-use bytes::Bytes;
 use imgd_core::store::{ContentStore, MetaDb, StoreError};
-use imgd_core::{Digest, CHUNK_SIZE};
+use imgd_core::{Digest, VerifiedChunk, CHUNK_SIZE};
 use index::Index;
 use locks::{lock, Stripes};
 use std::collections::HashMap;
@@ -172,25 +173,20 @@ impl ChunkCache {
         self.index().get(digest)
     }
 
-    /// Stores a chunk after checking that `bytes` hash to `digest`; idempotent. Then, if
-    /// the cache (chunks and inflated layers) is above its quota, evicts down to the
-    /// low-water mark (never this chunk).
-    /// A failure of that eviction is logged, not returned: the chunk is stored.
-    pub fn put_chunk(&self, digest: &Digest, bytes: &[u8]) -> Result<(), CacheError> {
-        if bytes.len() > CHUNK_SIZE {
+    /// Stores a chunk; idempotent. The chunk was verified by whoever received it (the
+    /// type is the proof), so it is not hashed again here. Then, if the cache (chunks
+    /// and inflated layers) is above its quota, evicts down to the low-water mark
+    /// (never this chunk). A failure of that eviction is logged, not returned: the
+    /// chunk is stored.
+    pub fn put_chunk(&self, chunk: &VerifiedChunk) -> Result<(), CacheError> {
+        let digest = chunk.digest();
+        if chunk.len() > CHUNK_SIZE {
             return Err(CacheError::ChunkTooLarge {
                 digest: *digest,
-                size: bytes.len(),
+                size: chunk.len(),
             });
         }
-        let actual = Digest::of(bytes);
-        if actual != *digest {
-            return Err(CacheError::Corrupt {
-                expected: *digest,
-                actual,
-            });
-        }
-        self.store_verified(digest, bytes)?;
+        self.store_verified(digest, chunk.bytes())?;
         if self.used_bytes() + self.inflated_bytes() > self.quota {
             if let Err(e) = self.make_room(Some(digest)) {
                 tracing::warn!(error = %e, "chunk cache eviction failed");
@@ -234,22 +230,27 @@ impl ChunkCache {
         Ok(())
     }
 
-    /// The chunk's bytes, verified against `digest`, or `None` if it is not cached. A
-    /// chunk whose file is damaged or gone is removed and reported as `None`.
-    pub fn get_chunk(&self, digest: &Digest) -> Result<Option<Bytes>, CacheError> {
+    /// The chunk, read from disk and verified against `digest` (disks rot: every read
+    /// is checked), or `None` if it is not cached. A chunk whose file is damaged or gone
+    /// is removed and reported as `None`.
+    pub fn get_chunk(&self, digest: &Digest) -> Result<Option<VerifiedChunk>, CacheError> {
         if !self.has_chunk(digest) {
             return Ok(None);
         }
-        match self.store.read_verified(digest) {
-            Ok(bytes) => {
+        let read = match self.store.read(digest) {
+            Ok(bytes) => VerifiedChunk::check(*digest, bytes).ok(),
+            Err(StoreError::Missing(_)) => None,
+            Err(e) => return Err(CacheError::store("reading a chunk", e)),
+        };
+        match read {
+            Some(chunk) => {
                 self.touch(digest)?;
-                Ok(Some(bytes))
+                Ok(Some(chunk))
             }
-            Err(StoreError::Missing(_) | StoreError::Corrupt { .. }) => {
+            None => {
                 self.heal(digest)?;
                 Ok(None)
             }
-            Err(e) => Err(CacheError::store("reading a chunk", e)),
         }
     }
 

@@ -2,9 +2,10 @@
 //! them per peer address ([`PeerPool`]).
 //!
 //! Every received chunk is verified against the digest that was asked for while it is
-//! read (hashing each piece right after it arrives, while it is still in cache), and a
-//! mismatch is reported as [`DataPlaneError::Corrupt`] so the caller can penalise the
-//! peer. Every call has a time limit covering the whole exchange, so a peer that drips
+//! read (hashing each piece right after it arrives, while it is still in cache, by an
+//! [`imgd_core::ChunkReceiver`]) and handed on as an [`imgd_core::VerifiedChunk`] (pieces
+//! as [`imgd_core::VerifiedPieces`]), so no later hop hashes it again; a mismatch is
+//! reported as [`DataPlaneError::Corrupt`] so the caller can penalise the peer. Every call has a time limit covering the whole exchange, so a peer that drips
 //! its answer fails with [`DataPlaneError::Timeout`].
 
 use super::wire::{self, FrameLimits, Message, HEADER_LEN};
@@ -12,7 +13,7 @@ use super::Result;
 use super::{handshake, tune_socket, with_timeout, DataPlaneConfig, DataPlaneError, HaveMap};
 use bytes::{BufMut, Bytes, BytesMut};
 use imgd_core::index::WindowRef;
-use imgd_core::{Digest, Sha256, PIECE_SIZE};
+use imgd_core::{ChunkReceiver, Digest, VerifiedChunk, VerifiedPieces};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -48,16 +49,36 @@ pub enum Answer<T> {
     NotHere,
 }
 
+impl<T> Answer<T> {
+    /// The same answer, with `f` applied to what is here.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Answer<U> {
+        match self {
+            Answer::Here(t) => Answer::Here(f(t)),
+            Answer::Pending => Answer::Pending,
+            Answer::NotHere => Answer::NotHere,
+        }
+    }
+}
+
 /// What the bytes of a reply must match.
 enum Verify {
     Nothing,
     /// A whole chunk: its sha256.
     Chunk(Digest),
-    /// Pieces of a chunk: each 256 KiB piece's sha256 in order, and their total length.
+    /// Pieces `first..` of a chunk: each 64 KiB piece's sha256 in order, and their
+    /// total length.
     Pieces {
+        first: usize,
         digests: Vec<Digest>,
         len: usize,
     },
+}
+
+/// A reply, its bytes verified as [`Verify`] asked.
+enum Received {
+    Chunk(VerifiedChunk),
+    Pieces(VerifiedPieces),
+    Control(Message),
 }
 
 /// One authenticated connection to a peer, carrying one request at a time.
@@ -109,7 +130,11 @@ impl PeerClient {
     /// Fetches chunk `digest`: `Ok(None)` if the peer does not hold it. The bytes are
     /// verified; wrong ones give [`DataPlaneError::Corrupt`] (the connection stays
     /// usable, the peer is to blame).
-    pub async fn get_chunk(&mut self, digest: &Digest, timeout: Duration) -> Result<Option<Bytes>> {
+    pub async fn get_chunk(
+        &mut self,
+        digest: &Digest,
+        timeout: Duration,
+    ) -> Result<Option<VerifiedChunk>> {
         Ok(match self.chunk_answer(digest, timeout).await? {
             Answer::Here(bytes) => Some(bytes),
             Answer::Pending | Answer::NotHere => None,
@@ -121,12 +146,12 @@ impl PeerClient {
         &mut self,
         digest: &Digest,
         timeout: Duration,
-    ) -> Result<Answer<Bytes>> {
+    ) -> Result<Answer<VerifiedChunk>> {
         let req = Message::GetChunk { digest: *digest };
         match self.exchange(&req, Verify::Chunk(*digest), timeout).await? {
-            Message::Chunk(bytes) => Ok(Answer::Here(bytes)),
-            Message::Pending => Ok(Answer::Pending),
-            Message::NotFound => Ok(Answer::NotHere),
+            Received::Chunk(chunk) => Ok(Answer::Here(chunk)),
+            Received::Control(Message::Pending) => Ok(Answer::Pending),
+            Received::Control(Message::NotFound) => Ok(Answer::NotHere),
             other => self.unexpected(other, "GetChunk"),
         }
     }
@@ -141,7 +166,7 @@ impl PeerClient {
         digests: &[Digest],
         len: usize,
         timeout: Duration,
-    ) -> Result<Answer<Bytes>> {
+    ) -> Result<Answer<VerifiedPieces>> {
         let count = u32::try_from(digests.len())
             .map_err(|_| DataPlaneError::Protocol("too many pieces".into()))?;
         let req = Message::GetPieces {
@@ -150,13 +175,14 @@ impl PeerClient {
             count,
         };
         let verify = Verify::Pieces {
+            first: first as usize,
             digests: digests.to_vec(),
             len,
         };
         match self.exchange(&req, verify, timeout).await? {
-            Message::Pieces(bytes) => Ok(Answer::Here(bytes)),
-            Message::Pending => Ok(Answer::Pending),
-            Message::NotFound => Ok(Answer::NotHere),
+            Received::Pieces(pieces) => Ok(Answer::Here(pieces)),
+            Received::Control(Message::Pending) => Ok(Answer::Pending),
+            Received::Control(Message::NotFound) => Ok(Answer::NotHere),
             other => self.unexpected(other, "GetPieces"),
         }
     }
@@ -179,9 +205,10 @@ impl PeerClient {
             .exchange(&req, Verify::Chunk(window.sha256), timeout)
             .await?
         {
-            Message::Chunk(bytes) => Ok(Answer::Here(bytes)),
-            Message::Pending => Ok(Answer::Pending),
-            Message::NotFound => Ok(Answer::NotHere),
+            // Verified by its sha256 as a chunk is (the bytes only: a window is no chunk).
+            Received::Chunk(window) => Ok(Answer::Here(window.into_bytes())),
+            Received::Control(Message::Pending) => Ok(Answer::Pending),
+            Received::Control(Message::NotFound) => Ok(Answer::NotHere),
             other => self.unexpected(other, "GetWindow"),
         }
     }
@@ -193,8 +220,8 @@ impl PeerClient {
             .exchange(&Message::Have { blob: *blob }, Verify::Nothing, timeout)
             .await?
         {
-            Message::HaveMap(map) => Ok(Some(map)),
-            Message::Unknown => Ok(None),
+            Received::Control(Message::HaveMap(map)) => Ok(Some(map)),
+            Received::Control(Message::Unknown) => Ok(None),
             other => self.unexpected(other, "Have"),
         }
     }
@@ -219,14 +246,16 @@ impl PeerClient {
         Ok(Subscription { client: self, id })
     }
 
-    fn unexpected<T>(&mut self, reply: Message, request: &str) -> Result<T> {
-        if let Message::Error(text) = reply {
-            return Err(DataPlaneError::Remote(text));
-        }
+    fn unexpected<T>(&mut self, reply: Received, request: &str) -> Result<T> {
+        let kind = match reply {
+            Received::Control(Message::Error(text)) => return Err(DataPlaneError::Remote(text)),
+            Received::Control(m) => m.kind(),
+            Received::Chunk(_) => wire::kind::CHUNK,
+            Received::Pieces(_) => wire::kind::PIECES,
+        };
         self.state = State::Broken;
         Err(DataPlaneError::Protocol(format!(
-            "frame kind {:#04x} in reply to {request}",
-            reply.kind()
+            "frame kind {kind:#04x} in reply to {request}"
         )))
     }
 
@@ -237,7 +266,7 @@ impl PeerClient {
         req: &Message,
         verify: Verify,
         timeout: Duration,
-    ) -> Result<Message> {
+    ) -> Result<Received> {
         if self.state != State::Ready {
             self.state = State::Broken;
             return Err(DataPlaneError::Closed);
@@ -267,7 +296,7 @@ impl PeerClient {
         req: &Message,
         verify: Verify,
         idle: Duration,
-    ) -> Result<Message> {
+    ) -> Result<Received> {
         let protocol = |e: wire::WireError| DataPlaneError::Protocol(e.to_string());
         let (head, body) = wire::encode_frame(id, req, &self.limits).map_err(protocol)?;
         let mut frame = Vec::with_capacity(HEADER_LEN + body.len());
@@ -288,17 +317,23 @@ impl PeerClient {
         }
         match (header.kind, verify) {
             (wire::kind::CHUNK, Verify::Chunk(digest)) => {
-                let (bytes, actual) = self.read_body(header.len, idle, true).await?;
-                if actual != Some(digest) {
-                    return Err(DataPlaneError::Corrupt {
+                let chunk = self.read_chunk(digest, header.len, idle).await?;
+                chunk
+                    .map(Received::Chunk)
+                    .map_err(|_| DataPlaneError::Corrupt {
                         peer: self.peer,
                         digest,
-                    });
-                }
-                Ok(Message::Chunk(bytes))
+                    })
             }
-            (wire::kind::PIECES, Verify::Pieces { digests, len }) => {
-                let (body, _) = self.read_body(header.len, idle, false).await?;
+            (
+                wire::kind::PIECES,
+                Verify::Pieces {
+                    first,
+                    digests,
+                    len,
+                },
+            ) => {
+                let body = self.read_body(header.len, idle).await?;
                 let wrong = |digest| DataPlaneError::Corrupt {
                     peer: self.peer,
                     digest,
@@ -306,14 +341,9 @@ impl PeerClient {
                 if body.len() != len {
                     return Err(wrong(digests.last().copied().unwrap_or(Digest::of(b""))));
                 }
-                for (k, d) in digests.iter().enumerate() {
-                    let piece =
-                        body.slice((k * PIECE_SIZE).min(len)..((k + 1) * PIECE_SIZE).min(len));
-                    if piece.is_empty() || Digest::of(&piece) != *d {
-                        return Err(wrong(*d));
-                    }
-                }
-                Ok(Message::Pieces(body))
+                VerifiedPieces::check(first, &digests, body)
+                    .map(Received::Pieces)
+                    .map_err(|e| wrong(e.expected))
             }
             (
                 wire::kind::GET_CHUNK
@@ -331,24 +361,43 @@ impl PeerClient {
                 // A control frame: its length is within max_control (decode_header).
                 let mut body = vec![0u8; header.len];
                 read_exact_or_closed(&mut self.stream, &mut body).await?;
-                wire::decode_body(&header, &body).map_err(protocol)
+                wire::decode_body(&header, &body)
+                    .map(Received::Control)
+                    .map_err(protocol)
             }
         }
     }
 
-    /// Reads a `len`-byte body (len already checked against the limit), each read within
-    /// `idle`; with `hashed`, hashing each piece as soon as it arrives.
-    async fn read_body(
+    /// Reads a `len`-byte chunk body (len already checked against the limit), each read
+    /// within `idle`, hashing each piece as soon as it arrives; then checks it against
+    /// `digest`. The outer error is the connection's, the inner one the peer's bytes'.
+    async fn read_chunk(
         &mut self,
+        digest: Digest,
         len: usize,
         idle: Duration,
-        hashed: bool,
-    ) -> Result<(Bytes, Option<Digest>)> {
+    ) -> Result<std::result::Result<VerifiedChunk, imgd_core::ChunkMismatch>> {
+        let mut rx = ChunkReceiver::new(digest, len);
+        while rx.len() < len {
+            let want = (len - rx.len()).min(READ_PIECE);
+            let stream = &mut self.stream;
+            let n = with_timeout(idle, "request body", async {
+                Ok(stream.read_buf(&mut rx.tail(want)).await?)
+            })
+            .await?;
+            if n == 0 {
+                return Err(DataPlaneError::Closed);
+            }
+        }
+        Ok(rx.finish())
+    }
+
+    /// Reads a `len`-byte body (len already checked against the limit), each read within
+    /// `idle`.
+    async fn read_body(&mut self, len: usize, idle: Duration) -> Result<Bytes> {
         let mut buf = BytesMut::with_capacity(len);
-        let mut hasher = hashed.then(Sha256::new);
         while buf.len() < len {
-            let start = buf.len();
-            let want = (len - start).min(READ_PIECE);
+            let want = (len - buf.len()).min(READ_PIECE);
             let n = with_timeout(idle, "request body", async {
                 Ok(self.stream.read_buf(&mut (&mut buf).limit(want)).await?)
             })
@@ -356,11 +405,8 @@ impl PeerClient {
             if n == 0 {
                 return Err(DataPlaneError::Closed);
             }
-            if let Some(h) = hasher.as_mut() {
-                h.update(&buf[start..]);
-            }
         }
-        Ok((buf.freeze(), hasher.map(Sha256::finish)))
+        Ok(buf.freeze())
     }
 }
 
@@ -441,7 +487,9 @@ enum Op {
 }
 
 enum Reply {
-    Chunk(Answer<Bytes>),
+    Chunk(Answer<VerifiedChunk>),
+    Pieces(Answer<VerifiedPieces>),
+    Window(Answer<Bytes>),
     Have(Option<HaveMap>),
 }
 
@@ -473,7 +521,7 @@ impl PeerPool {
         addr: SocketAddr,
         digest: &Digest,
         timeout: Duration,
-    ) -> Result<Option<Bytes>> {
+    ) -> Result<Option<VerifiedChunk>> {
         Ok(match self.chunk_answer(addr, digest, timeout).await? {
             Answer::Here(bytes) => Some(bytes),
             Answer::Pending | Answer::NotHere => None,
@@ -486,10 +534,10 @@ impl PeerPool {
         addr: SocketAddr,
         digest: &Digest,
         timeout: Duration,
-    ) -> Result<Answer<Bytes>> {
+    ) -> Result<Answer<VerifiedChunk>> {
         match self.run(addr, Op::Chunk(*digest), timeout).await? {
             Reply::Chunk(c) => Ok(c),
-            Reply::Have(_) => Err(DataPlaneError::Protocol("mismatched reply".into())),
+            _ => Err(DataPlaneError::Protocol("mismatched reply".into())),
         }
     }
 
@@ -502,7 +550,7 @@ impl PeerPool {
         digests: &[Digest],
         len: usize,
         timeout: Duration,
-    ) -> Result<Answer<Bytes>> {
+    ) -> Result<Answer<VerifiedPieces>> {
         let op = Op::Pieces {
             chunk: *chunk,
             first,
@@ -510,8 +558,8 @@ impl PeerPool {
             len,
         };
         match self.run(addr, op, timeout).await? {
-            Reply::Chunk(c) => Ok(c),
-            Reply::Have(_) => Err(DataPlaneError::Protocol("mismatched reply".into())),
+            Reply::Pieces(p) => Ok(p),
+            _ => Err(DataPlaneError::Protocol("mismatched reply".into())),
         }
     }
 
@@ -528,8 +576,8 @@ impl PeerPool {
             window: *window,
         };
         match self.run(addr, op, timeout).await? {
-            Reply::Chunk(c) => Ok(c),
-            Reply::Have(_) => Err(DataPlaneError::Protocol("mismatched reply".into())),
+            Reply::Window(w) => Ok(w),
+            _ => Err(DataPlaneError::Protocol("mismatched reply".into())),
         }
     }
 
@@ -542,7 +590,7 @@ impl PeerPool {
     ) -> Result<Option<HaveMap>> {
         match self.run(addr, Op::Have(*blob), timeout).await? {
             Reply::Have(m) => Ok(m),
-            Reply::Chunk(_) => Err(DataPlaneError::Protocol("mismatched reply".into())),
+            _ => Err(DataPlaneError::Protocol("mismatched reply".into())),
         }
     }
 
@@ -617,11 +665,11 @@ impl PeerPool {
                 } => client
                     .get_pieces(chunk, *first, digests, *len, left)
                     .await
-                    .map(Reply::Chunk),
+                    .map(Reply::Pieces),
                 Op::Window { layer, window } => client
                     .window_answer(layer, window, left)
                     .await
-                    .map(Reply::Chunk),
+                    .map(Reply::Window),
             };
             if client.is_usable() {
                 lock(&slot.idle).push(client);

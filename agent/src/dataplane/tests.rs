@@ -99,7 +99,8 @@ async fn chunks_and_have_maps_round_trip() {
         .unwrap();
     assert_eq!(c.peer_id(), b"server");
     for (d, want) in digests.iter().zip(&expected) {
-        assert_eq!(c.get_chunk(d, T).await.unwrap().as_ref(), Some(want));
+        let got = c.get_chunk(d, T).await.unwrap().unwrap();
+        assert_eq!((got.digest(), got.bytes()), (d, want));
     }
     assert_eq!(c.get_chunk(&Digest::of(b"nope"), T).await.unwrap(), None);
     let map = c.have(&Digest::of(b"blob"), T).await.unwrap().unwrap();
@@ -308,7 +309,7 @@ async fn many_concurrent_requests_share_a_bounded_pool() {
         .collect();
     for t in tasks {
         let (d, b) = t.await.unwrap().unwrap();
-        assert_eq!(Digest::of(&b.unwrap()), d);
+        assert_eq!(*b.unwrap().digest(), d);
     }
     let map = pool.have(addr, &Digest::of(b"blob"), T).await.unwrap();
     assert!(map.unwrap().is_present(3));

@@ -49,11 +49,11 @@ impl Fetcher {
             let parallel = self.settings.parallel_chunks.max(1);
             let mut results = futures::StreamExt::buffer_unordered(
                 futures::stream::iter(new.into_iter().map(|d| async move {
-                    let bytes = self.proxy.arrived_chunk(replica, &d).await?;
-                    self.cache.put_chunk(&d, &bytes)?;
+                    let chunk = self.proxy.arrived_chunk(replica, &d).await?;
+                    self.cache.put_chunk(&chunk)?;
                     // Counted when received: a chunk evicted before the list comes is
                     // fetched again, and both fetches moved bytes.
-                    self.stats.add(super::Source::Proxy, bytes.len() as u64);
+                    self.stats.add(super::Source::Proxy, chunk.len() as u64);
                     Ok::<_, super::FetchError>(d)
                 })),
                 parallel,

@@ -31,7 +31,7 @@ use crate::dataplane::{Answer, DataPlaneError, HaveMap};
 use crate::peers::Peer;
 use bytes::Bytes;
 use imgd_core::index::WindowRef;
-use imgd_core::{Digest, SingleFlight};
+use imgd_core::{Digest, SingleFlight, VerifiedChunk, VerifiedPieces};
 use rand::seq::SliceRandom;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -202,6 +202,23 @@ pub enum Want<'a> {
     },
 }
 
+/// What a peer sent for a [`Want`], verified by the data plane client: a chunk for
+/// [`Want::Chunk`], pieces for [`Want::Pieces`].
+#[derive(Clone, Debug)]
+pub enum Got {
+    Chunk(VerifiedChunk),
+    Pieces(VerifiedPieces),
+}
+
+impl Got {
+    fn len(&self) -> usize {
+        match self {
+            Got::Chunk(c) => c.len(),
+            Got::Pieces(p) => p.len(),
+        }
+    }
+}
+
 impl Fetcher {
     /// The peers' have-maps of `blob` for reads: reused for [`MAP_AGE`], refreshed by
     /// one request round at a time.
@@ -232,7 +249,7 @@ impl Fetcher {
         i: usize,
         digest: Digest,
         want: Want<'_>,
-    ) -> Option<Bytes> {
+    ) -> Option<Got> {
         let started = Instant::now();
         let mine = weight(&digest, &self.node_id);
         loop {
@@ -375,10 +392,14 @@ impl Fetcher {
 
     /// Asks peer `p` for what `want` names of chunk `digest`; failures penalise it and
     /// count as not there.
-    async fn ask(&self, p: &Peer, digest: &Digest, want: Want<'_>) -> Answer<Bytes> {
+    async fn ask(&self, p: &Peer, digest: &Digest, want: Want<'_>) -> Answer<Got> {
         let timeout = self.settings.peer_timeout;
         let got = match want {
-            Want::Chunk => self.pool.chunk_answer(p.data_addr, digest, timeout).await,
+            Want::Chunk => self
+                .pool
+                .chunk_answer(p.data_addr, digest, timeout)
+                .await
+                .map(|a| a.map(Got::Chunk)),
             Want::Pieces {
                 first,
                 digests,
@@ -388,6 +409,7 @@ impl Fetcher {
                 self.pool
                     .get_pieces(p.data_addr, digest, first, digests, len, timeout)
                     .await
+                    .map(|a| a.map(Got::Pieces))
             }
         };
         match got {

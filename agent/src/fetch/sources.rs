@@ -1,10 +1,10 @@
 //! One chunk from its sources: peers that hold it (hedged, first verified answer wins),
-//! then the proxy; timed and counted.
+//! then the proxy; timed and counted. Both clients verify what they receive and give a
+//! [`VerifiedChunk`], which is what the cache stores, so nothing here hashes again.
 
 use super::{FetchError, Fetcher, Source};
 use crate::peers::Peer;
-use bytes::Bytes;
-use imgd_core::Digest;
+use imgd_core::{Digest, VerifiedChunk};
 use std::time::Instant;
 use tracing::Instrument;
 
@@ -17,7 +17,7 @@ impl Fetcher {
         digest: &Digest,
         holders: Vec<Peer>,
         then_proxy: bool,
-    ) -> Result<Option<(Bytes, Source)>, FetchError> {
+    ) -> Result<Option<(VerifiedChunk, Source)>, FetchError> {
         let (started, span) = (Instant::now(), tracing::info_span!("chunk_fetch", %digest));
         let result = self
             .fetch_chunk_from(blob, digest, holders, then_proxy)
@@ -35,7 +35,7 @@ impl Fetcher {
         digest: &Digest,
         mut holders: Vec<Peer>,
         then_proxy: bool,
-    ) -> Result<Option<(Bytes, Source)>, FetchError> {
+    ) -> Result<Option<(VerifiedChunk, Source)>, FetchError> {
         holders.truncate(2);
         let mut last = String::from("no peer holds it");
         if !holders.is_empty() {
@@ -66,7 +66,7 @@ impl Fetcher {
         &self,
         digest: &Digest,
         holders: &[Peer],
-    ) -> Result<Bytes, String> {
+    ) -> Result<VerifiedChunk, String> {
         let timeout = self.settings.peer_timeout;
         let ask = |p: &Peer| {
             let p = p.clone();

@@ -416,7 +416,9 @@ impl Mounts {
         let bound = agent.config.mount.read_timeout();
         Some(
             match tokio::time::timeout(bound, agent.fetcher.chunk(list, chunk)).await {
-                Ok(r) => r.map_err(AgentError::from),
+                Ok(r) => r
+                    .map(|(chunk, fetched)| (chunk.into_bytes(), fetched))
+                    .map_err(AgentError::from),
                 Err(_) => Err(AgentError::Mount(format!(
                     "no source delivered chunk {chunk} of {} within {bound:?}",
                     list.blob
@@ -451,6 +453,7 @@ impl Mounts {
                 Err(e) => {
                     tracing::warn!(chunk = %c.digest, error = %e, "pieces failed; fetching the whole chunk");
                     let (whole, fetched) = agent.fetcher.chunk(list, chunk).await?;
+                    let whole = whole.into_bytes();
                     let start = wanted.start * imgd_core::PIECE_SIZE;
                     let end = (wanted.end * imgd_core::PIECE_SIZE).min(whole.len());
                     let n = if fetched { whole.len() as u64 } else { 0 };

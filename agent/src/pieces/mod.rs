@@ -29,11 +29,11 @@ pub mod store;
 
 use crate::cache::ChunkCache;
 use crate::chunk_state::Transition;
-use crate::fetch::{Fetcher, Want};
+use crate::fetch::{Fetcher, Got, Want};
 use crate::proxy_client::{ProxyClient, ProxyClientError};
 use bytes::Bytes;
 use imgd_core::chunk::pieces_in;
-use imgd_core::{ChunkList, Digest, PIECE_SIZE};
+use imgd_core::{ChunkList, Digest, VerifiedChunk, VerifiedPieces, PIECE_SIZE};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -213,7 +213,7 @@ impl Pieces {
             }
             let a = piece_range(size, first).start as usize;
             let b = piece_range(size, end - 1).end as usize;
-            return Some(whole.slice(a..b));
+            return Some(whole.bytes().slice(a..b));
         }
         let digests = {
             let partial = lock(&self.partial);
@@ -274,7 +274,12 @@ impl Pieces {
         let bytes = piece_range(chunk.size, pieces.start).start
             ..piece_range(chunk.size, pieces.end - 1).end;
         if let Some(whole) = self.cache.get_chunk(&chunk.digest)? {
-            return Ok((whole.slice(bytes.start as usize..bytes.end as usize), 0));
+            return Ok((
+                whole
+                    .bytes()
+                    .slice(bytes.start as usize..bytes.end as usize),
+                0,
+            ));
         }
         let gate = self.gate(&chunk.digest);
         let result = async {
@@ -370,40 +375,37 @@ impl Pieces {
                 }
                 Sources::Proxy => None,
             };
-            // In flight for peers while the proxy is asked; partial once kept.
-            let peer = from_peer.is_some();
-            let (body, flight) = match from_peer {
-                Some(body) => {
-                    fetched.peers += body.len() as u64;
-                    (body, None)
+            // In flight for peers while the proxy is asked; partial once kept. Pieces
+            // from a peer were verified by the data plane client; the proxy's are here.
+            let (verified, flight) = match from_peer {
+                Some(Got::Pieces(pieces)) => {
+                    fetched.peers += pieces.len() as u64;
+                    (pieces, None)
                 }
-                None => {
+                _ => {
                     let flight = self.fetcher.reads.states.begin(*chunk);
                     let _flying = self.pieces_in_flight(*chunk, a..b);
                     let body = self.proxy.chunk_range(chunk, range.clone()).await?;
                     fetched.proxy += body.len() as u64;
-                    (body, flight)
+                    let whole_range = body.len() as u64 == range.end - range.start;
+                    let checked = VerifiedPieces::check(a, &mark.pieces[a..b], body)
+                        .map_err(|e| e.piece)
+                        .and_then(|p| if whole_range { Ok(p) } else { Err(b - 1) });
+                    match checked {
+                        Ok(pieces) => (pieces, flight),
+                        Err(piece) => {
+                            crate::metrics::verification_failed("proxy");
+                            self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+                            return Err(PieceError::Corrupt {
+                                from: "the proxy",
+                                chunk: *chunk,
+                                piece,
+                            });
+                        }
+                    }
                 }
             };
-            let mut verified = Vec::with_capacity(b - a);
-            for p in a..b {
-                let r = piece_range(mark.size, p);
-                let part = body
-                    .get((r.start - range.start) as usize..(r.end - range.start) as usize)
-                    .map(|_| {
-                        body.slice((r.start - range.start) as usize..(r.end - range.start) as usize)
-                    });
-                let Some(part) = part.filter(|part| Digest::of(part) == mark.pieces[p]) else {
-                    crate::metrics::verification_failed(if peer { "peer" } else { "proxy" });
-                    self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
-                    return Err(PieceError::Corrupt {
-                        from: if peer { "a peer" } else { "the proxy" },
-                        chunk: *chunk,
-                        piece: p,
-                    });
-                };
-                verified.push((p, part));
-            }
+            let verified: Vec<(usize, Bytes)> = verified.pieces().collect();
             self.keep(chunk, mark, &verified).await?;
             if let Some(f) = flight {
                 f.end(Transition::Pieces);
@@ -507,14 +509,23 @@ impl Pieces {
                 for piece in have.into_iter().flatten() {
                     whole.extend_from_slice(&piece);
                 }
-                let cache = self.cache.clone();
-                let c = *chunk;
-                tokio::task::spawn_blocking(move || cache.put_chunk(&c, &whole))
-                    .await
-                    .map_err(|e| PieceError::Store {
-                        chunk: *chunk,
-                        message: e.to_string(),
-                    })??;
+                let (cache, c) = (self.cache.clone(), *chunk);
+                tokio::task::spawn_blocking(move || {
+                    // The pieces were checked by their own digests; this binds them to
+                    // the chunk's (a chunk list whose two disagree is caught here).
+                    let whole =
+                        VerifiedChunk::check(c, whole.into()).map_err(|_| PieceError::Corrupt {
+                            from: "the chunk list (pieces vs chunk digest)",
+                            chunk: c,
+                            piece: 0,
+                        })?;
+                    cache.put_chunk(&whole).map_err(PieceError::from)
+                })
+                .await
+                .map_err(|e| PieceError::Store {
+                    chunk: *chunk,
+                    message: e.to_string(),
+                })??;
             }
             let (store, c, m) = (self.store.clone(), *chunk, mark.clone());
             let _ = tokio::task::spawn_blocking(move || {

@@ -2,7 +2,6 @@
 //! ([`imgd_core::wire::ArrivedChunks`]), and their bytes from the replica ingesting it.
 
 use super::{ProxyClient, ProxyClientError, Repo, MAX_JSON_BYTES};
-use bytes::Bytes;
 use imgd_core::wire::ArrivedChunks;
 use imgd_core::Digest;
 
@@ -55,7 +54,7 @@ impl ProxyClient {
         &self,
         replica: usize,
         digest: &Digest,
-    ) -> Result<Bytes, ProxyClientError> {
+    ) -> Result<imgd_core::VerifiedChunk, ProxyClientError> {
         self.chunk_at(replica, digest).await
     }
 }

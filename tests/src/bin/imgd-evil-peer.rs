@@ -94,7 +94,8 @@ async fn load_image(with_bytes: bool) -> Result<Image> {
         let info = proxy.blob_info(&r.proxy_repo(), &blob).await?;
         if with_bytes || blob == first_layer {
             for c in &info.chunks.chunks {
-                img.chunks.insert(c.digest, proxy.chunk(&c.digest).await?);
+                img.chunks
+                    .insert(c.digest, proxy.chunk(&c.digest).await?.into_bytes());
             }
         }
         img.lists.insert(blob, info.chunks);

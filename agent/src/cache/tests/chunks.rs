@@ -5,33 +5,31 @@ use std::fs;
 use std::sync::Arc;
 
 #[test]
-fn wrong_bytes_are_rejected_before_anything_is_stored() {
+fn only_verified_chunks_of_at_most_4_mib_are_stored() {
     let (dir, c) = cache(1 << 30);
     let (d, _) = chunk(1, 1000);
-    let err = c.put_chunk(&d, b"not the chunk").unwrap_err();
-    assert!(matches!(err, CacheError::Corrupt { expected, .. } if expected == d));
+    // Wrong bytes cannot even be offered: put_chunk takes a VerifiedChunk.
+    assert!(VerifiedChunk::check(d, Bytes::from_static(b"not the chunk")).is_err());
     assert!(!c.has_chunk(&d));
-    assert!(!c.store.contains(&d));
+    let big = vec![0u8; CHUNK_SIZE + 1];
+    let err = c.put_bytes(&Digest::of(&big), &big).unwrap_err();
+    assert!(matches!(err, CacheError::ChunkTooLarge { .. }), "{err}");
     assert_eq!(c.used_bytes(), 0);
     assert_eq!(
         fs::read_dir(dir.path().join("tmp/chunks")).unwrap().count(),
         0
     );
-
-    let big = vec![0u8; CHUNK_SIZE + 1];
-    let err = c.put_chunk(&Digest::of(&big), &big).unwrap_err();
-    assert!(matches!(err, CacheError::ChunkTooLarge { .. }), "{err}");
 }
 
 #[test]
 fn put_get_round_trip_is_idempotent() {
     let (_dir, c) = cache(1 << 30);
     let (d, bytes) = chunk(1, 1000);
-    assert_eq!(c.get_chunk(&d).unwrap(), None);
-    c.put_chunk(&d, &bytes).unwrap();
-    c.put_chunk(&d, &bytes).unwrap();
+    assert_eq!(c.get_bytes(&d).unwrap(), None);
+    c.put_bytes(&d, &bytes).unwrap();
+    c.put_bytes(&d, &bytes).unwrap();
     assert!(c.has_chunk(&d));
-    assert_eq!(c.get_chunk(&d).unwrap().unwrap(), bytes);
+    assert_eq!(c.get_bytes(&d).unwrap().unwrap(), bytes);
     assert_eq!((c.used_bytes(), c.chunk_count()), (1000, 1));
     assert_eq!(c.chunk_meta(&d).unwrap().size, 1000);
 }
@@ -40,12 +38,12 @@ fn put_get_round_trip_is_idempotent() {
 fn a_corrupted_file_is_detected_on_read_and_removed() {
     let (_dir, c) = cache(1 << 30);
     let (d, bytes) = chunk(1, 1000);
-    c.put_chunk(&d, &bytes).unwrap();
+    c.put_bytes(&d, &bytes).unwrap();
     let mut bad = bytes.clone();
     bad[500] ^= 1;
     fs::write(c.store.path(&d), &bad).unwrap();
 
-    assert_eq!(c.get_chunk(&d).unwrap(), None);
+    assert_eq!(c.get_bytes(&d).unwrap(), None);
     assert!(!c.has_chunk(&d));
     assert!(!c.store.contains(&d), "the bad file is deleted");
     assert!(c.meta.get::<Chunks>(&d).unwrap().is_none(), "and its row");
@@ -53,24 +51,24 @@ fn a_corrupted_file_is_detected_on_read_and_removed() {
     assert!(c.verify_all().unwrap().is_clean());
 
     // Storing the chunk again heals the cache.
-    c.put_chunk(&d, &bytes).unwrap();
-    assert_eq!(c.get_chunk(&d).unwrap().unwrap(), bytes);
+    c.put_bytes(&d, &bytes).unwrap();
+    assert_eq!(c.get_bytes(&d).unwrap().unwrap(), bytes);
 }
 
 #[test]
 fn a_vanished_or_truncated_file_is_treated_as_absent() {
     let (_dir, c) = cache(1 << 30);
     let (d, bytes) = chunk(1, 1000);
-    c.put_chunk(&d, &bytes).unwrap();
+    c.put_bytes(&d, &bytes).unwrap();
     fs::remove_file(c.store.path(&d)).unwrap();
-    assert_eq!(c.get_chunk(&d).unwrap(), None);
+    assert_eq!(c.get_bytes(&d).unwrap(), None);
     assert!(!c.has_chunk(&d) && c.meta.get::<Chunks>(&d).unwrap().is_none());
 
     // A recorded chunk whose file was truncated is rewritten by a put.
-    c.put_chunk(&d, &bytes).unwrap();
+    c.put_bytes(&d, &bytes).unwrap();
     fs::write(c.store.path(&d), &bytes[..10]).unwrap();
-    c.put_chunk(&d, &bytes).unwrap();
-    assert_eq!(c.get_chunk(&d).unwrap().unwrap(), bytes);
+    c.put_bytes(&d, &bytes).unwrap();
+    assert_eq!(c.get_bytes(&d).unwrap().unwrap(), bytes);
     assert_eq!(c.used_bytes(), 1000);
 }
 
@@ -82,19 +80,19 @@ fn reopen_after_drop_keeps_chunks_metadata_and_recency() {
     {
         let c = ChunkCache::open(dir.path(), 1 << 30).unwrap();
         for (d, b) in &chunks {
-            c.put_chunk(d, b).unwrap();
+            c.put_bytes(d, b).unwrap();
         }
         c.put_blob(&list).unwrap();
         c.put_image("app:1", &image(&[list.blob])).unwrap();
         c.pin("app:1", "test").unwrap();
         // Chunk 0 becomes the most recent; the tick is only in memory until drop.
-        c.get_chunk(&chunks[0].0).unwrap().unwrap();
+        c.get_bytes(&chunks[0].0).unwrap().unwrap();
     }
     let c = ChunkCache::open(dir.path(), 1 << 30).unwrap();
     assert!(c.open_report().is_clean());
     assert_eq!((c.chunk_count(), c.used_bytes()), (4, 4000));
     for (d, b) in &chunks {
-        assert_eq!(c.get_chunk(d).unwrap().unwrap(), *b);
+        assert_eq!(c.get_bytes(d).unwrap().unwrap(), *b);
     }
     assert_eq!(c.blob(&list.blob).unwrap(), Some(list.clone()));
     assert_eq!(c.image("app:1").unwrap().unwrap().layers, vec![list.blob]);
@@ -107,9 +105,9 @@ fn reopen_after_drop_keeps_chunks_metadata_and_recency() {
     {
         let c = ChunkCache::open(dir2.path(), 1 << 30).unwrap();
         for (d, b) in &chunks {
-            c.put_chunk(d, b).unwrap();
+            c.put_bytes(d, b).unwrap();
         }
-        c.get_chunk(&chunks[0].0).unwrap().unwrap();
+        c.get_bytes(&chunks[0].0).unwrap().unwrap();
     }
     let c = ChunkCache::open(dir2.path(), 1 << 30).unwrap();
     let r = c.evict_to(3000).unwrap();
@@ -129,8 +127,8 @@ fn concurrent_puts_gets_and_evictions_stay_consistent() {
                 for round in 0..3u32 {
                     for i in 0..64u32 {
                         let (d, b) = chunk((i + t * 16 + round) % 64, 1000);
-                        c.put_chunk(&d, &b).unwrap();
-                        if let Some(got) = c.get_chunk(&d).unwrap() {
+                        c.put_bytes(&d, &b).unwrap();
+                        if let Some(got) = c.get_bytes(&d).unwrap() {
                             assert_eq!(got, b);
                         }
                     }

@@ -7,7 +7,7 @@ fn put_all(c: &ChunkCache, seeds: std::ops::Range<u32>) -> Vec<(Digest, Vec<u8>)
     seeds
         .map(|i| {
             let (d, b) = chunk(i, 1000);
-            c.put_chunk(&d, &b).unwrap();
+            c.put_bytes(&d, &b).unwrap();
             (d, b)
         })
         .collect()
@@ -20,7 +20,7 @@ fn eviction_is_lru_down_to_the_low_water_mark() {
     let chunks = put_all(&c, 0..10);
     assert_eq!(c.used_bytes(), 10_000, "at the quota nothing is evicted");
     // Reading chunk 0 makes chunk 1 the least recently used.
-    c.get_chunk(&chunks[0].0).unwrap().unwrap();
+    c.get_bytes(&chunks[0].0).unwrap().unwrap();
     put_all(&c, 10..11);
     assert_eq!(c.used_bytes(), 9_000);
     let gone: Vec<usize> = (0..10).filter(|&i| !c.has_chunk(&chunks[i].0)).collect();
@@ -81,13 +81,13 @@ fn a_put_above_the_quota_succeeds_and_keeps_the_new_chunk() {
     c.protect(&[blobs[0].blob, blobs[1].blob]);
     // 3000 > 2500 with everything else protected: stored anyway, cache stays above quota.
     let (d, b) = chunk(2, 1000);
-    c.put_chunk(&d, &b).unwrap();
+    c.put_bytes(&d, &b).unwrap();
     assert!(c.has_chunk(&d));
     assert_eq!(c.used_bytes(), 3_000);
     // Once unprotected, the next put brings it down to the low-water mark (2250).
     c.unprotect(&[blobs[0].blob, blobs[1].blob]);
     let (d4, b4) = chunk(3, 1000);
-    c.put_chunk(&d4, &b4).unwrap();
+    c.put_bytes(&d4, &b4).unwrap();
     assert_eq!(c.used_bytes(), 2_000);
     assert!(c.has_chunk(&d4) && c.has_chunk(&d));
 }

@@ -34,10 +34,10 @@ fn blob_layouts_are_validated_and_report_what_is_cached() {
     assert_eq!(c.blob(&list.blob).unwrap(), Some(list.clone()));
     assert_eq!(c.blob_cached_bytes(&list), 0);
     assert_eq!(c.missing_chunks(&list), vec![0, 1]);
-    c.put_chunk(&d1, b"tail").unwrap();
+    c.put_bytes(&d1, b"tail").unwrap();
     assert_eq!(c.blob_cached_bytes(&list), 4);
     assert_eq!(c.missing_chunks(&list), vec![0]);
-    c.put_chunk(&d0, &big).unwrap();
+    c.put_bytes(&d0, &big).unwrap();
     assert_eq!(c.blob_cached_bytes(&list), list.size);
     assert!(c.missing_chunks(&list).is_empty());
 }

@@ -6,8 +6,23 @@ mod images;
 mod repair;
 
 use super::*;
+use bytes::Bytes;
 use imgd_core::{ChunkList, ChunkRef};
 use tempfile::TempDir;
+
+impl ChunkCache {
+    /// Verifies `bytes` as chunk `digest` (as a receiving client does) and stores them.
+    pub(super) fn put_bytes(&self, digest: &Digest, bytes: &[u8]) -> Result<(), CacheError> {
+        let chunk = VerifiedChunk::check(*digest, Bytes::copy_from_slice(bytes))
+            .expect("test bytes hash to their digest");
+        self.put_chunk(&chunk)
+    }
+
+    /// [`ChunkCache::get_chunk`]'s bytes.
+    pub(super) fn get_bytes(&self, digest: &Digest) -> Result<Option<Bytes>, CacheError> {
+        Ok(self.get_chunk(digest)?.map(VerifiedChunk::into_bytes))
+    }
+}
 
 /// A fresh cache directory and a cache in it.
 pub(super) fn cache(quota: u64) -> (TempDir, ChunkCache) {

@@ -14,10 +14,10 @@ fn damage(dir: &Path, c: &ChunkCache) -> [Digest; 4] {
     let (bad, _) = chunk(101, 1000);
     store.put(bad, b"garbage").unwrap();
     let (lost, lost_bytes) = chunk(102, 1000);
-    c.put_chunk(&lost, &lost_bytes).unwrap();
+    c.put_bytes(&lost, &lost_bytes).unwrap();
     fs::remove_file(store.path(&lost)).unwrap();
     let (short, short_bytes) = chunk(103, 1000);
-    c.put_chunk(&short, &short_bytes).unwrap();
+    c.put_bytes(&short, &short_bytes).unwrap();
     fs::write(store.path(&short), &short_bytes[..999]).unwrap();
     [orphan, bad, lost, short]
 }
@@ -38,7 +38,7 @@ fn open_repairs_what_a_crash_leaves() {
     let (kept, kept_bytes) = chunk(1, 1000);
     let [orphan, bad, lost, short] = {
         let c = ChunkCache::open(dir.path(), 1 << 30).unwrap();
-        c.put_chunk(&kept, &kept_bytes).unwrap();
+        c.put_bytes(&kept, &kept_bytes).unwrap();
         damage(dir.path(), &c)
     };
     let tmp = dir.path().join("tmp/chunks/leftover");
@@ -85,9 +85,9 @@ fn verify_all_reports_without_changing_and_verify_and_repair_fixes() {
     let dir = tempfile::tempdir().unwrap();
     let c = ChunkCache::open(dir.path(), 1 << 30).unwrap();
     let (good, good_bytes) = chunk(1, 1000);
-    c.put_chunk(&good, &good_bytes).unwrap();
+    c.put_bytes(&good, &good_bytes).unwrap();
     let (flipped, mut flipped_bytes) = chunk(2, 1000);
-    c.put_chunk(&flipped, &flipped_bytes).unwrap();
+    c.put_bytes(&flipped, &flipped_bytes).unwrap();
     flipped_bytes[0] ^= 0xff;
     fs::write(c.store.path(&flipped), &flipped_bytes).unwrap();
     let [orphan, bad, lost, short] = damage(dir.path(), &c);

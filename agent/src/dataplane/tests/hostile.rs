@@ -21,7 +21,7 @@ async fn until_closed(s: &mut TcpStream) -> Vec<u8> {
 
 async fn honest_fetch(c: &mut PeerClient, d: &Digest) {
     let got = c.get_chunk(d, T).await.unwrap().unwrap();
-    assert_eq!(Digest::of(&got), *d);
+    assert_eq!(got.digest(), d);
 }
 
 #[tokio::test]

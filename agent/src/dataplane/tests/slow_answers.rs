@@ -42,7 +42,8 @@ async fn trickling(
 
 async fn ask(addr: SocketAddr, digest: &Digest, timeout: Duration) -> Result<Option<Bytes>> {
     let mut c = PeerClient::connect(addr, &cfg("client")).await.unwrap();
-    c.get_chunk(digest, timeout).await
+    let chunk = c.get_chunk(digest, timeout).await?;
+    Ok(chunk.map(imgd_core::VerifiedChunk::into_bytes))
 }
 
 #[tokio::test]
