@@ -1,28 +1,15 @@
 //! The agent's pieces wired together: cache, proxy client, peers, fetcher, swarm.
 
-use crate::cache::{CacheError, ChunkCache, ImageRecord};
+use crate::cache::{ChunkCache, ImageRecord};
 use crate::config::AgentConfig;
 use crate::dataplane::{self, DataPlaneConfig, PeerPool};
-use crate::fetch::{FetchError, FetchSettings, Fetcher, Progress};
-use crate::image::{self, ImageError, ImageRef};
+use crate::fetch::{FetchSettings, Fetcher, Progress};
+use crate::image::{self, ImageRef};
 use crate::peers::PeerSet;
 use crate::proxy_client::ProxyClient;
 use std::sync::Arc;
 
-/// Errors of agent operations, as reported to imgctl.
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error(transparent)]
-    Image(#[from] ImageError),
-    #[error(transparent)]
-    Fetch(#[from] FetchError),
-    #[error(transparent)]
-    Cache(#[from] CacheError),
-    #[error("{0}")]
-    Start(String),
-    #[error("{0}")]
-    Mount(String),
-}
+pub use crate::error::AgentError;
 
 /// The running agent.
 pub struct Agent {
@@ -52,10 +39,7 @@ pub struct PrefetchSummary {
 impl Agent {
     /// Resolves `image` and stores its record (manifest and blob list).
     pub async fn resolve(&self, image: &str) -> Result<(ImageRef, ImageRecord), AgentError> {
-        let r = ImageRef::parse(image)?;
-        let record = image::resolve(&self.fetcher.proxy, &r).await?;
-        self.fetcher.cache.put_image(&r.to_string(), &record)?;
-        Ok((r, record))
+        Ok(image::resolve_and_keep(&self.fetcher.proxy, &self.fetcher.cache, image).await?)
     }
 
     /// Brings every blob of `image` into the cache.
@@ -198,6 +182,16 @@ pub async fn start(mut config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         });
     }
     tokio::spawn(pieces.clone().run_completer());
+    let mounts = crate::mounts::Mounts::new(crate::mounts::MountContext {
+        fetcher: fetcher.clone(),
+        pieces: pieces.clone(),
+        indexes: indexes.clone(),
+        windows: windows.clone(),
+        records: config.data_dir.join("mounts"),
+        agent_socket: config.socket.clone(),
+        log_format: config.log_format,
+        config: config.mount.clone(),
+    });
     let agent = Arc::new(Agent {
         pieces,
         indexes,
@@ -206,11 +200,11 @@ pub async fn start(mut config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         node_id,
         fetcher,
         peers,
-        mounts: Default::default(),
+        mounts,
         data_addr,
     });
     // Before the API is up: the mount processes a previous agent left ask it for chunks.
-    agent.mounts.recover(&agent).await?;
+    agent.mounts.recover().await?;
     tokio::spawn(enforce_quota(agent.fetcher.clone()));
     Ok(agent)
 }

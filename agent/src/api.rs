@@ -170,7 +170,7 @@ fn line(e: &PrefetchEvent) -> bytes::Bytes {
 
 async fn prefetch(State(agent): State<Arc<Agent>>, Json(req): Json<PrefetchRequest>) -> Response {
     if req.startup {
-        let last = match crate::mounts::startup_prefetch(&agent, &req.image).await {
+        let last = match crate::mounts::startup_prefetch(agent.mounts.context(), &req.image).await {
             Ok(bytes) => PrefetchEvent::StartupDone {
                 image: req.image.clone(),
                 fetched_bytes: bytes,
@@ -349,14 +349,14 @@ pub struct UmountRequest {
 }
 
 async fn mount(State(agent): State<Arc<Agent>>, Json(req): Json<MountRequest>) -> Response {
-    match agent.mounts.mount(&agent, &req.image, &req.dir).await {
+    match agent.mounts.mount(&req.image, &req.dir).await {
         Ok(status) => Json(status).into_response(),
         Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
     }
 }
 
 async fn umount(State(agent): State<Arc<Agent>>, Json(req): Json<UmountRequest>) -> Response {
-    match agent.mounts.umount(&agent, &req.dir).await {
+    match agent.mounts.umount(&req.dir).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
     }
@@ -366,7 +366,7 @@ async fn chunk(
     State(agent): State<Arc<Agent>>,
     axum::extract::Path((id, layer, chunk)): axum::extract::Path<(String, usize, usize)>,
 ) -> Response {
-    match agent.mounts.chunk(&agent, &id, layer, chunk).await {
+    match agent.mounts.chunk(&id, layer, chunk).await {
         None => (
             StatusCode::NOT_FOUND,
             format!("mount {id} has no chunk {layer}/{chunk}"),
@@ -398,7 +398,7 @@ async fn pieces(
     )>,
 ) -> Response {
     let wanted = first..first.saturating_add(count);
-    match agent.mounts.pieces(&agent, &id, layer, chunk, wanted).await {
+    match agent.mounts.pieces(&id, layer, chunk, wanted).await {
         None => (
             StatusCode::NOT_FOUND,
             format!("mount {id} has no pieces {first}+{count} of chunk {layer}/{chunk}"),

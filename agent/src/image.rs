@@ -1,6 +1,6 @@
 //! Image references and their resolution through the proxy into an [`ImageRecord`].
 
-use crate::cache::ImageRecord;
+use crate::cache::{CacheError, ChunkCache, ImageRecord};
 use crate::proxy_client::{ProxyClient, ProxyClientError, Repo};
 use imgd_core::manifest::{self, Manifest, ManifestError, ManifestLimits};
 use imgd_core::Digest;
@@ -26,6 +26,8 @@ pub enum ImageError {
     Malformed { image: String, message: String },
     #[error("image index of {image} has no linux/{arch} manifest")]
     NoPlatform { image: String, arch: String },
+    #[error(transparent)]
+    Cache(#[from] CacheError),
 }
 
 impl ImageRef {
@@ -83,6 +85,18 @@ fn malformed(image: &ImageRef, message: impl Into<String>) -> ImageError {
         image: image.to_string(),
         message: message.into(),
     }
+}
+
+/// Parses and resolves `image` and keeps its record (manifest and blob list) in `cache`.
+pub async fn resolve_and_keep(
+    proxy: &ProxyClient,
+    cache: &ChunkCache,
+    image: &str,
+) -> Result<(ImageRef, ImageRecord), ImageError> {
+    let r = ImageRef::parse(image)?;
+    let record = resolve(proxy, &r).await?;
+    cache.put_image(&r.to_string(), &record)?;
+    Ok((r, record))
 }
 
 /// Resolves `image` through the proxy: follows an index to the host's platform and

@@ -25,6 +25,7 @@ pub mod config;
 pub mod control_counts;
 pub mod dataplane;
 pub mod engine_config;
+pub mod error;
 pub mod fetch;
 pub mod fresh_port_tcp;
 pub mod holders;

@@ -89,6 +89,11 @@ impl Table for Pins {
     type Value = PinRecord;
 }
 
+/// The snapshotter's column family (its rows are `snapshotter::records::Snapshots`):
+/// named here, where the database is opened, so the cache does not depend on the
+/// snapshotter.
+pub const SNAPSHOTS: &str = "snapshots";
+
 /// Column families of the agent's metadata database: the cache's, and the snapshotter's
 /// (which shares the database, see [`ChunkCache::meta`](super::ChunkCache::meta)).
 pub(crate) const TABLES: [&str; 5] = [
@@ -96,7 +101,7 @@ pub(crate) const TABLES: [&str; 5] = [
     Blobs::NAME,
     Images::NAME,
     Pins::NAME,
-    crate::snapshotter::records::Snapshots::NAME,
+    SNAPSHOTS,
 ];
 
 /// Current unix time in seconds (0 if the clock is before 1970).

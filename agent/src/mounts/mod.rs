@@ -22,10 +22,14 @@ pub mod prepare;
 pub mod process;
 pub mod record;
 
-use crate::agent::{Agent, AgentError};
 use crate::cache::ChunkCache;
+use crate::config::{LogFormat, MountConfig};
+use crate::error::AgentError;
 use crate::fetch::Fetcher;
+use crate::layer_indexes::LayerIndexes;
+use crate::pieces::Pieces;
 use crate::proxy_client::Repo;
+use crate::window_share::WindowShare;
 use bytes::Bytes;
 use control::{Control, ControlError, ProcessStatus};
 use imgd_core::Digest;
@@ -105,10 +109,26 @@ struct State {
     starting: HashMap<PathBuf, Option<Arc<MountRecord>>>,
 }
 
+/// What mounts need of the agent, handed to them at start: the fetcher (cache and
+/// proxy), the piece store, the layer indexes and windows, and where things are. Mounts
+/// depend on these, not on [`crate::agent::Agent`] (which holds the [`Mounts`]).
+pub struct MountContext {
+    pub fetcher: Arc<Fetcher>,
+    pub pieces: Arc<Pieces>,
+    pub indexes: Arc<LayerIndexes>,
+    pub windows: Arc<WindowShare>,
+    /// `DATA_DIR/mounts`: a record per mount.
+    pub records: PathBuf,
+    /// The agent's local API socket, which mount processes ask for chunks.
+    pub agent_socket: PathBuf,
+    pub log_format: LogFormat,
+    pub config: MountConfig,
+}
+
 /// The mounts of this agent, by directory.
-#[derive(Default)]
 pub struct Mounts {
     state: Arc<Mutex<State>>,
+    ctx: MountContext,
 }
 
 /// Fault injection for tests: milliseconds to wait between a mount process serving and
@@ -144,21 +164,24 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// `DATA_DIR/mounts`.
-fn records_root(agent: &Agent) -> PathBuf {
-    agent.config.data_dir.join("mounts")
-}
-
 impl Mounts {
+    /// No mounts yet ([`Mounts::recover`] takes back a previous agent's).
+    pub fn new(ctx: MountContext) -> Self {
+        Mounts {
+            state: Arc::default(),
+            ctx,
+        }
+    }
+
+    /// What the mounts use of the agent.
+    pub fn context(&self) -> &MountContext {
+        &self.ctx
+    }
+
     /// Resolves `image` and mounts its layers at `dir` (which must exist).
-    pub async fn mount(
-        &self,
-        agent: &Agent,
-        image: &str,
-        dir: &Path,
-    ) -> Result<MountStatus, AgentError> {
-        let spec = image_spec(agent, image).await?;
-        self.mount_layers(agent, spec, dir).await
+    pub async fn mount(&self, image: &str, dir: &Path) -> Result<MountStatus, AgentError> {
+        let spec = image_spec(&self.ctx, image).await?;
+        self.mount_layers(spec, dir).await
     }
 
     /// True if `dir` is a mount of this agent (or one being made).
@@ -186,7 +209,6 @@ impl Mounts {
     /// mount process.
     pub async fn mount_layers(
         &self,
-        agent: &Agent,
         spec: MountSpec,
         dir: &Path,
     ) -> Result<MountStatus, AgentError> {
@@ -195,8 +217,8 @@ impl Mounts {
         if !dir.is_dir() {
             return Err(fail(format!("{} is not a directory", dir.display())));
         }
-        let layers = prepare::fetch_layers(agent, &spec.repo, &spec.layers).await?;
-        let fetcher = &agent.fetcher;
+        let layers = prepare::fetch_layers(&self.ctx, &spec.repo, &spec.layers).await?;
+        let fetcher = &self.ctx.fetcher;
         let known_trace = match &spec.manifest {
             Some(m) => fetcher.proxy.trace(m).await.unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "startup trace unavailable");
@@ -205,7 +227,7 @@ impl Mounts {
             None => None,
         };
         let id = record::new_id();
-        let rdir = RecordDir::new(&records_root(agent), &id);
+        let rdir = RecordDir::new(&self.ctx.records, &id);
         let record = MountRecord {
             id,
             dir: dir.to_path_buf(),
@@ -218,11 +240,11 @@ impl Mounts {
             manifest: spec.manifest,
             record_trace: spec.manifest.is_some() && known_trace.is_none(),
             warm: known_trace,
-            agent_socket: agent.config.socket.clone(),
+            agent_socket: self.ctx.agent_socket.clone(),
             cache_dir: fetcher.cache.dir().to_path_buf(),
-            read_timeout_ms: agent.config.mount.read_timeout_ms,
-            threads: agent.config.mount.threads,
-            trace_secs: agent.config.mount.trace_secs,
+            read_timeout_ms: self.ctx.config.read_timeout_ms,
+            threads: self.ctx.config.threads,
+            trace_secs: self.ctx.config.trace_secs,
             created_unix: record::unix_now(),
         };
         let record = Arc::new(record);
@@ -233,7 +255,7 @@ impl Mounts {
             .map_err(|e| fail(format!("writing the mount record: {e}")))?;
         fetcher.cache.protect(&spec.layers);
         reserved.set_record(record.clone());
-        let process = match process::start(&rdir, agent.config.log_format).await {
+        let process = match process::start(&rdir, self.ctx.log_format).await {
             Ok(p) => p,
             Err(msg) => {
                 fetcher.cache.unprotect(&spec.layers);
@@ -249,7 +271,7 @@ impl Mounts {
         {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
-        self.serve(agent, record, rdir, process);
+        self.serve(record, rdir, process);
         tracing::info!(label = %spec.label, dir = %dir.display(), "mounted");
         self.status_of(dir)
             .await
@@ -257,7 +279,7 @@ impl Mounts {
     }
 
     /// Registers a mount whose process runs, and watches for the process's exit.
-    fn serve(&self, agent: &Agent, record: Arc<MountRecord>, rdir: RecordDir, process: Process) {
+    fn serve(&self, record: Arc<MountRecord>, rdir: RecordDir, process: Process) {
         let (gone_tx, gone) = watch::channel(false);
         let control = Control::new(&rdir.control_socket());
         let dir = record.dir.clone();
@@ -274,13 +296,13 @@ impl Mounts {
         if let (true, Some(manifest)) = (record.record_trace, record.manifest) {
             let ends = record.created_unix + record.trace_secs;
             let wait = Duration::from_secs(ends.saturating_sub(record::unix_now()));
-            let (fetcher, control) = (agent.fetcher.clone(), control.clone());
+            let (fetcher, control) = (self.ctx.fetcher.clone(), control.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(wait).await;
                 store_trace(&control, &fetcher, &manifest).await;
             });
         }
-        let (state, cache) = (self.state.clone(), agent.fetcher.cache.clone());
+        let (state, cache) = (self.state.clone(), self.ctx.fetcher.cache.clone());
         tokio::spawn(async move {
             process.exited().await;
             let ours = |e: &Entry| e.record.id == record.id;
@@ -307,7 +329,7 @@ impl Mounts {
 
     /// Unmounts `dir`, storing the startup trace if it is still being recorded. Fails,
     /// and the mount stays, if the kernel refuses (e.g. it is busy).
-    pub async fn umount(&self, agent: &Agent, dir: &Path) -> Result<(), AgentError> {
+    pub async fn umount(&self, dir: &Path) -> Result<(), AgentError> {
         let fail = |m: String| AgentError::Mount(m);
         let (record, control, mut gone) = {
             let mut st = lock(&self.state);
@@ -326,7 +348,7 @@ impl Mounts {
             )
         };
         if let (true, Some(manifest)) = (record.record_trace, record.manifest) {
-            store_trace(&control, &agent.fetcher, &manifest).await;
+            store_trace(&control, &self.ctx.fetcher, &manifest).await;
         }
         match control.stop().await {
             Ok(()) => {}
@@ -354,8 +376,8 @@ impl Mounts {
     /// Takes back the mounts a previous agent left: those whose process is alive are
     /// served again (their layers protected from eviction); the others are cleaned up.
     /// Called once at start, before the local API is up.
-    pub async fn recover(&self, agent: &Agent) -> Result<(), AgentError> {
-        let root = records_root(agent);
+    pub async fn recover(&self) -> Result<(), AgentError> {
+        let root = self.ctx.records.clone();
         let dirs = tokio::task::spawn_blocking(move || record::list(&root))
             .await
             .map_err(|e| AgentError::Start(e.to_string()))?
@@ -376,16 +398,16 @@ impl Mounts {
                 Ok(_) | Err(_) => process::find(&rdir),
             };
             let Some(pid) = pid else {
-                clean_up(&agent.fetcher.cache, &record, &rdir, End::Stale).await;
+                clean_up(&self.ctx.fetcher.cache, &record, &rdir, End::Stale).await;
                 continue;
             };
-            agent.fetcher.cache.protect(&record.layers);
+            self.ctx.fetcher.cache.protect(&record.layers);
             tracing::info!(dir = %record.dir.display(), label = %record.label, pid, "mount taken over from the previous agent");
             let process = Process::Adopted {
                 pid,
                 record: rdir.clone(),
             };
-            self.serve(agent, record, rdir, process);
+            self.serve(record, rdir, process);
         }
         Ok(())
     }
@@ -405,7 +427,6 @@ impl Mounts {
     /// bound, and whether it had to be fetched. `None`: no such mount or chunk.
     pub async fn chunk(
         &self,
-        agent: &Agent,
         id: &str,
         layer: usize,
         chunk: usize,
@@ -413,9 +434,9 @@ impl Mounts {
         let record = self.live_record(id)?;
         let list = record.lists.get(layer)?;
         list.chunks.get(chunk)?;
-        let bound = agent.config.mount.read_timeout();
+        let bound = self.ctx.config.read_timeout();
         Some(
-            match tokio::time::timeout(bound, agent.fetcher.chunk(list, chunk)).await {
+            match tokio::time::timeout(bound, self.ctx.fetcher.chunk(list, chunk)).await {
                 Ok(r) => r
                     .map(|(chunk, fetched)| (chunk.into_bytes(), fetched))
                     .map_err(AgentError::from),
@@ -433,7 +454,6 @@ impl Mounts {
     /// proxy), verified as a whole.
     pub async fn pieces(
         &self,
-        agent: &Agent,
         id: &str,
         layer: usize,
         chunk: usize,
@@ -446,13 +466,13 @@ impl Mounts {
         if wanted.is_empty() || wanted.end > n {
             return None;
         }
-        let bound = agent.config.mount.read_timeout();
+        let bound = self.ctx.config.read_timeout();
         let read = async {
-            match agent.pieces.read(list, chunk, wanted.clone()).await {
+            match self.ctx.pieces.read(list, chunk, wanted.clone()).await {
                 Ok(r) => Ok(r),
                 Err(e) => {
                     tracing::warn!(chunk = %c.digest, error = %e, "pieces failed; fetching the whole chunk");
-                    let (whole, fetched) = agent.fetcher.chunk(list, chunk).await?;
+                    let (whole, fetched) = self.ctx.fetcher.chunk(list, chunk).await?;
                     let whole = whole.into_bytes();
                     let start = wanted.start * imgd_core::PIECE_SIZE;
                     let end = (wanted.end * imgd_core::PIECE_SIZE).min(whole.len());

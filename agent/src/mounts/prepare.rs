@@ -5,8 +5,9 @@
 //! the layer itself, or for a plain zstd layer its seekable copy, whose chunk list comes
 //! from the index (checked by its digest), not from the proxy.
 
-use super::MountSpec;
-use crate::agent::{Agent, AgentError};
+use super::{MountContext, MountSpec};
+use crate::error::AgentError;
+use crate::image;
 use crate::proxy_client::Repo;
 use crate::startup;
 use imgd_core::index::LayerIndex;
@@ -26,24 +27,24 @@ pub struct Layers {
 /// Gets the index and the readable chunk list of each layer (indexes from local disk, else
 /// from the proxy, checked) and checks that every index allows random access.
 pub async fn fetch_layers(
-    agent: &Agent,
+    ctx: &MountContext,
     repo: &Repo,
     layers: &[Digest],
 ) -> Result<Layers, AgentError> {
     let fail = |m: String| AgentError::Mount(m);
-    let fetcher = &agent.fetcher;
+    let fetcher = &ctx.fetcher;
     let mut out = Layers {
         lists: Vec::new(),
         index_files: Vec::new(),
         indexes: Vec::new(),
     };
     for layer in layers {
-        let index = agent
+        let index = ctx
             .indexes
             .get_or_fetch(&fetcher.proxy, repo, layer)
             .await
             .map_err(|e| fail(e.to_string()))?;
-        agent.windows.reading(*layer, repo);
+        ctx.windows.reading(*layer, repo);
         if !index.random_access {
             return Err(fail(format!("layer {layer} has no random-access index")));
         }
@@ -59,11 +60,11 @@ pub async fn fetch_layers(
             }
             None => fetcher.chunk_list(repo, layer).await?,
         };
-        agent.pieces.reading(&list);
+        ctx.pieces.reading(&list);
         // A layer whose chunks are all here (prefetched or pinned) gets its windows now,
         // so that its mount reads without the proxy.
         if index.windows_size > 0 && fetcher.cache.missing_chunks(&list).is_empty() {
-            if let Err(e) = agent
+            if let Err(e) = ctx
                 .indexes
                 .fetch_all_windows(&fetcher.proxy, repo, &index)
                 .await
@@ -72,7 +73,7 @@ pub async fn fetch_layers(
             }
         }
         out.lists.push(list);
-        out.index_files.push(agent.indexes.path(layer));
+        out.index_files.push(ctx.indexes.path(layer));
         out.indexes.push(index);
     }
     Ok(out)
@@ -85,8 +86,8 @@ pub fn build_view(indexes: Vec<LayerIndex>) -> Result<ImageView, AgentError> {
 }
 
 /// The mount spec of `image`: its layers, labelled with its reference.
-pub async fn image_spec(agent: &Agent, image: &str) -> Result<MountSpec, AgentError> {
-    let (r, record) = agent.resolve(image).await?;
+pub async fn image_spec(ctx: &MountContext, image: &str) -> Result<MountSpec, AgentError> {
+    let (r, record) = resolve(ctx, image).await?;
     Ok(MountSpec {
         label: r.to_string(),
         repo: r.proxy_repo(),
@@ -96,11 +97,11 @@ pub async fn image_spec(agent: &Agent, image: &str) -> Result<MountSpec, AgentEr
 }
 
 /// `imgctl prefetch --startup`: warms only the files the image's startup trace names.
-pub async fn startup_prefetch(agent: &Agent, image: &str) -> Result<u64, AgentError> {
-    let (r, record) = agent.resolve(image).await?;
-    let layers = fetch_layers(agent, &r.proxy_repo(), &record.layers).await?;
+pub async fn startup_prefetch(ctx: &MountContext, image: &str) -> Result<u64, AgentError> {
+    let (r, record) = resolve(ctx, image).await?;
+    let layers = fetch_layers(ctx, &r.proxy_repo(), &record.layers).await?;
     let view = build_view(layers.indexes)?;
-    let trace = agent
+    let trace = ctx
         .fetcher
         .proxy
         .trace(&record.manifest_digest)
@@ -111,5 +112,14 @@ pub async fn startup_prefetch(agent: &Agent, image: &str) -> Result<u64, AgentEr
                 "no startup trace recorded for {r} yet: mount it and start a container first"
             ))
         })?;
-    Ok(startup::warm(&agent.fetcher, &view, &layers.lists, &trace).await?)
+    Ok(startup::warm(&ctx.fetcher, &view, &layers.lists, &trace).await?)
+}
+
+/// [`image::resolve_and_keep`] with the mounts' fetcher.
+async fn resolve(
+    ctx: &MountContext,
+    image: &str,
+) -> Result<(image::ImageRef, crate::cache::ImageRecord), AgentError> {
+    let (proxy, cache) = (&ctx.fetcher.proxy, &ctx.fetcher.cache);
+    Ok(image::resolve_and_keep(proxy, cache, image).await?)
 }

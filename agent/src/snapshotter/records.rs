@@ -59,7 +59,7 @@ pub struct SnapshotRecord {
 /// Snapshots, by the name containerd gave them (its key, or the committed name).
 pub struct Snapshots;
 impl Table for Snapshots {
-    const NAME: &'static str = "snapshots";
+    const NAME: &'static str = crate::cache::tables::SNAPSHOTS;
     type Key = String;
     type Value = SnapshotRecord;
 }

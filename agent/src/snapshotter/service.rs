@@ -304,7 +304,7 @@ impl Snapshotter {
         for dir in self.views.present() {
             if !wanted.contains(&dir) && self.agent.mounts.is_mounted(&dir) {
                 tracing::info!(dir = %dir.display(), "unmounting a view of no snapshot");
-                if let Err(e) = self.agent.mounts.umount(&self.agent, &dir).await {
+                if let Err(e) = self.agent.mounts.umount(&dir).await {
                     tracing::warn!(error = %e, "unmounting an orphaned view failed");
                 }
             }

@@ -64,7 +64,7 @@ impl Views {
         };
         agent
             .mounts
-            .mount_layers(agent, spec, &dir)
+            .mount_layers(spec, &dir)
             .await
             .map_err(|e| SnapshotError::View(format!("mounting the view of {top}: {e}")))?;
         tracing::info!(chain = top, image = %top_layer.image, layers = layers.len(), dir = %dir.display(), "lazy view mounted");
@@ -78,7 +78,7 @@ impl Views {
         if agent.mounts.is_mounted(&dir) {
             agent
                 .mounts
-                .umount(agent, &dir)
+                .umount(&dir)
                 .await
                 .map_err(|e| SnapshotError::View(format!("unmounting the view of {top}: {e}")))?;
             tracing::info!(chain = top, dir = %dir.display(), "lazy view unmounted");
