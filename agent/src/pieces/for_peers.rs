@@ -147,25 +147,10 @@ impl Pieces {
         if pieces.is_empty() || pieces.end > all.len() || self.cache.has_chunk(&chunk.digest) {
             return Ok(());
         }
-        let mark = super::PartialMark {
-            blob: list.blob,
-            index: i,
-            size: chunk.size,
-            pieces: all.to_vec(),
-        };
-        let mut have = self.stored(&mark, pieces.clone()).await;
-        let got = self
-            .fetch_missing(
-                &chunk.digest,
-                &mark,
-                &mut have,
-                pieces.start,
-                super::Sources::Proxy,
-            )
+        let bytes = super::piece_range(chunk.size, pieces.start).start
+            ..super::piece_range(chunk.size, pieces.end - 1).end;
+        self.read_locked(list, i, pieces, &bytes, super::Sources::Proxy)
             .await?;
-        self.stats
-            .read_bytes
-            .fetch_add(got.proxy, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

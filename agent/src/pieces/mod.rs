@@ -284,7 +284,8 @@ impl Pieces {
         let gate = self.gate(&chunk.digest);
         let result = async {
             let _turn = gate.lock().await;
-            self.read_locked(list, i, pieces, &bytes).await
+            self.read_locked(list, i, pieces, &bytes, Sources::Swarm)
+                .await
         }
         .await;
         self.release(&chunk.digest, gate);
@@ -297,6 +298,7 @@ impl Pieces {
         i: usize,
         pieces: Range<usize>,
         bytes: &Range<u64>,
+        sources: Sources,
     ) -> Result<(Bytes, u64), PieceError> {
         let chunk = list.chunks[i];
         let mark = PartialMark {
@@ -307,13 +309,7 @@ impl Pieces {
         };
         let mut have = self.stored(&mark, pieces.clone()).await;
         let got = self
-            .fetch_missing(
-                &chunk.digest,
-                &mark,
-                &mut have,
-                pieces.start,
-                Sources::Swarm,
-            )
+            .fetch_missing(&chunk.digest, &mark, &mut have, pieces.start, sources)
             .await?;
         self.stats
             .read_bytes
