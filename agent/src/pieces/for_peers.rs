@@ -13,6 +13,10 @@
 //! (the asker found this host to be the owner: asking peers again could wait on the
 //! asker), every piece verified and stored, one per chunk and piece range at a time.
 //!
+//! Two fetches here of overlapping pieces (a read's and one for a peer) do not both ask
+//! the proxy for the overlap: the later waits for the earlier, boundedly, and takes what
+//! it stored.
+//!
 //! `Pending` is a promise about the pieces asked: it is answered while a fetch here of
 //! pieces covering them runs ([`Pieces::fetching_pieces`]), not merely while some pieces
 //! of the chunk are coming, so that a peer does not wait on pieces nobody fetches. Reading chunk lists and have-maps here is from
@@ -23,6 +27,10 @@ use imgd_core::{ChunkList, Digest};
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
+
+/// Longest a fetch of pieces waits for a fetch here of overlapping pieces to end before
+/// it asks the proxy for them anyway.
+const OVERLAP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What [`Pieces`] knows to fetch pieces for peers.
 #[derive(Default)]
@@ -84,6 +92,29 @@ impl Pieces {
             chunk,
             range,
         }
+    }
+
+    /// Waits, at most [`OVERLAP_WAIT`], while a fetch here of pieces of `chunk` that
+    /// overlap `range` runs (a read's and a fetch for a peer, whose ranges differ:
+    /// each read covers its own checkpoint to its own file's end); whether it waited.
+    pub(super) async fn wait_for_overlapping(&self, chunk: &Digest, range: &Range<usize>) -> bool {
+        let overlaps = || {
+            lock(&self.for_peers.flying)
+                .get(chunk)
+                .is_some_and(|ranges| {
+                    ranges
+                        .iter()
+                        .any(|r| r.start < range.end && range.start < r.end)
+                })
+        };
+        if !overlaps() {
+            return false;
+        }
+        let until = std::time::Instant::now() + OVERLAP_WAIT;
+        while overlaps() && std::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        true
     }
 
     /// Whether a fetch here of pieces of `chunk` covering `first..first + count` runs.

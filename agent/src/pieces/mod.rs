@@ -379,6 +379,22 @@ impl Pieces {
                     (pieces, None)
                 }
                 _ => {
+                    if self.wait_for_overlapping(chunk, &(a..b)).await {
+                        // A fetch here of some of these pieces ended meanwhile: take
+                        // what it stored and look at the run again.
+                        let again = self.stored(mark, a..b).await;
+                        let mut took = false;
+                        for (j, p) in again.into_iter().enumerate() {
+                            if p.is_some() {
+                                have[a - first + j] = p;
+                                took = true;
+                            }
+                        }
+                        if took {
+                            k = run_start;
+                            continue;
+                        }
+                    }
                     let flight = self.fetcher.reads.states.begin(*chunk);
                     let _flying = self.pieces_in_flight(*chunk, a..b);
                     let body = self.proxy.chunk_range(chunk, range.clone()).await?;
