@@ -48,6 +48,15 @@ pub struct Proxy {
     extra: Vec<String>,
 }
 
+/// How [`Proxy::spawn`] says that its port was answered by another process.
+const ANOTHER_PROCESS: &str = "another imgd-proxy process";
+
+/// Whether a proxy failed to start because another process had its port.
+fn port_was_taken(e: &anyhow::Error) -> bool {
+    let text = format!("{e:#}");
+    text.contains(ANOTHER_PROCESS) || text.contains("in use")
+}
+
 impl Proxy {
     /// Starts a proxy with a fresh storage dir. `upstreams` are `NAME=URL` or `NAME=oci:DIR`;
     /// the first is the default.
@@ -73,7 +82,16 @@ impl Proxy {
         extra: &[&str],
     ) -> Result<Proxy> {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        Proxy::spawn(ip, free_port()?, storage, upstreams, &extra)
+        // A port free a moment ago may be taken by a server of a test running beside
+        // this one (then our proxy cannot bind, and theirs answers): try another.
+        let mut last = None;
+        for _ in 0..3 {
+            match Proxy::spawn(ip, free_port()?, storage, upstreams, &extra) {
+                Err(e) if port_was_taken(&e) => last = Some(e),
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("imgd-proxy did not start")))
     }
 
     /// Starts a proxy configured by the TOML `config_text` (written to `dir/proxy.toml`),
@@ -122,6 +140,11 @@ impl Proxy {
         if let Err(e) = guard.wait_for_http(&url, Duration::from_secs(20)) {
             let log_text = std::fs::read_to_string(&log).unwrap_or_default();
             bail!("imgd-proxy did not start: {e:#}\n{log_text}");
+        }
+        let health = crate::registry_client::get_with_timeout(&url, &[], Duration::from_secs(5))?;
+        let pid = health.header("x-imgd-pid").unwrap_or("").to_string();
+        if pid != guard.id().to_string() {
+            bail!("{ip}:{port} is answered by {ANOTHER_PROCESS} (pid {pid:?})");
         }
         Ok(Proxy {
             guard,

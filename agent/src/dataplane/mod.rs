@@ -46,11 +46,13 @@
 pub mod client;
 pub mod handshake;
 mod have_map;
+pub mod pool;
 pub mod server;
 pub mod wire;
 
-pub use client::{Answer, PeerClient, PeerPool, Subscription};
+pub use client::{Answer, PeerClient, Subscription};
 pub use have_map::HaveMap;
+pub use pool::PeerPool;
 pub use server::{serve, ChunkSource, PiecesAnswer};
 
 use imgd_core::{Digest, CHUNK_SIZE};
