@@ -373,15 +373,20 @@ impl Pieces {
             };
             // In flight for peers while the proxy is asked; partial once kept. Pieces
             // from a peer were verified by the data plane client; the proxy's are here.
-            let (verified, flight) = match from_peer {
+            // The fetch from the proxy stays in flight here (`flying`, which a read or a
+            // fetch for a peer of overlapping pieces waits for) until its pieces are
+            // stored and marked present, so that the waiter finds them.
+            let (verified, flight, flying) = match from_peer {
                 Some(Got::Pieces(pieces)) => {
                     fetched.peers += pieces.len() as u64;
-                    (pieces, None)
+                    (pieces, None, None)
                 }
                 _ => {
-                    if self.wait_for_overlapping(chunk, &(a..b)).await {
-                        // A fetch here of some of these pieces ended meanwhile: take
-                        // what it stored and look at the run again.
+                    let waited = self.wait_for_overlapping(chunk, &(a..b)).await;
+                    if waited || self.any_present(chunk, a..b) {
+                        // A fetch here of some of these pieces ended meanwhile (one for
+                        // a peer, or a read, while this one asked the peers): take what
+                        // it stored and look at the run again.
                         let again = self.stored(mark, a..b).await;
                         let mut took = false;
                         for (j, p) in again.into_iter().enumerate() {
@@ -396,15 +401,16 @@ impl Pieces {
                         }
                     }
                     let flight = self.fetcher.reads.states.begin(*chunk);
-                    let _flying = self.pieces_in_flight(*chunk, a..b);
+                    let flying = self.pieces_in_flight(*chunk, a..b);
                     let body = self.proxy.chunk_range(chunk, range.clone()).await?;
                     fetched.proxy += body.len() as u64;
+                    tracing::debug!(target: "imgd_bytes", %chunk, first = a, count = b - a, for_peer = matches!(sources, Sources::Proxy), "pieces from the proxy");
                     let whole_range = body.len() as u64 == range.end - range.start;
                     let checked = VerifiedPieces::check(a, &mark.pieces[a..b], body)
                         .map_err(|e| e.piece)
                         .and_then(|p| if whole_range { Ok(p) } else { Err(b - 1) });
                     match checked {
-                        Ok(pieces) => (pieces, flight),
+                        Ok(pieces) => (pieces, flight, Some(flying)),
                         Err(piece) => {
                             crate::metrics::verification_failed("proxy");
                             self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
@@ -424,11 +430,21 @@ impl Pieces {
             } else {
                 self.fetcher.reads.states.mark_partial(*chunk);
             }
+            drop(flying);
             for (p, part) in verified {
                 have[p - first] = Some(part);
             }
         }
         Ok(fetched)
+    }
+
+    /// Whether any of pieces `pieces` of `chunk` is stored here now.
+    fn any_present(&self, chunk: &Digest, pieces: Range<usize>) -> bool {
+        lock(&self.partial).get(chunk).is_some_and(|p| {
+            p.present
+                .get(pieces)
+                .is_some_and(|run| run.iter().any(|x| *x))
+        })
     }
 
     /// Stores verified pieces, marks the chunk partial and records them as present.

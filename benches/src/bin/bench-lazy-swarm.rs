@@ -30,6 +30,7 @@ mod runc;
 
 use anyhow::{bail, Context, Result};
 use images::Source;
+use imgd_core::wire::ProxyStats;
 use imgd_tests::daemons::{Agent, Proxy};
 use imgd_tests::guards::{path_str, run_capture, ImgdMount, Overlay};
 use imgd_tests::netns::{Host, Lan};
@@ -112,6 +113,7 @@ impl Bench<'_> {
         let go = Barrier::new(agents.len());
         let (template, workload, round) = (&self.template, &self.workload, self.round);
         let before = self.lan.bridge_tx_bytes()?;
+        let stats_before = self.proxy.stats()?;
         let took: Vec<Result<Duration>> = std::thread::scope(|s| {
             let runs: Vec<_> = agents
                 .iter()
@@ -155,6 +157,7 @@ impl Bench<'_> {
         });
         let proxy_bytes = self.lan.bridge_tx_bytes()? - before;
         let took = took.into_iter().collect::<Result<Vec<_>>>()?;
+        print_proxy_apis(&stats_before, &self.proxy.stats()?, proxy_bytes);
         if let Some(keep) = std::env::var_os("IMGD_BENCH_KEEP_LOGS") {
             let keep = Path::new(&keep);
             std::fs::create_dir_all(keep)?;
@@ -188,6 +191,20 @@ impl Bench<'_> {
         }
         best.context("no run")
     }
+}
+
+/// What the proxy's own counters say it served in a start, by API, beside the bridge's
+/// count (the rest: manifests, chunk lists, HTTP and TCP/IP overhead).
+fn print_proxy_apis(before: &ProxyStats, after: &ProxyStats, bridge: u64) {
+    let mb = |a: u64, b: u64| a.saturating_sub(b) as f64 / 1e6;
+    let chunks = mb(after.chunk_bytes_served, before.chunk_bytes_served);
+    let index = mb(after.index_bytes_served, before.index_bytes_served);
+    let windows = mb(after.window_bytes_served, before.window_bytes_served);
+    let blobs = mb(after.blob_bytes_served, before.blob_bytes_served);
+    let rest = bridge as f64 / 1e6 - chunks - index - windows - blobs;
+    eprintln!(
+        "  proxy served (its counters), MB: chunks and pieces {chunks:.2}, index main parts {index:.2}, windows {windows:.2}, registry blobs {blobs:.2}; the rest of the bridge's count {rest:.2}"
+    );
 }
 
 fn slowest(s: &Start) -> Duration {
