@@ -435,6 +435,16 @@ mod tests {
                     len: 17_000,
                 },
             ),
+            (
+                "get_index_main",
+                Message::GetIndexMain {
+                    layer: crate::Digest::of(b"l"),
+                    sha256: crate::Digest::of(b"m"),
+                    len: 300_000,
+                    repo: "library/python".into(),
+                    ns: Some("docker.io".into()),
+                },
+            ),
             ("pending", Message::Pending),
             ("error", Message::Error("no such chunk".into())),
         ];

@@ -9,6 +9,9 @@
 //! Subscribe 0x03  blob digest[32]                  -> HaveMap, HaveMap, ... | Unknown | Error
 //! GetWindow 0x05  layer digest[32] | window sha256[32] | offset: u64 BE | len: u32 BE
 //!                                                  -> Chunk | Pending | NotFound | Error
+//! GetIndexMain 0x06  layer digest[32] | main part's sha256[32] | len: u32 BE
+//!                    | repo_len: u16 BE | repo | ns_len: u16 BE | ns
+//!                                                  -> Chunk | Pending | NotFound | Error
 //! Chunk     0x81  the chunk's bytes (<= max_chunk)
 //! NotFound  0x82  (empty)
 //! HaveMap   0x83  chunk_count: u32 BE | present bitmap | in-flight bitmap
@@ -33,6 +36,14 @@
 //! asked and answers `Pending` meanwhile, so hosts reading one layer take each window from
 //! the proxy once.
 //!
+//! `GetIndexMain` is new in version 5 (`imgd-dp-v5`): the main part of a layer's index
+//! (file table and checkpoints), named by its sha256 (its trailer: the sha256 of all the
+//! bytes before it), which the asker got from the proxy with the part's length. The
+//! asker's repository (and registry namespace, empty for none) come along, so that the
+//! peer it asks, the part's owner among the swarm, can fetch the part from the proxy on
+//! its behalf when it has not got it, answering `Pending` meanwhile. The answer is a
+//! `Chunk` frame with the part's bytes, checked by the receiver against the sha256.
+//!
 //! `Subscribe` (also new in version 2) turns the connection into a push channel: the
 //! server answers with the blob's have-map at once and then sends the whole map again,
 //! with the same request id, each time it changes, at most one frame per
@@ -49,6 +60,7 @@
 //! I/O, the handshake and the limits of connections and requests.
 
 mod have_map;
+mod index_parts;
 
 use crate::digest::Digest;
 use bytes::Bytes;
@@ -61,6 +73,11 @@ pub const HEADER_LEN: usize = 9;
 pub const GET_PIECES_LEN: usize = 40;
 /// Size of a `GetWindow` body: layer digest, window sha256, offset, length.
 pub const GET_WINDOW_LEN: usize = 76;
+/// Longest repository name, and namespace, a `GetIndexMain` carries.
+pub const MAX_REPO_NAME: usize = 256;
+/// Size of a `GetIndexMain` body without the bytes of its repository and namespace
+/// (two digests, the length and the two u16 lengths).
+pub const GET_INDEX_MAIN_FIXED: usize = 72;
 /// Longest message an encoded [`Message::Error`] carries; longer ones are truncated.
 pub const MAX_ERROR_MESSAGE: usize = 1024;
 /// Shortest time between two have-maps a server pushes on one subscription, in ms: an
@@ -78,6 +95,8 @@ pub mod kind {
     pub const GET_PIECES: u8 = 0x04;
     /// Request: send me this inflate checkpoint window of this layer's index (v4).
     pub const GET_WINDOW: u8 = 0x05;
+    /// Request: send me the main part of this layer's index (v5).
+    pub const GET_INDEX_MAIN: u8 = 0x06;
     /// Request: push me this blob's have-map now and whenever it changes (v1.1).
     pub const SUBSCRIBE: u8 = 0x03;
     /// Response: the chunk's bytes.
@@ -165,6 +184,15 @@ pub enum Message {
         offset: u64,
         len: u32,
     },
+    /// The main part, `len` bytes, of `layer`'s index, whose trailing sha256 is `sha256`;
+    /// from the proxy by repository `repo` (and registry namespace `ns`) if not held.
+    GetIndexMain {
+        layer: Digest,
+        sha256: Digest,
+        len: u32,
+        repo: String,
+        ns: Option<String>,
+    },
     Chunk(Bytes),
     NotFound,
     HaveMap(HaveMap),
@@ -182,6 +210,7 @@ impl Message {
             Message::Have { .. } => kind::HAVE,
             Message::GetPieces { .. } => kind::GET_PIECES,
             Message::GetWindow { .. } => kind::GET_WINDOW,
+            Message::GetIndexMain { .. } => kind::GET_INDEX_MAIN,
             Message::Subscribe { .. } => kind::SUBSCRIBE,
             Message::Chunk(_) => kind::CHUNK,
             Message::NotFound => kind::NOT_FOUND,
@@ -200,6 +229,7 @@ fn kind_name(k: u8) -> &'static str {
         kind::HAVE => "Have",
         kind::GET_PIECES => "GetPieces",
         kind::GET_WINDOW => "GetWindow",
+        kind::GET_INDEX_MAIN => "GetIndexMain",
         kind::SUBSCRIBE => "Subscribe",
         kind::CHUNK => "Chunk",
         kind::NOT_FOUND => "NotFound",
@@ -241,6 +271,7 @@ fn check_len(k: u8, len: usize, limits: &FrameLimits) -> Result<(), WireError> {
         kind::GET_CHUNK | kind::HAVE | kind::SUBSCRIBE => exact(32),
         kind::GET_PIECES => exact(GET_PIECES_LEN),
         kind::GET_WINDOW => exact(GET_WINDOW_LEN),
+        kind::GET_INDEX_MAIN => at_most(GET_INDEX_MAIN_FIXED + 2 * MAX_REPO_NAME),
         kind::NOT_FOUND | kind::UNKNOWN | kind::PENDING => exact(0),
         kind::CHUNK | kind::PIECES => at_most(limits.max_chunk),
         kind::HAVE_MAP | kind::ERROR => at_most(limits.max_control),
@@ -317,7 +348,8 @@ pub fn decode_body(header: &Header, body: &[u8]) -> Result<Message, WireError> {
                 count,
             }
         }
-        kind::GET_WINDOW => decode_get_window(body)?,
+        kind::GET_WINDOW => index_parts::decode_get_window(body)?,
+        kind::GET_INDEX_MAIN => index_parts::decode_get_index_main(body)?,
         kind::SUBSCRIBE => Message::Subscribe { blob: digest()? },
         kind::CHUNK => Message::Chunk(Bytes::copy_from_slice(body)),
         kind::PIECES => Message::Pieces(Bytes::copy_from_slice(body)),
@@ -342,39 +374,6 @@ pub fn decode_body(header: &Header, body: &[u8]) -> Result<Message, WireError> {
             )?)
         }
         other => return Err(WireError::UnknownKind(other)),
-    })
-}
-
-/// A `GetWindow` body, 76 bytes exactly (checked by the header).
-fn decode_get_window(body: &[u8]) -> Result<Message, WireError> {
-    let bad = |reason| WireError::Malformed {
-        kind: "GetWindow",
-        reason,
-    };
-    let digest = |at: usize| -> Result<Digest, WireError> {
-        let b: [u8; 32] = body
-            .get(at..at + 32)
-            .and_then(|b| b.try_into().ok())
-            .ok_or(bad("shorter than two digests"))?;
-        Ok(Digest::from_bytes(b))
-    };
-    let offset: [u8; 8] = body
-        .get(64..72)
-        .and_then(|b| b.try_into().ok())
-        .ok_or(bad("shorter than its offset"))?;
-    let len: [u8; 4] = body
-        .get(72..76)
-        .and_then(|b| b.try_into().ok())
-        .ok_or(bad("shorter than its length"))?;
-    let len = u32::from_be_bytes(len);
-    if len == 0 {
-        return Err(bad("asks for an empty window"));
-    }
-    Ok(Message::GetWindow {
-        layer: digest(0)?,
-        sha256: digest(32)?,
-        offset: u64::from_be_bytes(offset),
-        len,
     })
 }
 
@@ -425,14 +424,14 @@ pub fn encode_frame(
             sha256,
             offset,
             len,
-        } => {
-            let mut v = Vec::with_capacity(GET_WINDOW_LEN);
-            v.extend_from_slice(layer.as_bytes());
-            v.extend_from_slice(sha256.as_bytes());
-            v.extend_from_slice(&offset.to_be_bytes());
-            v.extend_from_slice(&len.to_be_bytes());
-            Bytes::from(v)
-        }
+        } => index_parts::encode_get_window(layer, sha256, *offset, *len),
+        Message::GetIndexMain {
+            layer,
+            sha256,
+            len,
+            repo,
+            ns,
+        } => index_parts::encode_get_index_main(layer, sha256, *len, repo, ns.as_deref())?,
         Message::Chunk(b) | Message::Pieces(b) => b.clone(),
         Message::NotFound | Message::Unknown | Message::Pending => Bytes::new(),
         Message::HaveMap(m) => {

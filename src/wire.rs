@@ -4,7 +4,8 @@
 //! |---|---|
 //! | `GET /imgd/v1/blobs/{digest}?repo=NAME` | [`BlobInfo`]: the chunk list (ingesting the blob from upstream first if needed) |
 //! | `GET /imgd/v1/chunks/{digest}` | the chunk's bytes (`application/octet-stream`) |
-//! | `GET /imgd/v1/indexes/{layer digest}?repo=NAME` | the encoded [`crate::index::LayerIndex`]; header `Imgd-Index-Digest` |
+//! | `GET /imgd/v1/indexes/{layer digest}?repo=NAME` | the encoded [`crate::index::LayerIndex`]'s main part; header `Imgd-Index-Digest` |
+//! | `GET /imgd/v1/indexes/{layer digest}/main?repo=NAME` | [`IndexMainRef`]: the main part's sha256 and length, so that it can be taken from a peer |
 //! | `GET /imgd/v1/stats` | [`ProxyStats`] |
 //! | `GET /imgd/v1/traces/{manifest digest}` | the image's [`StartupTrace`] (404 if none) |
 //! | `PUT /imgd/v1/traces/{manifest digest}` | stores a [`StartupTrace`] (first one wins) |
@@ -24,6 +25,14 @@ pub const MANIFEST_MEDIA_TYPES: &[&str] = &[
 
 /// Header carrying the digest of an encoded index.
 pub const INDEX_DIGEST_HEADER: &str = "Imgd-Index-Digest";
+
+/// The main part of a layer's index, named: its sha256 (the part's trailer, see
+/// [`crate::index::LayerIndex::main_part_digest`]) and its length in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexMainRef {
+    pub sha256: Digest,
+    pub len: u64,
+}
 
 /// What the proxy knows of one blob.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

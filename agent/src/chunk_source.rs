@@ -1,11 +1,13 @@
 //! What this agent offers peers over the data plane: verified chunks from its cache, the
-//! verified pieces of partial chunks, the checkpoint windows of layer indexes, and have-maps of the blobs it holds or is fetching
-//! (blob fetches and reads alike).
+//! verified pieces of partial chunks, the main parts and checkpoint windows of layer
+//! indexes, and have-maps of the blobs it holds or is fetching (blob fetches and reads
+//! alike).
 
 use crate::dataplane::{ChunkSource, HaveMap, PiecesAnswer};
 use crate::fetch::Fetcher;
+use crate::index_share::IndexShare;
 use crate::pieces::Pieces;
-use crate::window_share::WindowShare;
+use crate::proxy_client::Repo;
 use bytes::Bytes;
 use imgd_core::index::WindowRef;
 use imgd_core::{Digest, VerifiedChunk};
@@ -16,7 +18,7 @@ use std::sync::Arc;
 pub struct CacheSource {
     pub fetcher: Arc<Fetcher>,
     pub pieces: Arc<Pieces>,
-    pub windows: Arc<WindowShare>,
+    pub shared_indexes: Arc<IndexShare>,
 }
 
 impl ChunkSource for CacheSource {
@@ -51,7 +53,21 @@ impl ChunkSource for CacheSource {
     }
 
     fn window(&self, layer: &Digest, window: &WindowRef) -> PiecesAnswer {
-        self.windows.serve(layer, window)
+        self.shared_indexes.serve_window(layer, window)
+    }
+
+    fn index_main(
+        &self,
+        layer: &Digest,
+        sha256: &Digest,
+        _len: u32,
+        repo: (&str, Option<&str>),
+    ) -> PiecesAnswer {
+        let repo = Repo {
+            name: repo.0.to_string(),
+            ns: repo.1.map(str::to_string),
+        };
+        self.shared_indexes.serve_main(layer, sha256, repo)
     }
 
     fn fetching(&self, chunk: &Digest) -> bool {

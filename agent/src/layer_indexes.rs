@@ -41,6 +41,9 @@ pub enum LayerIndexError {
     },
     #[error("window {window} of the index of layer {layer}: the proxy sent other bytes (not used, not stored)")]
     WindowMismatch { layer: Digest, window: Digest },
+    /// A failed fetch shared by everyone who waited for it.
+    #[error(transparent)]
+    Shared(Arc<LayerIndexError>),
     #[error("storing the index of layer {layer}: {source}")]
     Store {
         layer: Digest,
@@ -232,17 +235,44 @@ impl LayerIndexes {
         repo: &Repo,
         layer: &Digest,
     ) -> Result<LayerIndex, LayerIndexError> {
-        let (me, l) = (self.clone(), *layer);
-        if let Ok(Some(index)) = tokio::task::spawn_blocking(move || me.get(&l)).await {
+        if let Some(index) = self.stored(layer).await {
             return Ok(index);
         }
-        let bytes = proxy
+        let bytes = Self::main_from_proxy(proxy, repo, layer).await?;
+        self.keep_main(layer, bytes).await
+    }
+
+    /// The stored index of `layer`, if sound ([`LayerIndexes::get`] off the runtime).
+    pub async fn stored(self: &Arc<Self>, layer: &Digest) -> Option<LayerIndex> {
+        let (me, l) = (self.clone(), *layer);
+        tokio::task::spawn_blocking(move || me.get(&l))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// The main part of the index of `layer`, from the proxy (not checked yet).
+    pub async fn main_from_proxy(
+        proxy: &ProxyClient,
+        repo: &Repo,
+        layer: &Digest,
+    ) -> Result<Bytes, LayerIndexError> {
+        proxy
             .index(repo, layer)
             .await
             .map_err(|source| LayerIndexError::Proxy {
                 layer: *layer,
                 source,
-            })?;
+            })
+    }
+
+    /// Decodes the main part `bytes` of the index of `layer` (which checks its trailer),
+    /// checks that it names the layer, and stores it.
+    pub async fn keep_main(
+        self: &Arc<Self>,
+        layer: &Digest,
+        bytes: Bytes,
+    ) -> Result<LayerIndex, LayerIndexError> {
         let invalid = |message: String| LayerIndexError::Invalid {
             layer: *layer,
             message,
@@ -263,6 +293,13 @@ impl LayerIndexes {
                 source,
             })?;
         Ok(index)
+    }
+
+    /// The stored main part of the index of `layer`, if its sha256 is `sha256` (blocking;
+    /// for a peer, which checks it again).
+    pub fn stored_main(&self, layer: &Digest, sha256: &Digest) -> Option<Vec<u8>> {
+        let bytes = std::fs::read(self.path(layer)).ok()?;
+        (LayerIndex::main_part_digest(&bytes).as_ref() == Some(sha256)).then_some(bytes)
     }
 }
 

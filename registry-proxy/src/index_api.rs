@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use imgd_core::index::format::HEADER_LEN;
 use imgd_core::index::LayerIndex;
-use imgd_core::wire::{IndexState, INDEX_DIGEST_HEADER};
+use imgd_core::wire::{IndexMainRef, IndexState, INDEX_DIGEST_HEADER};
 use imgd_core::Digest;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
@@ -144,6 +144,38 @@ pub async fn index(
         read.body(),
     )
         .into_response())
+}
+
+/// `GET /imgd/v1/indexes/{layer digest}/main?repo=`: the main part's sha256 (its trailer)
+/// and length, [`IndexMainRef`], so that an agent can take the part from a peer and
+/// check it.
+pub async fn main_ref(
+    _: Authorized,
+    State(state): State<Arc<AppState>>,
+    Path(digest): Path<String>,
+    Query(q): Query<RepoQuery>,
+) -> Result<axum::Json<IndexMainRef>, ProxyError> {
+    let (idx, read) = read(&state, &digest, &q, Part::Main).await?;
+    let trailer_at = read
+        .bytes
+        .end
+        .checked_sub(32)
+        .filter(|at| *at >= HEADER_LEN as u64);
+    let Some(at) = trailer_at else {
+        return Err(ProxyError::BlobUnknown(format!("index {idx} is truncated")));
+    };
+    let file = read.file.clone();
+    let trailer = tokio::task::spawn_blocking(move || {
+        let mut t = [0u8; 32];
+        file.read_exact_at(&mut t, at).map(|()| t)
+    })
+    .await
+    .map_err(|e| ProxyError::BadRequest(e.to_string()))?
+    .map_err(|e| ProxyError::BadRequest(format!("reading index {idx}: {e}")))?;
+    Ok(axum::Json(IndexMainRef {
+        sha256: Digest::from_bytes(trailer),
+        len: read.len(),
+    }))
 }
 
 /// `GET /imgd/v1/indexes/{layer digest}/windows?repo=`: the windows part of the layer's

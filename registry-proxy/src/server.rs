@@ -111,6 +111,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/imgd/v1/chunks/{digest}", get(chunk_api::chunk))
         .route("/imgd/v1/indexes/{digest}", get(crate::index_api::index))
         .route(
+            "/imgd/v1/indexes/{digest}/main",
+            get(crate::index_api::main_ref),
+        )
+        .route(
             "/imgd/v1/indexes/{digest}/windows",
             get(crate::index_api::windows),
         )

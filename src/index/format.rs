@@ -277,6 +277,19 @@ impl LayerIndex {
         Ok((HEADER_LEN + 32) as u64 + u64::from(body))
     }
 
+    /// The sha256 that names an encoded main part: its trailer, if `main` is exactly one
+    /// main part (by its header) whose trailer is the sha256 of the bytes before it. The
+    /// proxy announces it, so that a main part from a peer is checked against it.
+    pub fn main_part_digest(main: &[u8]) -> Option<Digest> {
+        let total = Self::main_len(main).ok()?;
+        if total != main.len() || total < HEADER_LEN + 32 {
+            return None;
+        }
+        let (signed, trailer) = main.split_at(total - 32);
+        let trailer: [u8; 32] = trailer.try_into().ok()?;
+        (Digest::of(signed).as_bytes() == &trailer).then(|| Digest::from_bytes(trailer))
+    }
+
     /// Length of the main part at the start of an encoded index, which must hold it.
     pub fn main_len(bytes: &[u8]) -> Result<usize, IndexDecodeError> {
         let total = Self::main_len_in_header(bytes)?;

@@ -257,3 +257,23 @@ fn a_window_sink_gets_the_windows_part_as_it_is_made_and_the_index_holds_none() 
     );
     assert!(err.to_string().contains("disk full"), "{err}");
 }
+
+#[test]
+fn a_main_part_is_named_by_its_trailer_and_nothing_else_is() {
+    let (_, full, _) = layer();
+    let main = full.encode_main();
+    let trailer: [u8; 32] = main[main.len() - 32..].try_into().unwrap();
+    assert_eq!(
+        LayerIndex::main_part_digest(&main),
+        Some(Digest::from_bytes(trailer))
+    );
+    // The whole index is more than a main part; a cut one is less.
+    assert_eq!(LayerIndex::main_part_digest(&full.encode()), None);
+    assert_eq!(LayerIndex::main_part_digest(&main[..main.len() - 1]), None);
+    // One flipped byte anywhere: the trailer no longer matches (or the header breaks).
+    for at in [0, 20, main.len() / 2, main.len() - 1] {
+        let mut bad = main.clone();
+        bad[at] ^= 1;
+        assert_eq!(LayerIndex::main_part_digest(&bad), None, "byte {at}");
+    }
+}

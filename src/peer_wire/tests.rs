@@ -48,6 +48,20 @@ fn every_message_round_trips() {
             offset: 1 << 40,
             len: 17_000,
         },
+        Message::GetIndexMain {
+            layer: Digest::of(b"l"),
+            sha256: Digest::of(b"m"),
+            len: 300_000,
+            repo: "library/python".into(),
+            ns: Some("docker.io".into()),
+        },
+        Message::GetIndexMain {
+            layer: Digest::of(b"l"),
+            sha256: Digest::of(b"m"),
+            len: 1,
+            repo: "r".into(),
+            ns: None,
+        },
         Message::Pending,
         Message::Error("no such thing".into()),
     ];
@@ -161,5 +175,46 @@ fn a_window_request_for_no_bytes_or_of_the_wrong_length_is_refused() {
     assert!(matches!(
         decode_header(&short, &LIMITS),
         Err(WireError::BadLength { expected: 76, .. })
+    ));
+}
+
+#[test]
+fn an_index_main_request_that_is_empty_cut_short_too_long_or_padded_is_refused() {
+    let ask = |len: u32, repo: &str| Message::GetIndexMain {
+        layer: Digest::of(b"l"),
+        sha256: Digest::of(b"m"),
+        len,
+        repo: repo.into(),
+        ns: None,
+    };
+    let malformed = |bytes: &[u8]| {
+        matches!(
+            decode_frame(bytes, &LIMITS),
+            Err(WireError::Malformed {
+                kind: "GetIndexMain",
+                ..
+            })
+        )
+    };
+    assert!(malformed(&encode(1, &ask(0, "r"))), "no bytes asked");
+    assert!(malformed(&encode(1, &ask(5, ""))), "no repository");
+    // One byte more than the namespace's length says, fixed up in the header.
+    let mut padded = encode(1, &ask(5, "r"));
+    padded.push(0);
+    let len = (padded.len() - HEADER_LEN) as u32;
+    padded[..4].copy_from_slice(&len.to_be_bytes());
+    assert!(malformed(&padded), "bytes after the namespace");
+    // The repository's length says more than the body holds.
+    let mut cut = encode(1, &ask(5, "repo"));
+    cut.truncate(cut.len() - 3);
+    let len = (cut.len() - HEADER_LEN) as u32;
+    cut[..4].copy_from_slice(&len.to_be_bytes());
+    assert!(malformed(&cut), "cut inside the repository");
+    let long = "r".repeat(MAX_REPO_NAME + 1);
+    assert!(encode_frame(1, &ask(5, &long), &LIMITS).is_err());
+    let huge = encode_header(kind::GET_INDEX_MAIN, 1, 4096);
+    assert!(matches!(
+        decode_header(&huge, &LIMITS),
+        Err(WireError::Oversized { .. })
     ));
 }

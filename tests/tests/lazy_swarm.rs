@@ -117,13 +117,16 @@ fn four_hosts_starting_one_lazy_image_at_once_cost_the_proxy_about_one_start() {
     let alone_dir = tmp.path().join("alone");
     let alone = Agent::start_on_host(&lan.hosts[0], proxy, &alone_dir, EXTRA).unwrap();
     let windows = || proxy.stats().unwrap().window_bytes_served;
-    let (before, windows_before) = (lan.bridge_tx_bytes().unwrap(), windows());
+    let mains = || proxy.stats().unwrap().index_bytes_served;
+    let (before, windows_before, mains_before) =
+        (lan.bridge_tx_bytes().unwrap(), windows(), mains());
     let t = Instant::now();
     let mnt = mount(&alone, &alone_dir);
     let read = start(&mnt);
     let alone_took = t.elapsed();
     let one = lan.bridge_tx_bytes().unwrap() - before;
     let one_windows = windows() - windows_before;
+    let one_mains = mains() - mains_before;
     umount(&alone, &mnt);
     drop(alone);
 
@@ -138,7 +141,8 @@ fn four_hosts_starting_one_lazy_image_at_once_cost_the_proxy_about_one_start() {
     for a in &agents {
         a.wait_for_peers(3, Duration::from_secs(30)).unwrap();
     }
-    let (before, windows_before) = (lan.bridge_tx_bytes().unwrap(), windows());
+    let (before, windows_before, mains_before) =
+        (lan.bridge_tx_bytes().unwrap(), windows(), mains());
     let go = Barrier::new(agents.len());
     let (mnts, took): (Vec<PathBuf>, Vec<Duration>) = std::thread::scope(|s| {
         let runs: Vec<_> = agents
@@ -159,6 +163,7 @@ fn four_hosts_starting_one_lazy_image_at_once_cost_the_proxy_about_one_start() {
     });
     let four = lan.bridge_tx_bytes().unwrap() - before;
     let four_windows = windows() - windows_before;
+    let four_mains = mains() - mains_before;
     let ratio = four as f64 / one as f64;
     let slowest = took.iter().max().unwrap();
     let from_peers: Vec<u64> = agents
@@ -169,7 +174,8 @@ fn four_hosts_starting_one_lazy_image_at_once_cost_the_proxy_about_one_start() {
         "one host: mount and start read {read} bytes in {alone_took:?}, proxy sent {one} bytes; \
          four hosts at once: proxy sent {four} bytes = {ratio:.2}x one start, slowest \
          start {slowest:?} ({:.2}x alone); bytes from peers per host {from_peers:?}; \
-         checkpoint windows from the proxy: {one_windows} bytes alone, {four_windows} for four",
+         checkpoint windows from the proxy: {one_windows} bytes alone, {four_windows} for four; \
+         index main parts from the proxy: {one_mains} bytes alone, {four_mains} for four",
         slowest.as_secs_f64() / alone_took.as_secs_f64()
     );
     for (a, m) in agents.iter().zip(&mnts) {
@@ -196,6 +202,17 @@ fn four_hosts_starting_one_lazy_image_at_once_cost_the_proxy_about_one_start() {
         four_windows as f64 <= 1.5 * one_windows as f64,
         "four simultaneous starts took {four_windows} bytes of windows from the proxy, one \
          start {one_windows}"
+    );
+    // Each layer's index main part has one owner among the four, which fetches it for
+    // the others (without sharing, 4x).
+    assert!(
+        one_mains > 0,
+        "the mount needs the layers' index main parts"
+    );
+    assert!(
+        four_mains as f64 <= 1.5 * one_mains as f64,
+        "four simultaneous mounts took {four_mains} bytes of index main parts from the \
+         proxy, one mount {one_mains}"
     );
     // One host may have owned, or been first to, every chunk it read; the others took
     // theirs from peers.

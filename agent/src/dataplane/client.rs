@@ -12,7 +12,8 @@ use super::wire::{self, FrameLimits, Message, HEADER_LEN};
 use super::Result;
 use super::{handshake, tune_socket, with_timeout, DataPlaneConfig, DataPlaneError, HaveMap};
 use bytes::{BufMut, Bytes, BytesMut};
-use imgd_core::index::WindowRef;
+use imgd_core::index::{LayerIndex, WindowRef};
+use imgd_core::wire::IndexMainRef;
 use imgd_core::{ChunkReceiver, Digest, VerifiedChunk, VerifiedPieces};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -68,12 +69,19 @@ enum Verify {
         digests: Vec<Digest>,
         len: usize,
     },
+    /// The main part of a layer index: its trailer, and its length.
+    IndexMain {
+        sha256: Digest,
+        len: usize,
+    },
 }
 
 /// A reply, its bytes verified as [`Verify`] asked.
 enum Received {
     Chunk(VerifiedChunk),
     Pieces(VerifiedPieces),
+    /// Bytes checked some other way (an index main part, by its trailer).
+    Bytes(Bytes),
     Control(Message),
 }
 
@@ -209,6 +217,38 @@ impl PeerClient {
         }
     }
 
+    /// The main part of layer `layer`'s index that `main` names, from the proxy by
+    /// `repo` (and `ns`) if the peer has not got it; checked against its sha256 and
+    /// length (a wrong one gives [`DataPlaneError::Corrupt`] naming the sha256).
+    pub async fn index_main_answer(
+        &mut self,
+        layer: &Digest,
+        main: &IndexMainRef,
+        repo: (&str, Option<&str>),
+        timeout: Duration,
+    ) -> Result<Answer<Bytes>> {
+        let len = u32::try_from(main.len).map_err(|_| {
+            DataPlaneError::Protocol(format!("an index main part of {} bytes", main.len))
+        })?;
+        let req = Message::GetIndexMain {
+            layer: *layer,
+            sha256: main.sha256,
+            len,
+            repo: repo.0.to_string(),
+            ns: repo.1.map(str::to_string),
+        };
+        let verify = Verify::IndexMain {
+            sha256: main.sha256,
+            len: len as usize,
+        };
+        match self.exchange(&req, verify, timeout).await? {
+            Received::Bytes(b) => Ok(Answer::Here(b)),
+            Received::Control(Message::Pending) => Ok(Answer::Pending),
+            Received::Control(Message::NotFound) => Ok(Answer::NotHere),
+            other => self.unexpected(other, "GetIndexMain"),
+        }
+    }
+
     /// Asks which chunks of blob `blob` the peer holds: `Ok(None)` if it does not know
     /// the blob.
     pub async fn have(&mut self, blob: &Digest, timeout: Duration) -> Result<Option<HaveMap>> {
@@ -246,7 +286,7 @@ impl PeerClient {
         let kind = match reply {
             Received::Control(Message::Error(text)) => return Err(DataPlaneError::Remote(text)),
             Received::Control(m) => m.kind(),
-            Received::Chunk(_) => wire::kind::CHUNK,
+            Received::Chunk(_) | Received::Bytes(_) => wire::kind::CHUNK,
             Received::Pieces(_) => wire::kind::PIECES,
         };
         self.state = State::Broken;
@@ -341,11 +381,23 @@ impl PeerClient {
                     .map(Received::Pieces)
                     .map_err(|e| wrong(e.expected))
             }
+            (wire::kind::CHUNK, Verify::IndexMain { sha256, len }) => {
+                let body = self.read_body(header.len, idle).await?;
+                let named = LayerIndex::main_part_digest(&body);
+                if body.len() != len || named != Some(sha256) {
+                    return Err(DataPlaneError::Corrupt {
+                        peer: self.peer,
+                        digest: sha256,
+                    });
+                }
+                Ok(Received::Bytes(body))
+            }
             (
                 wire::kind::GET_CHUNK
                 | wire::kind::HAVE
                 | wire::kind::GET_PIECES
                 | wire::kind::GET_WINDOW
+                | wire::kind::GET_INDEX_MAIN
                 | wire::kind::CHUNK
                 | wire::kind::PIECES,
                 _,

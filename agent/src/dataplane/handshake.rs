@@ -1,11 +1,11 @@
 //! Mutual authentication of a data plane connection with the pre-shared swarm key.
 //!
 //! ```text
-//! client -> server  hello: "imgd-dp-v4" | nonce[32] | id_len: u8 | id[id_len <= 64]
+//! client -> server  hello: "imgd-dp-v5" | nonce[32] | id_len: u8 | id[id_len <= 64]
 //! server -> client  hello (sent only after a well-formed client hello)
 //! client -> server  mac_C[32]
 //! server -> client  mac_S[32] (sent only if mac_C is right and the client is allowed)
-//! mac_R = HMAC-SHA256(key, "imgd-dp-v4" | R | own nonce | peer nonce
+//! mac_R = HMAC-SHA256(key, "imgd-dp-v5" | R | own nonce | peer nonce
 //!                          | len(own id) | own id | len(peer id) | peer id)
 //! ```
 //!
@@ -21,7 +21,7 @@ use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Protocol and version tag that starts every hello and every MAC input.
-pub const MAGIC: &[u8; 10] = b"imgd-dp-v4";
+pub const MAGIC: &[u8; 10] = b"imgd-dp-v5";
 const NONCE_LEN: usize = 32;
 const MAC_LEN: usize = 32;
 const ROLE_CLIENT: u8 = b'C';
@@ -61,7 +61,7 @@ impl Hello {
         read_exact(stream, &mut fixed, "hello").await?;
         if &fixed[..MAGIC.len()] != MAGIC {
             return Err(DataPlaneError::Handshake(
-                "peer is not speaking imgd-dp-v4".into(),
+                "peer is not speaking imgd-dp-v5".into(),
             ));
         }
         let mut nonce = [0u8; NONCE_LEN];

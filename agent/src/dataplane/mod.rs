@@ -8,7 +8,7 @@
 //! # Protocol
 //!
 //! 1. **Handshake** ([`handshake`]): over a fresh TCP connection both sides exchange a
-//!    hello (`"imgd-dp-v4"`, a random 32-byte nonce, their node id) and then prove
+//!    hello (`"imgd-dp-v5"`, a random 32-byte nonce, their node id) and then prove
 //!    knowledge of the 32-byte pre-shared swarm key with an HMAC-SHA256 over both nonces
 //!    and both ids. The client proves first; the server answers only a peer that proved
 //!    the key and, when an allow-list is configured, is on it. Anything else is

@@ -6,6 +6,7 @@ use super::client::{Answer, PeerClient, Subscription};
 use super::{DataPlaneConfig, DataPlaneError, HaveMap, Result};
 use bytes::Bytes;
 use imgd_core::index::WindowRef;
+use imgd_core::wire::IndexMainRef;
 use imgd_core::{Digest, VerifiedChunk, VerifiedPieces};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -33,12 +34,19 @@ enum Op {
         layer: Digest,
         window: WindowRef,
     },
+    IndexMain {
+        layer: Digest,
+        main: IndexMainRef,
+        repo: String,
+        ns: Option<String>,
+    },
 }
 
 enum Reply {
     Chunk(Answer<VerifiedChunk>),
     Pieces(Answer<VerifiedPieces>),
     Window(Answer<Bytes>),
+    IndexMain(Answer<Bytes>),
     Have(Option<HaveMap>),
 }
 
@@ -126,6 +134,27 @@ impl PeerPool {
         };
         match self.run(addr, op, timeout).await? {
             Reply::Window(w) => Ok(w),
+            _ => Err(DataPlaneError::Protocol("mismatched reply".into())),
+        }
+    }
+
+    /// [`PeerClient::index_main_answer`] on a pooled connection to `addr`.
+    pub async fn index_main_answer(
+        &self,
+        addr: SocketAddr,
+        layer: &Digest,
+        main: &IndexMainRef,
+        repo: (&str, Option<&str>),
+        timeout: Duration,
+    ) -> Result<Answer<Bytes>> {
+        let op = Op::IndexMain {
+            layer: *layer,
+            main: *main,
+            repo: repo.0.to_string(),
+            ns: repo.1.map(str::to_string),
+        };
+        match self.run(addr, op, timeout).await? {
+            Reply::IndexMain(m) => Ok(m),
             _ => Err(DataPlaneError::Protocol("mismatched reply".into())),
         }
     }
@@ -219,6 +248,15 @@ impl PeerPool {
                     .window_answer(layer, window, left)
                     .await
                     .map(Reply::Window),
+                Op::IndexMain {
+                    layer,
+                    main,
+                    repo,
+                    ns,
+                } => client
+                    .index_main_answer(layer, main, (repo, ns.as_deref()), left)
+                    .await
+                    .map(Reply::IndexMain),
             };
             if client.is_usable() {
                 lock(&slot.idle).push(client);

@@ -58,6 +58,19 @@ pub trait ChunkSource: Send + Sync + 'static {
         PiecesAnswer::NotHere
     }
 
+    /// The main part of layer `layer`'s index whose sha256 is `sha256` (`len` bytes),
+    /// stored or fetched on request from the proxy by repository `repo` (`Pending` while
+    /// it comes). The receiver checks it against the sha256.
+    fn index_main(
+        &self,
+        _layer: &Digest,
+        _sha256: &Digest,
+        _len: u32,
+        _repo: (&str, Option<&str>),
+    ) -> PiecesAnswer {
+        PiecesAnswer::NotHere
+    }
+
     /// Whether this node is fetching the chunk now (a `GetChunk` of a chunk not held is
     /// then answered `Pending` rather than `NotFound`).
     fn fetching(&self, _chunk: &Digest) -> bool {
@@ -204,13 +217,15 @@ async fn read_request(
             | wire::kind::HAVE
             | wire::kind::GET_PIECES
             | wire::kind::GET_WINDOW
+            | wire::kind::GET_INDEX_MAIN
             | wire::kind::SUBSCRIBE
     ) {
         let e = format!("expected a request, got frame kind {:#04x}", header.kind);
         return Err((id, DataPlaneError::Protocol(e)));
     }
-    // Requests are exactly 32, 40 or 76 bytes (checked by decode_header).
-    let mut body = [0u8; wire::GET_WINDOW_LEN];
+    // Requests are 32, 40 or 76 bytes, or a `GetIndexMain` of at most 584 (checked by
+    // decode_header).
+    let mut body = [0u8; wire::GET_INDEX_MAIN_FIXED + 2 * wire::MAX_REPO_NAME];
     let limit = shared.cfg.limits.write_timeout;
     with_timeout(limit, "reading a request", async {
         Ok(stream.read_exact(&mut body[..header.len]).await?)
@@ -266,6 +281,20 @@ async fn answer(request: Message, shared: &Shared) -> Message {
             PiecesAnswer::Here(b) if b.len() > max_chunk => {
                 Message::Error(format!("window {sha256} is larger than the frame limit"))
             }
+            PiecesAnswer::Here(b) => Message::Chunk(b),
+            PiecesAnswer::Pending => Message::Pending,
+            PiecesAnswer::NotHere => Message::NotFound,
+        },
+        Message::GetIndexMain {
+            layer,
+            sha256,
+            len,
+            repo,
+            ns,
+        } => match source.index_main(&layer, &sha256, len, (&repo, ns.as_deref())) {
+            PiecesAnswer::Here(b) if b.len() > max_chunk => Message::Error(format!(
+                "the index main part {sha256} is larger than the frame limit"
+            )),
             PiecesAnswer::Here(b) => Message::Chunk(b),
             PiecesAnswer::Pending => Message::Pending,
             PiecesAnswer::NotHere => Message::NotFound,

@@ -17,7 +17,10 @@ struct MemSource {
     maps: HashMap<Digest, HaveMap>,
     /// Checkpoint windows by sha256.
     windows: HashMap<Digest, Bytes>,
-    /// Serve every chunk and window with its first byte flipped.
+    /// Index main parts by sha256, and the repositories they were asked by.
+    mains: HashMap<Digest, Bytes>,
+    asked_repos: std::sync::Mutex<Vec<(String, Option<String>)>>,
+    /// Serve every chunk, window and main part with its first byte flipped.
     corrupt: bool,
 }
 
@@ -38,6 +41,22 @@ impl ChunkSource for MemSource {
     }
     fn window(&self, _layer: &Digest, w: &imgd_core::index::WindowRef) -> PiecesAnswer {
         match self.windows.get(&w.sha256) {
+            Some(b) => PiecesAnswer::Here(self.flipped(b.clone())),
+            None => PiecesAnswer::NotHere,
+        }
+    }
+    fn index_main(
+        &self,
+        _layer: &Digest,
+        sha256: &Digest,
+        _len: u32,
+        repo: (&str, Option<&str>),
+    ) -> PiecesAnswer {
+        self.asked_repos
+            .lock()
+            .unwrap()
+            .push((repo.0.to_string(), repo.1.map(str::to_string)));
+        match self.mains.get(sha256) {
             Some(b) => PiecesAnswer::Here(self.flipped(b.clone())),
             None => PiecesAnswer::NotHere,
         }
@@ -78,10 +97,10 @@ impl Drop for Server {
     }
 }
 
-async fn start(cfg: DataPlaneConfig, src: MemSource) -> Server {
+async fn start(cfg: DataPlaneConfig, src: impl Into<Arc<MemSource>>) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(serve(listener, cfg, Arc::new(src)));
+    let task = tokio::spawn(serve(listener, cfg, src.into()));
     Server { addr, task }
 }
 
@@ -207,6 +226,76 @@ async fn a_window_is_checked_against_its_sha256() {
         };
         let got = pool.window_answer(server.addr, &layer, &unknown, T).await;
         assert!(matches!(got, Ok(Answer::NotHere)), "{got:?}");
+    }
+}
+
+#[tokio::test]
+async fn an_index_main_part_is_checked_against_the_proxys_sha256_and_length() {
+    let layer = Digest::of(b"layer");
+    let index = imgd_core::index::LayerIndex {
+        layer,
+        compression: imgd_core::index::Compression::None,
+        compressed_size: 0,
+        uncompressed_size: 0,
+        random_access: true,
+        entries: Vec::new(),
+        checkpoints: Vec::new(),
+        copy: None,
+        toc: None,
+        windows_size: 0,
+        windows: None,
+    };
+    let main = Bytes::from(index.encode_main());
+    let named = imgd_core::wire::IndexMainRef {
+        sha256: imgd_core::index::LayerIndex::main_part_digest(&main).unwrap(),
+        len: main.len() as u64,
+    };
+    let repo = ("library/python", Some("docker.io"));
+    for corrupt in [false, true] {
+        let mut src = MemSource {
+            corrupt,
+            ..Default::default()
+        };
+        src.mains.insert(named.sha256, main.clone());
+        let src = Arc::new(src);
+        let server = start(cfg("server"), src.clone()).await;
+        let pool = PeerPool::new(cfg("client"), 2);
+        let got = pool
+            .index_main_answer(server.addr, &layer, &named, repo, T)
+            .await;
+        match (corrupt, got) {
+            (false, Ok(Answer::Here(b))) => assert_eq!(b, main),
+            (true, Err(DataPlaneError::Corrupt { digest, .. })) => {
+                assert_eq!(digest, named.sha256)
+            }
+            (_, other) => panic!("corrupt {corrupt}: got {other:?}"),
+        }
+        // The right bytes under a length other than the proxy's are refused too.
+        if !corrupt {
+            let longer = imgd_core::wire::IndexMainRef {
+                len: named.len + 1,
+                ..named
+            };
+            let got = pool
+                .index_main_answer(server.addr, &layer, &longer, repo, T)
+                .await;
+            assert!(
+                matches!(got, Err(DataPlaneError::Corrupt { .. })),
+                "{got:?}"
+            );
+        }
+        let unknown = imgd_core::wire::IndexMainRef {
+            sha256: Digest::of(b"other"),
+            ..named
+        };
+        let got = pool
+            .index_main_answer(server.addr, &layer, &unknown, repo, T)
+            .await;
+        assert!(matches!(got, Ok(Answer::NotHere)), "{got:?}");
+        let asked = src.asked_repos.lock().unwrap().clone();
+        assert!(asked
+            .iter()
+            .all(|(r, ns)| r == "library/python" && ns.as_deref() == Some("docker.io")));
     }
 }
 

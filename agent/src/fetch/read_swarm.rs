@@ -14,7 +14,7 @@
 //!   that have the chunk in flight and the chunk's owner directly, again every
 //!   [`POLL`], while one of them answers `Pending` (at most `peer_timeout`) or, while the
 //!   owner has not sent it, at most `read_owner_wait`. The owner fetches the pieces a
-//!   peer asks for ([`crate::pieces`]'s `for_peers`) and windows ([`crate::window_share`])
+//!   peer asks for ([`crate::pieces`]'s `for_peers`) and windows ([`crate::index_share`])
 //!   and answers `Pending` meanwhile; an owner saying "not here" sees other hosts reading
 //!   the blob than this host does, and this host's view is renewed. Then (or at once, when
 //!   this host owns the chunk) it fetches from the proxy itself. A dead or slow peer so costs
@@ -29,8 +29,10 @@ use super::{weight, Changes, Fetcher, Source};
 use crate::chunk_state::{ChunkState, Fetcher as By, Transition};
 use crate::dataplane::{Answer, DataPlaneError, HaveMap};
 use crate::peers::Peer;
+use crate::proxy_client::Repo;
 use bytes::Bytes;
 use imgd_core::index::WindowRef;
+use imgd_core::wire::IndexMainRef;
 use imgd_core::{Digest, SingleFlight, VerifiedChunk, VerifiedPieces};
 use rand::seq::SliceRandom;
 use std::collections::HashMap;
@@ -373,6 +375,66 @@ impl Fetcher {
                 Err(e) => {
                     tracing::debug!(window = %w.sha256, owner = %owner.id, error = %e, "window: the owner failed");
                     self.peer_failed(&owner, &w.sha256, &e);
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// The main part of layer `layer`'s index that `main` names, from its owner among
+    /// this host and all usable peers (rendezvous of its sha256: hosts that mount at one
+    /// moment do not know yet which of them read the layer), which fetches it from the
+    /// proxy by `repo` when asked. Asked again every [`POLL`] while it answers `Pending`,
+    /// at most `peer_timeout`. `None`: this host owns it, the part is larger than a chunk,
+    /// or the owner did not send it in time (the caller asks the proxy). The bytes are
+    /// checked against the sha256 and length by the data plane.
+    pub(crate) async fn index_main_from_peers(
+        &self,
+        layer: &Digest,
+        main: &IndexMainRef,
+        repo: &Repo,
+    ) -> Option<Bytes> {
+        if main.len > imgd_core::CHUNK_SIZE as u64 {
+            return None;
+        }
+        let started = Instant::now();
+        let mine = weight(&main.sha256, &self.node_id);
+        let owner = self
+            .peers
+            .usable()
+            .into_iter()
+            .map(|p| (weight(&main.sha256, &p.id), p))
+            .filter(|(weight, _)| *weight > mine)
+            .max_by_key(|(weight, _)| *weight)
+            .map(|(_, p)| p)?;
+        let timeout = self.settings.peer_timeout;
+        loop {
+            let answer = self
+                .pool
+                .index_main_answer(
+                    owner.data_addr,
+                    layer,
+                    main,
+                    (&repo.name, repo.ns.as_deref()),
+                    timeout,
+                )
+                .await;
+            match answer {
+                Ok(Answer::Here(b)) => {
+                    self.stats.add(Source::Peer, b.len() as u64);
+                    return Some(b);
+                }
+                Ok(Answer::Pending) if started.elapsed() < timeout => {
+                    tokio::time::sleep(POLL).await;
+                }
+                Ok(answer) => {
+                    let pending = matches!(answer, Answer::Pending);
+                    tracing::debug!(%layer, owner = %owner.id, pending, waited = ?started.elapsed(), "index main part: the owner did not send it");
+                    return None;
+                }
+                Err(e) => {
+                    tracing::debug!(%layer, owner = %owner.id, error = %e, "index main part: the owner failed");
+                    self.peer_failed(&owner, &main.sha256, &e);
                     return None;
                 }
             }

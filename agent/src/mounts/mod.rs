@@ -26,10 +26,10 @@ use crate::cache::ChunkCache;
 use crate::config::{LogFormat, MountConfig};
 use crate::error::AgentError;
 use crate::fetch::Fetcher;
+use crate::index_share::IndexShare;
 use crate::layer_indexes::LayerIndexes;
 use crate::pieces::Pieces;
 use crate::proxy_client::Repo;
-use crate::window_share::WindowShare;
 use bytes::Bytes;
 use control::{Control, ControlError, ProcessStatus};
 use imgd_core::Digest;
@@ -116,7 +116,7 @@ pub struct MountContext {
     pub fetcher: Arc<Fetcher>,
     pub pieces: Arc<Pieces>,
     pub indexes: Arc<LayerIndexes>,
-    pub windows: Arc<WindowShare>,
+    pub shared_indexes: Arc<IndexShare>,
     /// `DATA_DIR/mounts`: a record per mount.
     pub records: PathBuf,
     /// The agent's local API socket, which mount processes ask for chunks.

@@ -40,11 +40,10 @@ pub async fn fetch_layers(
     };
     for layer in layers {
         let index = ctx
-            .indexes
-            .get_or_fetch(&fetcher.proxy, repo, layer)
+            .shared_indexes
+            .main(repo, layer)
             .await
             .map_err(|e| fail(e.to_string()))?;
-        ctx.windows.reading(*layer, repo);
         if !index.random_access {
             return Err(fail(format!("layer {layer} has no random-access index")));
         }

@@ -3,7 +3,7 @@
 
 use super::{send, ProxyClient, ProxyClientError, Repo, MAX_INDEX_BYTES, MAX_JSON_BYTES};
 use bytes::Bytes;
-use imgd_core::wire::StartupTrace;
+use imgd_core::wire::{IndexMainRef, StartupTrace};
 use imgd_core::Digest;
 
 impl ProxyClient {
@@ -25,6 +25,29 @@ impl ProxyClient {
             repo.ns_query('&')
         );
         Self::body(self.get(replica, &path, &[]).await?, &path, MAX_INDEX_BYTES).await
+    }
+
+    /// The sha256 and length of the main part of a layer's index
+    /// (`/imgd/v1/indexes/{layer}/main`), so that the part can be taken from a peer and
+    /// checked.
+    pub async fn index_main_ref(
+        &self,
+        repo: &Repo,
+        layer: &Digest,
+    ) -> Result<IndexMainRef, ProxyClientError> {
+        self.routed(layer, |i| async move {
+            let path = format!(
+                "/imgd/v1/indexes/{layer}/main?repo={}{}",
+                repo.name,
+                repo.ns_query('&')
+            );
+            let body = Self::body(self.get(i, &path, &[]).await?, &path, MAX_JSON_BYTES).await?;
+            serde_json::from_slice(&body).map_err(|e| ProxyClientError::Malformed {
+                what: "index main part reference",
+                message: format!("{path}: {e}"),
+            })
+        })
+        .await
     }
 
     /// Bytes `range` of the windows part of a layer's index, by `Range` (not verified

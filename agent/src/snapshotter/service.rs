@@ -134,11 +134,7 @@ impl Snapshotter {
             ns: route.ns.clone(),
         };
         let agent = &self.agent;
-        match agent
-            .indexes
-            .get_or_fetch(&agent.fetcher.proxy, &repo, &req.layer)
-            .await
-        {
+        match agent.shared_indexes.main(&repo, &req.layer).await {
             Ok(index) if index.random_access => {}
             Ok(index) => {
                 return full(format!(

@@ -1,0 +1,131 @@
+//! The bodies of the requests for parts of a layer's index: `GetWindow` (a checkpoint
+//! window) and `GetIndexMain` (the main part), decoded and encoded.
+
+use super::{Message, WireError, GET_INDEX_MAIN_FIXED, GET_WINDOW_LEN, MAX_REPO_NAME};
+use crate::digest::Digest;
+use bytes::Bytes;
+
+/// A `GetWindow` body, 76 bytes exactly (checked by the header).
+pub(super) fn decode_get_window(body: &[u8]) -> Result<Message, WireError> {
+    let bad = |reason| WireError::Malformed {
+        kind: "GetWindow",
+        reason,
+    };
+    let digest = |at: usize| -> Result<Digest, WireError> {
+        let b: [u8; 32] = body
+            .get(at..at + 32)
+            .and_then(|b| b.try_into().ok())
+            .ok_or(bad("shorter than two digests"))?;
+        Ok(Digest::from_bytes(b))
+    };
+    let offset: [u8; 8] = body
+        .get(64..72)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(bad("shorter than its offset"))?;
+    let len: [u8; 4] = body
+        .get(72..76)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(bad("shorter than its length"))?;
+    let len = u32::from_be_bytes(len);
+    if len == 0 {
+        return Err(bad("asks for an empty window"));
+    }
+    Ok(Message::GetWindow {
+        layer: digest(0)?,
+        sha256: digest(32)?,
+        offset: u64::from_be_bytes(offset),
+        len,
+    })
+}
+
+/// Encodes a `GetWindow` body.
+pub(super) fn encode_get_window(layer: &Digest, sha256: &Digest, offset: u64, len: u32) -> Bytes {
+    let mut v = Vec::with_capacity(GET_WINDOW_LEN);
+    v.extend_from_slice(layer.as_bytes());
+    v.extend_from_slice(sha256.as_bytes());
+    v.extend_from_slice(&offset.to_be_bytes());
+    v.extend_from_slice(&len.to_be_bytes());
+    Bytes::from(v)
+}
+
+/// A `GetIndexMain` body: two digests, the length, then the repository and the
+/// namespace, each a u16 BE length and UTF-8 (an empty namespace is none), and nothing
+/// after them.
+pub(super) fn decode_get_index_main(body: &[u8]) -> Result<Message, WireError> {
+    let bad = |reason| WireError::Malformed {
+        kind: "GetIndexMain",
+        reason,
+    };
+    let digest = |at: usize| -> Result<Digest, WireError> {
+        let b: [u8; 32] = body
+            .get(at..at + 32)
+            .and_then(|b| b.try_into().ok())
+            .ok_or(bad("shorter than two digests"))?;
+        Ok(Digest::from_bytes(b))
+    };
+    let len: [u8; 4] = body
+        .get(64..68)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(bad("shorter than its length"))?;
+    let len = u32::from_be_bytes(len);
+    if len == 0 {
+        return Err(bad("asks for an empty main part"));
+    }
+    let mut at = 68;
+    let mut text = |what: &'static str| -> Result<String, WireError> {
+        let n: [u8; 2] = body
+            .get(at..at + 2)
+            .and_then(|b| b.try_into().ok())
+            .ok_or(bad(what))?;
+        let n = u16::from_be_bytes(n) as usize;
+        if n > MAX_REPO_NAME {
+            return Err(bad("a repository or namespace longer than 256 bytes"));
+        }
+        let bytes = body.get(at + 2..at + 2 + n).ok_or(bad(what))?;
+        at += 2 + n;
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| bad("a repository or namespace that is not UTF-8"))
+    };
+    let repo = text("shorter than its repository")?;
+    let ns = text("shorter than its namespace")?;
+    if at != body.len() {
+        return Err(bad("bytes after its namespace"));
+    }
+    if repo.is_empty() {
+        return Err(bad("no repository"));
+    }
+    Ok(Message::GetIndexMain {
+        layer: digest(0)?,
+        sha256: digest(32)?,
+        len,
+        repo,
+        ns: (!ns.is_empty()).then_some(ns),
+    })
+}
+
+/// Encodes a `GetIndexMain` body; a repository or namespace longer than
+/// [`MAX_REPO_NAME`] is refused.
+pub(super) fn encode_get_index_main(
+    layer: &Digest,
+    sha256: &Digest,
+    len: u32,
+    repo: &str,
+    ns: Option<&str>,
+) -> Result<Bytes, WireError> {
+    let ns = ns.unwrap_or("");
+    if repo.len() > MAX_REPO_NAME || ns.len() > MAX_REPO_NAME {
+        return Err(WireError::Malformed {
+            kind: "GetIndexMain",
+            reason: "a repository or namespace longer than 256 bytes",
+        });
+    }
+    let mut v = Vec::with_capacity(GET_INDEX_MAIN_FIXED + repo.len() + ns.len());
+    v.extend_from_slice(layer.as_bytes());
+    v.extend_from_slice(sha256.as_bytes());
+    v.extend_from_slice(&len.to_be_bytes());
+    for t in [repo, ns] {
+        v.extend_from_slice(&(t.len() as u16).to_be_bytes());
+        v.extend_from_slice(t.as_bytes());
+    }
+    Ok(Bytes::from(v))
+}
