@@ -91,6 +91,11 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let socket = config.socket.clone();
     let mirror_listen = config.mirror_listen;
     let agent = imgd_agent::agent::start(config).await?;
+    // Every TCP listener is bound before the local API's socket appears, so that the
+    // socket answering means the agent is ready (a port in use fails the start first).
+    let mirror = tokio::net::TcpListener::bind(mirror_listen)
+        .await
+        .with_context(|| format!("binding mirror {mirror_listen}"))?;
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -100,9 +105,6 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // Owner and group only: the local API mounts images and fills the cache.
     std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o660))
         .with_context(|| format!("restricting {}", socket.display()))?;
-    let mirror = tokio::net::TcpListener::bind(mirror_listen)
-        .await
-        .with_context(|| format!("binding mirror {mirror_listen}"))?;
     if agent.config.snapshotter.enabled {
         start_snapshotter(agent.clone()).await?;
     }

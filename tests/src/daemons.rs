@@ -353,14 +353,32 @@ impl Agent {
 
     /// [`Agent::start`] with extra `imgd` flags (e.g. `--cache-quota BYTES`).
     pub fn start_with_args(opts: AgentOptions<'_>, args: &[&str]) -> Result<Agent> {
+        // In a namespace the host has its own loopback and ports.
+        if opts.host.is_some() {
+            return Agent::spawn(&opts, args, (5050, 7400, 7401));
+        }
+        // In the root namespace pick free ones. A port free a moment ago may be taken by
+        // a server of a test running beside this one: the agent then fails to bind it
+        // (before its socket appears) and is started again on others.
+        let mut last = None;
+        for _ in 0..3 {
+            let ports = (free_port()?, free_port()?, free_port()?);
+            match Agent::spawn(&opts, args, ports) {
+                Err(e) if port_was_taken(&e) => last = Some(e),
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("imgd did not start")))
+    }
+
+    /// Starts one agent on ports `(mirror, swarm listen, data plane)`.
+    fn spawn(
+        opts: &AgentOptions<'_>,
+        args: &[&str],
+        (mirror_port, listen, data): (u16, u16, u16),
+    ) -> Result<Agent> {
         std::fs::create_dir_all(&opts.data_dir)?;
         let socket = opts.data_dir.join("imgd.sock");
-        // In a namespace the host has its own loopback and ports; in the root namespace
-        // pick free ones.
-        let (mirror_port, listen, data) = match opts.host {
-            Some(_) => (5050, 7400, 7401),
-            None => (free_port()?, free_port()?, free_port()?),
-        };
         let mirror = format!("127.0.0.1:{mirror_port}");
         let key_file = opts.data_dir.join("swarm.key");
         std::fs::write(&key_file, test_swarm_key_hex())?;
@@ -404,7 +422,7 @@ impl Agent {
         }
         Ok(Agent {
             guard,
-            data_dir: opts.data_dir,
+            data_dir: opts.data_dir.clone(),
             socket,
             mirror,
             log,

@@ -20,7 +20,9 @@
 pub mod control;
 pub mod prepare;
 pub mod process;
+mod reads;
 pub mod record;
+mod status;
 
 use crate::cache::ChunkCache;
 use crate::config::{LogFormat, MountConfig};
@@ -30,12 +32,13 @@ use crate::index_share::IndexShare;
 use crate::layer_indexes::LayerIndexes;
 use crate::pieces::Pieces;
 use crate::proxy_client::Repo;
-use bytes::Bytes;
-use control::{Control, ControlError, ProcessStatus};
+
+use control::{Control, ControlError};
 use imgd_core::Digest;
 pub use prepare::{image_spec, startup_prefetch};
 use process::Process;
 use record::{MountRecord, RecordDir};
+pub use status::MountStatus;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -52,35 +55,6 @@ pub struct MountSpec {
     /// The image's manifest, under which its startup trace is kept (`None`: no trace is
     /// learned or prefetched for this mount).
     pub manifest: Option<Digest>,
-}
-
-/// What `imgctl status` shows of a mount.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct MountStatus {
-    pub image: String,
-    pub dir: String,
-    pub total_bytes: u64,
-    pub fetched_bytes: u64,
-    pub fetched_chunks: u64,
-    pub reads: u64,
-    pub bytes_read: u64,
-    pub eio: u64,
-    /// `serving`, `unmounting`, or `unresponsive: REASON`.
-    #[serde(default)]
-    pub state: String,
-    /// The mount process.
-    #[serde(default)]
-    pub pid: Option<u32>,
-    /// Chunks read, spans inflated (ahead of reads, of those), stream reads served from
-    /// the on-disk inflated cache (see [`imgd_fuse::spans`]).
-    #[serde(default)]
-    pub chunk_reads: u64,
-    #[serde(default)]
-    pub spans_inflated: u64,
-    #[serde(default)]
-    pub spans_read_ahead: u64,
-    #[serde(default)]
-    pub disk_reads: u64,
 }
 
 /// Where a mount is in its life (see the module docs; *starting* mounts are only
@@ -421,127 +395,6 @@ impl Mounts {
             .chain(st.starting.values().flatten())
             .find(|r| r.id == id)
             .cloned()
-    }
-
-    /// Chunk `chunk` of layer `layer` of mount `id`, through the fetcher within the read
-    /// bound, and whether it had to be fetched. `None`: no such mount or chunk.
-    pub async fn chunk(
-        &self,
-        id: &str,
-        layer: usize,
-        chunk: usize,
-    ) -> Option<Result<(Bytes, bool), AgentError>> {
-        let record = self.live_record(id)?;
-        let list = record.lists.get(layer)?;
-        list.chunks.get(chunk)?;
-        let bound = self.ctx.config.read_timeout();
-        Some(
-            match tokio::time::timeout(bound, self.ctx.fetcher.chunk(list, chunk)).await {
-                Ok(r) => r
-                    .map(|(chunk, fetched)| (chunk.into_bytes(), fetched))
-                    .map_err(AgentError::from),
-                Err(_) => Err(AgentError::Mount(format!(
-                    "no source delivered chunk {chunk} of {} within {bound:?}",
-                    list.blob
-                ))),
-            },
-        )
-    }
-
-    /// Pieces `wanted` of chunk `chunk` of layer `layer` of mount `id`, concatenated, and
-    /// the bytes fetched for them (`None`: no such mount, chunk or pieces). A piece that
-    /// fails its digest makes the read fall back to the whole chunk (cache, peers,
-    /// proxy), verified as a whole.
-    pub async fn pieces(
-        &self,
-        id: &str,
-        layer: usize,
-        chunk: usize,
-        wanted: std::ops::Range<usize>,
-    ) -> Option<Result<(Bytes, u64), AgentError>> {
-        let record = self.live_record(id)?;
-        let list = record.lists.get(layer)?;
-        let c = *list.chunks.get(chunk)?;
-        let n = list.pieces_of(chunk)?.len();
-        if wanted.is_empty() || wanted.end > n {
-            return None;
-        }
-        let bound = self.ctx.config.read_timeout();
-        let read = async {
-            match self.ctx.pieces.read(list, chunk, wanted.clone()).await {
-                Ok(r) => Ok(r),
-                Err(e) => {
-                    tracing::warn!(chunk = %c.digest, error = %e, "pieces failed; fetching the whole chunk");
-                    let (whole, fetched) = self.ctx.fetcher.chunk(list, chunk).await?;
-                    let whole = whole.into_bytes();
-                    let start = wanted.start * imgd_core::PIECE_SIZE;
-                    let end = (wanted.end * imgd_core::PIECE_SIZE).min(whole.len());
-                    let n = if fetched { whole.len() as u64 } else { 0 };
-                    Ok((whole.slice(start.min(end)..end), n))
-                }
-            }
-        };
-        Some(match tokio::time::timeout(bound, read).await {
-            Ok(r) => r,
-            Err(_) => Err(AgentError::Mount(format!(
-                "no source delivered pieces {wanted:?} of chunk {chunk} of {} within {bound:?}",
-                list.blob
-            ))),
-        })
-    }
-
-    /// Status of every mount, as its process reports it.
-    pub async fn status(&self) -> Vec<MountStatus> {
-        let entries: Vec<_> = lock(&self.state)
-            .live
-            .values()
-            .map(|e| (e.record.clone(), e.control.clone(), e.phase, e.pid))
-            .collect();
-        let asks = entries
-            .into_iter()
-            .map(|(record, control, phase, pid)| async move {
-                status_of(&record, control.status().await, phase, pid)
-            });
-        futures::future::join_all(asks).await
-    }
-
-    async fn status_of(&self, dir: &Path) -> Option<MountStatus> {
-        let (record, control, phase, pid) = {
-            let st = lock(&self.state);
-            let e = st.live.get(dir)?;
-            (e.record.clone(), e.control.clone(), e.phase, e.pid)
-        };
-        Some(status_of(&record, control.status().await, phase, pid))
-    }
-}
-
-fn status_of(
-    record: &MountRecord,
-    reported: Result<ProcessStatus, ControlError>,
-    phase: Phase,
-    pid: Option<u32>,
-) -> MountStatus {
-    let (state, s) = match (phase, reported) {
-        (Phase::Unmounting, r) => ("unmounting".to_string(), r.ok()),
-        (Phase::Serving, Ok(s)) => ("serving".to_string(), Some(s)),
-        (Phase::Serving, Err(e)) => (format!("unresponsive: {e}"), None),
-    };
-    let get = |f: fn(&ProcessStatus) -> u64| s.as_ref().map_or(0, f);
-    MountStatus {
-        image: record.label.clone(),
-        dir: record.dir.display().to_string(),
-        total_bytes: record.lists.iter().map(|l| l.size).sum(),
-        fetched_bytes: get(|s| s.fetched_bytes),
-        fetched_chunks: get(|s| s.fetched_chunks),
-        reads: get(|s| s.reads),
-        bytes_read: get(|s| s.bytes_read),
-        eio: get(|s| s.eio),
-        state,
-        pid,
-        chunk_reads: get(|s| s.chunk_reads),
-        spans_inflated: get(|s| s.spans_inflated),
-        spans_read_ahead: get(|s| s.spans_read_ahead),
-        disk_reads: get(|s| s.disk_reads),
     }
 }
 
