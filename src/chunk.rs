@@ -57,6 +57,29 @@ pub struct ChunkListError {
 }
 
 impl ChunkList {
+    /// The list encoded one way only (postcard: digests as 32 bytes), so that the sha256
+    /// the proxy gives of it checks a copy from a peer.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        // Serialising plain data into a Vec cannot fail.
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    /// A list from its [`ChunkList::canonical_bytes`]: decoded, with nothing after it, and
+    /// valid ([`ChunkList::validate`]).
+    pub fn from_canonical_bytes(bytes: &[u8]) -> Result<ChunkList, ChunkListError> {
+        let bad = |reason: String| ChunkListError {
+            blob: Digest::of(b""),
+            reason,
+        };
+        let (list, rest) = postcard::take_from_bytes::<ChunkList>(bytes)
+            .map_err(|e| bad(format!("not a chunk list: {e}")))?;
+        if !rest.is_empty() {
+            return Err(bad(format!("{} bytes after the chunk list", rest.len())));
+        }
+        list.validate()?;
+        Ok(list)
+    }
+
     /// Offset of chunk `i` within the blob.
     pub fn chunk_offset(&self, i: usize) -> u64 {
         i as u64 * CHUNK_SIZE as u64
@@ -311,6 +334,27 @@ mod tests {
             bad.validate().unwrap();
             assert!(bad.pieces_of(0).is_none(), "no pieces: whole chunks");
         }
+    }
+
+    #[test]
+    fn a_list_round_trips_through_its_canonical_bytes_and_damaged_bytes_are_refused() {
+        let data: Vec<u8> = (0..(CHUNK_SIZE + 70_000))
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let (list, _) = chunk_all(&data, 1 << 20);
+        assert!(!list.pieces.is_empty(), "the chunker computes pieces");
+        let bytes = list.canonical_bytes();
+        assert_eq!(ChunkList::from_canonical_bytes(&bytes).unwrap(), list);
+        // The same list always gives the same bytes: its sha256 names it.
+        assert_eq!(list.clone().canonical_bytes(), bytes);
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(ChunkList::from_canonical_bytes(&longer).is_err());
+        assert!(ChunkList::from_canonical_bytes(&bytes[..bytes.len() - 1]).is_err());
+        // A list that decodes but does not add up (one chunk fewer) is refused.
+        let mut short = list.clone();
+        short.chunks.pop();
+        assert!(ChunkList::from_canonical_bytes(&short.canonical_bytes()).is_err());
     }
 
     #[test]

@@ -437,13 +437,23 @@ mod tests {
             ),
             (
                 "get_index_main",
-                Message::GetIndexMain {
+                Message::GetIndexMain(crate::peer_wire::PartAsk {
                     layer: crate::Digest::of(b"l"),
                     sha256: crate::Digest::of(b"m"),
                     len: 300_000,
                     repo: "library/python".into(),
                     ns: Some("docker.io".into()),
-                },
+                }),
+            ),
+            (
+                "get_chunk_list",
+                Message::GetChunkList(crate::peer_wire::PartAsk {
+                    layer: crate::Digest::of(b"l"),
+                    sha256: crate::Digest::of(b"c"),
+                    len: 140_000,
+                    repo: "library/python".into(),
+                    ns: None,
+                }),
             ),
             ("pending", Message::Pending),
             ("error", Message::Error("no such chunk".into())),

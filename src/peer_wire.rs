@@ -12,6 +12,8 @@
 //! GetIndexMain 0x06  layer digest[32] | main part's sha256[32] | len: u32 BE
 //!                    | repo_len: u16 BE | repo | ns_len: u16 BE | ns
 //!                                                  -> Chunk | Pending | NotFound | Error
+//! GetChunkList 0x07  the same, with the chunk list's sha256
+//!                                                  -> Chunk | Pending | NotFound | Error
 //! Chunk     0x81  the chunk's bytes (<= max_chunk)
 //! NotFound  0x82  (empty)
 //! HaveMap   0x83  chunk_count: u32 BE | present bitmap | in-flight bitmap
@@ -43,6 +45,8 @@
 //! peer it asks, the part's owner among the swarm, can fetch the part from the proxy on
 //! its behalf when it has not got it, answering `Pending` meanwhile. The answer is a
 //! `Chunk` frame with the part's bytes, checked by the receiver against the sha256.
+//! `GetChunkList` (also version 5) is the same for the layer's chunk list, as its
+//! canonical bytes ([`crate::ChunkList::canonical_bytes`]), named by their sha256.
 //!
 //! `Subscribe` (also new in version 2) turns the connection into a push channel: the
 //! server answers with the blob's have-map at once and then sends the whole map again,
@@ -60,7 +64,7 @@
 //! I/O, the handshake and the limits of connections and requests.
 
 mod have_map;
-mod index_parts;
+mod layer_parts;
 
 use crate::digest::Digest;
 use bytes::Bytes;
@@ -75,9 +79,9 @@ pub const GET_PIECES_LEN: usize = 40;
 pub const GET_WINDOW_LEN: usize = 76;
 /// Longest repository name, and namespace, a `GetIndexMain` carries.
 pub const MAX_REPO_NAME: usize = 256;
-/// Size of a `GetIndexMain` body without the bytes of its repository and namespace
-/// (two digests, the length and the two u16 lengths).
-pub const GET_INDEX_MAIN_FIXED: usize = 72;
+/// Size of a `GetIndexMain` or `GetChunkList` body without the bytes of its repository
+/// and namespace (two digests, the length and the two u16 lengths).
+pub const GET_PART_FIXED: usize = 72;
 /// Longest message an encoded [`Message::Error`] carries; longer ones are truncated.
 pub const MAX_ERROR_MESSAGE: usize = 1024;
 /// Shortest time between two have-maps a server pushes on one subscription, in ms: an
@@ -97,6 +101,8 @@ pub mod kind {
     pub const GET_WINDOW: u8 = 0x05;
     /// Request: send me the main part of this layer's index (v5).
     pub const GET_INDEX_MAIN: u8 = 0x06;
+    /// Request: send me this layer's chunk list (v5).
+    pub const GET_CHUNK_LIST: u8 = 0x07;
     /// Request: push me this blob's have-map now and whenever it changes (v1.1).
     pub const SUBSCRIBE: u8 = 0x03;
     /// Response: the chunk's bytes.
@@ -159,6 +165,18 @@ pub enum WireError {
     },
 }
 
+/// A request for `len` bytes of what a mount needs of `layer`, named by their sha256, from
+/// the proxy by repository `repo` (and registry namespace `ns`) if the peer has not got
+/// them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartAsk {
+    pub layer: Digest,
+    pub sha256: Digest,
+    pub len: u32,
+    pub repo: String,
+    pub ns: Option<String>,
+}
+
 /// One data plane message (request or response).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
@@ -184,15 +202,10 @@ pub enum Message {
         offset: u64,
         len: u32,
     },
-    /// The main part, `len` bytes, of `layer`'s index, whose trailing sha256 is `sha256`;
-    /// from the proxy by repository `repo` (and registry namespace `ns`) if not held.
-    GetIndexMain {
-        layer: Digest,
-        sha256: Digest,
-        len: u32,
-        repo: String,
-        ns: Option<String>,
-    },
+    /// The main part of `layer`'s index, whose trailing sha256 is `sha256`.
+    GetIndexMain(PartAsk),
+    /// The chunk list of `layer`, whose canonical bytes' sha256 is `sha256`.
+    GetChunkList(PartAsk),
     Chunk(Bytes),
     NotFound,
     HaveMap(HaveMap),
@@ -210,7 +223,8 @@ impl Message {
             Message::Have { .. } => kind::HAVE,
             Message::GetPieces { .. } => kind::GET_PIECES,
             Message::GetWindow { .. } => kind::GET_WINDOW,
-            Message::GetIndexMain { .. } => kind::GET_INDEX_MAIN,
+            Message::GetIndexMain(_) => kind::GET_INDEX_MAIN,
+            Message::GetChunkList(_) => kind::GET_CHUNK_LIST,
             Message::Subscribe { .. } => kind::SUBSCRIBE,
             Message::Chunk(_) => kind::CHUNK,
             Message::NotFound => kind::NOT_FOUND,
@@ -230,6 +244,7 @@ fn kind_name(k: u8) -> &'static str {
         kind::GET_PIECES => "GetPieces",
         kind::GET_WINDOW => "GetWindow",
         kind::GET_INDEX_MAIN => "GetIndexMain",
+        kind::GET_CHUNK_LIST => "GetChunkList",
         kind::SUBSCRIBE => "Subscribe",
         kind::CHUNK => "Chunk",
         kind::NOT_FOUND => "NotFound",
@@ -271,7 +286,7 @@ fn check_len(k: u8, len: usize, limits: &FrameLimits) -> Result<(), WireError> {
         kind::GET_CHUNK | kind::HAVE | kind::SUBSCRIBE => exact(32),
         kind::GET_PIECES => exact(GET_PIECES_LEN),
         kind::GET_WINDOW => exact(GET_WINDOW_LEN),
-        kind::GET_INDEX_MAIN => at_most(GET_INDEX_MAIN_FIXED + 2 * MAX_REPO_NAME),
+        kind::GET_INDEX_MAIN | kind::GET_CHUNK_LIST => at_most(GET_PART_FIXED + 2 * MAX_REPO_NAME),
         kind::NOT_FOUND | kind::UNKNOWN | kind::PENDING => exact(0),
         kind::CHUNK | kind::PIECES => at_most(limits.max_chunk),
         kind::HAVE_MAP | kind::ERROR => at_most(limits.max_control),
@@ -348,8 +363,13 @@ pub fn decode_body(header: &Header, body: &[u8]) -> Result<Message, WireError> {
                 count,
             }
         }
-        kind::GET_WINDOW => index_parts::decode_get_window(body)?,
-        kind::GET_INDEX_MAIN => index_parts::decode_get_index_main(body)?,
+        kind::GET_WINDOW => layer_parts::decode_get_window(body)?,
+        kind::GET_INDEX_MAIN => {
+            Message::GetIndexMain(layer_parts::decode_part_ask("GetIndexMain", body)?)
+        }
+        kind::GET_CHUNK_LIST => {
+            Message::GetChunkList(layer_parts::decode_part_ask("GetChunkList", body)?)
+        }
         kind::SUBSCRIBE => Message::Subscribe { blob: digest()? },
         kind::CHUNK => Message::Chunk(Bytes::copy_from_slice(body)),
         kind::PIECES => Message::Pieces(Bytes::copy_from_slice(body)),
@@ -424,14 +444,9 @@ pub fn encode_frame(
             sha256,
             offset,
             len,
-        } => index_parts::encode_get_window(layer, sha256, *offset, *len),
-        Message::GetIndexMain {
-            layer,
-            sha256,
-            len,
-            repo,
-            ns,
-        } => index_parts::encode_get_index_main(layer, sha256, *len, repo, ns.as_deref())?,
+        } => layer_parts::encode_get_window(layer, sha256, *offset, *len),
+        Message::GetIndexMain(ask) => layer_parts::encode_part_ask("GetIndexMain", ask)?,
+        Message::GetChunkList(ask) => layer_parts::encode_part_ask("GetChunkList", ask)?,
         Message::Chunk(b) | Message::Pieces(b) => b.clone(),
         Message::NotFound | Message::Unknown | Message::Pending => Bytes::new(),
         Message::HaveMap(m) => {

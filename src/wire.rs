@@ -5,7 +5,7 @@
 //! | `GET /imgd/v1/blobs/{digest}?repo=NAME` | [`BlobInfo`]: the chunk list (ingesting the blob from upstream first if needed) |
 //! | `GET /imgd/v1/chunks/{digest}` | the chunk's bytes (`application/octet-stream`) |
 //! | `GET /imgd/v1/indexes/{layer digest}?repo=NAME` | the encoded [`crate::index::LayerIndex`]'s main part; header `Imgd-Index-Digest` |
-//! | `GET /imgd/v1/indexes/{layer digest}/main?repo=NAME` | [`IndexMainRef`]: the main part's sha256 and length, so that it can be taken from a peer |
+//! | `GET /imgd/v1/layers/{layer digest}/parts?repo=NAME` | [`LayerParts`]: the sha256 and length of the index's main part and of the chunk list, so that they can be taken from a peer |
 //! | `GET /imgd/v1/stats` | [`ProxyStats`] |
 //! | `GET /imgd/v1/traces/{manifest digest}` | the image's [`StartupTrace`] (404 if none) |
 //! | `PUT /imgd/v1/traces/{manifest digest}` | stores a [`StartupTrace`] (first one wins) |
@@ -26,12 +26,22 @@ pub const MANIFEST_MEDIA_TYPES: &[&str] = &[
 /// Header carrying the digest of an encoded index.
 pub const INDEX_DIGEST_HEADER: &str = "Imgd-Index-Digest";
 
-/// The main part of a layer's index, named: its sha256 (the part's trailer, see
-/// [`crate::index::LayerIndex::main_part_digest`]) and its length in bytes.
+/// Bytes named by their sha256, and their length: a part of what a mount needs of a layer,
+/// which the proxy names so that it can be taken from a peer and checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IndexMainRef {
+pub struct PartRef {
     pub sha256: Digest,
     pub len: u64,
+}
+
+/// What a mount needs of a layer before it serves, named (`GET
+/// /imgd/v1/layers/{layer}/parts?repo=`): the main part of its index (named by its
+/// trailer, see [`crate::index::LayerIndex::main_part_digest`]) and its chunk list (named
+/// by the sha256 of [`ChunkList::canonical_bytes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerParts {
+    pub index_main: PartRef,
+    pub chunk_list: PartRef,
 }
 
 /// What the proxy knows of one blob.

@@ -22,8 +22,10 @@ pub struct Agent {
     pub indexes: Arc<crate::layer_indexes::LayerIndexes>,
     /// Partial chunks: the pieces lazy reads fetched.
     pub pieces: Arc<crate::pieces::Pieces>,
-    /// The layer indexes' main parts and checkpoint windows, shared with the peers.
-    pub shared_indexes: Arc<crate::index_share::IndexShare>,
+    /// The layer indexes' checkpoint windows, shared with the peers reading a layer.
+    pub windows: Arc<crate::window_share::WindowShare>,
+    /// What mounts need of each layer (index main parts, chunk lists), shared with peers.
+    pub parts: Arc<crate::layer_parts::PartShare>,
     /// Where the chunk data plane listens (the bound address, so a `:0` port is real).
     pub data_addr: Option<std::net::SocketAddr>,
 }
@@ -165,7 +167,11 @@ pub async fn start(mut config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
     .map_err(|e| start_err("opening the piece store", &e))?;
     let pieces = Arc::new(pieces);
     let indexes = Arc::new(indexes);
-    let shared_indexes = Arc::new(crate::index_share::IndexShare::new(
+    let windows = Arc::new(crate::window_share::WindowShare::new(
+        indexes.clone(),
+        fetcher.clone(),
+    ));
+    let parts = Arc::new(crate::layer_parts::PartShare::new(
         indexes.clone(),
         fetcher.clone(),
     ));
@@ -173,7 +179,8 @@ pub async fn start(mut config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         let source = Arc::new(crate::chunk_source::CacheSource {
             fetcher: fetcher.clone(),
             pieces: pieces.clone(),
-            shared_indexes: shared_indexes.clone(),
+            windows: windows.clone(),
+            parts: parts.clone(),
         });
         tokio::spawn(async move {
             if let Err(e) = dataplane::serve(listener, dp_cfg, source).await {
@@ -186,7 +193,8 @@ pub async fn start(mut config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         fetcher: fetcher.clone(),
         pieces: pieces.clone(),
         indexes: indexes.clone(),
-        shared_indexes: shared_indexes.clone(),
+        windows: windows.clone(),
+        parts: parts.clone(),
         records: config.data_dir.join("mounts"),
         agent_socket: config.socket.clone(),
         log_format: config.log_format,
@@ -195,7 +203,8 @@ pub async fn start(mut config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
     let agent = Arc::new(Agent {
         pieces,
         indexes,
-        shared_indexes,
+        windows,
+        parts,
         config,
         node_id,
         fetcher,

@@ -452,7 +452,7 @@ async fn window(
         sha256,
     };
     let bound = agent.config.mount.read_timeout();
-    let fetch = agent.shared_indexes.window(&repo, digest, w);
+    let fetch = agent.windows.window(&repo, digest, w);
     match tokio::time::timeout(bound, fetch).await {
         Ok(Ok(bytes)) => bytes.into_response(),
         Ok(Err(e)) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),

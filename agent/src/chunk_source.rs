@@ -1,15 +1,16 @@
 //! What this agent offers peers over the data plane: verified chunks from its cache, the
-//! verified pieces of partial chunks, the main parts and checkpoint windows of layer
-//! indexes, and have-maps of the blobs it holds or is fetching (blob fetches and reads
+//! verified pieces of partial chunks, what mounts need of layers (index main parts,
+//! checkpoint windows, chunk lists), and have-maps of the blobs it holds or is fetching (blob fetches and reads
 //! alike).
 
-use crate::dataplane::{ChunkSource, HaveMap, PiecesAnswer};
+use crate::dataplane::{ChunkSource, HaveMap, LayerPart, PiecesAnswer};
 use crate::fetch::Fetcher;
-use crate::index_share::IndexShare;
+use crate::layer_parts::PartShare;
 use crate::pieces::Pieces;
-use crate::proxy_client::Repo;
+use crate::window_share::WindowShare;
 use bytes::Bytes;
 use imgd_core::index::WindowRef;
+use imgd_core::peer_wire::PartAsk;
 use imgd_core::{Digest, VerifiedChunk};
 use std::sync::Arc;
 
@@ -18,7 +19,8 @@ use std::sync::Arc;
 pub struct CacheSource {
     pub fetcher: Arc<Fetcher>,
     pub pieces: Arc<Pieces>,
-    pub shared_indexes: Arc<IndexShare>,
+    pub windows: Arc<WindowShare>,
+    pub parts: Arc<PartShare>,
 }
 
 impl ChunkSource for CacheSource {
@@ -53,21 +55,11 @@ impl ChunkSource for CacheSource {
     }
 
     fn window(&self, layer: &Digest, window: &WindowRef) -> PiecesAnswer {
-        self.shared_indexes.serve_window(layer, window)
+        self.windows.serve_window(layer, window)
     }
 
-    fn index_main(
-        &self,
-        layer: &Digest,
-        sha256: &Digest,
-        _len: u32,
-        repo: (&str, Option<&str>),
-    ) -> PiecesAnswer {
-        let repo = Repo {
-            name: repo.0.to_string(),
-            ns: repo.1.map(str::to_string),
-        };
-        self.shared_indexes.serve_main(layer, sha256, repo)
+    fn layer_part(&self, which: LayerPart, ask: &PartAsk) -> PiecesAnswer {
+        self.parts.serve(which, ask)
     }
 
     fn fetching(&self, chunk: &Digest) -> bool {

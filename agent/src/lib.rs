@@ -31,8 +31,8 @@ pub mod fresh_port_tcp;
 pub mod holders;
 pub mod identity;
 pub mod image;
-pub mod index_share;
 pub mod layer_indexes;
+pub mod layer_parts;
 pub mod metrics;
 pub mod metrics_page;
 pub mod mirror;
@@ -46,6 +46,7 @@ pub mod snapshotter;
 pub mod startup;
 pub mod swarm;
 pub mod unix_http;
+pub mod window_share;
 
 /// Code generated from `proto/` (containerd's API).
 #[allow(clippy::all, missing_docs)]

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use imgd_core::index::format::HEADER_LEN;
 use imgd_core::index::LayerIndex;
-use imgd_core::wire::{IndexMainRef, IndexState, INDEX_DIGEST_HEADER};
+use imgd_core::wire::{IndexState, LayerParts, PartRef, INDEX_DIGEST_HEADER};
 use imgd_core::Digest;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
@@ -106,7 +106,16 @@ async fn read(
 ) -> Result<(Digest, Read), ProxyError> {
     let digest = parse_digest(digest)?;
     ensure(state, digest, q).await?;
-    match index_state(state, &digest)? {
+    read_indexed(state, &digest, part).await
+}
+
+/// [`read`] of a layer known to be stored.
+async fn read_indexed(
+    state: &Arc<AppState>,
+    digest: &Digest,
+    part: Part,
+) -> Result<(Digest, Read), ProxyError> {
+    match index_state(state, digest)? {
         IndexState::Indexed { digest: idx, .. } => {
             let st = state.clone();
             let read = tokio::task::spawn_blocking(move || read_part(&st, &idx, part))
@@ -146,16 +155,19 @@ pub async fn index(
         .into_response())
 }
 
-/// `GET /imgd/v1/indexes/{layer digest}/main?repo=`: the main part's sha256 (its trailer)
-/// and length, [`IndexMainRef`], so that an agent can take the part from a peer and
-/// check it.
-pub async fn main_ref(
+/// `GET /imgd/v1/layers/{layer digest}/parts?repo=`: what a mount needs of the layer,
+/// named ([`LayerParts`]): the sha256 (its trailer) and length of the index's main part,
+/// and the sha256 and length of the chunk list's canonical bytes, so that an agent can
+/// take them from a peer and check them.
+pub async fn parts(
     _: Authorized,
     State(state): State<Arc<AppState>>,
     Path(digest): Path<String>,
     Query(q): Query<RepoQuery>,
-) -> Result<axum::Json<IndexMainRef>, ProxyError> {
-    let (idx, read) = read(&state, &digest, &q, Part::Main).await?;
+) -> Result<axum::Json<LayerParts>, ProxyError> {
+    let layer = parse_digest(&digest)?;
+    let list = ensure(&state, layer, &q).await?;
+    let (idx, read) = read_indexed(&state, &layer, Part::Main).await?;
     let trailer_at = read
         .bytes
         .end
@@ -165,16 +177,24 @@ pub async fn main_ref(
         return Err(ProxyError::BlobUnknown(format!("index {idx} is truncated")));
     };
     let file = read.file.clone();
-    let trailer = tokio::task::spawn_blocking(move || {
+    let (trailer, list_bytes) = tokio::task::spawn_blocking(move || {
         let mut t = [0u8; 32];
-        file.read_exact_at(&mut t, at).map(|()| t)
+        let canonical = list.canonical_bytes();
+        file.read_exact_at(&mut t, at)
+            .map(|()| (t, (Digest::of(&canonical), canonical.len() as u64)))
     })
     .await
     .map_err(|e| ProxyError::BadRequest(e.to_string()))?
     .map_err(|e| ProxyError::BadRequest(format!("reading index {idx}: {e}")))?;
-    Ok(axum::Json(IndexMainRef {
-        sha256: Digest::from_bytes(trailer),
-        len: read.len(),
+    Ok(axum::Json(LayerParts {
+        index_main: PartRef {
+            sha256: Digest::from_bytes(trailer),
+            len: read.len(),
+        },
+        chunk_list: PartRef {
+            sha256: list_bytes.0,
+            len: list_bytes.1,
+        },
     }))
 }
 

@@ -111,8 +111,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/imgd/v1/chunks/{digest}", get(chunk_api::chunk))
         .route("/imgd/v1/indexes/{digest}", get(crate::index_api::index))
         .route(
-            "/imgd/v1/indexes/{digest}/main",
-            get(crate::index_api::main_ref),
+            "/imgd/v1/layers/{digest}/parts",
+            get(crate::index_api::parts),
         )
         .route(
             "/imgd/v1/indexes/{digest}/windows",

@@ -48,20 +48,27 @@ fn every_message_round_trips() {
             offset: 1 << 40,
             len: 17_000,
         },
-        Message::GetIndexMain {
+        Message::GetIndexMain(PartAsk {
             layer: Digest::of(b"l"),
             sha256: Digest::of(b"m"),
             len: 300_000,
             repo: "library/python".into(),
             ns: Some("docker.io".into()),
-        },
-        Message::GetIndexMain {
+        }),
+        Message::GetIndexMain(PartAsk {
             layer: Digest::of(b"l"),
             sha256: Digest::of(b"m"),
             len: 1,
             repo: "r".into(),
             ns: None,
-        },
+        }),
+        Message::GetChunkList(PartAsk {
+            layer: Digest::of(b"l"),
+            sha256: Digest::of(b"c"),
+            len: 140_000,
+            repo: "library/python".into(),
+            ns: None,
+        }),
         Message::Pending,
         Message::Error("no such thing".into()),
     ];
@@ -180,12 +187,14 @@ fn a_window_request_for_no_bytes_or_of_the_wrong_length_is_refused() {
 
 #[test]
 fn an_index_main_request_that_is_empty_cut_short_too_long_or_padded_is_refused() {
-    let ask = |len: u32, repo: &str| Message::GetIndexMain {
-        layer: Digest::of(b"l"),
-        sha256: Digest::of(b"m"),
-        len,
-        repo: repo.into(),
-        ns: None,
+    let ask = |len: u32, repo: &str| {
+        Message::GetIndexMain(PartAsk {
+            layer: Digest::of(b"l"),
+            sha256: Digest::of(b"m"),
+            len,
+            repo: repo.into(),
+            ns: None,
+        })
     };
     let malformed = |bytes: &[u8]| {
         matches!(

@@ -8,12 +8,13 @@
 //! reported as [`DataPlaneError::Corrupt`] so the caller can penalise the peer. Every call has a time limit covering the whole exchange, so a peer that drips
 //! its answer fails with [`DataPlaneError::Timeout`].
 
-use super::wire::{self, FrameLimits, Message, HEADER_LEN};
+use super::wire::{self, FrameLimits, Message, PartAsk, HEADER_LEN};
+use super::LayerPart;
 use super::Result;
 use super::{handshake, tune_socket, with_timeout, DataPlaneConfig, DataPlaneError, HaveMap};
 use bytes::{BufMut, Bytes, BytesMut};
 use imgd_core::index::{LayerIndex, WindowRef};
-use imgd_core::wire::IndexMainRef;
+use imgd_core::wire::PartRef;
 use imgd_core::{ChunkReceiver, Digest, VerifiedChunk, VerifiedPieces};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -69,8 +70,10 @@ enum Verify {
         digests: Vec<Digest>,
         len: usize,
     },
-    /// The main part of a layer index: its trailer, and its length.
-    IndexMain {
+    /// A part of what a mount needs of a layer: its sha256 (for an index main part, its
+    /// trailer), and its length.
+    Part {
+        which: LayerPart,
         sha256: Digest,
         len: usize,
     },
@@ -217,35 +220,42 @@ impl PeerClient {
         }
     }
 
-    /// The main part of layer `layer`'s index that `main` names, from the proxy by
-    /// `repo` (and `ns`) if the peer has not got it; checked against its sha256 and
-    /// length (a wrong one gives [`DataPlaneError::Corrupt`] naming the sha256).
-    pub async fn index_main_answer(
+    /// Part `which` of what a mount needs of layer `layer` (its index's main part or its
+    /// chunk list), named by `part`, from the proxy by `repo` (and `ns`) if the peer has
+    /// not got it; checked against the sha256 and length (wrong bytes give
+    /// [`DataPlaneError::Corrupt`] naming the sha256).
+    pub async fn layer_part_answer(
         &mut self,
+        which: LayerPart,
         layer: &Digest,
-        main: &IndexMainRef,
+        part: &PartRef,
         repo: (&str, Option<&str>),
         timeout: Duration,
     ) -> Result<Answer<Bytes>> {
-        let len = u32::try_from(main.len).map_err(|_| {
-            DataPlaneError::Protocol(format!("an index main part of {} bytes", main.len))
+        let len = u32::try_from(part.len).map_err(|_| {
+            DataPlaneError::Protocol(format!("a {which:?} part of {} bytes", part.len))
         })?;
-        let req = Message::GetIndexMain {
+        let ask = PartAsk {
             layer: *layer,
-            sha256: main.sha256,
+            sha256: part.sha256,
             len,
             repo: repo.0.to_string(),
             ns: repo.1.map(str::to_string),
         };
-        let verify = Verify::IndexMain {
-            sha256: main.sha256,
+        let req = match which {
+            LayerPart::IndexMain => Message::GetIndexMain(ask),
+            LayerPart::ChunkList => Message::GetChunkList(ask),
+        };
+        let verify = Verify::Part {
+            which,
+            sha256: part.sha256,
             len: len as usize,
         };
         match self.exchange(&req, verify, timeout).await? {
             Received::Bytes(b) => Ok(Answer::Here(b)),
             Received::Control(Message::Pending) => Ok(Answer::Pending),
             Received::Control(Message::NotFound) => Ok(Answer::NotHere),
-            other => self.unexpected(other, "GetIndexMain"),
+            other => self.unexpected(other, "a layer part"),
         }
     }
 
@@ -381,9 +391,12 @@ impl PeerClient {
                     .map(Received::Pieces)
                     .map_err(|e| wrong(e.expected))
             }
-            (wire::kind::CHUNK, Verify::IndexMain { sha256, len }) => {
+            (wire::kind::CHUNK, Verify::Part { which, sha256, len }) => {
                 let body = self.read_body(header.len, idle).await?;
-                let named = LayerIndex::main_part_digest(&body);
+                let named = match which {
+                    LayerPart::IndexMain => LayerIndex::main_part_digest(&body),
+                    LayerPart::ChunkList => Some(Digest::of(&body)),
+                };
                 if body.len() != len || named != Some(sha256) {
                     return Err(DataPlaneError::Corrupt {
                         peer: self.peer,
@@ -398,6 +411,7 @@ impl PeerClient {
                 | wire::kind::GET_PIECES
                 | wire::kind::GET_WINDOW
                 | wire::kind::GET_INDEX_MAIN
+                | wire::kind::GET_CHUNK_LIST
                 | wire::kind::CHUNK
                 | wire::kind::PIECES,
                 _,

@@ -55,6 +55,16 @@ pub use have_map::HaveMap;
 pub use pool::PeerPool;
 pub use server::{serve, ChunkSource, PiecesAnswer};
 
+/// The parts of what a mount needs of a layer that peers serve each other whole
+/// (`GetIndexMain`, `GetChunkList`), each named by the proxy's sha256 of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LayerPart {
+    /// The main part of the layer's index (named by its trailer).
+    IndexMain,
+    /// The layer's chunk list, as its canonical bytes.
+    ChunkList,
+}
+
 use imgd_core::{Digest, CHUNK_SIZE};
 use std::fmt;
 use std::net::SocketAddr;

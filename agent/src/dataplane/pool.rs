@@ -3,10 +3,11 @@
 //! once on a fresh connection.
 
 use super::client::{Answer, PeerClient, Subscription};
+use super::LayerPart;
 use super::{DataPlaneConfig, DataPlaneError, HaveMap, Result};
 use bytes::Bytes;
 use imgd_core::index::WindowRef;
-use imgd_core::wire::IndexMainRef;
+use imgd_core::wire::PartRef;
 use imgd_core::{Digest, VerifiedChunk, VerifiedPieces};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,9 +35,10 @@ enum Op {
         layer: Digest,
         window: WindowRef,
     },
-    IndexMain {
+    Part {
+        which: LayerPart,
         layer: Digest,
-        main: IndexMainRef,
+        part: PartRef,
         repo: String,
         ns: Option<String>,
     },
@@ -46,7 +48,7 @@ enum Reply {
     Chunk(Answer<VerifiedChunk>),
     Pieces(Answer<VerifiedPieces>),
     Window(Answer<Bytes>),
-    IndexMain(Answer<Bytes>),
+    Part(Answer<Bytes>),
     Have(Option<HaveMap>),
 }
 
@@ -138,23 +140,25 @@ impl PeerPool {
         }
     }
 
-    /// [`PeerClient::index_main_answer`] on a pooled connection to `addr`.
-    pub async fn index_main_answer(
+    /// [`PeerClient::layer_part_answer`] on a pooled connection to `addr`.
+    pub async fn layer_part_answer(
         &self,
         addr: SocketAddr,
+        which: LayerPart,
         layer: &Digest,
-        main: &IndexMainRef,
+        part: &PartRef,
         repo: (&str, Option<&str>),
         timeout: Duration,
     ) -> Result<Answer<Bytes>> {
-        let op = Op::IndexMain {
+        let op = Op::Part {
+            which,
             layer: *layer,
-            main: *main,
+            part: *part,
             repo: repo.0.to_string(),
             ns: repo.1.map(str::to_string),
         };
         match self.run(addr, op, timeout).await? {
-            Reply::IndexMain(m) => Ok(m),
+            Reply::Part(m) => Ok(m),
             _ => Err(DataPlaneError::Protocol("mismatched reply".into())),
         }
     }
@@ -248,15 +252,16 @@ impl PeerPool {
                     .window_answer(layer, window, left)
                     .await
                     .map(Reply::Window),
-                Op::IndexMain {
+                Op::Part {
+                    which,
                     layer,
-                    main,
+                    part,
                     repo,
                     ns,
                 } => client
-                    .index_main_answer(layer, main, (repo, ns.as_deref()), left)
+                    .layer_part_answer(*which, layer, part, (repo, ns.as_deref()), left)
                     .await
-                    .map(Reply::IndexMain),
+                    .map(Reply::Part),
             };
             if client.is_usable() {
                 lock(&slot.idle).push(client);

@@ -9,7 +9,8 @@
 //! written straight from the source's `Bytes`, with one vectored write of header and
 //! body.
 
-use super::wire::{self, FrameLimits, Message, HEADER_LEN};
+use super::wire::{self, FrameLimits, Message, PartAsk, HEADER_LEN};
+use super::LayerPart;
 use super::{handshake, tune_socket, with_timeout, DataPlaneConfig, DataPlaneError, Result};
 use super::{HaveMap, MAX_NODE_ID_LEN};
 use bytes::{Buf, Bytes};
@@ -58,16 +59,11 @@ pub trait ChunkSource: Send + Sync + 'static {
         PiecesAnswer::NotHere
     }
 
-    /// The main part of layer `layer`'s index whose sha256 is `sha256` (`len` bytes),
-    /// stored or fetched on request from the proxy by repository `repo` (`Pending` while
-    /// it comes). The receiver checks it against the sha256.
-    fn index_main(
-        &self,
-        _layer: &Digest,
-        _sha256: &Digest,
-        _len: u32,
-        _repo: (&str, Option<&str>),
-    ) -> PiecesAnswer {
+    /// Part `which` of what a mount needs of layer `ask.layer` (its index's main part or
+    /// its chunk list) whose sha256 is `ask.sha256`, stored or fetched on request from
+    /// the proxy by the asker's repository (`Pending` while it comes). The receiver
+    /// checks it against the sha256.
+    fn layer_part(&self, _which: LayerPart, _ask: &PartAsk) -> PiecesAnswer {
         PiecesAnswer::NotHere
     }
 
@@ -218,14 +214,15 @@ async fn read_request(
             | wire::kind::GET_PIECES
             | wire::kind::GET_WINDOW
             | wire::kind::GET_INDEX_MAIN
+            | wire::kind::GET_CHUNK_LIST
             | wire::kind::SUBSCRIBE
     ) {
         let e = format!("expected a request, got frame kind {:#04x}", header.kind);
         return Err((id, DataPlaneError::Protocol(e)));
     }
-    // Requests are 32, 40 or 76 bytes, or a `GetIndexMain` of at most 584 (checked by
-    // decode_header).
-    let mut body = [0u8; wire::GET_INDEX_MAIN_FIXED + 2 * wire::MAX_REPO_NAME];
+    // Requests are 32, 40 or 76 bytes, or a `GetIndexMain` or `GetChunkList` of at most
+    // 584 (checked by decode_header).
+    let mut body = [0u8; wire::GET_PART_FIXED + 2 * wire::MAX_REPO_NAME];
     let limit = shared.cfg.limits.write_timeout;
     with_timeout(limit, "reading a request", async {
         Ok(stream.read_exact(&mut body[..header.len]).await?)
@@ -234,6 +231,24 @@ async fn read_request(
     .map_err(|e| (id, e))?;
     let msg = wire::decode_body(&header, &body[..header.len]).map_err(|e| protocol(id, e))?;
     Ok((id, msg))
+}
+
+/// The answer to a request for a layer part.
+fn part_answer(
+    source: &dyn ChunkSource,
+    which: LayerPart,
+    ask: &PartAsk,
+    max_chunk: usize,
+) -> Message {
+    match source.layer_part(which, ask) {
+        PiecesAnswer::Here(b) if b.len() > max_chunk => Message::Error(format!(
+            "the {which:?} part {} is larger than the frame limit",
+            ask.sha256
+        )),
+        PiecesAnswer::Here(b) => Message::Chunk(b),
+        PiecesAnswer::Pending => Message::Pending,
+        PiecesAnswer::NotHere => Message::NotFound,
+    }
 }
 
 /// Looks the request up in the source on the blocking pool, under the lookup limit.
@@ -285,20 +300,8 @@ async fn answer(request: Message, shared: &Shared) -> Message {
             PiecesAnswer::Pending => Message::Pending,
             PiecesAnswer::NotHere => Message::NotFound,
         },
-        Message::GetIndexMain {
-            layer,
-            sha256,
-            len,
-            repo,
-            ns,
-        } => match source.index_main(&layer, &sha256, len, (&repo, ns.as_deref())) {
-            PiecesAnswer::Here(b) if b.len() > max_chunk => Message::Error(format!(
-                "the index main part {sha256} is larger than the frame limit"
-            )),
-            PiecesAnswer::Here(b) => Message::Chunk(b),
-            PiecesAnswer::Pending => Message::Pending,
-            PiecesAnswer::NotHere => Message::NotFound,
-        },
+        Message::GetIndexMain(ask) => part_answer(&*source, LayerPart::IndexMain, &ask, max_chunk),
+        Message::GetChunkList(ask) => part_answer(&*source, LayerPart::ChunkList, &ask, max_chunk),
         Message::Have { blob } => match source.have(&blob) {
             Some(m) => Message::HaveMap(m),
             None => Message::Unknown,

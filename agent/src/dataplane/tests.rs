@@ -19,6 +19,8 @@ struct MemSource {
     windows: HashMap<Digest, Bytes>,
     /// Index main parts by sha256, and the repositories they were asked by.
     mains: HashMap<Digest, Bytes>,
+    /// Chunk lists' canonical bytes by sha256.
+    lists: HashMap<Digest, Bytes>,
     asked_repos: std::sync::Mutex<Vec<(String, Option<String>)>>,
     /// Serve every chunk, window and main part with its first byte flipped.
     corrupt: bool,
@@ -45,18 +47,16 @@ impl ChunkSource for MemSource {
             None => PiecesAnswer::NotHere,
         }
     }
-    fn index_main(
-        &self,
-        _layer: &Digest,
-        sha256: &Digest,
-        _len: u32,
-        repo: (&str, Option<&str>),
-    ) -> PiecesAnswer {
+    fn layer_part(&self, which: LayerPart, ask: &wire::PartAsk) -> PiecesAnswer {
         self.asked_repos
             .lock()
             .unwrap()
-            .push((repo.0.to_string(), repo.1.map(str::to_string)));
-        match self.mains.get(sha256) {
+            .push((ask.repo.clone(), ask.ns.clone()));
+        let parts = match which {
+            LayerPart::IndexMain => &self.mains,
+            LayerPart::ChunkList => &self.lists,
+        };
+        match parts.get(&ask.sha256) {
             Some(b) => PiecesAnswer::Here(self.flipped(b.clone())),
             None => PiecesAnswer::NotHere,
         }
@@ -246,7 +246,7 @@ async fn an_index_main_part_is_checked_against_the_proxys_sha256_and_length() {
         windows: None,
     };
     let main = Bytes::from(index.encode_main());
-    let named = imgd_core::wire::IndexMainRef {
+    let named = imgd_core::wire::PartRef {
         sha256: imgd_core::index::LayerIndex::main_part_digest(&main).unwrap(),
         len: main.len() as u64,
     };
@@ -261,7 +261,7 @@ async fn an_index_main_part_is_checked_against_the_proxys_sha256_and_length() {
         let server = start(cfg("server"), src.clone()).await;
         let pool = PeerPool::new(cfg("client"), 2);
         let got = pool
-            .index_main_answer(server.addr, &layer, &named, repo, T)
+            .layer_part_answer(server.addr, LayerPart::IndexMain, &layer, &named, repo, T)
             .await;
         match (corrupt, got) {
             (false, Ok(Answer::Here(b))) => assert_eq!(b, main),
@@ -272,30 +272,80 @@ async fn an_index_main_part_is_checked_against_the_proxys_sha256_and_length() {
         }
         // The right bytes under a length other than the proxy's are refused too.
         if !corrupt {
-            let longer = imgd_core::wire::IndexMainRef {
+            let longer = imgd_core::wire::PartRef {
                 len: named.len + 1,
                 ..named
             };
             let got = pool
-                .index_main_answer(server.addr, &layer, &longer, repo, T)
+                .layer_part_answer(server.addr, LayerPart::IndexMain, &layer, &longer, repo, T)
                 .await;
             assert!(
                 matches!(got, Err(DataPlaneError::Corrupt { .. })),
                 "{got:?}"
             );
         }
-        let unknown = imgd_core::wire::IndexMainRef {
+        let unknown = imgd_core::wire::PartRef {
             sha256: Digest::of(b"other"),
             ..named
         };
         let got = pool
-            .index_main_answer(server.addr, &layer, &unknown, repo, T)
+            .layer_part_answer(server.addr, LayerPart::IndexMain, &layer, &unknown, repo, T)
             .await;
         assert!(matches!(got, Ok(Answer::NotHere)), "{got:?}");
         let asked = src.asked_repos.lock().unwrap().clone();
         assert!(asked
             .iter()
             .all(|(r, ns)| r == "library/python" && ns.as_deref() == Some("docker.io")));
+    }
+}
+
+#[tokio::test]
+async fn a_chunk_list_is_checked_against_the_proxys_sha256() {
+    let layer = Digest::of(b"layer");
+    let list = imgd_core::ChunkList {
+        blob: layer,
+        size: 5,
+        chunks: vec![imgd_core::ChunkRef {
+            digest: Digest::of(b"12345"),
+            size: 5,
+        }],
+        pieces: vec![Digest::of(b"12345")],
+    };
+    let bytes = Bytes::from(list.canonical_bytes());
+    let named = imgd_core::wire::PartRef {
+        sha256: Digest::of(&bytes),
+        len: bytes.len() as u64,
+    };
+    let repo = ("r", None);
+    for corrupt in [false, true] {
+        let mut src = MemSource {
+            corrupt,
+            ..Default::default()
+        };
+        src.lists.insert(named.sha256, bytes.clone());
+        let server = start(cfg("server"), src).await;
+        let pool = PeerPool::new(cfg("client"), 2);
+        let which = LayerPart::ChunkList;
+        let got = pool
+            .layer_part_answer(server.addr, which, &layer, &named, repo, T)
+            .await;
+        match (corrupt, got) {
+            (false, Ok(Answer::Here(b))) => {
+                assert_eq!(
+                    imgd_core::ChunkList::from_canonical_bytes(&b).unwrap(),
+                    list
+                )
+            }
+            (true, Err(DataPlaneError::Corrupt { digest, .. })) => {
+                assert_eq!(digest, named.sha256)
+            }
+            (_, other) => panic!("corrupt {corrupt}: got {other:?}"),
+        }
+        // Asked for as an index main part, the same name finds nothing.
+        let got = pool
+            .layer_part_answer(server.addr, LayerPart::IndexMain, &layer, &named, repo, T)
+            .await;
+        assert!(matches!(got, Ok(Answer::NotHere)), "{got:?}");
     }
 }
 

@@ -14,7 +14,7 @@
 //!   that have the chunk in flight and the chunk's owner directly, again every
 //!   [`POLL`], while one of them answers `Pending` (at most `peer_timeout`) or, while the
 //!   owner has not sent it, at most `read_owner_wait`. The owner fetches the pieces a
-//!   peer asks for ([`crate::pieces`]'s `for_peers`) and windows ([`crate::index_share`])
+//!   peer asks for ([`crate::pieces`]'s `for_peers`) and windows ([`crate::window_share`])
 //!   and answers `Pending` meanwhile; an owner saying "not here" sees other hosts reading
 //!   the blob than this host does, and this host's view is renewed. Then (or at once, when
 //!   this host owns the chunk) it fetches from the proxy itself. A dead or slow peer so costs
@@ -27,12 +27,12 @@
 
 use super::{weight, Changes, Fetcher, Source};
 use crate::chunk_state::{ChunkState, Fetcher as By, Transition};
-use crate::dataplane::{Answer, DataPlaneError, HaveMap};
+use crate::dataplane::{Answer, DataPlaneError, HaveMap, LayerPart};
 use crate::peers::Peer;
 use crate::proxy_client::Repo;
 use bytes::Bytes;
 use imgd_core::index::WindowRef;
-use imgd_core::wire::IndexMainRef;
+use imgd_core::wire::PartRef;
 use imgd_core::{Digest, SingleFlight, VerifiedChunk, VerifiedPieces};
 use rand::seq::SliceRandom;
 use std::collections::HashMap;
@@ -381,43 +381,40 @@ impl Fetcher {
         }
     }
 
-    /// The main part of layer `layer`'s index that `main` names, from its owner among
-    /// this host and all usable peers (rendezvous of its sha256: hosts that mount at one
-    /// moment do not know yet which of them read the layer), which fetches it from the
-    /// proxy by `repo` when asked. Asked again every [`POLL`] while it answers `Pending`,
-    /// at most `peer_timeout`. `None`: this host owns it, the part is larger than a chunk,
-    /// or the owner did not send it in time (the caller asks the proxy). The bytes are
-    /// checked against the sha256 and length by the data plane.
-    pub(crate) async fn index_main_from_peers(
+    /// Part `which` of what a mount needs of layer `layer` (its index's main part or its
+    /// chunk list), named by `part`, from its owner among this host and all usable peers
+    /// (rendezvous of its sha256: hosts that mount at one moment do not know yet which of
+    /// them read the layer), which fetches it from the proxy by `repo` when asked. Asked
+    /// again every [`POLL`] while it answers `Pending`, at most `peer_timeout`. `None`:
+    /// this host owns it, it is larger than a chunk, or the owner did not send it in time
+    /// (the caller asks the proxy). The bytes are checked against the sha256 and length
+    /// by the data plane.
+    pub(crate) async fn layer_part_from_peers(
         &self,
+        which: LayerPart,
         layer: &Digest,
-        main: &IndexMainRef,
+        part: &PartRef,
         repo: &Repo,
     ) -> Option<Bytes> {
-        if main.len > imgd_core::CHUNK_SIZE as u64 {
+        if part.len > imgd_core::CHUNK_SIZE as u64 {
             return None;
         }
         let started = Instant::now();
-        let mine = weight(&main.sha256, &self.node_id);
+        let mine = weight(&part.sha256, &self.node_id);
         let owner = self
             .peers
             .usable()
             .into_iter()
-            .map(|p| (weight(&main.sha256, &p.id), p))
+            .map(|p| (weight(&part.sha256, &p.id), p))
             .filter(|(weight, _)| *weight > mine)
             .max_by_key(|(weight, _)| *weight)
             .map(|(_, p)| p)?;
         let timeout = self.settings.peer_timeout;
+        let repo = (repo.name.as_str(), repo.ns.as_deref());
         loop {
             let answer = self
                 .pool
-                .index_main_answer(
-                    owner.data_addr,
-                    layer,
-                    main,
-                    (&repo.name, repo.ns.as_deref()),
-                    timeout,
-                )
+                .layer_part_answer(owner.data_addr, which, layer, part, repo, timeout)
                 .await;
             match answer {
                 Ok(Answer::Here(b)) => {
@@ -429,12 +426,12 @@ impl Fetcher {
                 }
                 Ok(answer) => {
                     let pending = matches!(answer, Answer::Pending);
-                    tracing::debug!(%layer, owner = %owner.id, pending, waited = ?started.elapsed(), "index main part: the owner did not send it");
+                    tracing::debug!(%layer, ?which, owner = %owner.id, pending, waited = ?started.elapsed(), "layer part: the owner did not send it");
                     return None;
                 }
                 Err(e) => {
-                    tracing::debug!(%layer, owner = %owner.id, error = %e, "index main part: the owner failed");
-                    self.peer_failed(&owner, &main.sha256, &e);
+                    tracing::debug!(%layer, ?which, owner = %owner.id, error = %e, "layer part: the owner failed");
+                    self.peer_failed(&owner, &part.sha256, &e);
                     return None;
                 }
             }

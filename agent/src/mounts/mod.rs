@@ -28,10 +28,11 @@ use crate::cache::ChunkCache;
 use crate::config::{LogFormat, MountConfig};
 use crate::error::AgentError;
 use crate::fetch::Fetcher;
-use crate::index_share::IndexShare;
 use crate::layer_indexes::LayerIndexes;
+use crate::layer_parts::PartShare;
 use crate::pieces::Pieces;
 use crate::proxy_client::Repo;
+use crate::window_share::WindowShare;
 
 use control::{Control, ControlError};
 use imgd_core::Digest;
@@ -84,13 +85,14 @@ struct State {
 }
 
 /// What mounts need of the agent, handed to them at start: the fetcher (cache and
-/// proxy), the piece store, the layer indexes and windows, and where things are. Mounts
+/// proxy), the piece store, the layer indexes, windows and parts, and where things are. Mounts
 /// depend on these, not on [`crate::agent::Agent`] (which holds the [`Mounts`]).
 pub struct MountContext {
     pub fetcher: Arc<Fetcher>,
     pub pieces: Arc<Pieces>,
     pub indexes: Arc<LayerIndexes>,
-    pub shared_indexes: Arc<IndexShare>,
+    pub windows: Arc<WindowShare>,
+    pub parts: Arc<PartShare>,
     /// `DATA_DIR/mounts`: a record per mount.
     pub records: PathBuf,
     /// The agent's local API socket, which mount processes ask for chunks.

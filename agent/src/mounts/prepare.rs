@@ -8,6 +8,7 @@
 use super::{MountContext, MountSpec};
 use crate::error::AgentError;
 use crate::image;
+use crate::layer_parts::PartError;
 use crate::proxy_client::Repo;
 use crate::startup;
 use imgd_core::index::LayerIndex;
@@ -39,9 +40,10 @@ pub async fn fetch_layers(
         indexes: Vec::new(),
     };
     for layer in layers {
+        ctx.windows.reading(*layer, repo);
         let index = ctx
-            .shared_indexes
-            .main(repo, layer)
+            .parts
+            .index(repo, layer)
             .await
             .map_err(|e| fail(e.to_string()))?;
         if !index.random_access {
@@ -57,7 +59,14 @@ pub async fn fetch_layers(
                     .map_err(|e| fail(format!("seekable copy of layer {layer}: {e}")))?;
                 list
             }
-            None => fetcher.chunk_list(repo, layer).await?,
+            None => ctx
+                .parts
+                .chunk_list(repo, layer)
+                .await
+                .map_err(|e| match e {
+                    PartError::Fetch(e) => AgentError::from(e),
+                    other => fail(other.to_string()),
+                })?,
         };
         ctx.pieces.reading(&list);
         // A layer whose chunks are all here (prefetched or pinned) gets its windows now,

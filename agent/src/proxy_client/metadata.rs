@@ -3,7 +3,7 @@
 
 use super::{send, ProxyClient, ProxyClientError, Repo, MAX_INDEX_BYTES, MAX_JSON_BYTES};
 use bytes::Bytes;
-use imgd_core::wire::{IndexMainRef, StartupTrace};
+use imgd_core::wire::{LayerParts, StartupTrace};
 use imgd_core::Digest;
 
 impl ProxyClient {
@@ -27,23 +27,23 @@ impl ProxyClient {
         Self::body(self.get(replica, &path, &[]).await?, &path, MAX_INDEX_BYTES).await
     }
 
-    /// The sha256 and length of the main part of a layer's index
-    /// (`/imgd/v1/indexes/{layer}/main`), so that the part can be taken from a peer and
-    /// checked.
-    pub async fn index_main_ref(
+    /// What a mount needs of a layer, named (`/imgd/v1/layers/{layer}/parts`): the sha256
+    /// and length of its index's main part and of its chunk list, so that they can be
+    /// taken from a peer and checked.
+    pub async fn layer_parts(
         &self,
         repo: &Repo,
         layer: &Digest,
-    ) -> Result<IndexMainRef, ProxyClientError> {
+    ) -> Result<LayerParts, ProxyClientError> {
         self.routed(layer, |i| async move {
             let path = format!(
-                "/imgd/v1/indexes/{layer}/main?repo={}{}",
+                "/imgd/v1/layers/{layer}/parts?repo={}{}",
                 repo.name,
                 repo.ns_query('&')
             );
             let body = Self::body(self.get(i, &path, &[]).await?, &path, MAX_JSON_BYTES).await?;
             serde_json::from_slice(&body).map_err(|e| ProxyClientError::Malformed {
-                what: "index main part reference",
+                what: "layer parts",
                 message: format!("{path}: {e}"),
             })
         })

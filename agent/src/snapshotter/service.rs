@@ -134,7 +134,7 @@ impl Snapshotter {
             ns: route.ns.clone(),
         };
         let agent = &self.agent;
-        match agent.shared_indexes.main(&repo, &req.layer).await {
+        match agent.parts.index(&repo, &req.layer).await {
             Ok(index) if index.random_access => {}
             Ok(index) => {
                 return full(format!(

@@ -1,7 +1,8 @@
-//! The bodies of the requests for parts of a layer's index: `GetWindow` (a checkpoint
-//! window) and `GetIndexMain` (the main part), decoded and encoded.
+//! The bodies of the requests for what a mount needs of a layer: `GetWindow` (a checkpoint
+//! window of its index), `GetIndexMain` (the index's main part) and `GetChunkList` (its
+//! chunk list), decoded and encoded.
 
-use super::{Message, WireError, GET_INDEX_MAIN_FIXED, GET_WINDOW_LEN, MAX_REPO_NAME};
+use super::{Message, PartAsk, WireError, GET_PART_FIXED, GET_WINDOW_LEN, MAX_REPO_NAME};
 use crate::digest::Digest;
 use bytes::Bytes;
 
@@ -48,14 +49,11 @@ pub(super) fn encode_get_window(layer: &Digest, sha256: &Digest, offset: u64, le
     Bytes::from(v)
 }
 
-/// A `GetIndexMain` body: two digests, the length, then the repository and the
-/// namespace, each a u16 BE length and UTF-8 (an empty namespace is none), and nothing
-/// after them.
-pub(super) fn decode_get_index_main(body: &[u8]) -> Result<Message, WireError> {
-    let bad = |reason| WireError::Malformed {
-        kind: "GetIndexMain",
-        reason,
-    };
+/// A `GetIndexMain` or `GetChunkList` body (`kind` names it in errors): two digests, the
+/// length, then the repository and the namespace, each a u16 BE length and UTF-8 (an
+/// empty namespace is none), and nothing after them.
+pub(super) fn decode_part_ask(kind: &'static str, body: &[u8]) -> Result<PartAsk, WireError> {
+    let bad = |reason| WireError::Malformed { kind, reason };
     let digest = |at: usize| -> Result<Digest, WireError> {
         let b: [u8; 32] = body
             .get(at..at + 32)
@@ -69,7 +67,7 @@ pub(super) fn decode_get_index_main(body: &[u8]) -> Result<Message, WireError> {
         .ok_or(bad("shorter than its length"))?;
     let len = u32::from_be_bytes(len);
     if len == 0 {
-        return Err(bad("asks for an empty main part"));
+        return Err(bad("asks for no bytes"));
     }
     let mut at = 68;
     let mut text = |what: &'static str| -> Result<String, WireError> {
@@ -94,7 +92,7 @@ pub(super) fn decode_get_index_main(body: &[u8]) -> Result<Message, WireError> {
     if repo.is_empty() {
         return Err(bad("no repository"));
     }
-    Ok(Message::GetIndexMain {
+    Ok(PartAsk {
         layer: digest(0)?,
         sha256: digest(32)?,
         len,
@@ -103,26 +101,20 @@ pub(super) fn decode_get_index_main(body: &[u8]) -> Result<Message, WireError> {
     })
 }
 
-/// Encodes a `GetIndexMain` body; a repository or namespace longer than
-/// [`MAX_REPO_NAME`] is refused.
-pub(super) fn encode_get_index_main(
-    layer: &Digest,
-    sha256: &Digest,
-    len: u32,
-    repo: &str,
-    ns: Option<&str>,
-) -> Result<Bytes, WireError> {
-    let ns = ns.unwrap_or("");
+/// Encodes a `GetIndexMain` or `GetChunkList` body (`kind` names it in errors); a
+/// repository or namespace longer than [`MAX_REPO_NAME`] is refused.
+pub(super) fn encode_part_ask(kind: &'static str, ask: &PartAsk) -> Result<Bytes, WireError> {
+    let (repo, ns) = (ask.repo.as_str(), ask.ns.as_deref().unwrap_or(""));
     if repo.len() > MAX_REPO_NAME || ns.len() > MAX_REPO_NAME {
         return Err(WireError::Malformed {
-            kind: "GetIndexMain",
+            kind,
             reason: "a repository or namespace longer than 256 bytes",
         });
     }
-    let mut v = Vec::with_capacity(GET_INDEX_MAIN_FIXED + repo.len() + ns.len());
-    v.extend_from_slice(layer.as_bytes());
-    v.extend_from_slice(sha256.as_bytes());
-    v.extend_from_slice(&len.to_be_bytes());
+    let mut v = Vec::with_capacity(GET_PART_FIXED + repo.len() + ns.len());
+    v.extend_from_slice(ask.layer.as_bytes());
+    v.extend_from_slice(ask.sha256.as_bytes());
+    v.extend_from_slice(&ask.len.to_be_bytes());
     for t in [repo, ns] {
         v.extend_from_slice(&(t.len() as u16).to_be_bytes());
         v.extend_from_slice(t.as_bytes());
