@@ -6,28 +6,24 @@ use super::{Message, PartAsk, WireError, GET_PART_FIXED, GET_WINDOW_LEN, MAX_REP
 use crate::digest::Digest;
 use bytes::Bytes;
 
+/// The `N` bytes of `body` at `at`, if it holds them.
+fn field<const N: usize>(body: &[u8], at: usize) -> Option<[u8; N]> {
+    body.get(at..at.checked_add(N)?)?.try_into().ok()
+}
+
 /// A `GetWindow` body, 76 bytes exactly (checked by the header).
 pub(super) fn decode_get_window(body: &[u8]) -> Result<Message, WireError> {
     let bad = |reason| WireError::Malformed {
         kind: "GetWindow",
         reason,
     };
-    let digest = |at: usize| -> Result<Digest, WireError> {
-        let b: [u8; 32] = body
-            .get(at..at + 32)
-            .and_then(|b| b.try_into().ok())
-            .ok_or(bad("shorter than two digests"))?;
-        Ok(Digest::from_bytes(b))
+    let digest = |at| {
+        Ok(Digest::from_bytes(
+            field(body, at).ok_or(bad("shorter than two digests"))?,
+        ))
     };
-    let offset: [u8; 8] = body
-        .get(64..72)
-        .and_then(|b| b.try_into().ok())
-        .ok_or(bad("shorter than its offset"))?;
-    let len: [u8; 4] = body
-        .get(72..76)
-        .and_then(|b| b.try_into().ok())
-        .ok_or(bad("shorter than its length"))?;
-    let len = u32::from_be_bytes(len);
+    let offset: [u8; 8] = field(body, 64).ok_or(bad("shorter than its offset"))?;
+    let len = u32::from_be_bytes(field(body, 72).ok_or(bad("shorter than its length"))?);
     if len == 0 {
         return Err(bad("asks for an empty window"));
     }
@@ -54,28 +50,18 @@ pub(super) fn encode_get_window(layer: &Digest, sha256: &Digest, offset: u64, le
 /// empty namespace is none), and nothing after them.
 pub(super) fn decode_part_ask(kind: &'static str, body: &[u8]) -> Result<PartAsk, WireError> {
     let bad = |reason| WireError::Malformed { kind, reason };
-    let digest = |at: usize| -> Result<Digest, WireError> {
-        let b: [u8; 32] = body
-            .get(at..at + 32)
-            .and_then(|b| b.try_into().ok())
-            .ok_or(bad("shorter than two digests"))?;
-        Ok(Digest::from_bytes(b))
+    let digest = |at| {
+        Ok(Digest::from_bytes(
+            field(body, at).ok_or(bad("shorter than two digests"))?,
+        ))
     };
-    let len: [u8; 4] = body
-        .get(64..68)
-        .and_then(|b| b.try_into().ok())
-        .ok_or(bad("shorter than its length"))?;
-    let len = u32::from_be_bytes(len);
+    let len = u32::from_be_bytes(field(body, 64).ok_or(bad("shorter than its length"))?);
     if len == 0 {
         return Err(bad("asks for no bytes"));
     }
     let mut at = 68;
     let mut text = |what: &'static str| -> Result<String, WireError> {
-        let n: [u8; 2] = body
-            .get(at..at + 2)
-            .and_then(|b| b.try_into().ok())
-            .ok_or(bad(what))?;
-        let n = u16::from_be_bytes(n) as usize;
+        let n = u16::from_be_bytes(field(body, at).ok_or(bad(what))?) as usize;
         if n > MAX_REPO_NAME {
             return Err(bad("a repository or namespace longer than 256 bytes"));
         }
