@@ -298,10 +298,13 @@ impl Fetcher {
             if targets.is_empty() {
                 return None;
             }
-            let answers =
-                futures::future::join_all(targets.iter().map(|p| self.ask(p, &digest, want))).await;
+            // Asked at once; the first that sends the bytes ends the others' requests (each
+            // of these peers may hold the pieces: a partial chunk shows as in flight), so
+            // the bytes cross the LAN once.
+            let mut answers: futures::stream::FuturesUnordered<_> =
+                targets.iter().map(|p| self.ask(p, &digest, want)).collect();
             let mut pending = false;
-            for a in answers {
+            while let Some(a) = futures::StreamExt::next(&mut answers).await {
                 match a {
                     Answer::Here(b) => return Some(b),
                     Answer::Pending => pending = true,

@@ -379,6 +379,7 @@ impl Pieces {
             let (verified, flight, flying) = match from_peer {
                 Some(Got::Pieces(pieces)) => {
                     fetched.peers += pieces.len() as u64;
+                    tracing::debug!(target: "imgd_bytes", %chunk, first = a, count = b - a, "pieces from a peer");
                     (pieces, None, None)
                 }
                 _ => {
