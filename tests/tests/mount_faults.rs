@@ -196,7 +196,12 @@ fn kill_9_of_the_agent_leaves_the_mount_serving_and_a_restarted_agent_takes_it_b
     println!("reader ended {took:?} after kill -9: {status}, {stderr}");
     assert!(!status.success(), "the reader got an error");
     assert!(stderr.contains("Input/output error"), "EIO: {stderr}");
-    assert!(took < Duration::from_secs(12), "within the bound: {took:?}");
+    // The paced reader first goes on through what was fetched before the kill (at least
+    // 8 MiB, and what was read ahead: 16 or more of its 48 steps, 0.1 s apart plus a dd
+    // each), then an unservable read fails at the 2 s read bound (one the kernel reads
+    // ahead may fail first, unseen by dd). Both 8.1 s and 12.2 s were seen on this
+    // machine; a hang is caught above at 30 s.
+    assert!(took < Duration::from_secs(16), "within the bound: {took:?}");
 
     // With the agent down, the mount stays: cached files read whole (from the cache's
     // chunk files: the page cache is dropped), uncached ones fail at the bound.
