@@ -41,9 +41,6 @@ pub enum LayerIndexError {
     },
     #[error("window {window} of the index of layer {layer}: the proxy sent other bytes (not used, not stored)")]
     WindowMismatch { layer: Digest, window: Digest },
-    /// A failed fetch shared by everyone who waited for it.
-    #[error(transparent)]
-    Shared(Arc<LayerIndexError>),
     #[error("storing the index of layer {layer}: {source}")]
     Store {
         layer: Digest,
@@ -226,20 +223,6 @@ impl LayerIndexes {
             return Err(LayerIndexError::WindowMismatch { layer, window });
         }
         Ok(fetched)
-    }
-
-    /// The index of `layer`: stored, else fetched from the proxy, checked and stored.
-    pub async fn get_or_fetch(
-        self: &Arc<Self>,
-        proxy: &ProxyClient,
-        repo: &Repo,
-        layer: &Digest,
-    ) -> Result<LayerIndex, LayerIndexError> {
-        if let Some(index) = self.stored(layer).await {
-            return Ok(index);
-        }
-        let bytes = Self::main_from_proxy(proxy, repo, layer).await?;
-        self.keep_main(layer, bytes).await
     }
 
     /// The stored index of `layer`, if sound ([`LayerIndexes::get`] off the runtime).
